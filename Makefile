@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` and `make test`.
+# Both create (or reuse) the virtual environment $(VENV), installed from the lock file, then act.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+LOCK := requirements/constraints.txt
+# The environment is keyed by the lock file and pyproject.toml: change either and it is re-installed.
+DEPS_KEY := $(shell cat $(LOCK) pyproject.toml | sha1sum | cut -c1-12)
+DEPS_STAMP := $(VENV)/.deps-$(DEPS_KEY)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench clean
+
+$(DEPS_STAMP): $(LOCK) pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.1"
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test]'
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+
+# A cached environment may hold an editable install of another checkout: point it at this one.
+install: $(DEPS_STAMP)
+	@$(PY) -c "import kdrun, pathlib, sys; sys.exit(pathlib.Path(kdrun.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null \
+	  || $(PY) -m pip install --quiet --no-deps -e .
+
+demo: install
+	$(VENV)/bin/kdrun
+
+# The default suite: unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
+test: install
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# Everything, including the slower runs on real data sets.
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

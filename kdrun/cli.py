@@ -1,0 +1,106 @@
+"""The `kdrun` command: compose the Hydra config, call :func:`kdrun.run.run`, report errors as one line.
+
+Nothing below this module imports Hydra or depends on the working directory. torch is imported lazily
+(inside the job), so ``kdrun --help`` stays fast.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kdrun.errors import KdrunError
+from kdrun.schema import keys_at, register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
+def _job(cfg: DictConfig) -> float:
+    """One Hydra job: a run in its own output dir. Returns the objective (student best val acc)."""
+    from kdrun.run import run
+
+    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return summary["objective"]
+
+
+def explain(exc: BaseException) -> str | None:
+    """A one-line, key-naming message for a config or user error; None for anything else (a bug)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(exc, KdrunError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, name = exc.missing_cfg_file.rsplit("/", 1)
+        return f"{group}: unknown value {name!r}; choose one of: {', '.join(exc.options or [])}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override: {_first_line(str(exc))}"
+    cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
+    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+        parent, _, leaf = cause.full_key.rpartition(".")
+        valid = keys_at(parent)
+        where = f"'{parent}'" if parent else "the top level"
+        hint = f"; valid keys under {where}: {', '.join(valid)}" if valid else ""
+        return f"{cause.full_key}: unknown config key{hint}"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {_first_line(cause.msg)}"
+    if isinstance(exc, ConfigCompositionException):
+        text = str(exc)
+        match = re.search(r"Could not override '([^']+)'", text)
+        if match and "No match in the defaults list" in text:
+            return f"{match.group(1)}: unknown config group or key (see `kdrun --help`)"
+        return _first_line(text)
+    if isinstance(exc, OmegaConfBaseException):
+        return _first_line(str(exc))
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text))
+
+
+def _list(what: str) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if what != "models":
+        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: models", file=sys.stderr)
+        return 2
+    from kdrun.models import list_models, model_args
+
+    table = Table(title="kdrun models (teacher=NAME or student=NAME)")
+    for col in ("name", "description", "args (defaults)"):
+        table.add_column(col)
+    for name, description in list_models():
+        table.add_row(name, description, ", ".join(f"{k}={v}" for k, v in model_args(name).items()))
+    Console().print(table)
+    return 0
+
+
+def main() -> None:
+    """Entry point of `kdrun` and `python -m kdrun`."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["--list"]:
+        sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    try:
+        _job()
+    except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
+        message = None if user_wants_traceback else explain(exc)
+        if message is None:
+            raise
+        print(f"kdrun: error: {message}", file=sys.stderr)
+        sys.exit(2 if not isinstance(exc, KdrunError) or _is_config_error(exc) else 1)
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    from kdrun.errors import ConfigError
+
+    return isinstance(exc, ConfigError)

@@ -1,0 +1,287 @@
+"""Datasets as device-resident tensors, with seeded splits and batched augmentation.
+
+Every supported dataset fits in memory: it is decoded once into ``[N, C, H, W]`` tensors (uint8 for
+8-bit images, float32 in [0, 1] otherwise) on the run's device. Batches are index slices of a seeded
+permutation; normalisation, random crop and flip are batched tensor ops. No per-sample Python runs in
+the training loop and no DataLoader workers are needed.
+
+Consumes ``dataset.*`` (see ``conf/dataset/*.yaml``).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdrun.errors import ConfigError, KdrunError
+from kdrun.schema import AugmentConfig, DatasetConfig
+
+log = logging.getLogger(__name__)
+MAX_IN_MEMORY_BYTES = 16 * 2**30  # refuse to decode more than this into memory
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # [N, C, H, W], uint8 (0..255) or float32 (0..1)
+    y: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Data:
+    """Train / val / test splits plus what a model needs to know about them."""
+
+    train: Split
+    val: Split  # may be empty (val_fraction=0): model selection then keeps the last epoch
+    test: Split
+    num_classes: int
+    mean: torch.Tensor  # [1, C, 1, 1]
+    std: torch.Tensor
+    augment: AugmentConfig
+    identity: dict = field(default_factory=dict)  # what makes this data this data (store keys)
+
+    @property
+    def channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.x.shape[-1]
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
+                generator: Optional[torch.Generator] = None,
+                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y, idx)``: normalised float batches, labels and their indices in the split."""
+        part = self.split(split)
+        n = len(part)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(part.y.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x = to_unit_float(part.x[idx])
+            if augment:
+                x = augment_batch(x, self.augment, generator)
+            yield (x - self.mean) / self.std, part.y[idx], idx
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [0, 1] exactly as torchvision's ToTensor does; floats unchanged."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Random crop after zero padding, then random horizontal flip, per sample, in one batched op each."""
+    n, _, h, w = x.shape
+    p = aug.crop_padding
+    if p > 0:
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [n, h, 1]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [n, 1, w]
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    if aug.hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
+
+
+def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
+    """Load dataset ``cfg.name``, carve a stratified val split from train, put it all on ``device``."""
+    train_x, train_y, test_x, test_y = _LOADERS[cfg.name](cfg)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_y):
+        keep, _ = _stratified(len(train_y), train_y, cfg.train_subset, cfg.split_seed, "dataset.train_subset")
+        train_x, train_y = train_x[keep], train_y[keep]
+    n_val = int(round(cfg.val_fraction * len(train_y)))
+    if n_val > 0:
+        val_idx, train_idx = _stratified(len(train_y), train_y, n_val, cfg.split_seed, "dataset.val_fraction")
+    else:
+        val_idx, train_idx = np.array([], dtype=np.int64), np.arange(len(train_y))
+    to = lambda x, y: Split(torch.as_tensor(x).to(device), torch.as_tensor(y, dtype=torch.int64).to(device))
+    train, val, test = to(train_x[train_idx], train_y[train_idx]), to(train_x[val_idx], train_y[val_idx]), to(test_x, test_y)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    mean, std = _normalisation(cfg, train)
+    identity = {
+        "name": cfg.name, "sizes": [len(train), len(val), len(test)], "shape": list(train.x.shape[1:]),
+        "num_classes": num_classes, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
+        "train_subset": cfg.train_subset, "mean": [round(v, 6) for v in mean.flatten().tolist()],
+        "std": [round(v, 6) for v in std.flatten().tolist()],
+        "augment": {"crop_padding": cfg.augment.crop_padding, "hflip": cfg.augment.hflip},
+        "fingerprint": _fingerprint(train_x[train_idx], train_y[train_idx], test_x, test_y),
+    }
+    return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity)
+
+
+def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (picked, rest), ``size`` picked stratified by label with ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        picked, rest = train_test_split(np.arange(n), train_size=size, stratify=y, random_state=seed)
+    except ValueError as exc:  # e.g. fewer samples than classes
+        raise ConfigError(key, f"cannot make a stratified split of {n} images: {exc}") from None
+    return np.sort(picked), np.sort(rest)
+
+
+def _normalisation(cfg: DatasetConfig, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = train.x.shape[1]
+    if cfg.mean is None:
+        x = to_unit_float(train.x)
+        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    else:
+        if len(cfg.mean) not in (1, channels) or len(cfg.std) not in (1, channels):
+            raise ConfigError("dataset.mean", f"needs 1 or {channels} values (one per channel), got {len(cfg.mean)}")
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).expand(channels)
+        std = torch.tensor(cfg.std, dtype=torch.float32).expand(channels)
+    return mean.reshape(1, -1, 1, 1).cpu(), std.reshape(1, -1, 1, 1).cpu()
+
+
+def _fingerprint(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha1()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- loaders: each returns numpy (train_x [N,C,H,W], train_y, test_x, test_y) -------------------------
+
+def _digits(cfg: DatasetConfig):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]  # 0..16 grey levels -> [0, 1]
+    y = bunch.target.astype(np.int64)
+    n_test = int(round(cfg.test_fraction * len(y)))
+    test_idx, train_idx = _stratified(len(y), y, n_test, cfg.split_seed, "dataset.test_fraction")
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz), the format of MNIST and Fashion-MNIST."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+        raw = handle.read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _mnist_family(cfg: DatasetConfig, cls_name: str, debian_pkg: Optional[str]):
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root or "data")
+    try:
+        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+        tx, ty, vx, vy = train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy()
+    except RuntimeError as exc:
+        if cfg.download:
+            raise KdrunError(f"dataset={cfg.name}: download into {root} failed ({exc})") from None
+        files = _find_idx(cfg.idx_dir)
+        if files is None:
+            hint = f"; or `apt-get install {debian_pkg}` (IDX files in {cfg.idx_dir})" if debian_pkg else ""
+            raise KdrunError(
+                f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} (torchvision layout "
+                f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(cfg.idx_dir) if cfg.idx_dir else ''}. "
+                f"Pass dataset.download=true to fetch them with torchvision{hint}") from None
+        tx, ty, vx, vy = (_read_idx(f) for f in files)
+    return tx[:, None], ty.astype(np.int64), vx[:, None], vy.astype(np.int64)
+
+
+def _find_idx(idx_dir: Optional[str]) -> Optional[list[Path]]:
+    if not idx_dir:
+        return None
+    found = []
+    for name in _MNIST_FILES:
+        candidates = [Path(idx_dir) / (name + ".gz"), Path(idx_dir) / name]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found
+
+
+def _cifar(cfg: DatasetConfig, cls_name: str):
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root or "data")
+    try:
+        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise KdrunError(
+            f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} ({exc}). "
+            f"Pass dataset.download=true to fetch them with torchvision, or copy the extracted "
+            f"python-version archive into {root}") from None
+    chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    return chw(train.data), np.array(train.targets), chw(test.data), np.array(test.targets)
+
+
+def _imagefolder(cfg: DatasetConfig):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    if cfg.root in (None, "???"):
+        raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
+    root = Path(cfg.root)
+    size = cfg.image_size or 32
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        raise ConfigError("dataset.root", f"{root} has no {' or '.join(missing)}/ folder of class sub-folders")
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+    folders = {name: ImageFolder(str(root / name), transform=tf) for name in ("train", "val", "test") if (root / name).is_dir()}
+    if folders["train"].classes != folders["val"].classes:
+        raise ConfigError("dataset.root", f"train/ and val/ of {root} have different class folders")
+    n = sum(len(f) for f in folders.values())
+    if n * 3 * size * size > MAX_IN_MEMORY_BYTES:
+        raise KdrunError(f"dataset=imagefolder: {n} images at {size}px do not fit in memory; lower dataset.image_size")
+
+    def decode(folder):
+        images = [folder[i][0].expand(3, -1, -1) if folder[i][0].shape[0] == 1 else folder[i][0][:3] for i in range(len(folder))]
+        return torch.stack(images).numpy(), np.array(folder.targets, dtype=np.int64)
+
+    tx, ty = decode(folders["train"])
+    vx, vy = decode(folders.get("test", folders["val"]))
+    if "test" in folders:  # a val/ next to test/ is added to train; val_fraction of it is carved out again
+        ex, ey = decode(folders["val"])
+        tx, ty = np.concatenate([tx, ex]), np.concatenate([ty, ey])
+    return tx, ty, vx, vy
+
+
+def _fake(cfg: DatasetConfig):
+    rng = np.random.default_rng(cfg.split_seed)
+    c, s, k, n = cfg.channels or 1, cfg.image_size or 8, cfg.num_classes or 4, cfg.train_size or 256
+    prototypes = rng.normal(0.0, 1.0, size=(k, c, s, s)).astype(np.float32)
+
+    def make(m):
+        y = np.arange(m) % k
+        x = prototypes[y] + rng.normal(0.0, 1.5, size=(m, c, s, s)).astype(np.float32)
+        return ((np.tanh(x) + 1) / 2).astype(np.float32), y.astype(np.int64)
+
+    return (*make(n), *make(max(n // 2, k)))
+
+
+_LOADERS = {
+    "digits": _digits,
+    "fashion_mnist": lambda cfg: _mnist_family(cfg, "FashionMNIST", "dataset-fashion-mnist"),
+    "mnist": lambda cfg: _mnist_family(cfg, "MNIST", None),
+    "cifar10": lambda cfg: _cifar(cfg, "CIFAR10"),
+    "cifar100": lambda cfg: _cifar(cfg, "CIFAR100"),
+    "imagefolder": _imagefolder,
+    "fake": _fake,
+}

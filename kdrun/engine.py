@@ -1,0 +1,164 @@
+"""The training loop, evaluation, optimizers and schedules: plain PyTorch, no framework.
+
+One loop serves every stage (teacher, CE baseline, KD student): it differs only in the loss callable and in
+whether a frozen teacher is run on the same batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdrun.data import Data
+from kdrun.errors import ConfigError
+from kdrun.losses import DistillationLoss
+from kdrun.schema import OptimConfig, SchedConfig
+
+
+@dataclass
+class Recipe:
+    """Everything that decides how one model is trained (part of store keys)."""
+
+    epochs: int
+    batch_size: int
+    optim: OptimConfig
+    sched: SchedConfig
+    seed: int
+    precision: str = "fp32"
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    last_state: dict
+    best_epoch: int        # 1-based; the last epoch when there is no val split
+    best_val_acc: Optional[float]
+    history: list = field(default_factory=list)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``trainer.device``: auto picks CUDA when present; asking for CUDA without one is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", f"{spec} requested but no CUDA device is available; use auto or cpu")
+    return torch.device(spec)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``trainer.precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision", "fp16 needs a CUDA device; use bf16 or fp32 on cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int):
+    """Per-epoch LR multiplier: linear warm-up, then cosine to 0, step decay, or constant."""
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return (epoch + 1) / (cfg.warmup_epochs + 1)
+        e = epoch - cfg.warmup_epochs
+        if cfg.name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * e / max(1, epochs - cfg.warmup_epochs)))
+        if cfg.name == "step":
+            return cfg.gamma ** (e // cfg.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on a whole split, as float32."""
+    model.eval()
+    device = data.train.y.device
+    outs = []
+    with autocast(device, precision):
+        for x, _, _ in data.batches(split, batch_size):
+            outs.append(model(x).float())
+    return torch.cat(outs) if outs else torch.empty(0, data.num_classes, device=device)
+
+
+def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32") -> Optional[float]:
+    """Top-1 accuracy in percent on ``split``; None when the split is empty."""
+    if len(data.split(split)) == 0:
+        return None
+    logits = predict(model, data, split, batch_size, precision)
+    return round(100.0 * (logits.argmax(1) == data.split(split).y).float().mean().item(), 4)
+
+
+def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
+        teacher: Optional[nn.Module] = None, on_epoch: Callable[[dict], None] = lambda r: None,
+        progress=None, desc: str = "train") -> FitResult:
+    """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
+
+    The teacher, if given, is frozen: ``eval()`` mode, no gradients, run on the very batch the student sees.
+    ``on_epoch`` receives one record per epoch: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc,
+    lr, time_s``. ``progress`` is a :class:`kdrun.records.Progress` (or None).
+    """
+    device = data.train.y.device
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    opt = make_optimizer(model.parameters(), recipe.optim)
+    sched = make_scheduler(opt, recipe.sched, recipe.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
+    steps = math.ceil(len(data.train) / recipe.batch_size)
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        sums = torch.zeros(3, device=device)
+        lr = opt.param_groups[0]["lr"]
+        bar = progress.task(f"{desc} epoch {epoch}/{recipe.epochs}", steps) if progress else None
+        for x, y, _ in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
+            with autocast(device, recipe.precision):
+                logits = model(x)
+                with torch.no_grad():
+                    t_logits = teacher(x) if teacher is not None and loss_fn.needs_teacher else None
+            loss, parts = loss_fn(logits, y, t_logits)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach()]) * len(y)
+            if bar is not None:
+                bar.advance()
+        sched.step()
+        train_time = time.perf_counter() - start
+        val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision)
+        loss_mean = (sums / len(data.train)).tolist()
+        record = {"epoch": epoch, "train/loss": loss_mean[0], "train/loss_ce": loss_mean[1],
+                  "train/loss_kd": loss_mean[2], "val/acc": val_acc, "lr": lr, "time_s": round(train_time, 4)}
+        best.history.append(record)
+        on_epoch(record)
+        if bar is not None:
+            bar.done()
+        if not math.isfinite(loss_mean[0]):
+            raise FloatingPointError(f"{desc}: training loss is {loss_mean[0]} at epoch {epoch}; lower the learning rate")
+        if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
+            best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
+    best.last_state = _copy_state(model)
+    return best
+
+
+def _copy_state(model: nn.Module) -> dict:
+    return copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})

@@ -1,0 +1,176 @@
+"""What a run leaves behind: resolved config, metrics.jsonl, checkpoints, summary.json, log, tables.
+
+Every file is written atomically (temp file + rename), so a crash never leaves a half-written result.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+RESULT_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
+
+
+def refuse_existing(out_dir: Path) -> None:
+    """Never write into a run dir that already holds results (two runs started in the same second)."""
+    held = [name for name in RESULT_FILES if (out_dir / name).exists()]
+    if held:
+        raise KdrunError(f"run dir {out_dir} already holds results ({', '.join(held)}); refusing to overwrite. "
+                         f"Wait a second and run again, or choose another hydra.run.dir")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` to a temp file, then rename: readers see the old file or the whole new one."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed at once (a crash keeps every finished epoch)."""
+
+    def __init__(self, path: Path, **constant: Any):
+        self.path, self.constant = path, constant
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({**self.constant, **record}) + "\n")
+
+
+def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:
+    """Log to ``out_dir/kdrun.log`` unless a handler already does (Hydra's job logging does)."""
+    path = (out_dir / "kdrun.log").resolve()
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def versions(device: str) -> dict:
+    import torch
+    import torchvision
+
+    from kdrun import __version__
+
+    return {"kdrun": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": device,
+            "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"}
+
+
+def git_sha() -> Optional[str]:
+    """The commit of the kdrun source in use (with '-dirty' for local changes), when it is a git checkout."""
+    src = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "") if sha else None
+
+
+class ConsoleFilter(logging.Filter):
+    """Keeps records of the ``kdrun.file`` logger (already shown by :func:`show`) off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("kdrun.file")
+
+
+def _console():
+    """stdout console; 120 columns when not a terminal (rich's default of 80 wraps tables and logs)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def console_handler(**kwargs) -> logging.Handler:
+    """The console log handler (``hydra/job_logging/kdrun.yaml``): rich, on :func:`_console`."""
+    from rich.logging import RichHandler
+
+    return RichHandler(console=_console(), **kwargs)
+
+
+def show(renderable, title: str = "") -> None:
+    """Print a rich renderable on stdout (120 columns when not a terminal) and its text in the log file."""
+    _console().print(renderable)
+    logging.getLogger("kdrun.file").info(f"{title}\n{render_text(renderable)}")
+
+
+def render_text(renderable) -> str:
+    """A rich renderable as plain text (for the log file)."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    Console(file=buffer, width=110, force_terminal=False, color_system=None).print(renderable)
+    return buffer.getvalue().rstrip()
+
+
+class Progress:
+    """Rich progress bars for epoch loops; silent when stdout is not a terminal (``trainer.progress=auto``)."""
+
+    def __init__(self, mode: str = "auto"):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
+        mode = str(mode).lower()
+        enabled = mode == "true" or (mode == "auto" and Console(file=sys.stderr).is_terminal)
+        self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=True, disable=not enabled,
+                                  console=Console(file=sys.stderr))
+
+    def __enter__(self) -> "Progress":
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.stop()
+
+    def task(self, description: str, total: int) -> "_Task":
+        return _Task(self._bars, self._bars.add_task(description, total=total))
+
+
+class _Task:
+    def __init__(self, bars, task_id):
+        self._bars, self._id = bars, task_id
+
+    def advance(self, n: int = 1) -> None:
+        self._bars.advance(self._id, n)
+
+    def done(self) -> None:
+        self._bars.remove_task(self._id)

@@ -1,0 +1,131 @@
+"""``run(cfg, out_dir) -> summary``: the whole pipeline, top to bottom. No Hydra, no cwd assumptions.
+
+1. validate the config (one-line errors naming the key) and refuse a run dir that already holds results;
+2. write the resolved ``config.yaml``, log the loss formula and the config;
+3. load the data, run the mode's stages (teacher, baseline, student);
+4. write ``summary.json`` (``status: completed``, or ``failed`` with the error, re-raised) and print a table.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.records import (JsonlWriter, Progress, atomic_write_text, attach_file_log, git_sha, refuse_existing,
+                           show, versions, write_json)
+from kdrun.schema import Config, to_object
+
+log = logging.getLogger("kdrun")
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict."""
+    out_dir = Path(out_dir)
+    refuse_existing(out_dir)
+    conf: Config = to_object(cfg)
+    handler = attach_file_log(out_dir)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg_dict))
+    started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
+    summary: dict = {"status": "running", "out_dir": str(out_dir.resolve()), "mode": conf.mode.name,
+                     "seed": conf.seed, "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha()}
+    try:
+        summary.update(_execute(conf, cfg_dict, out_dir, summary))
+        summary["status"] = "completed"
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        log.error(f"run failed: {type(exc).__name__}: {exc}")
+        _write_traceback(out_dir, exc)
+        raise
+    finally:
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        write_json(out_dir / "summary.json", summary)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return summary
+
+
+def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict:
+    import torch
+
+    from kdrun.data import load_data
+    from kdrun.engine import resolve_device
+    from kdrun.losses import DistillationLoss
+    from kdrun.modes import MODES
+    from kdrun.stages import RunContext
+
+    loss = DistillationLoss(conf.loss)
+    summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
+    log.info(f"loss: {loss.formula()}   (alpha weighs the soft KD term; KL batchmean)")
+    show(_config_tree(cfg_dict), "config:")
+    if conf.trainer.num_threads:
+        torch.set_num_threads(conf.trainer.num_threads)
+    device = resolve_device(conf.trainer.device)
+    summary["versions"] = versions(str(device))
+    data = load_data(conf.dataset, device)
+    summary["dataset"] = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
+                          "test": len(data.test), "num_classes": data.num_classes,
+                          "shape": [data.channels, data.image_size, data.image_size]}
+    log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
+             f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
+    with Progress(conf.trainer.progress) as progress:
+        ctx = RunContext(conf, cfg_dict, out_dir, device, progress, JsonlWriter(out_dir / "metrics.jsonl", stage="student"))
+        parts = MODES[conf.mode.name](ctx, data, loss)
+    student = parts["student"]
+    result = {**parts, "objective": student["val_acc_best"] if student["val_acc_best"] is not None else float("nan")}
+    if parts.get("baseline") and student["test_acc_best"] is not None:
+        result["delta_vs_baseline"] = round(student["test_acc_best"] - parts["baseline"]["test_acc"], 4)
+    show(results_table(result), "results:")
+    return result
+
+
+def results_table(summary: dict):
+    """The final rich table: teacher, CE baseline, KD student; test accuracy of best-on-val checkpoints."""
+    from rich.table import Table
+
+    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)")
+    for col in ("role", "model", "val acc", "test acc", "note"):
+        table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    teacher, baseline, student = summary.get("teacher"), summary.get("baseline"), summary["student"]
+    if teacher:
+        table.add_row("teacher", teacher["name"], fmt(teacher["val_acc"]), fmt(teacher["test_acc"]),
+                      "reused" if teacher["reused"] else "trained")
+    if baseline:
+        table.add_row("student, CE only", baseline["name"], fmt(baseline["val_acc"]), fmt(baseline["test_acc"]),
+                      "baseline")
+    note = f"last epoch: {fmt(student['test_acc_last'])}"
+    if "delta_vs_baseline" in summary:
+        note += f"; Δ vs baseline {summary['delta_vs_baseline']:+.2f}"
+    label = "student, KD" if teacher else "student"
+    table.add_row(label, student["name"], fmt(student["val_acc_best"]), fmt(student["test_acc_best"]), note)
+    return table
+
+
+def _config_tree(cfg_dict: dict):
+    """The resolved config, one row per group with its ``key=value`` leaves (nested keys dotted)."""
+    from rich.table import Table
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={value}"
+    table = Table(title="config (resolved; saved as config.yaml)", show_header=False)
+    table.add_column("group", style="bold")
+    table.add_column("values")
+    for key, value in cfg_dict.items():
+        table.add_row(key, "  ".join(leaves(value)) if isinstance(value, dict) else str(value))
+    return table
+
+
+def _write_traceback(out_dir: Path, exc: BaseException) -> None:
+    """Append the traceback to ``kdrun.log`` (Hydra does not log job exceptions)."""
+    with open(out_dir / "kdrun.log", "a") as handle:
+        handle.write("".join(traceback.format_exception(exc)))

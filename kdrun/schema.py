@@ -1,0 +1,233 @@
+"""Dataclass schemas of the config tree: types, allowed keys, defaults and range checks.
+
+Registered in Hydra's ConfigStore as ``kdrun_schema`` (the first entry of ``conf/config.yaml``), so typos and
+type errors fail at composition; ``__post_init__`` range checks run in :func:`to_object`, naming the key.
+This module imports no torch (``kdrun --help`` stays fast).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from kdrun.errors import ConfigError, unknown_choice
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "fake")
+LOSSES = ("kd", "ce")
+MODES = ("offline",)
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(key, f"must be in {interval}, got {value}")
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise unknown_choice(key, value, choices)
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0     # random crop after zero-padding this many pixels per side (0 = off)
+    hflip: bool = False       # random horizontal flip with p = 0.5
+
+    def __post_init__(self):
+        if self.crop_padding < 0:
+            raise ConfigError("dataset.augment.crop_padding", f"must be >= 0, got {self.crop_padding}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: Optional[str] = None        # folder of torchvision-format files (or of your image folders)
+    idx_dir: Optional[str] = None     # folder with raw IDX (.gz) files, read when root has none
+    download: bool = False            # let torchvision download missing files into root
+    val_fraction: float = 0.1         # share of train carved out (stratified, split_seed) for model selection
+    test_fraction: float = 0.2        # only for data without an official test split (digits)
+    split_seed: int = 0
+    train_subset: Optional[int] = None  # keep only this many train images (stratified): quick runs
+    mean: Optional[List[float]] = None  # per-channel normalisation; null = computed on the train split
+    std: Optional[List[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_size: Optional[int] = None  # imagefolder: resize to this; fake: generated size
+    channels: Optional[int] = None    # fake only
+    num_classes: Optional[int] = None  # fake only
+    train_size: Optional[int] = None  # fake only
+
+    def __post_init__(self):
+        _check_choice("dataset", self.name, DATASETS)
+        _check_range("dataset.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        _check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError("dataset.train_subset", f"must be >= 1 or null, got {self.train_subset}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("dataset.mean", "set both dataset.mean and dataset.std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ConfigError("dataset.std", f"must be > 0, got {self.std}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9      # SGD momentum; Adam's beta1 for adamw
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+    def check(self, key: str) -> None:
+        _check_choice(f"{key}.name", self.name, OPTIMIZERS)
+        _check_range(f"{key}.lr", self.lr, 0.0, float("inf"), lo_open=True)
+        _check_range(f"{key}.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_range(f"{key}.weight_decay", self.weight_decay, 0.0, float("inf"))
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    step_size: int = 10        # step: epochs between decays
+    gamma: float = 0.1         # step: decay factor
+    warmup_epochs: int = 0     # linear warm-up epochs (any schedule)
+
+    def check(self, key: str) -> None:
+        _check_choice(f"{key}.name", self.name, SCHEDULES)
+        if self.step_size < 1:
+            raise ConfigError(f"{key}.step_size", f"must be >= 1, got {self.step_size}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"                                    # a name from `kdrun --list models`
+    args: Dict[str, Any] = field(default_factory=dict)  # architecture arguments of that model
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    name: str = "cnn"
+    ckpt: Optional[str] = None  # use this checkpoint instead of the store (kdrun's or a plain state_dict)
+    epochs: int = 30            # the teacher's own training recipe (part of its store key) ...
+    batch_size: Optional[int] = None  # null = trainer.batch_size
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    seed: int = 0               # fixed by default so a seed sweep of students shares one teacher
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError("teacher.epochs", f"must be >= 1, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+        self.optim.check("teacher.optim")
+        self.sched.check("teacher.sched")
+
+
+@dataclass
+class LossConfig:
+    name: str = "kd"
+    T: float = 4.0       # temperature (> 0)
+    alpha: float = 0.9   # weight of the soft KD term; (1 - alpha) weighs CE
+
+    def __post_init__(self):
+        _check_choice("loss", self.name, LOSSES)
+        _check_range("loss.alpha", self.alpha, 0.0, 1.0)
+        if self.T <= 0:
+            raise ConfigError("loss.T", f"must be > 0, got {self.T}")
+        if self.name == "ce" and self.alpha != 0:
+            raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {self.alpha}")
+
+
+@dataclass
+class ModeConfig:
+    name: str = "offline"
+
+    def __post_init__(self):
+        _check_choice("mode", self.name, MODES)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"    # fp32 | bf16 | fp16
+    num_threads: Optional[int] = None
+    progress: str = "auto"     # auto | true | false
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError("trainer.device", f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        _check_choice("trainer.precision", self.precision, PRECISIONS)
+        _check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))
+
+
+@dataclass
+class StoreConfig:
+    teachers: str = "outputs/teachers"    # content-addressed store of trained teachers
+    baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    seed: int = 0
+    baseline: bool = True
+
+    def __post_init__(self):
+        self.optim.check("optim")
+        self.sched.check("sched")
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore under the name ``kdrun_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="kdrun_schema", node=Config)
+
+
+def to_object(cfg) -> Config:
+    """Validate a composed DictConfig into :class:`Config`; range errors raise :class:`ConfigError`."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf may wrap errors raised in __post_init__
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None:
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def keys_at(path: str) -> Optional[List[str]]:
+    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node."""
+    node: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        match = [f for f in fields(node) if f.name == part]
+        if not match:
+            return None
+        default = match[0].default_factory() if callable(match[0].default_factory) else match[0].default
+        if not is_dataclass(default):
+            return None
+        node = type(default)
+    return [f.name for f in fields(node)]

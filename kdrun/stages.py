@@ -1,0 +1,181 @@
+"""The stages a mode is built from: get the teacher, get the CE baseline, distil the student.
+
+Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a
+JSON-able ``info`` dict that goes into ``summary.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdrun.data import Data
+from kdrun.engine import FitResult, Recipe, accuracy, fit
+from kdrun.losses import DistillationLoss, cross_entropy
+from kdrun.models import build_model
+from kdrun.records import JsonlWriter, Progress, save_torch
+from kdrun.schema import Config, ModelConfig
+from kdrun.teacher_store import checkpoint_dict, file_sha256, load_weights, read_checkpoint, train_or_reuse
+
+log = logging.getLogger("kdrun")
+STORE_FORMAT = 1  # bump when a change makes stored models incomparable
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the validated config, its resolved dict, where to write, the device."""
+
+    cfg: Config
+    cfg_dict: dict
+    out_dir: Path
+    device: torch.device
+    progress: Progress
+    metrics: JsonlWriter
+
+
+def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:
+    """Build ``model_cfg`` for ``data``'s shape, initialised from ``seed``, on ``device``."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.channels,
+                        image_size=data.image_size, args=dict(model_cfg.args), key=key)
+    return model.to(device)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate(model: nn.Module, data: Data, ctx: RunContext) -> dict:
+    """Val and test accuracy (percent) of ``model``."""
+    bs, precision = ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision
+    return {"val_acc": accuracy(model, data, "val", bs, precision), "test_acc": accuracy(model, data, "test", bs, precision)}
+
+
+def epoch_logger(desc: str, epochs: int, *writers):
+    """An ``on_epoch`` callback that logs one line per epoch and forwards the record to ``writers``."""
+    def on_epoch(record: dict) -> None:
+        val = "-" if record["val/acc"] is None else f"{record['val/acc']:.2f}%"
+        log.info(f"{desc} epoch {record['epoch']:>3}/{epochs}  loss {record['train/loss']:.4f}  "
+                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {val}  "
+                 f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
+        for write in writers:
+            write(record)
+    return on_epoch
+
+
+def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe) -> dict:
+    recipe_dict = dataclasses.asdict(recipe)
+    recipe_dict.pop("eval_batch_size")
+    return {"format": STORE_FORMAT, "role": role, "model": {"name": model_cfg.name, "args": dict(model_cfg.args)},
+            "data": data.identity, "recipe": recipe_dict}
+
+
+def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ctx: RunContext, key: str):
+    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training, best-on-val weights."""
+    def train(tmp_dir: Path) -> dict:
+        model = build(model_cfg, data, key, ctx.device, recipe.seed)
+        log.info(f"training {role} {model_cfg.name} ({n_params(model):,} params) for {recipe.epochs} epochs")
+        writer = JsonlWriter(tmp_dir / "metrics.jsonl", stage=role)
+        result = fit(model, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
+                     on_epoch=epoch_logger(role, recipe.epochs, writer))
+        meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
+                "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
+                "best_val_acc": result.best_val_acc}
+        return checkpoint_dict(result.best_state, meta)
+    return train
+
+
+def _recipe_teacher(cfg: Config) -> Recipe:
+    t = cfg.teacher
+    return Recipe(epochs=t.epochs, batch_size=t.batch_size or cfg.trainer.batch_size, optim=t.optim,
+                  sched=t.sched, seed=t.seed, precision=cfg.trainer.precision,
+                  eval_batch_size=cfg.trainer.eval_batch_size)
+
+
+def recipe_student(cfg: Config) -> Recipe:
+    tr = cfg.trainer
+    return Recipe(epochs=tr.epochs, batch_size=tr.batch_size, optim=cfg.optim, sched=cfg.sched, seed=cfg.seed,
+                  precision=tr.precision, eval_batch_size=tr.eval_batch_size)
+
+
+def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
+    """The frozen teacher: from ``teacher.ckpt``, else from the store (trained there on a miss).
+
+    Consumes ``teacher.*``, ``store.teachers``, ``trainer.precision``. Evaluates it on val and test and logs
+    that before any student time is spent.
+    """
+    cfg = ctx.cfg
+    model = build(cfg.teacher, data, "teacher", ctx.device, cfg.teacher.seed)
+    info = {"name": cfg.teacher.name, "args": dict(cfg.teacher.args), "params": n_params(model)}
+    if cfg.teacher.ckpt:
+        path = Path(cfg.teacher.ckpt)
+        checkpoint = read_checkpoint(path, what="teacher.ckpt")
+        load_weights(model, checkpoint, key="teacher.ckpt", model_name=cfg.teacher.name,
+                     num_classes=data.num_classes, source=str(path))
+        info.update(source="ckpt", ckpt=str(path.resolve()), ckpt_sha256=file_sha256(path), store_dir=None, reused=True)
+    else:
+        recipe = _recipe_teacher(cfg)
+        key = _store_key("teacher", cfg.teacher, data, recipe)
+        checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key,
+                                                   _train_ce_entry("teacher", cfg.teacher, data, recipe, ctx, "teacher"))
+        load_weights(model, checkpoint, key="teacher", model_name=cfg.teacher.name,
+                     num_classes=data.num_classes, source=f"store entry {entry}")
+        info.update(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs)
+    model.eval().requires_grad_(False)
+    info.update(evaluate(model, data, ctx))
+    log.info(f"teacher {cfg.teacher.name}: {'reused' if info['reused'] else 'trained'} ({info['source']}), "
+             f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
+    chance = 100.0 / data.num_classes
+    if info["test_acc"] is not None and info["test_acc"] < 1.5 * chance:
+        log.warning(f"teacher test accuracy {info['test_acc']}% is near chance ({chance:.1f}%): check the teacher")
+    return model, info
+
+
+def obtain_baseline(ctx: RunContext, data: Data) -> dict:
+    """The no-KD baseline: the student's model and recipe trained with CE only, cached in ``store.baselines``."""
+    cfg = ctx.cfg
+    recipe = recipe_student(cfg)
+    key = _store_key("baseline", cfg.student, data, recipe)
+    checkpoint, entry, reused = train_or_reuse(Path(cfg.store.baselines), cfg.student.name, key,
+                                               _train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student"))
+    model = build(cfg.student, data, "student", ctx.device, cfg.seed)
+    load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
+                 source=f"store entry {entry}")
+    info = {"name": cfg.student.name, "store_dir": str(entry.resolve()), "reused": reused, **evaluate(model, data, ctx)}
+    log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
+             f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
+    return info
+
+
+def train_student(ctx: RunContext, data: Data, loss: DistillationLoss, teacher: Optional[nn.Module]) -> dict:
+    """Distil the student with ``loss`` from the frozen ``teacher``; keep best-on-val and last checkpoints.
+
+    Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed``. Test accuracy of both checkpoints
+    is measured once, at the end.
+    """
+    cfg = ctx.cfg
+    model = build(cfg.student, data, "student", ctx.device, cfg.seed)
+    recipe = recipe_student(cfg)
+    log.info(f"student {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
+    result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc="student",
+                            on_epoch=epoch_logger("student", recipe.epochs, ctx.metrics))
+    meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
+            "in_channels": data.channels, "image_size": data.image_size}
+    info = {"name": cfg.student.name, "args": dict(cfg.student.args), "params": n_params(model),
+            "epochs": recipe.epochs, "best_epoch": result.best_epoch}
+    for which, state in (("best", result.best_state), ("last", result.last_state)):
+        save_torch(ctx.out_dir / "checkpoints" / f"student_{which}.pt",
+                   {**checkpoint_dict(state, {**meta, "checkpoint": which}), "config": ctx.cfg_dict})
+        model.load_state_dict(state)
+        scores = evaluate(model, data, ctx)
+        info[f"val_acc_{which}"], info[f"test_acc_{which}"] = scores["val_acc"], scores["test_acc"]
+    return info
