@@ -14,25 +14,34 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kdrun.errors import KdrunError
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.schema import keys_at, register_configs
 
 register_configs()
+_FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
 def _job(cfg: DictConfig) -> float:
-    """One Hydra job: a run in its own output dir. Returns the objective (student best val acc)."""
+    """One Hydra job: a run in its own output dir. Returns the objective (student best val acc).
+
+    A user error (:class:`KdrunError`) is recorded in ``summary.json`` by ``run`` and reported by :func:`main`
+    as one line; the other jobs of a sweep still run. Anything else propagates with its traceback.
+    """
     from kdrun.run import run
 
-    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return summary["objective"]
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, out_dir)["objective"]
+    except KdrunError as exc:
+        _FAILED_JOBS.append((out_dir, exc))
+        return float("nan")
 
 
 def explain(exc: BaseException) -> str | None:
     """A one-line, key-naming message for a config or user error; None for anything else (a bug)."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     if isinstance(exc, KdrunError):
         return str(exc)
@@ -42,11 +51,13 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, OverrideParseException):
         return f"cannot parse override: {_first_line(str(exc))}"
     cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         parent, _, leaf = cause.full_key.rpartition(".")
         valid = keys_at(parent)
         where = f"'{parent}'" if parent else "the top level"
         hint = f"; valid keys under {where}: {', '.join(valid)}" if valid else ""
+        if parent.endswith(".args"):
+            hint = f"; the model's args are listed by `kdrun --list models`"
         return f"{cause.full_key}: unknown config key{hint}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause.msg)}"
@@ -97,10 +108,9 @@ def main() -> None:
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
-        sys.exit(2 if not isinstance(exc, KdrunError) or _is_config_error(exc) else 1)
-
-
-def _is_config_error(exc: BaseException) -> bool:
-    from kdrun.errors import ConfigError
-
-    return isinstance(exc, ConfigError)
+        sys.exit(2)
+    if _FAILED_JOBS:
+        sweep = len(_FAILED_JOBS) > 1 or "-m" in argv or "--multirun" in argv
+        for out_dir, exc in _FAILED_JOBS:
+            print(f"kdrun: error: {f'job {out_dir}: ' if sweep else ''}{exc}", file=sys.stderr)
+        sys.exit(2 if all(isinstance(e, ConfigError) for _, e in _FAILED_JOBS) else 1)

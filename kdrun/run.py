@@ -38,7 +38,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         summary["status"] = "completed"
     except BaseException as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        log.error(f"run failed: {type(exc).__name__}: {exc}")
+        logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
         _write_traceback(out_dir, exc)
         raise
     finally:

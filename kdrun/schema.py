@@ -206,6 +206,7 @@ def to_object(cfg) -> Config:
     """Validate a composed DictConfig into :class:`Config`; range errors raise :class:`ConfigError`."""
     from omegaconf import OmegaConf
 
+    _reject_unknown_keys(cfg, "")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:
@@ -217,6 +218,20 @@ def to_object(cfg) -> Config:
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
         raise
+
+
+def _reject_unknown_keys(node, path: str) -> None:
+    """Keys added with ``+key=value`` pass Hydra's checks: refuse those the schema does not declare."""
+    from omegaconf import DictConfig
+
+    valid = keys_at(path)
+    if valid is None or not isinstance(node, DictConfig):
+        return
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in valid:
+            raise ConfigError(full, f"unknown config key; valid keys under {repr(path) if path else 'the top level'}: {', '.join(valid)}")
+        _reject_unknown_keys(node[key], full)
 
 
 def keys_at(path: str) -> Optional[List[str]]:
