@@ -13,7 +13,6 @@ PYTEST_ARGS ?=
 
 $(DEPS_STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=23.1"
 	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test]'
 	@rm -f $(VENV)/.deps-*
 	@touch $@

@@ -41,7 +41,7 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
     root = Path(root)
     entry = root / f"{name}-{key_hash(key)}"
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry) + ".lock"):
+    with FileLock(str(root / f".{entry.name}.lock")):
         if (entry / CHECKPOINT).exists():
             return read_checkpoint(entry / CHECKPOINT, what=f"store entry {entry}"), entry, True
         if entry.exists():  # an incomplete entry (no checkpoint): set it aside, never delete results
