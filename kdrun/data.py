@@ -70,10 +70,15 @@ class Data:
         order = order.to(part.y.device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            x = to_unit_float(part.x[idx])
-            if augment:
-                x = augment_batch(x, self.augment, generator)
-            yield (x - self.mean) / self.std, part.y[idx], idx
+            yield self.inputs(split, idx, augment=augment, generator=generator), part.y[idx], idx
+
+    def inputs(self, split: str, idx: torch.Tensor, *, augment: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The normalised float images ``idx`` of ``split`` (augmented in one batched op if asked)."""
+        x = to_unit_float(self.split(split).x[idx])
+        if augment:
+            x = augment_batch(x, self.augment, generator)
+        return (x - self.mean) / self.std
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:

@@ -105,11 +105,14 @@ def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precisio
 
 
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
-        teacher: Optional[nn.Module] = None, on_epoch: Callable[[dict], None] = lambda r: None,
+        teacher: Optional[nn.Module] = None, teacher_logits: Optional[torch.Tensor] = None,
+        cache_check: Optional[Callable[[int], float]] = None, on_epoch: Callable[[dict], None] = lambda r: None,
         progress=None, desc: str = "train") -> FitResult:
     """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
 
-    The teacher, if given, is frozen: ``eval()`` mode, no gradients, run on the very batch the student sees.
+    The teacher, if given, is frozen: ``eval()`` mode, no gradients, run on the very batch the student sees;
+    or its logits come from ``teacher_logits`` (indexed like ``data.train``), checked by ``cache_check(epoch)``
+    at the start of every epoch.
     ``on_epoch`` receives one record per epoch: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc,
     lr, time_s``. ``progress`` is a :class:`kdrun.records.Progress` (or None).
     """
@@ -129,11 +132,17 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         sums = torch.zeros(3, device=device)
         lr = opt.param_groups[0]["lr"]
         bar = progress.task(f"{desc} epoch {epoch}/{recipe.epochs}", steps) if progress else None
-        for x, y, _ in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
+        if cache_check is not None and teacher_logits is not None:
+            cache_check(epoch)
+        for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
             with autocast(device, recipe.precision):
                 logits = model(x)
-                with torch.no_grad():
-                    t_logits = teacher(x) if teacher is not None and loss_fn.needs_teacher else None
+                t_logits = None
+                if teacher_logits is not None:
+                    t_logits = teacher_logits[idx]
+                elif teacher is not None and loss_fn.needs_teacher:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
             loss, parts = loss_fn(logits, y, t_logits)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -16,9 +16,12 @@ from kdrun.schema import LossConfig
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, summed over classes, averaged over the batch."""
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, summed over classes, averaged over the batch.
+
+    The teacher's distribution is a fixed target: no gradient flows into ``teacher_logits``.
+    """
     log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 

@@ -9,13 +9,16 @@ from typing import Callable
 
 from kdrun.data import Data
 from kdrun.losses import DistillationLoss
-from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, train_student
+from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
 
 def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
-    teacher, teacher_info = (obtain_teacher(ctx, data) if loss.needs_teacher else (None, None))
-    baseline = obtain_baseline(ctx, data) if ctx.cfg.baseline and loss.needs_teacher else None
-    student = train_student(ctx, data, loss, teacher)
+    if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
+        return {"teacher": None, "baseline": None, "student": train_student(ctx, data, loss)}
+    teacher, teacher_info = obtain_teacher(ctx, data)
+    teaching = teacher_targets(ctx, data, teacher, teacher_info)
+    baseline = obtain_baseline(ctx, data) if ctx.cfg.baseline else None
+    student = train_student(ctx, data, loss, **teaching)
     return {"teacher": teacher_info, "baseline": baseline, "student": student}
 
 

@@ -117,12 +117,16 @@ class TeacherConfig(ModelConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     seed: int = 0               # fixed by default so a seed sweep of students shares one teacher
+    cache: str = "auto"         # teacher-logit cache: auto (on when augmentation is off) | on | off
+    cache_dtype: str = "fp32"   # storage of cached logits: fp32 | fp16
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ConfigError("teacher.epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check_choice("teacher.cache", str(self.cache), ("auto", "on", "off"))
+        _check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
         self.optim.check("teacher.optim")
         self.sched.check("teacher.sched")
 

@@ -156,18 +156,38 @@ def obtain_baseline(ctx: RunContext, data: Data) -> dict:
     return info
 
 
-def train_student(ctx: RunContext, data: Data, loss: DistillationLoss, teacher: Optional[nn.Module]) -> dict:
-    """Distil the student with ``loss`` from the frozen ``teacher``; keep best-on-val and last checkpoints.
+def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module, teacher_info: dict) -> dict:
+    """The teacher's side of distillation: cached train logits plus their per-epoch guard, or live.
 
-    Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed``. Test accuracy of both checkpoints
-    is measured once, at the end.
+    Returns keyword arguments for :func:`kdrun.engine.fit`; records the cache decision in ``teacher_info``.
+    """
+    from kdrun.logit_cache import make_check, teacher_logits
+
+    cfg = ctx.cfg
+    logits, info = teacher_logits(teacher, data, mode=str(cfg.teacher.cache), dtype=cfg.teacher.cache_dtype,
+                                  precision=cfg.trainer.precision, root=Path(cfg.store.teachers),
+                                  batch_size=cfg.trainer.eval_batch_size)
+    teacher_info["cache"] = info
+    if logits is None:
+        log.info(f"teacher logits: live ({info['why']})")
+        return {"teacher": teacher}
+    check = make_check(teacher, data, logits, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,
+                       seed=cfg.seed)
+    return {"teacher": teacher, "teacher_logits": logits, "cache_check": check}
+
+
+def train_student(ctx: RunContext, data: Data, loss: DistillationLoss, **teaching) -> dict:
+    """Distil the student with ``loss``; ``teaching`` is :func:`teacher_targets`'s (empty for CE).
+
+    Keeps best-on-val and last checkpoints. Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``,
+    ``seed``. Test accuracy of both checkpoints is measured once, at the end.
     """
     cfg = ctx.cfg
     model = build(cfg.student, data, "student", ctx.device, cfg.seed)
     recipe = recipe_student(cfg)
     log.info(f"student {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
-    result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc="student",
-                            on_epoch=epoch_logger("student", recipe.epochs, ctx.metrics))
+    result: FitResult = fit(model, data, recipe, loss, progress=ctx.progress, desc="student",
+                            on_epoch=epoch_logger("student", recipe.epochs, ctx.metrics), **teaching)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size}
     info = {"name": cfg.student.name, "args": dict(cfg.student.args), "params": n_params(model),

@@ -1,0 +1,132 @@
+"""Exact teacher-logit cache: the frozen teacher's logits on the whole train split, computed once.
+
+When the teacher sees each training image the same way every epoch (no random augmentation), its logits
+are a pure function of the sample, so they can be computed once and reused by every student, T and alpha
+of a sweep (T and alpha are applied at loss time). A cache file is keyed by a hash of the teacher's
+weights, the dataset identity (split, normalisation, fingerprint), the precision and the storage dtype, and
+carries a checksum of its logits. It is guarded three ways:
+
+* on load: key, shape and checksum must match, else the file is set aside and rebuilt (never trusted);
+* every epoch: the teacher is recomputed on a random sample of cached indices and must agree within
+  tolerance, else the run stops (a stale or misaligned cache must not silently teach wrong targets);
+* ``teacher.cache=auto`` uses the cache only when augmentation is off; with random augmentation the
+  teacher runs live on the very batch the student sees (``teacher.cache=on`` forces the cache anyway).
+
+Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``trainer.precision``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from kdrun.data import Data
+from kdrun.engine import autocast, predict
+from kdrun.errors import KdrunError
+from kdrun.records import save_torch
+
+log = logging.getLogger("kdrun")
+CHECK_SAMPLES = 64
+TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (atol, rtol) of the per-epoch check
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of a model's weights and buffers (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _checksum(logits: torch.Tensor) -> str:
+    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def decide(mode: str, data: Data) -> tuple[bool, str]:
+    """Whether to use the cache under ``teacher.cache=mode``, and why."""
+    random_aug = data.augment.crop_padding > 0 or data.augment.hflip
+    if mode == "off":
+        return False, "teacher.cache=off: teacher run live on every batch"
+    if mode == "on":
+        why = "teacher.cache=on"
+        return True, why + (" (augmentation is random: the teacher sees un-augmented images)" if random_aug else "")
+    if random_aug:
+        return False, "augmentation is random: teacher run live on the student's augmented batch"
+    return True, "no random augmentation: the teacher's logits are a pure function of the sample"
+
+
+def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, precision: str, root: Path,
+                   batch_size: int) -> tuple[Optional[torch.Tensor], dict]:
+    """Cached train-split logits of ``teacher`` (built on a miss), or None when the cache is not used."""
+    use, why = decide(mode, data)
+    info = {"mode": mode, "used": use, "why": why}
+    if not use:
+        return None, info
+    key = {"teacher": weights_hash(teacher), "data": data.identity, "precision": precision, "dtype": dtype}
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(root) / "logit-cache" / f"{key_hash}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):
+        logits, problem = _load(path, key, len(data.train), data.num_classes) if path.exists() else (None, None)
+        if problem:
+            aside = path.with_name(path.name + f".bad-{int(time.time())}")
+            os.replace(path, aside)
+            log.warning(f"teacher logit cache {path} rejected ({problem}); moved to {aside.name}, rebuilding")
+        built, seconds = logits is None, 0.0
+        if built:
+            start = time.perf_counter()
+            logits = predict(teacher, data, "train", batch_size, precision).cpu().to(DTYPES[dtype])
+            seconds = time.perf_counter() - start
+            save_torch(path, {"logits": logits, "key": json.dumps(key, sort_keys=True), "checksum": _checksum(logits)})
+    info.update(path=str(path.resolve()), built=built, build_s=round(seconds, 3), dtype=dtype)
+    log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused'} ({why}) {path}")
+    return logits.to(data.train.y.device), info
+
+
+def _load(path: Path, key: dict, n: int, num_classes: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """The cached logits, or (None, reason) when the file is unreadable, for another key, or tampered."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        logits, stored_key, checksum = obj["logits"], obj["key"], obj["checksum"]
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files are all rejected the same way
+        return None, f"unreadable: {type(exc).__name__}"
+    if stored_key != json.dumps(key, sort_keys=True):
+        return None, "its key does not match this teacher and data"
+    if tuple(logits.shape) != (n, num_classes):
+        return None, f"shape {tuple(logits.shape)} != {(n, num_classes)}"
+    if _checksum(logits) != checksum:
+        return None, "checksum mismatch: the file was modified"
+    return logits, None
+
+
+def make_check(teacher: nn.Module, data: Data, cached: torch.Tensor, *, dtype: str, precision: str,
+               seed: int) -> Callable[[int], float]:
+    """A per-epoch guard: recompute the teacher on ``CHECK_SAMPLES`` random cached indices and compare."""
+    atol, rtol = TOLERANCE[dtype]
+    generator = torch.Generator().manual_seed(seed + 7919)
+
+    @torch.no_grad()
+    def check(epoch: int) -> float:
+        idx = torch.randperm(len(data.train), generator=generator)[:CHECK_SAMPLES].to(cached.device)
+        teacher.eval()
+        with autocast(data.train.y.device, precision):
+            live = teacher(data.inputs("train", idx)).float()
+        want = cached[idx].float()
+        err = (live - want).abs()
+        if not torch.all(err <= atol + rtol * want.abs()):
+            raise KdrunError(f"teacher logit cache disagrees with the live teacher at epoch {epoch} (max |diff| "
+                             f"{err.max().item():.3g} on {CHECK_SAMPLES} sampled images): the cache is stale or "
+                             f"misaligned; delete it or run with teacher.cache=off")
+        return err.max().item()
+    return check

@@ -1,0 +1,178 @@
+"""The Hydra config tree: every group option composes and validates; range errors name the key.
+
+Options are enumerated from the YAML files under conf/<group>/ (nothing hard-coded), so a new preset or
+model config is covered as soon as it is added.
+"""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, config_groups, group_options, run_kdrun
+from kdrun.errors import ConfigError
+from kdrun.models import list_models, model_args
+from kdrun.schema import Config, keys_at, register_configs, to_object
+
+MODEL_NAMES = [name for name, _ in list_models()]
+GROUP_OPTIONS = [(group, option) for group in config_groups() for option in group_options(group)]
+EXTRA = {("dataset", "imagefolder"): ["dataset.root=some/dir"]}  # options that need a value to validate
+
+
+@pytest.fixture(scope="module")
+def hydra_ctx():
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def compose_cfg(*overrides: str):
+    return compose("config", overrides=list(overrides))
+
+
+def test_config_groups_found():
+    groups = config_groups()
+    for expected in ("dataset", "teacher", "student", "loss", "mode", "optim", "sched", "trainer", "experiment"):
+        assert expected in groups
+    assert len(GROUP_OPTIONS) > 30
+
+
+def test_default_config_composes_and_validates(hydra_ctx):
+    cfg = compose_cfg()
+    obj = to_object(cfg)
+    assert isinstance(obj, Config)
+    assert (obj.dataset.name, obj.teacher.name, obj.student.name, obj.loss.name, obj.mode.name) == \
+        ("digits", "cnn", "mlp", "kd", "offline")
+    assert (obj.loss.T, obj.loss.alpha) == (4.0, 0.9)
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes_and_validates(hydra_ctx, group, option):
+    cfg = compose_cfg(f"{group}={option}", *EXTRA.get((group, option), []))
+    obj = to_object(cfg)
+    assert isinstance(obj, Config)
+    chosen = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    if group != "experiment" and "name" in chosen:  # the option's own name reaches the validated config
+        assert getattr(obj, group).name == chosen.name
+    if group == "experiment":  # a preset's group overrides take effect
+        for entry in chosen.get("defaults", []):
+            for key, value in dict(entry).items():
+                if key.startswith("override /"):
+                    sub = key.removeprefix("override /")
+                    assert getattr(obj, sub).name == OmegaConf.load(CONF_DIR / sub / f"{value}.yaml").name
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_model_configs_match_registry(role):
+    files = set(group_options(role))
+    assert files == set(MODEL_NAMES), f"conf/{role}/ and the model registry differ"
+    for name in MODEL_NAMES:
+        node = OmegaConf.load(CONF_DIR / role / f"{name}.yaml")
+        assert node.name == name
+        assert OmegaConf.to_container(node.args) == model_args(name), f"conf/{role}/{name}.yaml args"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_args_survive_composition(hydra_ctx, name):
+    obj = to_object(compose_cfg(f"teacher={name}", f"student={name}"))
+    assert obj.teacher.name == obj.student.name == name
+    assert dict(obj.teacher.args) == model_args(name)
+    assert dict(obj.student.args) == model_args(name)
+
+
+@pytest.mark.parametrize("preset", group_options("experiment"))
+def test_experiment_presets_compose(hydra_ctx, preset):
+    obj = to_object(compose_cfg(f"experiment={preset}"))
+    assert obj.trainer.epochs >= 1 and obj.teacher.epochs >= 1
+
+
+def test_smoke_preset_is_small_and_on_cpu(hydra_ctx):
+    obj = to_object(compose_cfg("experiment=smoke"))
+    assert obj.trainer.epochs == 2 and obj.teacher.epochs == 2 and obj.trainer.device == "cpu"
+    assert obj.dataset.name == "digits"
+
+
+def test_command_line_group_choice_wins_over_preset(hydra_ctx):
+    obj = to_object(compose_cfg("experiment=smoke", "dataset=fake"))
+    assert obj.dataset.name == "fake" and obj.trainer.epochs == 2
+
+
+def test_help_template_lists_groups(hydra_ctx):
+    cfg = compose("config", return_hydra_config=True)
+    template = cfg.hydra.help.template
+    assert "$APP_CONFIG_GROUPS" in template and "$CONFIG" in template
+    assert cfg.hydra.help.app_name == "kdrun"
+    assert "Examples:" in cfg.hydra.help.footer
+
+
+def test_help_output_lists_every_group_and_option(tmp_path):
+    result = run_kdrun("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    lines = result.stdout.splitlines()
+    for group in config_groups():
+        line = next((ln for ln in lines if ln.startswith(f"{group}: ")), None)
+        assert line is not None, f"group {group} missing from --help\n{result.stdout}"
+        listed = [opt.strip() for opt in line.split(":", 1)[1].split(",")]
+        assert sorted(listed) == group_options(group)
+
+
+@pytest.mark.parametrize("override,key,fragment", [
+    ("loss.alpha=1.5", "loss.alpha", "[0.0, 1.0]"),
+    ("loss.alpha=-0.5", "loss.alpha", "[0.0, 1.0]"),
+    ("loss.T=0", "loss.T", "> 0"),
+    ("trainer.epochs=0", "trainer.epochs", ">= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size", ">= 1"),
+    ("dataset.val_fraction=1.0", "dataset.val_fraction", "1.0"),
+    ("dataset.val_fraction=-0.1", "dataset.val_fraction", "-0.1"),
+    ("optim.lr=0", "optim.lr", "0"),
+    ("teacher.optim.lr=-1", "teacher.optim.lr", "-1"),
+    ("teacher.epochs=0", "teacher.epochs", ">= 1"),
+    ("trainer.device=tpu", "trainer.device", "tpu"),
+    ("trainer.precision=fp8", "trainer.precision", "fp8"),
+])
+def test_out_of_range_values_name_the_key(hydra_ctx, override, key, fragment):
+    cfg = compose_cfg(override)
+    with pytest.raises(ConfigError) as err:
+        to_object(cfg)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}: ")
+    assert fragment in str(err.value)
+
+
+def test_unknown_optimizer_lists_choices(hydra_ctx):
+    with pytest.raises(ConfigError) as err:
+        to_object(compose_cfg("optim.name=rmsprop"))
+    assert err.value.key == "optim.name"
+    message = str(err.value)
+    assert "rmsprop" in message
+    for choice in group_options("optim"):
+        assert choice in message
+
+
+@pytest.mark.parametrize("override,key", [("+foo=1", "foo"), ("+loss.foo=2", "loss.foo"),
+                                          ("+dataset.augment.rotate=3", "dataset.augment.rotate")])
+def test_added_keys_are_refused(hydra_ctx, override, key):
+    cfg = compose_cfg(override)  # Hydra itself lets '+' through ...
+    with pytest.raises(ConfigError) as err:  # ... the schema does not
+        to_object(cfg)
+    assert err.value.key == key
+    assert "unknown config key" in str(err.value)
+    parent = key.rpartition(".")[0]
+    for valid in keys_at(parent):
+        assert valid in str(err.value)
+
+
+def test_model_args_may_be_added(hydra_ctx):
+    """``+student.args.X`` is not a schema key: it is checked by the model registry when the model is built."""
+    obj = to_object(compose_cfg("student=cnn", "+student.args.extra=1"))
+    assert obj.student.args["extra"] == 1
+
+
+def test_typo_in_key_fails_at_composition(hydra_ctx):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("loss.Tx=3")

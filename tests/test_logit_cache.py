@@ -1,0 +1,103 @@
+"""The exact teacher-logit cache: equal to live logits, reused, guarded against tampering and staleness."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdrun.data import load_data
+from kdrun.engine import Recipe, fit, predict
+from kdrun.errors import KdrunError
+from kdrun.logit_cache import decide, make_check, teacher_logits
+from kdrun.losses import DistillationLoss
+from kdrun.models import build_model
+from kdrun.schema import AugmentConfig, DatasetConfig, LossConfig, OptimConfig, SchedConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=96,
+                                   val_fraction=0.25, mean=[0.5], std=[0.25]), torch.device("cpu"))
+
+
+@pytest.fixture()
+def teacher(data):
+    torch.manual_seed(0)
+    return build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16}).eval()
+
+
+def cache(teacher, data, tmp_path, **kw):
+    opts = dict(mode="auto", dtype="fp32", precision="fp32", root=tmp_path, batch_size=32) | kw
+    return teacher_logits(teacher, data, **opts)
+
+
+def test_cached_logits_equal_live_logits_and_are_reused(teacher, data, tmp_path):
+    logits, info = cache(teacher, data, tmp_path)
+    assert info["used"] and info["built"]
+    assert torch.equal(logits, predict(teacher, data, "train", 32))
+    again, info2 = cache(teacher, data, tmp_path)
+    assert not info2["built"] and info2["path"] == info["path"]
+    assert torch.equal(again, logits)
+
+
+def test_fp16_cache_is_close_to_live(teacher, data, tmp_path):
+    logits, info = cache(teacher, data, tmp_path, dtype="fp16")
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), predict(teacher, data, "train", 32), atol=1e-2, rtol=1e-2)
+
+
+def test_other_teacher_weights_get_another_cache_file(teacher, data, tmp_path):
+    _, first = cache(teacher, data, tmp_path)
+    with torch.no_grad():
+        teacher.classifier[-1].bias.add_(1.0)
+    _, second = cache(teacher, data, tmp_path)
+    assert second["built"] and second["path"] != first["path"]
+
+
+def test_tampered_cache_file_is_rejected_and_rebuilt(teacher, data, tmp_path):
+    logits, info = cache(teacher, data, tmp_path)
+    obj = torch.load(info["path"], weights_only=True)
+    obj["logits"][0, 0] += 5.0  # edit the logits, keep the stored checksum
+    torch.save(obj, info["path"])
+    rebuilt, info2 = cache(teacher, data, tmp_path)
+    assert info2["built"]
+    assert torch.equal(rebuilt, logits)
+    assert list(tmp_path.glob("logit-cache/*.bad-*")), "the rejected file is kept aside, not deleted"
+
+
+def test_truncated_cache_file_is_rejected_and_rebuilt(teacher, data, tmp_path):
+    _, info = cache(teacher, data, tmp_path)
+    with open(info["path"], "r+b") as handle:
+        handle.truncate(100)
+    _, info2 = cache(teacher, data, tmp_path)
+    assert info2["built"]
+
+
+def test_stale_cache_is_caught_by_the_per_epoch_check(teacher, data, tmp_path):
+    logits, _ = cache(teacher, data, tmp_path)
+    check = make_check(teacher, data, logits, dtype="fp32", precision="fp32", seed=0)
+    assert check(1) < 1e-4
+    misaligned = logits.roll(1, dims=0)  # logits of the wrong samples
+    with pytest.raises(KdrunError, match="stale or misaligned"):
+        make_check(teacher, data, misaligned, dtype="fp32", precision="fp32", seed=0)(1)
+
+
+def test_auto_mode_goes_live_with_random_augmentation(data):
+    assert decide("auto", data)[0]
+    data_aug = type(data)(**{**data.__dict__, "augment": AugmentConfig(crop_padding=2, hflip=True)})
+    use, why = decide("auto", data_aug)
+    assert not use and "augment" in why
+    assert decide("on", data_aug)[0] and not decide("off", data)[0]
+
+
+def test_cached_and_live_training_give_the_same_student(teacher, data, tmp_path):
+    logits, _ = cache(teacher, data, tmp_path)
+    recipe = Recipe(epochs=2, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=3)
+    loss = DistillationLoss(LossConfig(name="kd", T=4.0, alpha=0.9))
+    results = []
+    for kwargs in ({"teacher": teacher}, {"teacher": teacher, "teacher_logits": logits}):
+        torch.manual_seed(0)
+        student = build_model("mlp", num_classes=4, in_channels=1, image_size=8, args={"hidden": 8})
+        results.append(fit(student, data, recipe, loss, **kwargs))
+    for key, value in results[0].last_state.items():
+        torch.testing.assert_close(results[1].last_state[key], value, atol=1e-5, rtol=1e-5)
+    assert [h["train/loss"] for h in results[0].history] == pytest.approx([h["train/loss"] for h in results[1].history], rel=1e-5)
