@@ -104,7 +104,19 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, generator: Optional[torch
     return x.contiguous()
 
 
+_LAST: dict = {}  # the last dataset loaded in this process: jobs of a Hydra sweep share one process
+
+
 def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
+    """Load dataset ``cfg.name`` (memoised for the next job of a sweep: tensors are never modified)."""
+    key = (repr(cfg), str(device))
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = _load_data(cfg, device)
+    return _LAST[key]
+
+
+def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     """Load dataset ``cfg.name``, carve a stratified val split from train, put it all on ``device``."""
     train_x, train_y, test_x, test_y = _LOADERS[cfg.name](cfg)
     if cfg.train_subset is not None and cfg.train_subset < len(train_y):
@@ -115,6 +127,7 @@ def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
         val_idx, train_idx = _stratified(len(train_y), train_y, n_val, cfg.split_seed, "dataset.val_fraction")
     else:
         val_idx, train_idx = np.array([], dtype=np.int64), np.arange(len(train_y))
+    _check_fits(train_x.nbytes + test_x.nbytes, device, cfg.name)
     to = lambda x, y: Split(torch.as_tensor(x).to(device), torch.as_tensor(y, dtype=torch.int64).to(device))
     train, val, test = to(train_x[train_idx], train_y[train_idx]), to(train_x[val_idx], train_y[val_idx]), to(test_x, test_y)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -128,6 +141,18 @@ def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
         "fingerprint": _fingerprint(train_x[train_idx], train_y[train_idx], test_x, test_y),
     }
     return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity)
+
+
+def _check_fits(nbytes: int, device: torch.device, name: str) -> None:
+    """Stop with a clear message when the decoded data cannot live on ``device`` (rather than crash later)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit, where = free * 0.8, f"{device} ({free / 2**30:.1f} GiB free)"
+    else:
+        limit, where = MAX_IN_MEMORY_BYTES, f"memory (kdrun's limit {MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB)"
+    if nbytes > limit:
+        raise KdrunError(f"dataset={name}: {nbytes / 2**30:.1f} GiB of images do not fit in {where}; "
+                         f"use trainer.device=cpu, a smaller dataset.image_size or dataset.train_subset")
 
 
 def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +208,8 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = handle.read()
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    # a writable buffer: torch warns about (and must not share) the read-only memory of a bytes object
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _mnist_family(cfg: DatasetConfig, cls_name: str, debian_pkg: Optional[str]):
@@ -252,9 +278,7 @@ def _imagefolder(cfg: DatasetConfig):
     folders = {name: ImageFolder(str(root / name), transform=tf) for name in ("train", "val", "test") if (root / name).is_dir()}
     if folders["train"].classes != folders["val"].classes:
         raise ConfigError("dataset.root", f"train/ and val/ of {root} have different class folders")
-    n = sum(len(f) for f in folders.values())
-    if n * 3 * size * size > MAX_IN_MEMORY_BYTES:
-        raise KdrunError(f"dataset=imagefolder: {n} images at {size}px do not fit in memory; lower dataset.image_size")
+    _check_fits(sum(len(f) for f in folders.values()) * 3 * size * size, torch.device("cpu"), "imagefolder")
 
     def decode(folder):
         images = [folder[i][0].expand(3, -1, -1) if folder[i][0].shape[0] == 1 else folder[i][0][:3] for i in range(len(folder))]

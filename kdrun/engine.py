@@ -32,6 +32,8 @@ class Recipe:
     seed: int
     precision: str = "fp32"
     eval_batch_size: int = 1024
+    compile: bool = False        # speed only: not part of store keys
+    channels_last: str = "auto"  # speed only: not part of store keys
 
 
 @dataclass
@@ -124,6 +126,13 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    memory_format = _memory_format(recipe.channels_last, device)
+    model.to(memory_format=memory_format)
+    forward = torch.compile(model) if recipe.compile else model
+    live_teacher = None
+    if teacher is not None and teacher_logits is None and loss_fn.needs_teacher:
+        teacher.to(memory_format=memory_format)
+        live_teacher = torch.compile(teacher) if recipe.compile else teacher
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
     for epoch in range(1, recipe.epochs + 1):
@@ -135,14 +144,15 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         if cache_check is not None and teacher_logits is not None:
             cache_check(epoch)
         for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
+            x = x.contiguous(memory_format=memory_format)
             with autocast(device, recipe.precision):
-                logits = model(x)
+                logits = forward(x)
                 t_logits = None
                 if teacher_logits is not None:
                     t_logits = teacher_logits[idx]
-                elif teacher is not None and loss_fn.needs_teacher:
+                elif live_teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_logits = live_teacher(x)
             loss, parts = loss_fn(logits, y, t_logits)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -167,6 +177,12 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
     best.last_state = _copy_state(model)
     return best
+
+
+def _memory_format(setting: str, device: torch.device) -> torch.memory_format:
+    """``trainer.channels_last``: NHWC for conv nets on CUDA by default; contiguous NCHW on CPU."""
+    on = str(setting).lower() == "true" or (str(setting).lower() == "auto" and device.type == "cuda")
+    return torch.channels_last if on else torch.contiguous_format
 
 
 def _copy_state(model: nn.Module) -> dict:

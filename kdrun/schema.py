@@ -163,6 +163,8 @@ class TrainerConfig:
     precision: str = "fp32"    # fp32 | bf16 | fp16
     num_threads: Optional[int] = None
     progress: str = "auto"     # auto | true | false
+    compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
+    channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -172,6 +174,7 @@ class TrainerConfig:
             raise ConfigError("trainer.device", f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         _check_choice("trainer.precision", self.precision, PRECISIONS)
         _check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))
+        _check_choice("trainer.channels_last", str(self.channels_last).lower(), ("auto", "true", "false"))
 
 
 @dataclass

@@ -74,7 +74,8 @@ def epoch_logger(desc: str, epochs: int, *writers):
 
 def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe) -> dict:
     recipe_dict = dataclasses.asdict(recipe)
-    recipe_dict.pop("eval_batch_size")
+    for speed_only in ("eval_batch_size", "compile", "channels_last"):
+        recipe_dict.pop(speed_only)
     return {"format": STORE_FORMAT, "role": role, "model": {"name": model_cfg.name, "args": dict(model_cfg.args)},
             "data": data.identity, "recipe": recipe_dict}
 
@@ -98,13 +99,15 @@ def _recipe_teacher(cfg: Config) -> Recipe:
     t = cfg.teacher
     return Recipe(epochs=t.epochs, batch_size=t.batch_size or cfg.trainer.batch_size, optim=t.optim,
                   sched=t.sched, seed=t.seed, precision=cfg.trainer.precision,
-                  eval_batch_size=cfg.trainer.eval_batch_size)
+                  eval_batch_size=cfg.trainer.eval_batch_size, compile=cfg.trainer.compile,
+                  channels_last=cfg.trainer.channels_last)
 
 
 def recipe_student(cfg: Config) -> Recipe:
     tr = cfg.trainer
     return Recipe(epochs=tr.epochs, batch_size=tr.batch_size, optim=cfg.optim, sched=cfg.sched, seed=cfg.seed,
-                  precision=tr.precision, eval_batch_size=tr.eval_batch_size)
+                  precision=tr.precision, eval_batch_size=tr.eval_batch_size, compile=tr.compile,
+                  channels_last=tr.channels_last)
 
 
 def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:

@@ -1,0 +1,62 @@
+"""Sweep benchmark: a 3x3 T x alpha grid on the harness workload through `kdrun -m`, teacher training included.
+
+Runs the real CLI once (Hydra multirun, 9 jobs in one process) on a cold store: the teacher is trained once
+(kdrun, the harness's recipe), its train-set logits are cached once, and nine students are distilled.
+Compares the wall time with torchdistill's figures from the harness's results JSON (run it first, side by
+side on the same machine): the sensible workflow (teacher trained once + nine KD runs) and nine independent
+runs that each train their teacher.
+
+    python benchmarks/kd_sweep.py --td-json /tmp/td_bench/results/td_bench-<stamp>.json
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kd_epoch import WORKLOAD  # noqa: E402  (the same workload as the epoch benchmark)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--temperatures", default="1,4,8")
+    p.add_argument("--alphas", default="0.5,0.7,0.9")
+    p.add_argument("--td-json", default=None, help="the harness's results JSON (default: newest in /tmp/td_bench/results)")
+    p.add_argument("--work-dir", default=None)
+    args = p.parse_args()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdrun_sweep_"))
+    cmd = [sys.executable, "-m", "kdrun", "-m", f"loss.T={args.temperatures}", f"loss.alpha={args.alphas}",
+           *[o for o in WORKLOAD if not o.startswith(("loss.T=", "loss.alpha="))], f"trainer.epochs={args.epochs}", f"store.teachers={work / 'teachers'}",
+           f"store.baselines={work / 'baselines'}", f"hydra.sweep.dir={work / 'sweep'}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    summaries = [json.loads(f.read_text()) for f in sorted((work / "sweep").glob("*/summary.json"))]
+    trained = sum(not s["teacher"]["reused"] for s in summaries)
+    result = {"framework": "kdrun", "jobs": len(summaries), "teachers_trained": trained,
+              "sweep_wall_s": round(wall, 1), "student_test_acc": {f"T={s['loss']['T']:g},alpha={s['loss']['alpha']:g}":
+                                                                   s["student"]["test_acc_last"] for s in summaries}}
+    td_json = args.td_json or max(glob.glob("/tmp/td_bench/results/*.json"), default=None, key=os.path.getmtime)
+    if td_json:
+        td = json.load(open(td_json))["summary"]
+        kd_run = args.epochs * td["median_epoch_seconds"]
+        sensible, independent = td["teacher_train_seconds"] + len(summaries) * kd_run, len(summaries) * (td["teacher_train_seconds"] + kd_run)
+        result.update(td_json=td_json, td_teacher_train_s=round(td["teacher_train_seconds"], 1),
+                      td_kd_epoch_s=round(td["median_epoch_seconds"], 2), td_sensible_s=round(sensible, 1),
+                      td_independent_s=round(independent, 1), speedup_vs_sensible=round(sensible / wall, 2),
+                      speedup_vs_independent=round(independent / wall, 2))
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

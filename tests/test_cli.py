@@ -1,0 +1,315 @@
+"""The `kdrun` command end to end, in subprocesses, as a user runs it (2-epoch digits preset, CPU).
+
+A module-scoped first run trains the teacher into a shared store; later tests reuse it (and check that
+failures never damage it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (KDRUN_SCRIPT, read_json, read_jsonl, run_kdrun, store_entries, store_overrides)
+from kdrun.models import build_model, list_models
+
+FORMULA = "L = 0.1·CE + 0.9·16·KL(T=4)"
+METRIC_KEYS = {"epoch", "train/loss", "train/loss_ce", "train/loss_kd", "val/acc", "lr", "time_s"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def smoke(base: Path, run_dir: Path, *extra: str, cwd: Path | None = None, script: bool = False):
+    return run_kdrun("experiment=smoke", f"hydra.run.dir={run_dir}", *store_overrides(base), *extra,
+                     cwd=cwd or base, script=script)
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Non-zero exit, stderr ending in one `kdrun: error:` line naming ``fragments``, no traceback."""
+    assert result.returncode != 0, result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    last = result.last_err_line
+    assert last.startswith("kdrun: error: "), result.describe()
+    assert sum(line.startswith("kdrun: error:") for line in result.stderr.splitlines()) == 1, result.describe()
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+    return last
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One completed smoke run (teacher trained into the shared store) and a second one reusing it."""
+    base = tmp_path_factory.mktemp("cli")
+    first = smoke(base, base / "run1")
+    assert first.returncode == 0, first.describe()
+    second = smoke(base, base / "run2")
+    assert second.returncode == 0, second.describe()
+    return {"base": base, "first": first, "second": second}
+
+
+# --- a completed run ------------------------------------------------------------------------------------
+
+def test_smoke_run_writes_a_complete_run_dir(shared):
+    run = shared["base"] / "run1"
+    for name in ("config.yaml", "kdrun.log", "metrics.jsonl", "summary.json",
+                 "checkpoints/student_best.pt", "checkpoints/student_last.pt"):
+        assert (run / name).is_file(), f"{name} missing"
+
+
+def test_config_yaml_is_resolved(shared):
+    import yaml
+
+    base = shared["base"]
+    text = (base / "run1" / "config.yaml").read_text()
+    assert "${" not in text
+    cfg = yaml.safe_load(text)
+    assert cfg["trainer"]["epochs"] == 2 and cfg["teacher"]["epochs"] == 2
+    assert cfg["store"]["teachers"] == str(base / "teachers")
+    assert (cfg["loss"]["name"], cfg["loss"]["T"], cfg["loss"]["alpha"]) == ("kd", 4.0, 0.9)
+
+
+def test_metrics_jsonl(shared):
+    records = read_jsonl(shared["base"] / "run1" / "metrics.jsonl")
+    assert len(records) == 2
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert METRIC_KEYS <= set(r)
+        assert r["train/loss"] > 0 and r["train/loss_kd"] > 0 and r["train/loss_ce"] > 0
+        assert abs(r["train/loss"] - (0.1 * r["train/loss_ce"] + 0.9 * r["train/loss_kd"])) < 1e-3
+        assert 0 <= r["val/acc"] <= 100
+    assert records[1]["lr"] < records[0]["lr"]  # cosine schedule
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_student_checkpoints_load_safely(shared, which):
+    ckpt = torch.load(shared["base"] / "run1" / "checkpoints" / f"student_{which}.pt", weights_only=True)
+    assert isinstance(ckpt, dict) and {"model", "meta", "config"} <= set(ckpt)
+    assert ckpt["meta"]["checkpoint"] == which and ckpt["meta"]["name"] == "mlp"
+    assert ckpt["config"]["student"]["name"] == "mlp"
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=8, args=ckpt["meta"]["args"])
+    model.load_state_dict(ckpt["model"], strict=True)
+
+
+def test_summary_json(shared):
+    base = shared["base"]
+    s = read_json(base / "run1" / "summary.json")
+    assert s["status"] == "completed" and "error" not in s
+    assert s["mode"] == "offline" and s["seed"] == 0
+    assert isinstance(s["wall_time_s"], (int, float)) and s["wall_time_s"] >= 0
+    assert {"torch", "kdrun", "python"} <= set(s["versions"])
+    teacher = s["teacher"]
+    assert teacher["name"] == "cnn" and teacher["reused"] is False
+    assert Path(teacher["store_dir"]).parent == (base / "teachers").resolve()
+    assert 0 <= teacher["val_acc"] <= 100 and 0 <= teacher["test_acc"] <= 100
+    student = s["student"]
+    assert student["name"] == "mlp" and student["epochs"] == 2
+    for key in ("val_acc_best", "test_acc_best", "test_acc_last"):
+        assert 0 <= student[key] <= 100
+    assert s["objective"] == student["val_acc_best"]
+    assert s["loss"]["name"] == "kd" and s["loss"]["T"] == 4.0 and s["loss"]["alpha"] == 0.9
+    assert s["loss"]["formula"] == FORMULA
+
+
+def test_teacher_store_entry(shared):
+    base = shared["base"]
+    entries = store_entries(base / "teachers")
+    assert len(entries) == 1
+    entry = entries[0]
+    assert Path(read_json(base / "run1" / "summary.json")["teacher"]["store_dir"]) == entry.resolve()
+    assert (entry / "model.pt").is_file() and (entry / "key.json").is_file()
+    teacher_metrics = read_jsonl(entry / "metrics.jsonl")
+    assert [r["epoch"] for r in teacher_metrics] == [1, 2]
+    stored = torch.load(entry / "model.pt", weights_only=True)
+    build_model("cnn", num_classes=10, in_channels=1, image_size=8).load_state_dict(stored["model"])
+
+
+def test_output_shows_the_loss_formula_and_log_file_too(shared):
+    first = shared["first"]
+    assert FORMULA in first.output
+    assert FORMULA in (shared["base"] / "run1" / "kdrun.log").read_text()
+    assert "\x1b[" not in first.output, "colour codes despite NO_COLOR / TERM=dumb"
+
+
+def test_second_run_reuses_the_teacher(shared):
+    base = shared["base"]
+    first, second = read_json(base / "run1" / "summary.json"), read_json(base / "run2" / "summary.json")
+    assert second["status"] == "completed"
+    assert second["teacher"]["reused"] is True
+    assert second["teacher"]["store_dir"] == first["teacher"]["store_dir"]
+    assert second["teacher"]["test_acc"] == first["teacher"]["test_acc"]
+    assert second["teacher"]["val_acc"] == first["teacher"]["val_acc"]
+    assert len(store_entries(base / "teachers")) == 1
+    assert second["student"]["test_acc_best"] == first["student"]["test_acc_best"]  # seeded: same result
+
+
+def test_multirun_trains_one_teacher(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_kdrun("-m", "experiment=smoke", "loss.T=1,4", f"hydra.sweep.dir={sweep}",
+                       *store_overrides(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    summaries = [read_json(p) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    assert all(s["status"] == "completed" for s in summaries)
+    assert sorted(s["loss"]["T"] for s in summaries) == [1.0, 4.0]
+    assert sorted(s["teacher"]["reused"] for s in summaries) == [False, True]
+    assert len({s["teacher"]["store_dir"] for s in summaries}) == 1
+    assert len(store_entries(tmp_path / "teachers")) == 1
+
+
+# --- refusals and the error catalogue ---------------------------------------------------------------------
+
+def test_refuses_a_run_dir_with_results(tmp_path):
+    run = tmp_path / "done"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "objective": 97.0}) + "\n")
+    before = (run / "summary.json").read_bytes()
+    result = smoke(tmp_path, run)
+    last = assert_one_line_error(result, str(run), "summary.json")
+    assert "refusing to overwrite" in last
+    assert (run / "summary.json").read_bytes() == before
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before the run starts
+    (["loss.alpha=1.5"], ["loss.alpha", "1.5"]),
+    (["loss.T=0"], ["loss.T", "> 0"]),
+    (["teacher=foo"], ["teacher", "foo", "resnet18", "cnn"]),
+    (["student=bar"], ["student", "bar", "mlp", "resnet8x4"]),
+    (["dataset=nope"], ["dataset", "nope", "digits", "fashion_mnist"]),
+    (["mode=x"], ["mode", "'x'", "offline"]),
+    (["loss.Tx=3"], ["loss.Tx", "unknown config key", "alpha"]),
+    (["loss.T=abc"], ["loss.T", "abc"]),
+    (["+foo=1"], ["foo", "unknown config key"]),
+    (["+loss.foo=2"], ["loss.foo", "unknown config key"]),
+    (["optim.name=rmsprop"], ["optim.name", "rmsprop", "adamw", "sgd"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS])
+def test_config_errors_are_one_line(tmp_path, overrides, fragments):
+    run = tmp_path / "run"
+    result = smoke(tmp_path, run, *overrides)
+    assert_one_line_error(result, *fragments)
+    assert not (run / "summary.json").exists()
+    assert not (tmp_path / "teachers").exists(), "a refused config still trained something"
+
+
+def _ckpt_files(tmp: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    text = tmp / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    other = tmp / "resnet8x4.pt"
+    torch.save(build_model("resnet8x4", num_classes=10, in_channels=1, image_size=8).state_dict(), other)
+    five = tmp / "cnn_5_classes.pt"
+    torch.save(build_model("cnn", num_classes=5, in_channels=1, image_size=8).state_dict(), five)
+    return {"missing": tmp / "missing.pt", "text": text, "other": other, "five": five}
+
+
+RUN_ERRORS = [  # (case, fragments of the error line): fail after the run started
+    ("fashion_mnist", ["dataset", "dataset.download=true", "apt-get install dataset-fashion-mnist"]),
+    ("missing", ["teacher.ckpt", "missing.pt", "does not exist"]),
+    ("text", ["teacher.ckpt", "notes.txt", "not a readable PyTorch checkpoint"]),
+    ("other", ["teacher.ckpt", "not a checkpoint of cnn"]),
+    ("five", ["teacher.ckpt", "classes", "5", "10"]),
+]
+
+
+@pytest.mark.parametrize("case,fragments", RUN_ERRORS, ids=[c for c, _ in RUN_ERRORS])
+def test_run_errors_are_one_line_and_recorded(tmp_path, case, fragments):
+    if case == "fashion_mnist":
+        overrides = ["dataset=fashion_mnist", f"dataset.root={tmp_path / 'none'}", f"dataset.idx_dir={tmp_path / 'none'}"]
+    else:
+        overrides = [f"teacher.ckpt={_ckpt_files(tmp_path)[case]}"]
+    run = tmp_path / "run"
+    result = smoke(tmp_path, run, *overrides)
+    last = assert_one_line_error(result, *fragments)
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed"
+    assert last.removeprefix("kdrun: error: ") in summary["error"]
+    assert "Traceback" in (run / "kdrun.log").read_text()  # the details are in the log, not on the console
+    assert not (run / "checkpoints").exists()
+
+
+def test_student_side_failure_keeps_the_stored_teacher(shared):
+    base = shared["base"]
+    entry = store_entries(base / "teachers")[0]
+    before = sha256(entry / "model.pt")
+    baselines_before = store_entries(base / "baselines")
+    run = base / "run_bad_student"
+    result = smoke(base, run, "+student.args.bogus=1")  # passes the schema; the model registry refuses it
+    assert_one_line_error(result, "student.args.bogus", "hidden")
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed" and "student.args.bogus" in summary["error"]
+    assert "teacher cnn: reused" in (run / "kdrun.log").read_text()  # it failed after the teacher stage
+    assert store_entries(base / "teachers") == [entry]
+    assert sha256(entry / "model.pt") == before
+    assert store_entries(base / "baselines") == baselines_before, "a failed baseline left a store entry"
+
+
+def test_teacher_from_plain_state_dict(shared, tmp_path):
+    """A plain state_dict of the stored teacher, given as teacher.ckpt, teaches exactly like the stored one."""
+    base = shared["base"]
+    entry = store_entries(base / "teachers")[0]
+    plain = tmp_path / "teacher_state_dict.pt"
+    torch.save(torch.load(entry / "model.pt", weights_only=True)["model"], plain)
+    run = tmp_path / "run"
+    result = run_kdrun("experiment=smoke", f"hydra.run.dir={run}", f"teacher.ckpt={plain}",
+                       *store_overrides(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    s = read_json(run / "summary.json")
+    assert s["status"] == "completed"
+    assert s["teacher"]["source"] == "ckpt" and s["teacher"]["reused"] is True
+    assert s["teacher"]["ckpt"] == str(plain.resolve())
+    stored = read_json(base / "run1" / "summary.json")["teacher"]
+    assert s["teacher"]["test_acc"] == stored["test_acc"] and s["teacher"]["val_acc"] == stored["val_acc"]
+    assert store_entries(tmp_path / "teachers") == [], "teacher.ckpt must not train a teacher"
+
+
+# --- entry points -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
+def test_help(tmp_path, script):
+    result = run_kdrun("--help", cwd=tmp_path, script=script)
+    assert result.returncode == 0, result.describe()
+    lines = result.stdout.splitlines()
+    for group in ("teacher", "student", "dataset", "loss", "mode"):
+        assert any(line.startswith(f"{group}: ") for line in lines), f"group {group} not in --help"
+    assert "Examples:" in result.stdout and "kdrun experiment=smoke" in result.stdout
+    assert "resnet18" in result.stdout and "fashion_mnist" in result.stdout
+    assert list(tmp_path.iterdir()) == [], "--help wrote files"
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
+def test_list_models(tmp_path, script):
+    result = run_kdrun("--list", "models", cwd=tmp_path, script=script)
+    assert result.returncode == 0, result.describe()
+    listed = {line.split("│")[1].strip() for line in result.stdout.splitlines() if line.count("│") >= 2}
+    for name, _ in list_models():
+        assert name in listed, f"{name} not listed"
+
+
+def test_list_unknown_is_an_error(tmp_path):
+    assert_one_line_error(run_kdrun("--list", "datasets", cwd=tmp_path), "--list", "models")
+
+
+def test_console_script_is_installed():
+    assert KDRUN_SCRIPT.is_file(), f"no kdrun console script next to the interpreter at {KDRUN_SCRIPT}"
+
+
+def test_ce_run_without_teacher_via_console_script(tmp_path):
+    run = tmp_path / "run"
+    result = smoke(tmp_path, run, "loss=ce", script=True)
+    assert result.returncode == 0, result.describe()
+    s = read_json(run / "summary.json")
+    assert s["status"] == "completed"
+    assert s["teacher"] is None and s["baseline"] is None
+    assert s["loss"]["formula"] == "L = CE (no teacher term)"
+    assert "L = CE (no teacher term)" in result.output
+    assert store_entries(tmp_path / "teachers") == [] and store_entries(tmp_path / "baselines") == []
+    records = read_jsonl(run / "metrics.jsonl")
+    assert len(records) == 2 and all(r["train/loss_kd"] == 0 for r in records)
+    assert all(abs(r["train/loss"] - r["train/loss_ce"]) < 1e-9 for r in records)

@@ -1,0 +1,309 @@
+"""kdrun/data.py: splits, batching, augmentation, uint8 conversion, the IDX reader and data-not-found errors."""
+from __future__ import annotations
+
+import gzip
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from kdrun.data import Data, Split, _read_idx, augment_batch, load_data, to_unit_float
+from kdrun.errors import KdrunError
+from kdrun.schema import AugmentConfig, DatasetConfig
+
+torch.set_num_threads(2)
+CPU = torch.device("cpu")
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def dataset_cfg(name: str, **overrides) -> DatasetConfig:
+    """conf/dataset/<name>.yaml validated through the schema, with ``overrides`` applied (like the CLI)."""
+    node = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF_DIR / "dataset" / f"{name}.yaml"))
+    for key, value in overrides.items():
+        OmegaConf.update(node, key, value, merge=False)
+    return OmegaConf.to_object(node)
+
+
+def sample_keys(split: Split) -> Counter:
+    """Each sample as (pixel bytes, label), counted: identifies samples across splits."""
+    x = split.x.cpu().numpy()
+    return Counter((x[i].tobytes(), int(split.y[i])) for i in range(len(split)))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(dataset_cfg("digits"), CPU)
+
+
+# --- splits ---------------------------------------------------------------------------------------------
+
+def test_digits_split_sizes_and_shapes(digits):
+    sizes = [len(digits.train), len(digits.val), len(digits.test)]
+    assert sum(sizes) == 1797
+    assert len(digits.test) == round(0.2 * 1797)
+    assert len(digits.val) == round(0.15 * (1797 - len(digits.test)))
+    assert digits.num_classes == 10
+    assert (digits.channels, digits.image_size) == (1, 8)
+    assert digits.train.x.shape[1:] == (1, 8, 8) and digits.train.y.dtype == torch.int64
+
+
+def test_digits_splits_partition_the_data_set(digits):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
+    everything = Counter((images[i].tobytes(), int(bunch.target[i])) for i in range(len(images)))
+    parts = [sample_keys(digits.train), sample_keys(digits.val), sample_keys(digits.test)]
+    assert parts[0] + parts[1] + parts[2] == everything  # every image used exactly once
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not (set(parts[a]) & set(parts[b])), "splits overlap"
+
+
+def test_digits_splits_are_stratified(digits):
+    total = torch.bincount(torch.cat([digits.train.y, digits.val.y, digits.test.y]), minlength=10).double()
+    for split in (digits.val, digits.test):
+        counts = torch.bincount(split.y, minlength=10).double()
+        assert (counts > 0).all(), "a class is missing"
+        expected = total * len(split) / total.sum()
+        assert ((counts - expected).abs() <= 2).all(), (counts, expected)
+
+
+def test_same_seed_same_split_other_seed_other_split(digits):
+    again = load_data(dataset_cfg("digits"), CPU)
+    for name in ("train", "val", "test"):
+        assert torch.equal(digits.split(name).x, again.split(name).x)
+        assert torch.equal(digits.split(name).y, again.split(name).y)
+    assert digits.identity == again.identity
+    other = load_data(dataset_cfg("digits", split_seed=1), CPU)
+    assert [len(other.train), len(other.val), len(other.test)] == [len(digits.train), len(digits.val), len(digits.test)]
+    assert sample_keys(other.test) != sample_keys(digits.test)
+    assert sample_keys(other.val) != sample_keys(digits.val)
+    assert other.identity["fingerprint"] != digits.identity["fingerprint"]
+
+
+def test_normalisation_computed_on_train(digits):
+    x = digits.train.x.float()
+    torch.testing.assert_close(digits.mean.flatten(), x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(digits.std.flatten(), x.std(dim=(0, 2, 3)))
+    batch = torch.cat([xb for xb, _, _ in digits.batches("train", 4096)])
+    assert abs(batch.mean().item()) < 1e-4 and abs(batch.std().item() - 1) < 1e-3
+
+
+def test_fake_data_shapes():
+    data = load_data(dataset_cfg("fake"), CPU)
+    assert (len(data.train), len(data.val), len(data.test)) == (192, 64, 128)
+    assert data.train.x.shape == (192, 1, 8, 8) and data.train.x.dtype == torch.float32
+    assert data.num_classes == 4 and (data.channels, data.image_size) == (1, 8)
+    assert float(data.train.x.min()) >= 0 and float(data.train.x.max()) <= 1
+    rgb = load_data(dataset_cfg("fake", channels=3, image_size=16, num_classes=7, train_size=70), CPU)
+    assert rgb.train.x.shape[1:] == (3, 16, 16) and rgb.num_classes == 7
+    assert len(rgb.train) + len(rgb.val) == 70 and len(rgb.test) == 35
+    assert rgb.mean.shape == (1, 3, 1, 1)
+
+
+def test_train_subset_is_stratified():
+    data = load_data(dataset_cfg("digits", train_subset=200, val_fraction=0.25), CPU)
+    assert len(data.train) + len(data.val) == 200
+    assert len(data.val) == 50
+    assert (torch.bincount(data.train.y, minlength=10) > 0).all()
+    assert len(data.test) == round(0.2 * 1797)  # the test split is untouched
+
+
+def test_zero_val_fraction_gives_empty_val():
+    data = load_data(dataset_cfg("fake", val_fraction=0.0), CPU)
+    assert len(data.val) == 0 and len(data.train) == 256
+    assert list(data.batches("val", 32)) == []
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+def test_batches_cover_every_index_once_per_epoch(digits):
+    n = len(digits.train)
+    g = torch.Generator().manual_seed(0)
+    epochs = []
+    for _ in range(2):
+        idx = [b[2] for b in digits.batches("train", 100, shuffle=True, generator=g)]
+        assert all(len(i) == 100 for i in idx[:-1]) and len(idx[-1]) == n - 100 * (len(idx) - 1)
+        flat = torch.cat(idx)
+        assert sorted(flat.tolist()) == list(range(n))
+        epochs.append(flat)
+    assert not torch.equal(epochs[0], torch.arange(n)), "shuffle=True did not shuffle"
+    assert not torch.equal(epochs[0], epochs[1]), "two epochs in the same order"
+
+
+def test_batches_without_shuffle_are_in_order(digits):
+    flat = torch.cat([idx for _, _, idx in digits.batches("test", 64)])
+    assert torch.equal(flat, torch.arange(len(digits.test)))
+
+
+def test_batches_are_reproducible_with_a_seeded_generator(digits):
+    def epoch(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [(x, y, i) for x, y, i in digits.batches("train", 128, shuffle=True, generator=g)]
+    a, b, c = epoch(3), epoch(3), epoch(4)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) and torch.equal(p[2], q[2]) for p, q in zip(a, b))
+    assert not torch.equal(torch.cat([p[2] for p in a]), torch.cat([p[2] for p in c]))
+
+
+def test_batches_return_the_indexed_samples_normalised(digits):
+    g = torch.Generator().manual_seed(1)
+    x, y, idx = next(digits.batches("train", 50, shuffle=True, generator=g))
+    assert torch.equal(y, digits.train.y[idx])
+    expected = (digits.train.x[idx].float() - digits.mean) / digits.std
+    torch.testing.assert_close(x, expected)
+
+
+# --- augmentation -----------------------------------------------------------------------------------------
+
+def asymmetric_images(n: int, c: int = 1, h: int = 6, w: int = 7) -> torch.Tensor:
+    """Images whose every pixel differs from its mirror image (a left-to-right ramp, distinct per sample)."""
+    ramp = torch.arange(w, dtype=torch.float32).expand(h, w)
+    rows = torch.arange(h, dtype=torch.float32)[:, None] * 0.01
+    return torch.stack([(ramp + rows + 100 * i).expand(c, h, w) for i in range(n)]) + 1
+
+
+def test_augment_identity_when_off():
+    x = asymmetric_images(8, c=3)
+    out = augment_batch(x, AugmentConfig(crop_padding=0, hflip=False), torch.Generator().manual_seed(0))
+    assert torch.equal(out, x)
+
+
+def test_random_crop_keeps_shape_and_takes_a_padded_window():
+    x = asymmetric_images(16, c=2)
+    p = 2
+    out = augment_batch(x, AugmentConfig(crop_padding=p, hflip=False), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    h, w = x.shape[-2:]
+    shifts = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                if torch.equal(out[i], padded[i, :, dy:dy + h, dx:dx + w])]
+        assert hits, f"sample {i} is no window of its padded image"
+        shifts.add(hits[0])
+    assert len(shifts) > 1, "every sample got the same crop"
+
+
+def test_random_crop_is_reproducible():
+    x = asymmetric_images(8)
+    aug = AugmentConfig(crop_padding=3, hflip=True)
+    a = augment_batch(x, aug, torch.Generator().manual_seed(5))
+    b = augment_batch(x, aug, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_hflip_flips_about_half():
+    n = 400
+    x = asymmetric_images(n)
+    out = augment_batch(x, AugmentConfig(crop_padding=0, hflip=True), torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(out[i], x[i].flip(-1)) for i in range(n)])
+    unchanged = torch.tensor([torch.equal(out[i], x[i]) for i in range(n)])
+    assert bool((flipped ^ unchanged).all()), "a sample is neither itself nor its mirror image"
+    assert 0.35 * n < int(flipped.sum()) < 0.65 * n
+
+
+def test_augment_only_on_request():
+    data = load_data(dataset_cfg("fake", **{"augment.hflip": True, "augment.crop_padding": 2}), CPU)
+    plain = torch.cat([x for x, _, _ in data.batches("train", 64)])
+    again = torch.cat([x for x, _, _ in data.batches("train", 64, generator=torch.Generator().manual_seed(0))])
+    augmented = torch.cat([x for x, _, _ in data.batches("train", 64, augment=True,
+                                                          generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(plain, again)
+    assert not torch.equal(plain, augmented)
+
+
+# --- uint8 images: exactly torchvision's ToTensor + Normalize -------------------------------------------------
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8) as an IDX file, gzipped when the name ends with .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as handle:
+        handle.write(payload)
+    return path
+
+
+def fashion_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    images[:, :4] = 0          # dark border, like Fashion-MNIST
+    images[0] = 255            # and the extremes
+    images[1] = 0
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def fake_fmnist_idx(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    train_x, train_y = fashion_like(40, 0)
+    test_x, test_y = fashion_like(20, 1)
+    write_idx(idx / "train-images-idx3-ubyte.gz", train_x)
+    write_idx(idx / "train-labels-idx1-ubyte.gz", train_y)
+    write_idx(idx / "t10k-images-idx3-ubyte.gz", test_x)
+    write_idx(idx / "t10k-labels-idx1-ubyte", test_y)  # an uncompressed one too
+    return idx, (train_x, train_y, test_x, test_y)
+
+
+def test_read_idx_gz_and_plain(tmp_path):
+    images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    labels = np.array([7, 0, 9], dtype=np.uint8)
+    got = _read_idx(write_idx(tmp_path / "images-idx3-ubyte.gz", images))
+    assert got.shape == (3, 4, 5) and got.dtype == np.uint8
+    assert got.flags.writeable  # torch.as_tensor must not wrap read-only memory (UserWarning, undefined behaviour)
+    assert np.array_equal(got, images)
+    assert np.array_equal(_read_idx(write_idx(tmp_path / "labels-idx1-ubyte.gz", labels)), labels)
+    assert np.array_equal(_read_idx(write_idx(tmp_path / "plain-idx3-ubyte", images)), images)
+
+
+def test_uint8_conversion_matches_torchvision_bit_for_bit(tmp_path, fake_fmnist_idx):
+    from PIL import Image
+    from torchvision import transforms
+
+    idx, (train_x, train_y, test_x, test_y) = fake_fmnist_idx
+    cfg = dataset_cfg("fashion_mnist", root=str(tmp_path / "no-torchvision-files"), idx_dir=str(idx), val_fraction=0.0)
+    data = load_data(cfg, CPU)
+    assert data.train.x.dtype == torch.uint8  # kept as bytes in memory
+    assert data.train.x.shape == (40, 1, 28, 28) and data.test.x.shape == (20, 1, 28, 28)
+    assert torch.equal(data.train.y, torch.as_tensor(train_y, dtype=torch.int64))
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    for split, raw in (("train", train_x), ("test", test_x)):
+        ours = torch.cat([x for x, _, _ in data.batches(split, 16)])
+        theirs = torch.stack([reference(Image.fromarray(img)) for img in raw])
+        assert ours.dtype == theirs.dtype == torch.float32
+        assert torch.equal(ours, theirs), f"{split}: max diff {(ours - theirs).abs().max()}"
+    unit = to_unit_float(data.train.x[:3])
+    assert torch.equal(unit, torch.stack([transforms.ToTensor()(Image.fromarray(img)) for img in train_x[:3]]))
+
+
+def test_missing_fashion_mnist_tells_how_to_get_it(tmp_path):
+    cfg = dataset_cfg("fashion_mnist", root=str(tmp_path / "none"), idx_dir=str(tmp_path / "none"))
+    with pytest.raises(KdrunError) as err:
+        load_data(cfg, CPU)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "dataset.download=true" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert str(tmp_path / "none") in message
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="no Fashion-MNIST IDX files in /usr/share/datasets")
+def test_fashion_mnist_from_system_idx_files(tmp_path):
+    cfg = dataset_cfg("fashion_mnist", root=str(tmp_path / "empty"), idx_dir=str(FMNIST_SYSTEM_DIR),
+                      train_subset=1000)
+    data = load_data(cfg, CPU)
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.uint8
+    assert data.test.x.shape == (10000, 1, 28, 28)
+    assert len(data.train) + len(data.val) == 1000 and len(data.val) == 100
+    assert data.num_classes == 10
+    assert set(torch.unique(data.train.y).tolist()) == set(range(10))
+    torch.testing.assert_close(data.mean.flatten(), torch.tensor([0.2860]))
