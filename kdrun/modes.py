@@ -13,13 +13,18 @@ from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_ta
 
 
 def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
+    """Record each stage's info in ``ctx.parts`` as soon as it is done; return them all."""
+    parts = ctx.parts
+    parts.update(teacher=None, baseline=None)
     if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
-        return {"teacher": None, "baseline": None, "student": train_student(ctx, data, loss)}
-    teacher, teacher_info = obtain_teacher(ctx, data)
-    teaching = teacher_targets(ctx, data, teacher, teacher_info)
-    baseline = obtain_baseline(ctx, data) if ctx.cfg.baseline else None
-    student = train_student(ctx, data, loss, **teaching)
-    return {"teacher": teacher_info, "baseline": baseline, "student": student}
+        parts["student"] = train_student(ctx, data, loss)
+        return parts
+    teacher, parts["teacher"] = obtain_teacher(ctx, data)
+    teaching = teacher_targets(ctx, data, teacher, parts["teacher"])
+    if ctx.cfg.baseline:
+        parts["baseline"] = obtain_baseline(ctx, data)
+    parts["student"] = train_student(ctx, data, loss, **teaching)
+    return parts
 
 
 MODES: dict[str, Callable[[RunContext, Data, DistillationLoss], dict]] = {"offline": offline}

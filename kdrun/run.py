@@ -74,13 +74,14 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
     with Progress(conf.trainer.progress) as progress:
-        ctx = RunContext(conf, cfg_dict, out_dir, device, progress, JsonlWriter(out_dir / "metrics.jsonl", stage="student"))
-        parts = MODES[conf.mode.name](ctx, data, loss)
-    student = parts["student"]
-    result = {**parts, "objective": student["val_acc_best"] if student["val_acc_best"] is not None else float("nan")}
-    if parts.get("baseline") and student["test_acc_best"] is not None:
-        result["delta_vs_baseline"] = round(student["test_acc_best"] - parts["baseline"]["test_acc"], 4)
-    show(results_table(result), "results:")
+        ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
+                         JsonlWriter(out_dir / "metrics.jsonl", stage="student"), parts=summary)
+        MODES[conf.mode.name](ctx, data, loss)  # puts teacher / baseline / student in summary as each is done
+    student = summary["student"]
+    result = {"objective": student["val_acc_best"] if student["val_acc_best"] is not None else float("nan")}
+    if summary.get("baseline") and student["test_acc_best"] is not None:
+        result["delta_vs_baseline"] = round(student["test_acc_best"] - summary["baseline"]["test_acc"], 4)
+    show(results_table({**summary, **result}), "results:")
     return result
 
 

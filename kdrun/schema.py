@@ -62,6 +62,8 @@ class DatasetConfig:
 
     def __post_init__(self):
         _check_choice("dataset", self.name, DATASETS)
+        if self.name == "imagefolder" and self.root in (None, "", "???"):
+            raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
         _check_range("dataset.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
         _check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.train_subset is not None and self.train_subset < 1:

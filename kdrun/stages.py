@@ -36,6 +36,7 @@ class RunContext:
     device: torch.device
     progress: Progress
     metrics: JsonlWriter
+    parts: dict  # summary parts of finished stages (kept in summary.json even if a later stage fails)
 
 
 def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:

@@ -49,10 +49,13 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
         tmp = root / f".{entry.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_json(tmp / "key.json", key)
-        checkpoint = train(tmp)
-        save_torch(tmp / CHECKPOINT, checkpoint)
-        os.replace(tmp, entry)
+        try:
+            write_json(tmp / "key.json", key)
+            checkpoint = train(tmp)
+            save_torch(tmp / CHECKPOINT, checkpoint)
+            os.replace(tmp, entry)
+        finally:  # a failed training leaves nothing half-made behind
+            shutil.rmtree(tmp, ignore_errors=True)
     return checkpoint, entry, False
 
 

@@ -245,6 +245,8 @@ def test_student_side_failure_keeps_the_stored_teacher(shared):
     summary = read_json(run / "summary.json")
     assert summary["status"] == "failed" and "student.args.bogus" in summary["error"]
     assert "teacher cnn: reused" in (run / "kdrun.log").read_text()  # it failed after the teacher stage
+    assert summary["teacher"]["reused"] is True and summary["teacher"]["test_acc"] > 0  # finished stages are kept
+    assert not list((base / "baselines").glob(".*.tmp-*")), "a failed training left its temp dir behind"
     assert store_entries(base / "teachers") == [entry]
     assert sha256(entry / "model.pt") == before
     assert store_entries(base / "baselines") == baselines_before, "a failed baseline left a store entry"
