@@ -68,17 +68,76 @@ class Data:
         n = len(part)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(part.y.device)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            yield self.inputs(split, idx, augment=augment, generator=generator), part.y[idx], idx
+        chunks = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+        if isinstance(part.x, LazyImages):  # streaming: DataLoader workers decode the next batches meanwhile
+            raws = (raw.to(part.y.device, non_blocking=True) for raw in part.x.stream(chunks))
+        else:
+            raws = (part.x[idx] for idx in chunks)
+        for idx, raw in zip(chunks, raws):
+            yield self._prepare(raw, augment, generator), part.y[idx], idx
 
     def inputs(self, split: str, idx: torch.Tensor, *, augment: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The normalised float images ``idx`` of ``split`` (augmented in one batched op if asked)."""
-        x = to_unit_float(self.split(split).x[idx])
+        x = self.split(split).x
+        raw = x.fetch(idx.cpu()).to(idx.device) if isinstance(x, LazyImages) else x[idx]
+        return self._prepare(raw, augment, generator)
+
+    def _prepare(self, raw: torch.Tensor, augment: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+        x = to_unit_float(raw)
         if augment:
             x = augment_batch(x, self.augment, generator)
         return (x - self.mean) / self.std
+
+
+class LazyImages:
+    """Image files decoded on demand (the streaming path for image folders too large for memory).
+
+    Quacks like the ``[N, C, H, W]`` uint8 arrays of the in-memory path where :func:`load_data` needs it
+    (``len``, ``shape``, ``nbytes``, fancy indexing); batches are decoded by DataLoader workers.
+    """
+
+    def __init__(self, paths: np.ndarray, size: int, workers: int):
+        self.paths, self.size, self.workers = np.asarray(paths), size, workers
+        self.shape = (len(self.paths), 3, size, size)
+        self.nbytes = 0  # nothing is held in memory
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> "LazyImages":
+        return LazyImages(self.paths[idx], self.size, self.workers)
+
+    def tobytes(self) -> bytes:  # for the dataset fingerprint: which files, in which order
+        return "\n".join(self.paths.tolist()).encode()
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+        with Image.open(self.paths[i]) as img:
+            return resize(pil_to_tensor(img.convert("RGB")), [self.size, self.size], antialias=True)
+
+    def fetch(self, idx) -> torch.Tensor:
+        return torch.stack([self.load(int(i)) for i in idx])
+
+    def stream(self, chunks: list) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DataLoader
+
+        batches = [c.cpu().tolist() for c in chunks]
+        yield from DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, images: LazyImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images.load(i)
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +187,8 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     else:
         val_idx, train_idx = np.array([], dtype=np.int64), np.arange(len(train_y))
     _check_fits(train_x.nbytes + test_x.nbytes, device, cfg.name)
-    to = lambda x, y: Split(torch.as_tensor(x).to(device), torch.as_tensor(y, dtype=torch.int64).to(device))
+    on = lambda x: x if isinstance(x, LazyImages) else torch.as_tensor(x).to(device)
+    to = lambda x, y: Split(on(x), torch.as_tensor(y, dtype=torch.int64).to(device))
     train, val, test = to(train_x[train_idx], train_y[train_idx]), to(train_x[val_idx], train_y[val_idx]), to(test_x, test_y)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     mean, std = _normalisation(cfg, train)
@@ -169,6 +229,8 @@ def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[
 def _normalisation(cfg: DatasetConfig, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
     channels = train.x.shape[1]
     if cfg.mean is None:
+        if isinstance(train.x, LazyImages):
+            raise ConfigError("dataset.mean", "a streamed dataset needs dataset.mean and dataset.std")
         x = to_unit_float(train.x)
         mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     else:
@@ -182,7 +244,7 @@ def _normalisation(cfg: DatasetConfig, train: Split) -> tuple[torch.Tensor, torc
 def _fingerprint(*arrays: np.ndarray) -> str:
     digest = hashlib.sha1()
     for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
+        digest.update(a.tobytes() if isinstance(a, LazyImages) else np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -264,32 +326,31 @@ def _cifar(cfg: DatasetConfig, cls_name: str):
 
 
 def _imagefolder(cfg: DatasetConfig):
+    """root/train, root/val (and root/test) class folders. Decoded into memory once when they fit and
+    ``dataset.stream`` is not true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
 
-    if cfg.root in (None, "???"):
-        raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
-    root = Path(cfg.root)
-    size = cfg.image_size or 32
+    root, size = Path(cfg.root), cfg.image_size or 32
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise ConfigError("dataset.root", f"{root} has no {' or '.join(missing)}/ folder of class sub-folders")
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
-    folders = {name: ImageFolder(str(root / name), transform=tf) for name in ("train", "val", "test") if (root / name).is_dir()}
+    folders = {name: ImageFolder(str(root / name)) for name in ("train", "val", "test") if (root / name).is_dir()}
     if folders["train"].classes != folders["val"].classes:
         raise ConfigError("dataset.root", f"train/ and val/ of {root} have different class folders")
-    _check_fits(sum(len(f) for f in folders.values()) * 3 * size * size, torch.device("cpu"), "imagefolder")
-
-    def decode(folder):
-        images = [folder[i][0].expand(3, -1, -1) if folder[i][0].shape[0] == 1 else folder[i][0][:3] for i in range(len(folder))]
-        return torch.stack(images).numpy(), np.array(folder.targets, dtype=np.int64)
-
-    tx, ty = decode(folders["train"])
-    vx, vy = decode(folders.get("test", folders["val"]))
-    if "test" in folders:  # a val/ next to test/ is added to train; val_fraction of it is carved out again
-        ex, ey = decode(folders["val"])
-        tx, ty = np.concatenate([tx, ex]), np.concatenate([ty, ey])
-    return tx, ty, vx, vy
+    files = lambda *names: (np.array([p for n in names for p, _ in folders[n].samples]),
+                            np.array([t for n in names for _, t in folders[n].samples], dtype=np.int64))
+    # a val/ next to test/ joins train (val_fraction of it is carved out again); else val/ is the test set
+    (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in folders else (files("train"), files("val"))
+    stream = str(cfg.stream).lower()
+    too_big = (len(tp) + len(vp)) * 3 * size * size > MAX_IN_MEMORY_BYTES
+    if stream == "true" or (stream == "auto" and too_big):
+        log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
+                 f"({cfg.num_workers} DataLoader workers)")
+        return LazyImages(tp, size, cfg.num_workers), ty, LazyImages(vp, size, cfg.num_workers), vy
+    _check_fits((len(tp) + len(vp)) * 3 * size * size, torch.device("cpu"), "imagefolder")
+    decode = lambda paths: torch.cat([b for b in LazyImages(paths, size, cfg.num_workers).stream(
+        list(torch.arange(len(paths)).split(256)))]).numpy() if len(paths) else np.zeros((0, 3, size, size), np.uint8)
+    return decode(tp), ty, decode(vp), vy
 
 
 def _fake(cfg: DatasetConfig):

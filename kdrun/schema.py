@@ -59,6 +59,8 @@ class DatasetConfig:
     channels: Optional[int] = None    # fake only
     num_classes: Optional[int] = None  # fake only
     train_size: Optional[int] = None  # fake only
+    stream: str = "auto"              # imagefolder: auto (stream from disk when too big for memory) | true | false
+    num_workers: int = 2              # imagefolder: DataLoader workers that decode images
 
     def __post_init__(self):
         _check_choice("dataset", self.name, DATASETS)
@@ -68,6 +70,9 @@ class DatasetConfig:
         _check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("dataset.train_subset", f"must be >= 1 or null, got {self.train_subset}")
+        _check_choice("dataset.stream", str(self.stream).lower(), ("auto", "true", "false"))
+        if self.num_workers < 0:
+            raise ConfigError("dataset.num_workers", f"must be >= 0, got {self.num_workers}")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("dataset.mean", "set both dataset.mean and dataset.std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):

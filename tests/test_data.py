@@ -307,3 +307,40 @@ def test_fashion_mnist_from_system_idx_files(tmp_path):
     assert data.num_classes == 10
     assert set(torch.unique(data.train.y).tolist()) == set(range(10))
     torch.testing.assert_close(data.mean.flatten(), torch.tensor([0.2860]))
+
+
+def _write_image_folder(root, classes=3, per_class=8, size=12):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(60 + 60 * k, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_streaming_matches_in_memory(tmp_path):
+    """dataset.stream=true decodes the same pixels batch by batch as the in-memory path does once."""
+    from kdrun.data import LazyImages
+
+    root = _write_image_folder(tmp_path / "images")
+    common = dict(name="imagefolder", root=str(root), image_size=8, val_fraction=0.25, num_workers=0,
+                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    memory = load_data(DatasetConfig(stream="false", **common), torch.device("cpu"))
+    streamed = load_data(DatasetConfig(stream="true", **common), torch.device("cpu"))
+    assert isinstance(streamed.train.x, LazyImages) and not isinstance(memory.train.x, LazyImages)
+    assert (memory.channels, memory.image_size, memory.num_classes) == (3, 8, 3)
+    drop = lambda identity: {k: v for k, v in identity.items() if k != "fingerprint"}  # pixels vs file list
+    assert drop(memory.identity) == drop(streamed.identity)
+    for split in ("train", "val", "test"):
+        a = list(memory.batches(split, 5))
+        b = list(streamed.batches(split, 5))
+        assert len(a) == len(b) > 0
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    idx = torch.tensor([3, 0, 5])
+    assert torch.equal(memory.inputs("train", idx), streamed.inputs("train", idx))
