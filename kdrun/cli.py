@@ -57,7 +57,7 @@ def explain(exc: BaseException) -> str | None:
         where = f"'{parent}'" if parent else "the top level"
         hint = f"; valid keys under {where}: {', '.join(valid)}" if valid else ""
         if parent.endswith(".args"):
-            hint = f"; the model's args are listed by `kdrun --list models`"
+            hint = "; the model's args are listed by `kdrun --list models`"
         return f"{cause.full_key}: unknown config key{hint}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause.msg)}"

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
-from kdrun.data import Data, Split, _read_idx, augment_batch, load_data, to_unit_float
+from kdrun.data import Split, _read_idx, augment_batch, load_data, to_unit_float
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
 

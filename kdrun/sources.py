@@ -1,0 +1,221 @@
+"""Where images come from: one loader per dataset, each returning numpy ``(train_x [N,C,H,W], train_y,
+test_x, test_y)``, plus the streaming image source for folders too large for memory.
+
+Loaders say what to do when files are missing (torchvision download, the Debian package); they never
+download unless ``dataset.download=true``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from kdrun.errors import ConfigError, KdrunError
+from kdrun.schema import DatasetConfig
+
+log = logging.getLogger(__name__)
+MAX_IN_MEMORY_BYTES = 16 * 2**30  # refuse to decode more than this into memory
+
+
+class LazyImages:
+    """Image files decoded on demand (the streaming path for image folders too large for memory).
+
+    Quacks like the ``[N, C, H, W]`` uint8 arrays of the in-memory path where :func:`load_data` needs it
+    (``len``, ``shape``, ``nbytes``, fancy indexing); batches are decoded by DataLoader workers.
+    """
+
+    def __init__(self, paths: np.ndarray, size: int, workers: int):
+        self.paths, self.size, self.workers = np.asarray(paths), size, workers
+        self.shape = (len(self.paths), 3, size, size)
+        self.nbytes = 0  # nothing is held in memory
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> "LazyImages":
+        return LazyImages(self.paths[idx], self.size, self.workers)
+
+    def tobytes(self) -> bytes:  # for the dataset fingerprint: which files, in which order
+        return "\n".join(self.paths.tolist()).encode()
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+        with Image.open(self.paths[i]) as img:
+            return resize(pil_to_tensor(img.convert("RGB")), [self.size, self.size], antialias=True)
+
+    def fetch(self, idx) -> torch.Tensor:
+        return torch.stack([self.load(int(i)) for i in idx])
+
+    def stream(self, chunks: list) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DataLoader
+
+        batches = [c.cpu().tolist() for c in chunks]
+        yield from DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, images: LazyImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images.load(i)
+
+
+def _check_fits(nbytes: int, device: torch.device, name: str) -> None:
+    """Stop with a clear message when the decoded data cannot live on ``device`` (rather than crash later)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit, where = free * 0.8, f"{device} ({free / 2**30:.1f} GiB free)"
+    else:
+        limit, where = MAX_IN_MEMORY_BYTES, f"memory (kdrun's limit {MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB)"
+    if nbytes > limit:
+        raise KdrunError(f"dataset={name}: {nbytes / 2**30:.1f} GiB of images do not fit in {where}; "
+                         f"use trainer.device=cpu, a smaller dataset.image_size or dataset.train_subset")
+
+
+def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (picked, rest), ``size`` picked stratified by label with ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        picked, rest = train_test_split(np.arange(n), train_size=size, stratify=y, random_state=seed)
+    except ValueError as exc:  # e.g. fewer samples than classes
+        raise ConfigError(key, f"cannot make a stratified split of {n} images: {exc}") from None
+    return np.sort(picked), np.sort(rest)
+
+
+def _digits(cfg: DatasetConfig):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]  # 0..16 grey levels -> [0, 1]
+    y = bunch.target.astype(np.int64)
+    n_test = int(round(cfg.test_fraction * len(y)))
+    test_idx, train_idx = _stratified(len(y), y, n_test, cfg.split_seed, "dataset.test_fraction")
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz), the format of MNIST and Fashion-MNIST."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+        raw = handle.read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    # a writable buffer: torch warns about (and must not share) the read-only memory of a bytes object
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _mnist_family(cfg: DatasetConfig, cls_name: str, debian_pkg: Optional[str]):
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root or "data")
+    try:
+        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+        tx, ty, vx, vy = train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy()
+    except RuntimeError as exc:
+        if cfg.download:
+            raise KdrunError(f"dataset={cfg.name}: download into {root} failed ({exc})") from None
+        files = _find_idx(cfg.idx_dir)
+        if files is None:
+            hint = f"; or `apt-get install {debian_pkg}` (IDX files in {cfg.idx_dir})" if debian_pkg else ""
+            raise KdrunError(
+                f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} (torchvision layout "
+                f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(cfg.idx_dir) if cfg.idx_dir else ''}. "
+                f"Pass dataset.download=true to fetch them with torchvision{hint}") from None
+        tx, ty, vx, vy = (_read_idx(f) for f in files)
+    return tx[:, None], ty.astype(np.int64), vx[:, None], vy.astype(np.int64)
+
+
+def _find_idx(idx_dir: Optional[str]) -> Optional[list[Path]]:
+    if not idx_dir:
+        return None
+    found = []
+    for name in _MNIST_FILES:
+        candidates = [Path(idx_dir) / (name + ".gz"), Path(idx_dir) / name]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found
+
+
+def _cifar(cfg: DatasetConfig, cls_name: str):
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root or "data")
+    try:
+        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise KdrunError(
+            f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} ({exc}). "
+            f"Pass dataset.download=true to fetch them with torchvision, or copy the extracted "
+            f"python-version archive into {root}") from None
+    chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    return chw(train.data), np.array(train.targets), chw(test.data), np.array(test.targets)
+
+
+def _imagefolder(cfg: DatasetConfig):
+    """root/train, root/val (and root/test) class folders. Decoded into memory once when they fit and
+    ``dataset.stream`` is not true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
+    from torchvision.datasets import ImageFolder
+
+    root, size = Path(cfg.root), cfg.image_size or 32
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        raise ConfigError("dataset.root", f"{root} has no {' or '.join(missing)}/ folder of class sub-folders")
+    folders = {name: ImageFolder(str(root / name)) for name in ("train", "val", "test") if (root / name).is_dir()}
+    if folders["train"].classes != folders["val"].classes:
+        raise ConfigError("dataset.root", f"train/ and val/ of {root} have different class folders")
+    files = lambda *names: (np.array([p for n in names for p, _ in folders[n].samples]),
+                            np.array([t for n in names for _, t in folders[n].samples], dtype=np.int64))
+    # a val/ next to test/ joins train (val_fraction of it is carved out again); else val/ is the test set
+    (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in folders else (files("train"), files("val"))
+    stream = str(cfg.stream).lower()
+    too_big = (len(tp) + len(vp)) * 3 * size * size > MAX_IN_MEMORY_BYTES
+    if stream == "true" or (stream == "auto" and too_big):
+        log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
+                 f"({cfg.num_workers} DataLoader workers)")
+        return LazyImages(tp, size, cfg.num_workers), ty, LazyImages(vp, size, cfg.num_workers), vy
+    _check_fits((len(tp) + len(vp)) * 3 * size * size, torch.device("cpu"), "imagefolder")
+    decode = lambda paths: torch.cat([b for b in LazyImages(paths, size, cfg.num_workers).stream(
+        list(torch.arange(len(paths)).split(256)))]).numpy() if len(paths) else np.zeros((0, 3, size, size), np.uint8)
+    return decode(tp), ty, decode(vp), vy
+
+
+def _fake(cfg: DatasetConfig):
+    rng = np.random.default_rng(cfg.split_seed)
+    c, s, k, n = cfg.channels or 1, cfg.image_size or 8, cfg.num_classes or 4, cfg.train_size or 256
+    prototypes = rng.normal(0.0, 1.0, size=(k, c, s, s)).astype(np.float32)
+
+    def make(m):
+        y = np.arange(m) % k
+        x = prototypes[y] + rng.normal(0.0, 1.5, size=(m, c, s, s)).astype(np.float32)
+        return ((np.tanh(x) + 1) / 2).astype(np.float32), y.astype(np.int64)
+
+    return (*make(n), *make(max(n // 2, k)))
+
+
+LOADERS = {
+    "digits": _digits,
+    "fashion_mnist": lambda cfg: _mnist_family(cfg, "FashionMNIST", "dataset-fashion-mnist"),
+    "mnist": lambda cfg: _mnist_family(cfg, "MNIST", None),
+    "cifar10": lambda cfg: _cifar(cfg, "CIFAR10"),
+    "cifar100": lambda cfg: _cifar(cfg, "CIFAR100"),
+    "imagefolder": _imagefolder,
+    "fake": _fake,
+}
