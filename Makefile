@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench clean
 
-$(DEPS_STAMP): $(LOCK) pyproject.toml
+$(DEPS_STAMP):  # content-keyed (DEPS_KEY), so a fresh clone reuses a matching environment
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test]'
 	@rm -f $(VENV)/.deps-*
