@@ -73,9 +73,9 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
     info = {"mode": mode, "used": use, "why": why}
     if not use:
         return None, info
-    key = {"teacher": weights_hash(teacher), "data": data.identity, "precision": precision, "dtype": dtype}
-    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(root) / "logit-cache" / f"{key_hash}.pt"
+    key = json.dumps({"teacher": weights_hash(teacher), "data": data.identity, "precision": precision,
+                      "dtype": dtype}, sort_keys=True)
+    path = Path(root) / "logit-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         logits, problem = _load(path, key, len(data.train), data.num_classes) if path.exists() else (None, None)
@@ -88,20 +88,20 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
             start = time.perf_counter()
             logits = predict(teacher, data, "train", batch_size, precision).cpu().to(DTYPES[dtype])
             seconds = time.perf_counter() - start
-            save_torch(path, {"logits": logits, "key": json.dumps(key, sort_keys=True), "checksum": _checksum(logits)})
+            save_torch(path, {"logits": logits, "key": key, "checksum": _checksum(logits)})
     info.update(path=str(path.resolve()), built=built, build_s=round(seconds, 3), dtype=dtype)
     log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused'} ({why}) {path}")
     return logits.to(data.train.y.device), info
 
 
-def _load(path: Path, key: dict, n: int, num_classes: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+def _load(path: Path, key: str, n: int, num_classes: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
     """The cached logits, or (None, reason) when the file is unreadable, for another key, or tampered."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         logits, stored_key, checksum = obj["logits"], obj["key"], obj["checksum"]
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files are all rejected the same way
         return None, f"unreadable: {type(exc).__name__}"
-    if stored_key != json.dumps(key, sort_keys=True):
+    if stored_key != key:
         return None, "its key does not match this teacher and data"
     if tuple(logits.shape) != (n, num_classes):
         return None, f"shape {tuple(logits.shape)} != {(n, num_classes)}"

@@ -52,6 +52,12 @@ class LazyImages:
     def fetch(self, idx) -> torch.Tensor:
         return torch.stack([self.load(int(i)) for i in idx])
 
+    def decode_all(self, batch_size: int = 256) -> np.ndarray:
+        """Every image, decoded once by the DataLoader workers, as a uint8 ``[N, 3, H, W]`` array."""
+        if len(self) == 0:
+            return np.zeros((0, 3, self.size, self.size), np.uint8)
+        return torch.cat(list(self.stream(list(torch.arange(len(self)).split(batch_size))))).numpy()
+
     def stream(self, chunks: list) -> Iterator[torch.Tensor]:
         from torch.utils.data import DataLoader
 
@@ -185,16 +191,14 @@ def _imagefolder(cfg: DatasetConfig):
                             np.array([t for n in names for _, t in folders[n].samples], dtype=np.int64))
     # a val/ next to test/ joins train (val_fraction of it is carved out again); else val/ is the test set
     (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in folders else (files("train"), files("val"))
-    stream = str(cfg.stream).lower()
-    too_big = (len(tp) + len(vp)) * 3 * size * size > MAX_IN_MEMORY_BYTES
-    if stream == "true" or (stream == "auto" and too_big):
+    train, test = LazyImages(tp, size, cfg.num_workers), LazyImages(vp, size, cfg.num_workers)
+    stream, nbytes = str(cfg.stream).lower(), (len(tp) + len(vp)) * 3 * size * size
+    if stream == "true" or (stream == "auto" and nbytes > MAX_IN_MEMORY_BYTES):
         log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
                  f"({cfg.num_workers} DataLoader workers)")
-        return LazyImages(tp, size, cfg.num_workers), ty, LazyImages(vp, size, cfg.num_workers), vy
-    _check_fits((len(tp) + len(vp)) * 3 * size * size, torch.device("cpu"), "imagefolder")
-    decode = lambda paths: torch.cat([b for b in LazyImages(paths, size, cfg.num_workers).stream(
-        list(torch.arange(len(paths)).split(256)))]).numpy() if len(paths) else np.zeros((0, 3, size, size), np.uint8)
-    return decode(tp), ty, decode(vp), vy
+        return train, ty, test, vy
+    _check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
+    return train.decode_all(), ty, test.decode_all(), vy
 
 
 def _fake(cfg: DatasetConfig):
