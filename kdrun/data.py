@@ -10,6 +10,7 @@ Consumes ``dataset.*`` (see ``conf/dataset/*.yaml``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -169,3 +170,30 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     for a in arrays:
         digest.update(a.tobytes() if isinstance(a, LazyImages) else np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _take(split: Split, idx: torch.Tensor, y: Optional[torch.Tensor] = None) -> Split:
+    idx = idx.to(split.y.device)
+    x = split.x[idx.cpu().numpy()] if isinstance(split.x, LazyImages) else split.x[idx]
+    return Split(x, split.y[idx] if y is None else y)
+
+
+def with_train(data: Data, idx: torch.Tensor, tag: dict, y: Optional[torch.Tensor] = None) -> Data:
+    """``data`` with its train split cut to ``idx`` (labels ``y`` if given); val and test unchanged.
+
+    ``tag`` describes the subset and joins the identity, so stores and caches keep subsets apart.
+    """
+    return dataclasses.replace(data, train=_take(data.train, idx, y), identity={**data.identity, "subset": tag})
+
+
+def with_classes(data: Data, classes: list[int], tag: dict) -> Data:
+    """Every split restricted to ``classes``, relabelled 0..len(classes)-1 in that order (a sub-task)."""
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    lookup[torch.as_tensor(classes)] = torch.arange(len(classes))
+
+    def restrict(split: Split) -> Split:
+        keep = torch.nonzero(torch.isin(split.y.cpu(), torch.as_tensor(classes))).flatten()
+        return _take(split, keep, lookup[split.y.cpu()[keep]].to(split.y.device))
+    return dataclasses.replace(data, train=restrict(data.train), val=restrict(data.val), test=restrict(data.test),
+                               num_classes=len(classes), identity={**data.identity, "classes": list(classes),
+                                                                   "subset": tag})

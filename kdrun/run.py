@@ -100,10 +100,12 @@ def results_table(summary: dict):
     if baseline:
         table.add_row("student, CE only", baseline["name"], fmt(baseline["val_acc"]), fmt(baseline["test_acc"]),
                       "baseline")
+    for row in summary.get("rows", []):  # a mode's further stages: generations, per-class-subset teachers...
+        table.add_row(row["role"], row["name"], fmt(row.get("val_acc")), fmt(row.get("test_acc")), row.get("note", ""))
     note = f"last epoch: {fmt(student['test_acc_last'])}"
     if "delta_vs_baseline" in summary:
         note += f"; Δ vs baseline {summary['delta_vs_baseline']:+.2f}"
-    label = "student, KD" if teacher else "student"
+    label = summary.get("student_role") or ("student, KD" if teacher else "student")
     table.add_row(label, student["name"], fmt(student["val_acc_best"]), fmt(student["test_acc_best"]), note)
     return table
 

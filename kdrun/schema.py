@@ -13,7 +13,7 @@ from kdrun.errors import ConfigError, unknown_choice
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "fake")
 LOSSES = ("kd", "ce")
-MODES = ("offline",)
+MODES = ("offline", "semi", "self", "merge")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -139,6 +139,13 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class StudentConfig(ModelConfig):
+    name: str = "mlp"
+    init: Optional[str] = None  # null (random) | teacher | imagenet | path/to/checkpoint.pt: initial weights
+    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes kept frozen (fine-tuning)
+
+
+@dataclass
 class LossConfig:
     name: str = "kd"
     T: float = 4.0       # temperature (> 0)
@@ -153,12 +160,76 @@ class LossConfig:
             raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {self.alpha}")
 
 
+# The keys each mode reads; a key of another mode set to a non-default value is refused (a silent no-op
+# would mislead). ``name`` is common to all.
+MODE_KEYS = {
+    "offline": (),
+    "semi": ("labeled_fraction", "labels_per_class", "unlabeled_target", "confidence", "unlabeled_weight",
+             "iterations"),
+    "self": ("method", "generations", "teacher_epoch", "ensemble"),
+    "merge": ("class_splits", "combine"),
+}
+
+
 @dataclass
 class ModeConfig:
+    """How the teacher teaches. One node for every mode; ``MODE_KEYS`` says which keys each mode reads."""
+
     name: str = "offline"
+    # semi: labelled subset (exactly one of the two), what the unlabelled pool learns from, stream weights
+    labeled_fraction: Optional[float] = None  # share of train whose labels are kept, in (0, 1] (stratified)
+    labels_per_class: Optional[int] = None    # ... or this many labelled images per class
+    unlabeled_target: str = "soft"            # soft: KD term on the pool | hard: CE on confident pseudo-labels
+    confidence: float = 0.0                   # hard: keep pseudo-labels whose teacher probability >= this
+    unlabeled_weight: float = 1.0             # weight of the unlabelled stream's mean loss
+    iterations: int = 1                       # > 1: the student becomes the next round's teacher
+    # self: born_again generations or an in-training snapshot teacher
+    method: str = "born_again"                # born_again | snapshot
+    generations: int = 3                      # born_again: KD generations after generation 0 (CE)
+    teacher_epoch: Optional[int] = None       # snapshot: freeze the student as its teacher after this epoch
+    ensemble: bool = True                     # born_again: also report the ensemble of all generations
+    # merge: teachers on class subsets (or all on the same classes), merged into one student
+    class_splits: Optional[List[List[int]]] = None  # one class list per teacher; null = two halves
+    combine: str = "confidence"               # disjoint splits: confidence; same classes: mean | weighted
 
     def __post_init__(self):
         _check_choice("mode", self.name, MODES)
+        for f in fields(ModeConfig):
+            if f.name != "name" and f.name not in MODE_KEYS[self.name]:
+                base = f.default_factory() if callable(f.default_factory) else f.default
+                if getattr(self, f.name) != base:
+                    used = ", ".join(MODE_KEYS[self.name]) or "none"
+                    raise ConfigError(f"mode.{f.name}", f"not used by mode={self.name} (its keys: {used})")
+        getattr(self, f"_check_{self.name}", lambda: None)()
+
+    def _check_semi(self):
+        if (self.labeled_fraction is None) == (self.labels_per_class is None):
+            raise ConfigError("mode.labeled_fraction", "mode=semi needs exactly one of mode.labeled_fraction "
+                                                       "or mode.labels_per_class")
+        if self.labeled_fraction is not None:
+            _check_range("mode.labeled_fraction", self.labeled_fraction, 0.0, 1.0, lo_open=True)
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ConfigError("mode.labels_per_class", f"must be >= 1, got {self.labels_per_class}")
+        _check_choice("mode.unlabeled_target", self.unlabeled_target, ("soft", "hard"))
+        _check_range("mode.confidence", self.confidence, 0.0, 1.0, hi_open=True)
+        _check_range("mode.unlabeled_weight", self.unlabeled_weight, 0.0, float("inf"))
+        if self.iterations < 1:
+            raise ConfigError("mode.iterations", f"must be >= 1, got {self.iterations}")
+
+    def _check_self(self):
+        _check_choice("mode.method", self.method, ("born_again", "snapshot"))
+        if self.method == "born_again" and self.generations < 1:
+            raise ConfigError("mode.generations", f"must be >= 1, got {self.generations}")
+        if self.method == "snapshot" and (self.teacher_epoch is None or self.teacher_epoch < 1):
+            raise ConfigError("mode.teacher_epoch", f"mode.method=snapshot needs an epoch >= 1, got {self.teacher_epoch}")
+
+    def _check_merge(self):
+        _check_choice("mode.combine", self.combine, ("confidence", "mean", "weighted"))
+        if self.class_splits is not None:
+            if len(self.class_splits) < 2 or any(len(s) == 0 for s in self.class_splits):
+                raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")
+            if any(c < 0 for s in self.class_splits for c in s):
+                raise ConfigError("mode.class_splits", f"class ids must be >= 0, got {self.class_splits}")
 
 
 @dataclass
@@ -194,7 +265,7 @@ class StoreConfig:
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
