@@ -18,7 +18,7 @@ from torch import nn
 from kdrun.data import Data
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss
-from kdrun.schema import OptimConfig, SchedConfig
+from kdrun.schema import LossConfig, OptimConfig, SchedConfig
 
 
 @dataclass
@@ -109,12 +109,16 @@ def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precisio
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
         teacher: Optional[nn.Module] = None, teacher_logits: Optional[torch.Tensor] = None,
         cache_check: Optional[Callable[[int], float]] = None, on_epoch: Callable[[dict], None] = lambda r: None,
+        switch_teacher: Optional[Callable[[int, nn.Module], Optional[nn.Module]]] = None,
         progress=None, desc: str = "train") -> FitResult:
     """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
 
     The teacher, if given, is frozen: ``eval()`` mode, no gradients, run on the very batch the student sees;
     or its logits come from ``teacher_logits`` (indexed like ``data.train``), checked by ``cache_check(epoch)``
     at the start of every epoch.
+    ``switch_teacher(epoch, model)``, called at the start of every epoch, may return a (new) teacher, run
+    live from then on; until a teacher exists, a loss that needs one falls back to plain CE (self-distillation
+    from a snapshot of the student).
     ``on_epoch`` receives one record per epoch: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc,
     lr, time_s``. ``progress`` is a :class:`kdrun.records.Progress` (or None).
     """
@@ -133,6 +137,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     if teacher is not None and teacher_logits is None and loss_fn.needs_teacher:
         teacher.to(memory_format=memory_format)
         live_teacher = torch.compile(teacher) if recipe.compile else teacher
+    ce_loss = DistillationLoss(LossConfig(name="ce", T=1.0, alpha=0.0))
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
     for epoch in range(1, recipe.epochs + 1):
@@ -143,6 +148,10 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         bar = progress.task(f"{desc} epoch {epoch}/{recipe.epochs}", steps) if progress else None
         if cache_check is not None and teacher_logits is not None:
             cache_check(epoch)
+        if switch_teacher is not None and (new_teacher := switch_teacher(epoch, model)) is not None:
+            live_teacher = new_teacher.eval().requires_grad_(False)
+        teaches = teacher_logits is not None or live_teacher is not None
+        epoch_loss = ce_loss if switch_teacher is not None and not teaches else loss_fn
         for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
             x = x.contiguous(memory_format=memory_format)
             with autocast(device, recipe.precision):
@@ -153,7 +162,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                 elif live_teacher is not None:
                     with torch.no_grad():
                         t_logits = live_teacher(x)
-            loss, parts = loss_fn(logits, y, t_logits)
+            loss, parts = epoch_loss(logits, y, t_logits)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -145,6 +146,11 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
 
 def obtain_baseline(ctx: RunContext, data: Data) -> dict:
     """The no-KD baseline: the student's model and recipe trained with CE only, cached in ``store.baselines``."""
+    return baseline_model(ctx, data)[1]
+
+
+def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
+    """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode)."""
     cfg = ctx.cfg
     recipe = recipe_student(cfg)
     key = _store_key("baseline", cfg.student, data, recipe)
@@ -156,7 +162,7 @@ def obtain_baseline(ctx: RunContext, data: Data) -> dict:
     info = {"name": cfg.student.name, "store_dir": str(entry.resolve()), "reused": reused, **evaluate(model, data, ctx)}
     log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
              f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
-    return info
+    return model.eval(), info
 
 
 def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module, teacher_info: dict) -> dict:
@@ -179,26 +185,36 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module, teacher_inf
     return {"teacher": teacher, "teacher_logits": logits, "cache_check": check}
 
 
-def train_student(ctx: RunContext, data: Data, loss: DistillationLoss, **teaching) -> dict:
-    """Distil the student with ``loss``; ``teaching`` is :func:`teacher_targets`'s (empty for CE).
+def train_student(ctx: RunContext, data: Data, loss, **teaching) -> dict:
+    """Distil the student with ``loss``; ``teaching`` is :func:`teacher_targets`'s (empty for CE)."""
+    return distil(ctx, data, loss, **teaching)[1]
 
-    Keeps best-on-val and last checkpoints. Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``,
-    ``seed``. Test accuracy of both checkpoints is measured once, at the end.
+
+def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: Optional[int] = None,
+           switch_teacher=None, **teaching) -> tuple[nn.Module, dict]:
+    """Train a fresh student as stage ``stage``; return it (best-on-val weights) and its summary info.
+
+    Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
+    (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
+    given). Test accuracy of both checkpoints is measured once, at the end.
     """
     cfg = ctx.cfg
-    model = build(cfg.student, data, "student", ctx.device, cfg.seed)
     recipe = recipe_student(cfg)
-    log.info(f"student {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
-    result: FitResult = fit(model, data, recipe, loss, progress=ctx.progress, desc="student",
-                            on_epoch=epoch_logger("student", recipe.epochs, ctx.metrics), **teaching)
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, seed=seed)
+    model = build(cfg.student, data, "student", ctx.device, recipe.seed)
+    log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
+    writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
+    result: FitResult = fit(model, data, recipe, loss, progress=ctx.progress, desc=stage, switch_teacher=switch_teacher,
+                            on_epoch=epoch_logger(stage, recipe.epochs, writer), **teaching)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size}
     info = {"name": cfg.student.name, "args": dict(cfg.student.args), "params": n_params(model),
-            "epochs": recipe.epochs, "best_epoch": result.best_epoch}
-    for which, state in (("best", result.best_state), ("last", result.last_state)):
-        save_torch(ctx.out_dir / "checkpoints" / f"student_{which}.pt",
-                   {**checkpoint_dict(state, {**meta, "checkpoint": which}), "config": ctx.cfg_dict})
+            "epochs": recipe.epochs, "best_epoch": result.best_epoch, "seed": recipe.seed}
+    for which, state in (("last", result.last_state), ("best", result.best_state)):
+        save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
+                   {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict})
         model.load_state_dict(state)
         scores = evaluate(model, data, ctx)
         info[f"val_acc_{which}"], info[f"test_acc_{which}"] = scores["val_acc"], scores["test_acc"]
-    return info
+    return model.eval(), info
