@@ -1,0 +1,199 @@
+"""``mode=merge``: teachers trained on class subsets (or all on the same classes), merged into one student.
+
+Teacher k is trained on the images of its classes S_k only (``mode.class_splits``), relabelled 0..|S_k|-1,
+and kept in the teacher store like any teacher: its key holds the data identity, which names S_k, so each
+subset has its own entry and a rerun reuses it. Teachers on the same class list get seeds ``teacher.seed``,
+``teacher.seed + 1``, ... (else they would be one and the same model). The merged teacher is the mixture
+
+    q(c | x) = sum_k  w_k(x) · p_k(c | x)          (p_k(c | x) = 0 for c not in S_k;  sum_k w_k(x) = 1)
+
+with p_k = softmax of teacher k's logits over its own classes, so q is a distribution over the union of the
+classes. ``mode.combine`` picks the weights:
+
+* ``confidence`` (disjoint splits that cover every class): w_k(x) = m_k(x) / sum_j m_j(x), with
+  m_k(x) = max_c p_k(c | x), teacher k's confidence that x is one of *its* classes (max-softmax, the usual
+  out-of-distribution score). With disjoint splits each class has one teacher, so q(c|x) = w_k(x) p_k(c|x).
+* ``mean`` (every split lists all classes): w_k = 1/K, the plain ensemble average of probabilities.
+* ``weighted`` (every split lists all classes): w_k = a_k / sum_j a_j, a_k = teacher k's validation accuracy.
+
+:class:`MergedTeacher` returns log q (computed in log space, so no probability underflows to log 0). The KD
+loss treats its output as logits: softmax(log q / T) = q^(1/T) / sum_c q(c)^(1/T), the merged distribution
+sharpened (T < 1) or softened (T > 1); at T = 1 it is q itself. No labels are used for the transfer
+(``loss.alpha=1`` in ``conf/mode/merge.yaml``). Consumes ``mode.class_splits``, ``mode.combine``,
+``teacher.*`` and what the offline stages consume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.data import Data, with_classes
+from kdrun.errors import ConfigError
+from kdrun.losses import DistillationLoss
+from kdrun.stages import (RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets,
+                          train_student)
+
+log = logging.getLogger("kdrun")
+RULES = ("confidence", "mean", "weighted")
+KEY = "mode.class_splits"
+
+
+def resolve_splits(class_splits: Optional[list], num_classes: int, combine: str) -> list[list[int]]:
+    """The teachers' class lists, checked against the dataset; raises :class:`ConfigError` naming the key.
+
+    ``null`` means two halves of the classes (``confidence``) or two teachers on all classes (``mean`` /
+    ``weighted``).
+    """
+    every = list(range(num_classes))
+    if class_splits is None:
+        half = num_classes // 2
+        return [every[:half], every[half:]] if combine == "confidence" else [every, every]
+    splits = [[int(c) for c in s] for s in class_splits]
+    for s in splits:
+        if len(set(s)) != len(s):
+            raise ConfigError(KEY, f"class list {s} names a class twice")
+        if lacking := sorted(c for c in s if c >= num_classes):
+            raise ConfigError(KEY, f"classes {lacking} are not in the dataset (its classes: 0..{num_classes - 1})")
+    if combine == "confidence":
+        seen: dict[int, int] = {}
+        for k, s in enumerate(splits):
+            if len(s) < 2:
+                raise ConfigError(KEY, f"class list {s} has one class: a teacher needs >= 2 to have a confidence")
+            for c in s:
+                if c in seen:
+                    raise ConfigError(KEY, f"class {c} is in lists {seen[c] + 1} and {k + 1}: combine=confidence "
+                                           f"needs disjoint lists (same classes: use mode.combine=mean|weighted)")
+                seen[c] = k
+        if missing := sorted(set(every) - set(seen)):
+            raise ConfigError(KEY, f"classes {missing} are in no list: the lists must cover all {num_classes} "
+                                   f"classes of the dataset")
+    else:
+        for s in splits:
+            if set(s) != set(every):
+                raise ConfigError(KEY, f"combine={combine} needs every list to name all {num_classes} classes; "
+                                       f"{s} lacks {sorted(set(every) - set(s))}")
+    return splits
+
+
+def teacher_seeds(splits: list[list[int]], seed: int) -> list[int]:
+    """``seed`` for the first teacher on a class list, ``seed + 1`` for the second on the same list, ..."""
+    seen: list[frozenset] = []
+    out = []
+    for s in splits:
+        out.append(seed + seen.count(frozenset(s)))
+        seen.append(frozenset(s))
+    return out
+
+
+class MergedTeacher(nn.Module):
+    """Frozen teachers on class lists ``splits``, merged into log-probabilities over ``num_classes`` classes.
+
+    ``prior`` (fixed weights, one per teacher) is used by ``mean`` and ``weighted``; ``confidence`` computes
+    its weights per sample. Class lists, rule and prior are buffers, so a hash of the state dict (the
+    teacher-logit cache key) changes with any of them.
+    """
+
+    def __init__(self, teachers: list[nn.Module], splits: list[list[int]], num_classes: int, combine: str,
+                 prior: Optional[list[float]] = None):
+        super().__init__()
+        if combine not in RULES:
+            raise ValueError(f"combine must be one of {RULES}, got {combine!r}")
+        self.teachers = nn.ModuleList(teachers)
+        self.sizes, self.num_classes, self.combine = [len(s) for s in splits], num_classes, combine
+        prior = torch.full((len(teachers),), 1.0) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
+        self.register_buffer("class_index", torch.as_tensor([c for s in splits for c in s], dtype=torch.int64))
+        self.register_buffer("rule", torch.tensor(RULES.index(combine)))
+        self.register_buffer("log_prior", torch.log(prior / prior.sum()))
+
+    def log_weights(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
+        """log w_k(x), shape [K, B]: normalised max-probabilities (confidence) or the fixed prior."""
+        if self.combine == "confidence":
+            log_conf = torch.stack([lp.max(dim=1).values for lp in log_probs])
+            return log_conf - torch.logsumexp(log_conf, dim=0, keepdim=True)
+        return self.log_prior.unsqueeze(1).expand(len(log_probs), log_probs[0].shape[0])
+
+    def combine_log_probs(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
+        """log q(c|x) = logsumexp_k (log w_k(x) + log p_k(c|x)), with log p_k = -inf outside S_k."""
+        log_w = self.log_weights(log_probs)
+        batch = log_probs[0].shape[0]
+        terms = log_probs[0].new_full((len(log_probs), batch, self.num_classes), float("-inf"))
+        for k, (lp, idx) in enumerate(zip(log_probs, torch.split(self.class_index, self.sizes))):
+            terms[k][:, idx] = lp + log_w[k].unsqueeze(1)
+        return torch.logsumexp(terms, dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine_log_probs([F.log_softmax(t(x).float(), dim=1) for t in self.teachers])
+
+
+def obtain_teachers(ctx: RunContext, data: Data, splits: list[list[int]]) -> tuple[list[nn.Module], list[dict]]:
+    """Teacher k from the store, trained on ``with_classes(data, splits[k])`` on a miss; evaluated there."""
+    models, infos = [], []
+    every = list(range(data.num_classes))
+    for k, (classes, seed) in enumerate(zip(splits, teacher_seeds(splits, ctx.cfg.teacher.seed))):
+        own = data if classes == every else with_classes(data, classes, tag={"by": "classes"})
+        cfg = dataclasses.replace(ctx.cfg, teacher=dataclasses.replace(ctx.cfg.teacher, seed=seed))
+        log.info(f"teacher {k + 1}/{len(splits)}: classes {classes}, seed {seed}, "
+                 f"{len(own.train)} train images")
+        model, info = obtain_teacher(dataclasses.replace(ctx, cfg=cfg), own)
+        models.append(model)
+        infos.append({"index": k + 1, "classes": classes, "seed": seed, **info})
+    return models, infos
+
+
+def prior_weights(combine: str, infos: list[dict]) -> Optional[list[float]]:
+    """Fixed teacher weights: validation accuracies for ``weighted`` (equal if a teacher has none)."""
+    if combine != "weighted":
+        return None
+    accs = [info["val_acc"] for info in infos]
+    if any(a is None or a <= 0 for a in accs):
+        log.warning("combine=weighted: a teacher has no validation accuracy (dataset.val_fraction=0?); "
+                    "weighing the teachers equally")
+        return [1.0] * len(infos)
+    return [float(a) for a in accs]
+
+
+def _fmt(acc: Optional[float]) -> str:
+    return "-" if acc is None else f"{acc:.2f}%"
+
+
+def _span(classes: list[int]) -> str:
+    contiguous = classes == list(range(classes[0], classes[0] + len(classes)))
+    return f"{classes[0]}-{classes[-1]}" if contiguous and len(classes) > 2 else ",".join(map(str, classes))
+
+
+def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
+    """Teachers per class list, their merged teacher on all classes, the CE baseline, the distilled student."""
+    cfg, parts = ctx.cfg, ctx.parts
+    parts.update(teacher=None, baseline=None)
+    if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
+        parts["student"] = train_student(ctx, data, loss)
+        return parts
+    if cfg.teacher.ckpt:
+        raise ConfigError("teacher.ckpt", "not used by mode=merge: each teacher is trained on its class list "
+                                          "and kept in the teacher store")
+    combine = cfg.mode.combine
+    splits = resolve_splits(cfg.mode.class_splits, data.num_classes, combine)
+    teachers, parts["teachers"] = obtain_teachers(ctx, data, splits)
+    parts["rows"] = [{"role": f"teacher {t['index']}, classes {_span(t['classes'])}", "name": t["name"],
+                      "val_acc": t["val_acc"], "test_acc": t["test_acc"],
+                      "note": f"own {len(t['classes'])} classes; {'reused' if t['reused'] else 'trained'}"}
+                     for t in parts["teachers"]]
+    prior = prior_weights(combine, parts["teachers"])
+    merged = MergedTeacher(teachers, splits, data.num_classes, combine, prior).to(ctx.device).eval()
+    weights = None if prior is None else [round(w, 4) for w in merged.log_prior.exp().tolist()]
+    info = {"name": f"merged {len(teachers)}x{cfg.teacher.name} ({combine})", "combine": combine,
+            "class_splits": splits, "weights": weights, "source": "store",
+            "reused": all(t["reused"] for t in parts["teachers"]), **evaluate(merged, data, ctx)}
+    log.info(f"merged teacher ({combine}, {len(teachers)} teachers) on all {data.num_classes} classes: "
+             f"val {_fmt(info['val_acc'])}  test {_fmt(info['test_acc'])}")
+    parts["teacher"], parts["student_role"] = info, "student, merged KD"
+    teaching = teacher_targets(ctx, data, merged, info)
+    if cfg.baseline:
+        parts["baseline"] = obtain_baseline(ctx, data)
+    parts["student"] = train_student(ctx, data, loss, **teaching)
+    return parts
