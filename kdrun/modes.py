@@ -3,6 +3,8 @@
 ``offline``: a frozen, pre-trained teacher (from the store or ``teacher.ckpt``) teaches the student; the
 same student trained with CE only is the baseline (``baseline=true``).
 ``merge``: teachers on class subsets merged into one student over all classes (:mod:`kdrun.merge`).
+``semi``: only part of the labels; the teacher's soft targets supervise the unlabelled rest (:mod:`kdrun.semi`).
+``self``: born-again generations or an in-training snapshot teacher (:mod:`kdrun.selfdistill`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Callable
 from kdrun.data import Data
 from kdrun.losses import DistillationLoss
 from kdrun.merge import merge
+from kdrun.selfdistill import self_distill
+from kdrun.semi import semi
 from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
 
@@ -29,4 +33,5 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
     return parts
 
 
-MODES: dict[str, Callable[[RunContext, Data, DistillationLoss], dict]] = {"offline": offline, "merge": merge}
+MODES: dict[str, Callable[[RunContext, Data, DistillationLoss], dict]] = {
+    "offline": offline, "semi": semi, "self": self_distill, "merge": merge}

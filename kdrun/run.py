@@ -96,10 +96,10 @@ def results_table(summary: dict):
     teacher, baseline, student = summary.get("teacher"), summary.get("baseline"), summary["student"]
     if teacher:
         table.add_row("teacher", teacher["name"], fmt(teacher["val_acc"]), fmt(teacher["test_acc"]),
-                      "reused" if teacher["reused"] else "trained")
+                      teacher.get("note") or ("reused" if teacher["reused"] else "trained"))
     if baseline:
         table.add_row("student, CE only", baseline["name"], fmt(baseline["val_acc"]), fmt(baseline["test_acc"]),
-                      "baseline")
+                      baseline.get("note", "baseline"))
     for row in summary.get("rows", []):  # a mode's further stages: generations, per-class-subset teachers...
         table.add_row(row["role"], row["name"], fmt(row.get("val_acc")), fmt(row.get("test_acc")), row.get("note", ""))
     note = f"last epoch: {fmt(student['test_acc_last'])}"

@@ -278,6 +278,11 @@ class Config:
     def __post_init__(self):
         self.optim.check("optim")
         self.sched.check("sched")
+        if self.mode.name != "offline" and self.loss.name == "ce":
+            raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
+        at = self.mode.teacher_epoch
+        if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
+            raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")
 
 
 def register_configs() -> None:

@@ -1,0 +1,148 @@
+"""``mode=semi``: semi-supervised distillation, where only part of train keeps its labels.
+
+A stratified, seeded labelled subset (``mode.labeled_fraction`` or ``mode.labels_per_class``; seeded by
+``dataset.split_seed``) keeps its labels; the rest of train is the unlabelled pool, whose labels are
+replaced by ``-1`` before the student sees the data (any code that read them would fail). The teacher and
+the CE baseline are trained on the labelled part only, tiled to the size of train so that an epoch is as
+many optimizer steps for them as for the student (a baseline with 10x fewer steps would flatter KD). The student sees batches drawn from labelled and
+unlabelled images together and minimises
+
+    mean over labelled   [(1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))]
+  + unlabeled_weight · mean over unlabelled [target term]
+
+where the target term is the KD term alone (``unlabeled_target=soft``) or CE on the teacher's argmax where
+its probability is ``>= confidence`` (``hard``; images below the threshold contribute 0, FixMatch-style).
+With ``mode.iterations=k > 1`` each round's student becomes the next round's frozen teacher (self-training
+à la Noisy Student: with ``dataset.augment.*`` on and ``teacher.cache=on`` the teacher sees clean images and
+the student augmented ones).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdrun.data import Data, with_train
+from kdrun.errors import ConfigError
+from kdrun.losses import DistillationLoss, kd_term
+from kdrun.schema import ModeConfig
+from kdrun.sources import _stratified
+from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
+
+log = logging.getLogger("kdrun")
+UNLABELED = -1
+
+
+def labeled_indices(y: np.ndarray, mode: ModeConfig, seed: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of the labelled subset of a train split with labels ``y`` (stratified, seeded)."""
+    if mode.labels_per_class is not None:
+        rng = np.random.default_rng(seed)
+        picked = []
+        for c in range(num_classes):
+            members = np.flatnonzero(y == c)
+            if len(members) < mode.labels_per_class:
+                raise ConfigError("mode.labels_per_class", f"class {c} has only {len(members)} train images, "
+                                                           f"fewer than {mode.labels_per_class}")
+            picked.append(rng.permutation(members)[:mode.labels_per_class])
+        return np.sort(np.concatenate(picked))
+    n = int(round(mode.labeled_fraction * len(y)))
+    if n >= len(y):
+        return np.arange(len(y))
+    if n < num_classes:
+        raise ConfigError("mode.labeled_fraction", f"{mode.labeled_fraction} of {len(y)} train images is {n} "
+                                                   f"labels, fewer than the {num_classes} classes")
+    picked, _ = _stratified(len(y), y, n, seed, "mode.labeled_fraction")
+    missing = sorted(set(range(num_classes)) - set(y[picked].tolist()))
+    if missing:
+        raise ConfigError("mode.labeled_fraction", f"too few labels: classes {missing} get no labelled image")
+    return picked
+
+
+def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, dict]:
+    """``(labelled, pool)``: train cut to the labelled part, and train whole with the pool's labels hidden."""
+    y = data.train.y.cpu().numpy()
+    lab = labeled_indices(y, mode, seed, data.num_classes)
+    tag = {"semi": {"labeled_fraction": mode.labeled_fraction, "labels_per_class": mode.labels_per_class,
+                    "seed": seed, "n_labeled": int(len(lab))}}
+    # tiled to the size of train: teacher and baseline take as many optimizer steps per epoch as the student
+    repeats = max(1, int(round(len(y) / len(lab))))
+    tag["semi"]["tiled"] = repeats
+    labeled = with_train(data, torch.as_tensor(np.tile(lab, repeats)), tag)
+    hidden = torch.full_like(data.train.y, UNLABELED)
+    lab_t = torch.as_tensor(lab, device=data.train.y.device)
+    hidden[lab_t] = data.train.y[lab_t]
+    pool = with_train(data, torch.arange(len(data.train)), tag, y=hidden)
+    info = {"labeled": int(len(lab)), "unlabeled": int(len(y) - len(lab)), "labeled_fraction_actual":
+            round(len(lab) / len(y), 6)}
+    return labeled, pool, info
+
+
+class SemiSupervisedLoss:
+    """The two-stream loss above, with the signature of :class:`kdrun.losses.DistillationLoss`.
+
+    Reported parts: ``ce`` = CE on the labelled images, ``kd`` = the unlabelled stream's term.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, base: DistillationLoss, mode: ModeConfig):
+        self.base, self.T, self.alpha = base, base.T, base.alpha
+        self.target, self.confidence, self.weight = mode.unlabeled_target, mode.confidence, mode.unlabeled_weight
+
+    def __call__(self, s: torch.Tensor, y: torch.Tensor, t: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        lab = y != UNLABELED
+        zero = s.float().sum() * 0
+        ce = F.cross_entropy(s[lab].float(), y[lab]) if lab.any() else zero
+        kd = kd_term(s[lab], t[lab], self.T) if lab.any() and self.alpha > 0 else zero
+        unl = ~lab
+        if not unl.any():
+            pool = zero
+        elif self.target == "soft":
+            pool = kd_term(s[unl], t[unl], self.T)
+        else:
+            conf, pseudo = F.softmax(t[unl].detach().float(), dim=1).max(dim=1)
+            keep = conf >= self.confidence
+            pool = F.cross_entropy(s[unl][keep].float(), pseudo[keep], reduction="sum") / unl.sum() if keep.any() else zero
+        return (1 - self.alpha) * ce + self.alpha * kd + self.weight * pool, {"ce": ce, "kd": pool}
+
+    def formula(self) -> str:
+        a, T = self.alpha, self.T
+        num = lambda v: f"{v:g}"
+        lab = f"{num(round(1 - a, 6))}·CE" + (f" + {num(a)}·{num(T * T)}·KL(T={num(T)})" if a > 0 else "")
+        pool = (f"{num(T * T)}·KL(T={num(T)})" if self.target == "soft"
+                else f"CE(argmax t) where p_t >= {num(self.confidence)}")
+        return f"L = mean_labelled[{lab}] + {num(self.weight)}·mean_unlabelled[{pool}]"
+
+
+def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
+    """Teacher and baseline on the labelled part; then ``mode.iterations`` rounds of students on all of train."""
+    cfg, parts = ctx.cfg, ctx.parts
+    labeled, pool, split_info = split_labels(data, cfg.mode, cfg.dataset.split_seed)
+    parts.update(teacher=None, baseline=None, semi=split_info, rows=[])
+    log.info(f"semi-supervised: {split_info['labeled']} labelled, {split_info['unlabeled']} unlabelled train images "
+             f"(labels hidden); unlabelled target: {cfg.mode.unlabeled_target}")
+    teacher, parts["teacher"] = obtain_teacher(ctx, labeled)
+    if cfg.baseline:
+        parts["baseline"] = baseline_model(ctx, labeled)[1]
+        parts["baseline"]["note"] = "CE on the labelled part"
+    semi_loss = SemiSupervisedLoss(loss, cfg.mode)
+    log.info(f"semi-supervised loss: {semi_loss.formula()}")
+    parts["loss"] = {**parts.get("loss", {}), "formula": semi_loss.formula(), "labelled_formula": loss.formula()}
+    for round_ in range(1, cfg.mode.iterations + 1):
+        last = round_ == cfg.mode.iterations
+        stage = "student" if last else f"round{round_}"
+        # round 1: the trained teacher (logit cache as configured); later rounds: the previous student, live
+        teaching = teacher_targets(ctx, pool, teacher, parts["teacher"]) if round_ == 1 else {"teacher": teacher}
+        teacher, info = distil(ctx, pool, semi_loss, stage=stage, seed=cfg.seed + round_ - 1, **teaching)
+        if not last:
+            parts["rows"].append({"role": f"student, round {round_}", "name": info["name"], "val_acc":
+                                  info["val_acc_best"], "test_acc": info["test_acc_best"],
+                                  "note": f"teaches round {round_ + 1}"})
+            parts.setdefault("rounds", []).append(info)
+        else:
+            parts["student"] = info
+    parts["student_role"] = "student, semi-KD" + (f" (round {cfg.mode.iterations})" if cfg.mode.iterations > 1 else "")
+    return parts
