@@ -10,9 +10,15 @@ subset has its own entry and a rerun reuses it. Teachers on the same class list 
 with p_k = softmax of teacher k's logits over its own classes, so q is a distribution over the union of the
 classes. ``mode.combine`` picks the weights:
 
-* ``confidence`` (disjoint splits that cover every class): w_k(x) = m_k(x) / sum_j m_j(x), with
-  m_k(x) = max_c p_k(c | x), teacher k's confidence that x is one of *its* classes (max-softmax, the usual
-  out-of-distribution score). With disjoint splits each class has one teacher, so q(c|x) = w_k(x) p_k(c|x).
+* ``confidence`` (disjoint splits that cover every class, the default): w_k(x) = exp(E_k(x)) / sum_j exp(E_j(x))
+  with E_k(x) = logsumexp_c z_k(c | x), teacher k's negative free energy (z_k: its logits), the energy score
+  of out-of-distribution detection: large when x looks like one of *its* classes. With disjoint splits each
+  class has one teacher, so q(c|x) = w_k(x) p_k(c|x) = exp(z(c|x)) / sum_c' exp(z(c'|x)): the softmax of all
+  teachers' logits side by side. It relies on the teachers' logits being on comparable scales (same
+  architecture and recipe, so they are in practice; softmax alone does not fix a teacher's logit offset).
+* ``maxprob`` (same splits as ``confidence``): m_k(x) = max_c p_k(c | x) in place of exp(E_k(x)), i.e.
+  w_k(x) = m_k(x) / sum_j m_j(x). Scale-free, but a teacher trained on a few classes is often just as sure
+  of an image it has never seen a class of, so the weights stay near 1/K (measured: README, "mode=merge").
 * ``mean`` (every split lists all classes): w_k = 1/K, the plain ensemble average of probabilities.
 * ``weighted`` (every split lists all classes): w_k = a_k / sum_j a_j, a_k = teacher k's validation accuracy.
 
@@ -39,34 +45,35 @@ from kdrun.stages import (RunContext, evaluate, obtain_baseline, obtain_teacher,
                           train_student)
 
 log = logging.getLogger("kdrun")
-RULES = ("confidence", "mean", "weighted")
+RULES = ("confidence", "maxprob", "mean", "weighted")
+DISJOINT = ("confidence", "maxprob")  # rules for disjoint class lists; the others need identical lists
 KEY = "mode.class_splits"
 
 
 def resolve_splits(class_splits: Optional[list], num_classes: int, combine: str) -> list[list[int]]:
     """The teachers' class lists, checked against the dataset; raises :class:`ConfigError` naming the key.
 
-    ``null`` means two halves of the classes (``confidence``) or two teachers on all classes (``mean`` /
-    ``weighted``).
+    ``null`` means two halves of the classes (``confidence`` / ``maxprob``) or two teachers on all classes
+    (``mean`` / ``weighted``).
     """
     every = list(range(num_classes))
     if class_splits is None:
         half = num_classes // 2
-        return [every[:half], every[half:]] if combine == "confidence" else [every, every]
+        return [every[:half], every[half:]] if combine in DISJOINT else [every, every]
     splits = [[int(c) for c in s] for s in class_splits]
     for s in splits:
         if len(set(s)) != len(s):
             raise ConfigError(KEY, f"class list {s} names a class twice")
         if lacking := sorted(c for c in s if c >= num_classes):
             raise ConfigError(KEY, f"classes {lacking} are not in the dataset (its classes: 0..{num_classes - 1})")
-    if combine == "confidence":
+    if combine in DISJOINT:
         seen: dict[int, int] = {}
         for k, s in enumerate(splits):
             if len(s) < 2:
                 raise ConfigError(KEY, f"class list {s} has one class: a teacher needs >= 2 to have a confidence")
             for c in s:
                 if c in seen:
-                    raise ConfigError(KEY, f"class {c} is in lists {seen[c] + 1} and {k + 1}: combine=confidence "
+                    raise ConfigError(KEY, f"class {c} is in lists {seen[c] + 1} and {k + 1}: combine={combine} "
                                            f"needs disjoint lists (same classes: use mode.combine=mean|weighted)")
                 seen[c] = k
         if missing := sorted(set(every) - set(seen)):
@@ -93,9 +100,9 @@ def teacher_seeds(splits: list[list[int]], seed: int) -> list[int]:
 class MergedTeacher(nn.Module):
     """Frozen teachers on class lists ``splits``, merged into log-probabilities over ``num_classes`` classes.
 
-    ``prior`` (fixed weights, one per teacher) is used by ``mean`` and ``weighted``; ``confidence`` computes
-    its weights per sample. Class lists, rule and prior are buffers, so a hash of the state dict (the
-    teacher-logit cache key) changes with any of them.
+    ``prior`` (fixed weights, one per teacher) is used by ``mean`` and ``weighted``; ``confidence`` and
+    ``maxprob`` compute their weights per sample. Class lists, rule name and prior are buffers, so a hash of
+    the state dict (the teacher-logit cache key) changes with any of them.
     """
 
     def __init__(self, teachers: list[nn.Module], splits: list[list[int]], num_classes: int, combine: str,
@@ -107,27 +114,31 @@ class MergedTeacher(nn.Module):
         self.sizes, self.num_classes, self.combine = [len(s) for s in splits], num_classes, combine
         prior = torch.full((len(teachers),), 1.0) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
         self.register_buffer("class_index", torch.as_tensor([c for s in splits for c in s], dtype=torch.int64))
-        self.register_buffer("rule", torch.tensor(RULES.index(combine)))
+        self.register_buffer("rule", torch.tensor(list(combine.encode()), dtype=torch.uint8))
         self.register_buffer("log_prior", torch.log(prior / prior.sum()))
 
-    def log_weights(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
-        """log w_k(x), shape [K, B]: normalised max-probabilities (confidence) or the fixed prior."""
+    def log_weights(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """log w_k(x), shape [K, B]: normalised energies or max-probabilities, or the fixed prior."""
         if self.combine == "confidence":
-            log_conf = torch.stack([lp.max(dim=1).values for lp in log_probs])
-            return log_conf - torch.logsumexp(log_conf, dim=0, keepdim=True)
-        return self.log_prior.unsqueeze(1).expand(len(log_probs), log_probs[0].shape[0])
+            score = torch.stack([torch.logsumexp(z, dim=1) for z in logits])
+        elif self.combine == "maxprob":
+            score = torch.stack([F.log_softmax(z, dim=1).max(dim=1).values for z in logits])
+        else:
+            return self.log_prior.unsqueeze(1).expand(len(logits), logits[0].shape[0])
+        return score - torch.logsumexp(score, dim=0, keepdim=True)
 
-    def combine_log_probs(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
+    def combine_logits(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """log q(c|x) = logsumexp_k (log w_k(x) + log p_k(c|x)), with log p_k = -inf outside S_k."""
-        log_w = self.log_weights(log_probs)
-        batch = log_probs[0].shape[0]
-        terms = log_probs[0].new_full((len(log_probs), batch, self.num_classes), float("-inf"))
-        for k, (lp, idx) in enumerate(zip(log_probs, torch.split(self.class_index, self.sizes))):
-            terms[k][:, idx] = lp + log_w[k].unsqueeze(1)
+        logits = [z.float() for z in logits]
+        log_w = self.log_weights(logits)
+        batch = logits[0].shape[0]
+        terms = logits[0].new_full((len(logits), batch, self.num_classes), float("-inf"))
+        for k, (z, idx) in enumerate(zip(logits, torch.split(self.class_index, self.sizes))):
+            terms[k][:, idx] = F.log_softmax(z, dim=1) + log_w[k].unsqueeze(1)
         return torch.logsumexp(terms, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine_log_probs([F.log_softmax(t(x).float(), dim=1) for t in self.teachers])
+        return self.combine_logits([t(x) for t in self.teachers])
 
 
 def obtain_teachers(ctx: RunContext, data: Data, splits: list[list[int]]) -> tuple[list[nn.Module], list[dict]]:

@@ -190,7 +190,7 @@ class ModeConfig:
     ensemble: bool = True                     # born_again: also report the ensemble of all generations
     # merge: teachers on class subsets (or all on the same classes), merged into one student
     class_splits: Optional[List[List[int]]] = None  # one class list per teacher; null = two halves
-    combine: str = "confidence"               # disjoint splits: confidence; same classes: mean | weighted
+    combine: str = "confidence"               # disjoint splits: confidence | maxprob; same classes: mean | weighted
 
     def __post_init__(self):
         _check_choice("mode", self.name, MODES)
@@ -224,7 +224,7 @@ class ModeConfig:
             raise ConfigError("mode.teacher_epoch", f"mode.method=snapshot needs an epoch >= 1, got {self.teacher_epoch}")
 
     def _check_merge(self):
-        _check_choice("mode.combine", self.combine, ("confidence", "mean", "weighted"))
+        _check_choice("mode.combine", self.combine, ("confidence", "maxprob", "mean", "weighted"))
         if self.class_splits is not None:
             if len(self.class_splits) < 2 or any(len(s) == 0 for s in self.class_splits):
                 raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")

@@ -33,30 +33,46 @@ def probs(merged: MergedTeacher) -> torch.Tensor:
 
 # --- the combine rules ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rule", ["confidence", "maxprob"])
 @pytest.mark.parametrize("splits", [HALVES, [[9, 0, 4], [1, 2], [3, 5, 6, 7, 8]]])
-def test_confidence_is_a_distribution_and_each_teacher_keeps_its_mass(splits):
+def test_disjoint_rules_give_a_distribution_and_each_teacher_its_share(splits, rule):
     torch.manual_seed(0)
     logits = [torch.randn(6, len(s)) * 3 for s in splits]
-    merged = MergedTeacher([Fixed(t) for t in logits], splits, 10, "confidence")
-    q = probs(merged)
+    q = probs(MergedTeacher([Fixed(t) for t in logits], splits, 10, rule))
     assert torch.allclose(q.sum(1), torch.ones(6), atol=1e-5)
-    conf = torch.stack([t.softmax(1).max(1).values for t in logits])  # [K, B]
-    w = conf / conf.sum(0)
+    if rule == "confidence":
+        score = torch.stack([t.exp().sum(1) for t in logits])  # exp(E_k), E_k = logsumexp of teacher k's logits
+    else:
+        score = torch.stack([t.softmax(1).max(1).values for t in logits])
+    w = score / score.sum(0)
     for k, (s, t) in enumerate(zip(splits, logits)):
         assert torch.allclose(q[:, s].sum(1), w[k], atol=1e-5)           # teacher k's share of the mass
         assert torch.allclose(q[:, s], w[k, :, None] * t.softmax(1), atol=1e-5)  # spread as its softmax
 
 
-def test_confidence_favours_the_sure_teacher():
+def test_confidence_is_the_softmax_of_all_logits_side_by_side():
+    torch.manual_seed(2)
+    splits = [[9, 0, 4], [1, 2], [3, 5, 6, 7, 8]]
+    logits = [torch.randn(5, len(s)) * 4 for s in splits]
+    side_by_side = torch.empty(5, 10)
+    for s, t in zip(splits, logits):
+        side_by_side[:, s] = t
+    q = probs(MergedTeacher([Fixed(t) for t in logits], splits, 10, "confidence"))
+    assert torch.allclose(q, side_by_side.softmax(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["confidence", "maxprob"])
+def test_the_sure_teacher_gets_the_mass(rule):
     sure, unsure = Fixed([[8.0, 0, 0, 0, 0]]), Fixed([[0.1, 0, 0, 0, 0]])
-    q = probs(MergedTeacher([unsure, sure], HALVES, 10, "confidence"))
+    q = probs(MergedTeacher([unsure, sure], HALVES, 10, rule))
     assert q.argmax().item() == 5
     assert q[0, 5:].sum() > 0.75
 
 
-def test_confident_teachers_give_finite_log_probabilities():
+@pytest.mark.parametrize("rule", ["confidence", "maxprob"])
+def test_confident_teachers_give_finite_log_probabilities(rule):
     huge = Fixed([[200.0, -200, 0, 0, 0]])  # softmax underflows to exactly 0 in float32
-    out = MergedTeacher([huge, Fixed([[0.0] * 5])], HALVES, 10, "confidence")(torch.zeros(1))
+    out = MergedTeacher([huge, Fixed([[0.0] * 5])], HALVES, 10, rule)(torch.zeros(1))
     assert torch.isfinite(out).all()
 
 
@@ -81,13 +97,14 @@ def test_logit_cache_key_sees_rule_and_splits():
     base = weights_hash(MergedTeacher(teachers, HALVES, 10, "confidence"))
     assert base == weights_hash(MergedTeacher(teachers, HALVES, 10, "confidence"))
     assert base != weights_hash(MergedTeacher(teachers, HALVES[::-1], 10, "confidence"))
+    assert base != weights_hash(MergedTeacher(teachers, HALVES, 10, "maxprob"))
     same = [Fixed(torch.zeros(1, 10)), Fixed(torch.ones(1, 10))]
     assert weights_hash(MergedTeacher(same, [list(range(10))] * 2, 10, "mean")) != \
         weights_hash(MergedTeacher(same, [list(range(10))] * 2, 10, "weighted", prior=[2.0, 1.0]))
 
 
 def test_resolve_splits_defaults_and_seeds():
-    assert resolve_splits(None, 10, "confidence") == HALVES
+    assert resolve_splits(None, 10, "confidence") == resolve_splits(None, 10, "maxprob") == HALVES
     assert resolve_splits(None, 3, "mean") == [[0, 1, 2], [0, 1, 2]]
     assert teacher_seeds([[0, 1], [0, 1], [2, 3], [1, 0]], 5) == [5, 6, 5, 7]
 
@@ -147,7 +164,8 @@ def test_summary_reports_teachers_merged_teacher_baseline_student(halves):
     assert 0 < s["student"]["test_acc_best"] <= 100
     assert s["delta_vs_baseline"] == pytest.approx(s["student"]["test_acc_best"] - s["baseline"]["test_acc"], abs=1e-3)
     assert s["teacher"]["cache"]["used"] is True
-    merged_row = rf"merged 2xcnn \(confidence\)\s*│\s*{s['teacher']['val_acc']:.2f}\s*│\s*{s['teacher']['test_acc']:.2f}\s"
+    val, test = s["teacher"]["val_acc"], s["teacher"]["test_acc"]
+    merged_row = rf"merged 2xcnn \(confidence\)\s*│\s*{val:.2f}\s*│\s*{test:.2f}\s"
     assert re.search(merged_row, first.stdout), first.stdout  # the merged teacher's union accuracy is shown
     for role in ("teacher 1, classes 0-4", "teacher 2, classes 5-9", "student, merged KD", "student, CE only"):
         assert role in first.stdout
