@@ -5,6 +5,7 @@ Nothing below this module imports Hydra or depends on the working directory. tor
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from kdrun.errors import ConfigError, KdrunError
@@ -19,6 +21,18 @@ from kdrun.schema import keys_at, register_configs
 
 register_configs()
 _FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
+_SWEEP_DIRS: list[Path] = []  # sweep dirs started by this process, summarised by main()
+
+
+class RecordSweepDir(Callback):
+    """``hydra.callbacks.sweep_dir`` (conf/config.yaml): remember the sweep dir when a multirun starts.
+
+    :func:`main` summarises it after the multirun, also when a job crashed: Hydra then skips
+    ``on_multirun_end``, so the summary cannot live there.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
@@ -35,6 +49,8 @@ def _job(cfg: DictConfig) -> float:
         return run(cfg, out_dir)["objective"]
     except KdrunError as exc:
         _FAILED_JOBS.append((out_dir, exc))
+        if not (out_dir / "summary.json").exists():  # refused before it started: say why in the job's log
+            logging.getLogger("kdrun.file").error(f"job refused: {exc}")
         return float("nan")
 
 
@@ -94,6 +110,22 @@ def _list(what: str) -> int:
     return 0
 
 
+def _summarize_sweeps() -> int:
+    """Summarise the sweeps this process ran (results.csv, summary.md, results.png, tables); return the
+    number of failed or missing jobs. A problem here is reported and never hides the sweep's own outcome."""
+    from kdrun.sweep import summarize
+
+    failed = 0
+    while _SWEEP_DIRS:
+        sweep_dir = _SWEEP_DIRS.pop(0)
+        try:
+            failed += len(summarize(sweep_dir).failed)
+        except Exception as exc:  # noqa: BLE001 - the jobs' results are on disk: kdrun-summarize can retry
+            print(f"kdrun: warning: could not summarise {sweep_dir} ({type(exc).__name__}: {exc}); "
+                  f"run `kdrun-summarize {sweep_dir}`", file=sys.stderr)
+    return failed
+
+
 def main() -> None:
     """Entry point of `kdrun` and `python -m kdrun`."""
     argv = sys.argv[1:]
@@ -104,11 +136,17 @@ def main() -> None:
     try:
         _job()
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
+        _summarize_sweeps()
         message = None if user_wants_traceback else explain(exc)
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
         sys.exit(2)
+    failed_in_sweeps = _summarize_sweeps()
+    if failed_in_sweeps and not _FAILED_JOBS:  # jobs of other processes (parallel launchers) failed
+        print(f"kdrun: error: {failed_in_sweeps} sweep job(s) failed; see summary.md in the sweep dir",
+              file=sys.stderr)
+        sys.exit(1)
     if _FAILED_JOBS:
         sweep = len(_FAILED_JOBS) > 1 or "-m" in argv or "--multirun" in argv
         for out_dir, exc in _FAILED_JOBS:

@@ -1,0 +1,249 @@
+"""Sweep results from a sweep directory alone: ``summarize(sweep_dir) -> SweepSummary`` and ``kdrun-summarize``.
+
+Nothing here needs the process that ran the sweep: jobs are found by their Hydra ``.hydra/overrides.yaml``
+(or a ``summary.json``), so a sweep with failed jobs, an interrupted one, or one still running can be
+summarised at any time. The swept keys are the override keys whose values differ between jobs; cells are
+the combinations of swept keys other than ``seed``, and each cell aggregates its jobs over seeds:
+
+* mean ± std (sample std, ddof=1) of the student's val and test accuracy (best-on-val checkpoint), n;
+* Δ = KD − baseline on test, paired by seed: mean, 95 % CI (t distribution) and the p-value of a paired
+  t-test (``scipy.stats.ttest_rel``); the gain is *within noise* when p ≥ 0.05 or fewer than 2 pairs;
+* % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies.
+
+The best cell is the one with the highest mean **val** accuracy (selection on val, like every run; its test
+accuracy is the figure to report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+log = logging.getLogger("kdrun")
+SEED_KEY = "seed"
+NOISE_P = 0.05
+
+
+@dataclass
+class Job:
+    """One job dir of the sweep: its overrides and its ``summary.json`` (None if it never finished)."""
+    dir: Path
+    overrides: dict[str, Any]
+    summary: Optional[dict]
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def status(self) -> str:
+        if self.summary is None:
+            return "failed" if self.logged_error() else "missing"
+        return self.summary.get("status", "unknown")
+
+    @property
+    def error(self) -> str:
+        if self.summary is None:
+            return self.logged_error() or "no summary.json: the job was interrupted, crashed or is still running"
+        return self.summary.get("error", "")
+
+    def logged_error(self) -> str:
+        """The last ERROR line of the job's log (a job refused before it started has no summary.json)."""
+        log_file = self.dir / "kdrun.log"
+        lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+        errors = [line.split("[ERROR] ", 1)[1] for line in lines if "[ERROR] " in line]
+        return errors[-1] if errors else ""
+
+    def get(self, *path: str) -> Any:
+        """A figure of the summary, e.g. ``get('student', 'test_acc_best')``; None when absent."""
+        node: Any = self.summary
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+
+@dataclass
+class Cell:
+    """One combination of swept keys (seed excluded) and its statistics over seeds."""
+    params: dict[str, Any]
+    jobs: list[Job]
+    stats: dict[str, Any] = field(default_factory=dict)
+    best: bool = False
+
+    @property
+    def done(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == "completed" and j.get("student", "test_acc_best") is not None]
+
+
+@dataclass
+class SweepSummary:
+    sweep_dir: Path
+    keys: list[str]         # swept keys, in override order (seed included)
+    cell_keys: list[str]    # swept keys without seed: the axes of the table and plot
+    jobs: list[Job]
+    cells: list[Cell]
+
+    @property
+    def failed(self) -> list[Job]:
+        return [j for j in self.jobs if j.status != "completed"]
+
+
+def summarize(sweep_dir: Path, console: bool = True) -> SweepSummary:
+    """Read ``sweep_dir``, write ``results.csv``, ``cells.csv``, ``summary.md``, ``results.png``; print tables."""
+    from kdrun import sweep_report
+
+    summary = collect(Path(sweep_dir))
+    sweep_report.write_all(summary)
+    if console:
+        sweep_report.print_tables(summary)
+    return summary
+
+
+def collect(sweep_dir: Path) -> SweepSummary:
+    """Jobs, swept keys and cell statistics of ``sweep_dir`` (raises ValueError if it holds no job)."""
+    if not sweep_dir.is_dir():
+        raise ValueError(f"{sweep_dir}: no such directory")
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise ValueError(f"{sweep_dir}: not a sweep dir (no job dirs with .hydra/overrides.yaml or summary.json)")
+    keys = swept_keys(jobs)
+    cell_keys = [k for k in keys if k != SEED_KEY]
+    cells = group(jobs, cell_keys)
+    for cell in cells:
+        cell.stats = cell_stats(cell)
+    ranked = [c for c in cells if c.stats["n"] and c.stats["val_mean"] is not None]
+    if ranked:
+        top = max(c.stats["val_mean"] for c in ranked)
+        for cell in ranked:
+            cell.best = math.isclose(cell.stats["val_mean"], top, abs_tol=1e-9)
+    return SweepSummary(sweep_dir, keys, cell_keys, jobs, cells)
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    dirs = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    dirs |= {p.parent for p in sweep_dir.rglob("summary.json")}
+    dirs.discard(sweep_dir)
+    return [_read_job(d) for d in sorted(dirs, key=_job_order)]
+
+
+def _job_order(path: Path):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+
+
+def _read_job(job_dir: Path) -> Job:
+    overrides: dict[str, Any] = {}
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        for item in yaml.safe_load(path.read_text()) or []:
+            key, sep, value = str(item).partition("=")
+            if sep and not key.startswith("~"):
+                overrides[key.lstrip("+")] = _parse_value(value)
+    summary = None
+    if (job_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((job_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {"status": "unreadable", "error": "summary.json is not valid JSON"}
+    return Job(job_dir, overrides, summary)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, str, bool)) and value is not None else text
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs (or is missing in some), in first-seen order."""
+    keys: list[str] = []
+    for job in jobs:
+        keys += [k for k in job.overrides if k not in keys]
+    return [k for k in keys if len({repr(j.overrides.get(k)) for j in jobs}) > 1]
+
+
+def group(jobs: list[Job], cell_keys: list[str]) -> list[Cell]:
+    cells: dict[tuple, Cell] = {}
+    for job in jobs:
+        params = {k: job.overrides.get(k) for k in cell_keys}
+        cells.setdefault(tuple(repr(v) for v in params.values()), Cell(params, [])).jobs.append(job)
+    return sorted(cells.values(), key=lambda c: [_sort_key(v) for v in c.params.values()])
+
+
+def _sort_key(value: Any):
+    return (0, float(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def cell_stats(cell: Cell) -> dict[str, Any]:
+    """Mean ± std over the cell's completed jobs, the paired KD-vs-baseline test and the gap closed."""
+    done = cell.done
+    val = [j.get("student", "val_acc_best") for j in done]
+    test = [j.get("student", "test_acc_best") for j in done]
+    pairs = [(j.get("student", "test_acc_best"), j.get("baseline", "test_acc")) for j in done
+             if j.get("baseline", "test_acc") is not None]
+    teacher = [j.get("teacher", "test_acc") for j in done if j.get("teacher", "test_acc") is not None]
+    stats: dict[str, Any] = {"n": len(done), "jobs": len(cell.jobs), "failed": len(cell.jobs) - len(done)}
+    stats.update(_mean_std("val", [v for v in val if v is not None]))
+    stats.update(_mean_std("test", test))
+    stats.update(_mean_std("baseline", [b for _, b in pairs]))
+    stats.update(_mean_std("teacher", teacher))
+    stats.update(_mean_std("delta", [kd - base for kd, base in pairs]))
+    stats.update(paired_test([kd for kd, _ in pairs], [base for _, base in pairs]))
+    gap = None
+    if pairs and teacher and stats["teacher_mean"] - stats["baseline_mean"] > 0:
+        gap = 100 * stats["delta_mean"] / (stats["teacher_mean"] - stats["baseline_mean"])
+    stats["gap_closed_pct"] = gap
+    stats["within_noise"] = not (stats["p_value"] is not None and stats["p_value"] < NOISE_P)
+    return stats
+
+
+def _mean_std(name: str, values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {f"{name}_mean": mean, f"{name}_std": std}
+
+
+def paired_test(kd: list[float], base: list[float]) -> dict[str, Any]:
+    """Paired t-test of KD vs baseline over seeds: p-value and the 95 % CI of the mean Δ (None if n < 2)."""
+    if len(kd) < 2:
+        return {"p_value": None, "ci_low": None, "ci_high": None}
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(kd, base)]
+    mean, n = sum(diffs) / len(diffs), len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:  # identical differences: the t statistic is undefined, no p-value
+        return {"p_value": None, "ci_low": mean, "ci_high": mean}
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    p_value = float(stats.ttest_rel(kd, base).pvalue)
+    return {"p_value": p_value, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of ``kdrun-summarize SWEEP_DIR``."""
+    parser = argparse.ArgumentParser(prog="kdrun-summarize", description=(
+        "Summarise a kdrun sweep dir (multirun/<date>/<time>): results.csv, cells.csv, summary.md, results.png "
+        "and tables grouped over seeds. Works for sweeps with failed jobs and interrupted sweeps."))
+    parser.add_argument("sweep_dir", type=Path, help="the sweep dir (holds one dir per job)")
+    parser.add_argument("--quiet", action="store_true", help="write the files, print no tables")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = summarize(args.sweep_dir, console=not args.quiet)
+    except ValueError as exc:
+        print(f"kdrun-summarize: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {', '.join(sorted(p.name for p in result.sweep_dir.glob('*') if p.name in OUTPUTS))} "
+          f"in {result.sweep_dir}")
+
+
+OUTPUTS = ("results.csv", "cells.csv", "summary.md", "results.png")

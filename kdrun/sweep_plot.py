@@ -1,0 +1,99 @@
+"""``results.png`` of a sweep: a heat map of mean student test accuracy over two swept keys, or a line plot
+over one (mean ± std over seeds, with the baseline and teacher means). matplotlib, Agg backend (no display).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from kdrun.sweep import SweepSummary
+from kdrun.sweep_report import param
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_of(summary: SweepSummary, name: str):
+    """The mean of a per-job figure over every completed job (e.g. the baseline and teacher test accuracy)."""
+    values = [c.stats[f"{name}_mean"] for c in summary.cells if c.stats[f"{name}_mean"] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _subtitle(summary: SweepSummary) -> str:
+    base, teacher = _mean_of(summary, "baseline"), _mean_of(summary, "teacher")
+    parts = [f"{len(summary.jobs)} jobs"]
+    if base is not None:
+        parts.append(f"CE-only baseline {base:.2f} %")
+    if teacher is not None:
+        parts.append(f"teacher {teacher:.2f} %")
+    return ", ".join(parts)
+
+
+def heatmap(summary: SweepSummary, table, path: Path) -> None:
+    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline, ~ if within noise."""
+    plt = _pyplot()
+    rows, cols, cells = table
+    k1, k2 = summary.cell_keys
+    values = [[cells[(r, c)].stats["test_mean"] if (r, c) in cells and cells[(r, c)].stats["n"] else math.nan
+               for c in cols] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.4 + 0.9 * len(rows)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="mean student test accuracy (%)")
+    ax.set_xticks(range(len(cols)), [param(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [param(r) for r in rows])
+    ax.set_xlabel(k2)
+    ax.set_ylabel(k1)
+    finite = [v for row in values for v in row if not math.isnan(v)]
+    middle = (min(finite) + max(finite)) / 2 if finite else 0
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            cell = cells.get((r, c))
+            if cell is None or not cell.stats["n"]:
+                ax.text(j, i, "failed" if cell else "", ha="center", va="center", color="red")
+                continue
+            s = cell.stats
+            text = f"{s['test_mean']:.2f}"
+            if s["delta_mean"] is not None:
+                text += f"\nΔ {s['delta_mean']:+.2f}{' ~' if s['within_noise'] else ''}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="black" if s["test_mean"] > middle else "white",
+                    fontweight="bold" if cell.best else "normal")
+            if cell.best:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_title(f"mean student test accuracy over seeds\n{_subtitle(summary)}; ~ = Δ within noise; "
+                 f"box = best on val", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def line(summary: SweepSummary, path: Path) -> None:
+    """Mean ± std of the student's test accuracy against the one swept key; baseline and teacher as lines."""
+    plt = _pyplot()
+    (key,) = summary.cell_keys
+    cells = [c for c in summary.cells if c.stats["n"]]
+    xs = list(range(len(cells)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(xs, [c.stats["test_mean"] for c in cells], yerr=[c.stats["test_std"] or 0 for c in cells],
+                marker="o", capsize=4, label="KD student (mean ± std over seeds)")
+    for name, style in (("baseline", "--"), ("teacher", ":")):
+        mean = _mean_of(summary, name)
+        if mean is not None:
+            ax.axhline(mean, linestyle=style, color="gray", label=f"{name} (mean {mean:.2f} %)")
+    for x, cell in zip(xs, cells):
+        if cell.best:
+            ax.plot(x, cell.stats["test_mean"], marker="*", markersize=14, color="red", label="best on val")
+    ax.set_xticks(xs, [param(c.params[key]) for c in cells])
+    ax.set_xlabel(key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"student test accuracy vs {key}\n{_subtitle(summary)}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""What a sweep summary writes and shows: results.csv, cells.csv, summary.md, results.png and rich tables.
+
+Input is a :class:`kdrun.sweep.SweepSummary`; nothing here reads job dirs or computes statistics.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from kdrun.sweep import NOISE_P, Cell, Job, SweepSummary
+
+log = logging.getLogger("kdrun")
+JOB_FIGURES = {  # results.csv column -> path in summary.json
+    "teacher_val_acc": ("teacher", "val_acc"), "teacher_test_acc": ("teacher", "test_acc"),
+    "baseline_val_acc": ("baseline", "val_acc"), "baseline_test_acc": ("baseline", "test_acc"),
+    "student_val_acc": ("student", "val_acc_best"), "student_test_acc": ("student", "test_acc_best"),
+    "student_test_acc_last": ("student", "test_acc_last"), "delta_vs_baseline": ("delta_vs_baseline",),
+    "teacher_reused": ("teacher", "reused"), "baseline_reused": ("baseline", "reused"),
+    "wall_time_s": ("wall_time_s",),
+}
+CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
+                "baseline_std", "teacher_mean", "delta_mean", "delta_std", "ci_low", "ci_high", "p_value",
+                "gap_closed_pct", "within_noise")
+LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
+          f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
+          f"n < 2); gap closed = Δ / (teacher − baseline); best = highest mean val accuracy")
+
+
+def write_all(summary: SweepSummary) -> None:
+    out = summary.sweep_dir
+    write_results_csv(summary, out / "results.csv")
+    write_cells_csv(summary, out / "cells.csv")
+    plot(summary, out / "results.png")
+    (out / "summary.md").write_text(markdown(summary))
+
+
+def write_results_csv(summary: SweepSummary, path: Path) -> None:
+    """One row per job: swept keys, status, accuracies, Δ vs baseline, wall time, run dir, error."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error"])
+        for job in summary.jobs:
+            writer.writerow([job.name, *(job.overrides.get(k, "") for k in summary.keys), job.status,
+                             *(_csv(job.get(*p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
+                             "" if job.status == "completed" else job.error])
+
+
+def write_cells_csv(summary: SweepSummary, path: Path) -> None:
+    """One row per cell (swept keys without seed): the statistics over seeds."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*summary.cell_keys, *CELL_FIGURES, "best"])
+        for cell in summary.cells:
+            writer.writerow([*cell.params.values(), *(_csv(cell.stats[k]) for k in CELL_FIGURES), cell.best])
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None else round(value, 4) if isinstance(value, float) else value
+
+
+def ms(mean: Optional[float], std: Optional[float], sign: str = "") -> str:
+    """``mean ± std`` with two decimals; ``-`` when there is no value."""
+    if mean is None:
+        return "-"
+    return f"{mean:{sign}.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def _p(p: Optional[float]) -> str:
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _ci(s: dict) -> str:
+    return "-" if s["ci_low"] is None else f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]"
+
+
+def _note(cell: Cell) -> str:
+    s = cell.stats
+    notes = ["best"] if cell.best else []
+    if s["n"] and s["delta_mean"] is not None:
+        notes.append("within noise" if s["within_noise"] else "gain" if s["delta_mean"] > 0 else "loss")
+    if s["failed"]:
+        notes.append(f"{s['failed']} failed")
+    return ", ".join(notes)
+
+
+def cell_row(cell: Cell) -> list[str]:
+    s = cell.stats
+    gap = "-" if s["gap_closed_pct"] is None else f"{s['gap_closed_pct']:.0f} %"
+    return [*(param(v) for v in cell.params.values()), str(s["n"]), ms(s["val_mean"], s["val_std"]),
+            ms(s["test_mean"], s["test_std"]), ms(s["baseline_mean"], s["baseline_std"]),
+            ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), gap, _note(cell)]
+
+
+def param(value: Any) -> str:
+    """A swept value for display: floats with 4 significant digits (Optuna suggests long ones)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "gap closed", "note"]
+
+
+def grid(summary: SweepSummary) -> Optional[tuple[list, list, dict]]:
+    """For a two-key sweep: (row values, column values, {(row, col): cell})."""
+    if len(summary.cell_keys) != 2:
+        return None
+    k1, k2 = summary.cell_keys
+    rows = list(dict.fromkeys(c.params[k1] for c in summary.cells))
+    cols = sorted(dict.fromkeys(c.params[k2] for c in summary.cells), key=_order)
+    return rows, cols, {(c.params[k1], c.params[k2]): c for c in summary.cells}
+
+
+def _order(value: Any):
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def grid_text(cell: Optional[Cell]) -> str:
+    if cell is None or not cell.stats["n"]:
+        return "failed" if cell else ""
+    s = cell.stats
+    return ms(s["test_mean"], s["test_std"]) + (" ~" if s["within_noise"] else "")
+
+
+def markdown(summary: SweepSummary) -> str:
+    done = len(summary.jobs) - len(summary.failed)
+    lines = [f"# Sweep {summary.sweep_dir.name}", "",
+             f"{len(summary.jobs)} jobs: {done} completed, {len(summary.failed)} failed or missing. "
+             f"Swept: {', '.join(summary.keys) or 'nothing'}; cells grouped over `seed`.", "",
+             "## Results grouped over seeds", ""]
+    header = [*summary.cell_keys, *CELL_COLUMNS]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for cell in summary.cells:
+        row = cell_row(cell)
+        lines.append("| " + " | ".join(f"**{v}**" if cell.best and v else v for v in row) + " |")
+    lines += ["", LEGEND + ".", ""]
+    table = grid(summary)
+    if table:
+        rows, cols, cells = table
+        k1, k2 = summary.cell_keys
+        lines += [f"## Grid: mean student test % ({k1} × {k2})", "",
+                  f"| {k1} \\ {k2} | " + " | ".join(param(c) for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+        for r in rows:
+            texts = [grid_text(cells.get((r, c))) for c in cols]
+            texts = [f"**{t}**" if cells.get((r, c)) and cells[(r, c)].best else t for t, c in zip(texts, cols)]
+            lines.append(f"| {param(r)} | " + " | ".join(texts) + " |")
+        lines.append("")
+    if summary.failed:
+        lines += ["## Failed or missing jobs", "", "| job | overrides | status | error |", "| --- | --- | --- | --- |"]
+        lines += [f"| {j.name} | {_overrides(j, summary)} | {j.status} | {j.error} |" for j in summary.failed]
+        lines.append("")
+    if (summary.sweep_dir / "results.png").is_file():
+        lines += ["![results](results.png)", ""]
+    return "\n".join(lines)
+
+
+def _overrides(job: Job, summary: SweepSummary) -> str:
+    return " ".join(f"{k}={param(job.overrides.get(k))}" for k in summary.keys)
+
+
+def print_tables(summary: SweepSummary) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    console = console if console.is_terminal else Console(width=140)
+    table = Table(title=f"sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, grouped over seeds",
+                  caption=LEGEND)
+    for col in [*summary.cell_keys, *CELL_COLUMNS]:
+        table.add_column(col, justify="left" if col == "note" else "right")
+    for cell in summary.cells:
+        style = "bold green" if cell.best else "red" if not cell.stats["n"] else "dim" if cell.stats["within_noise"] else None
+        table.add_row(*(escape(t) for t in cell_row(cell)), style=style)
+    console.print(table)
+    pivot = grid(summary)
+    if pivot:
+        rows, cols, cells = pivot
+        k1, k2 = summary.cell_keys
+        table = Table(title=f"student test % by {k1} × {k2}", caption="mean ± std over seeds; ~ = within noise")
+        table.add_column(f"{k1} \\ {k2}", justify="right")
+        for c in cols:
+            table.add_column(escape(param(c)), justify="right")
+        for r in rows:
+            texts = []
+            for c in cols:
+                cell = cells.get((r, c))
+                style = "bold green" if cell and cell.best else "red" if cell and not cell.stats["n"] else ""
+                texts.append(f"[{style}]{grid_text(cell)}[/]" if style else grid_text(cell))
+            table.add_row(escape(param(r)), *texts)
+        console.print(table)
+    if summary.failed:
+        table = Table(title="failed or missing jobs", style="red", title_style="bold red")
+        for col in ("job", "overrides", "status", "error"):
+            table.add_column(col, style="red")
+        for job in summary.failed:
+            table.add_row(job.name, escape(_overrides(job, summary)), job.status, escape(job.error))
+        console.print(table)
+
+
+def plot(summary: SweepSummary, path: Path) -> None:
+    """A heat map of mean student test accuracy for two swept keys, a line plot for one; else nothing."""
+    from kdrun import sweep_plot
+
+    if len(summary.cell_keys) == 2:
+        sweep_plot.heatmap(summary, grid(summary), path)
+    elif len(summary.cell_keys) == 1:
+        sweep_plot.line(summary, path)
+    else:
+        path.unlink(missing_ok=True)
+        log.info(f"no results.png: a plot needs one or two swept keys besides seed, this sweep has "
+                 f"{len(summary.cell_keys)} ({', '.join(summary.cell_keys) or 'none'})")

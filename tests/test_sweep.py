@@ -1,0 +1,237 @@
+"""Sweeps end to end: `kdrun -m` and `kdrun-summarize` as a user runs them, on the 2-epoch digits preset.
+
+Covers the sweep summary (results.csv, cells.csv, summary.md, results.png), seed aggregation checked against
+the job summaries, the baseline cache, summaries after failed / crashed / interrupted jobs, and the launcher
+and sweeper plugins (joblib with the store lock, submitit_local, Optuna).
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from conftest import CLI_TIMEOUT_S, KDRUN_SCRIPT, CliResult, cli_env, read_json, run_kdrun, store_entries, store_overrides
+
+SUMMARIZE_SCRIPT = KDRUN_SCRIPT.parent / "kdrun-summarize"
+SWEEP_FILES = ("results.csv", "cells.csv", "summary.md", "results.png")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
+    store = store_overrides(base) if stores else []
+    return run_kdrun("-m", "experiment=smoke", f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
+
+
+def summarize(*args, cwd: Path) -> CliResult:
+    cmd = [str(SUMMARIZE_SCRIPT), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    return CliResult(cmd, proc.returncode, proc.stdout, proc.stderr)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def job_summaries(sweep_dir: Path) -> list[dict]:
+    return [read_json(p) for p in sorted(sweep_dir.glob("*/summary.json"))]
+
+
+# --- a T x seed sweep: the summary, seed aggregation, the baseline cache ---------------------------------------
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory):
+    base = tmp_path_factory.mktemp("seeds")
+    result = sweep(base, "loss.T=1,4", "seed=0,1")
+    assert result.returncode == 0, result.describe()
+    return base, result
+
+
+def test_sweep_writes_results_csv_one_row_per_job(seed_sweep):
+    base, _ = seed_sweep
+    rows = read_csv(base / "sweep" / "results.csv")
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert {(r["loss.T"], r["seed"]) for r in rows} == {("1", "0"), ("1", "1"), ("4", "0"), ("4", "1")}
+    for row in rows:
+        summary = read_json(Path(row["run_dir"]) / "summary.json")
+        assert row["status"] == "completed"
+        assert float(row["student_test_acc"]) == pytest.approx(summary["student"]["test_acc_best"], abs=1e-4)
+        assert float(row["baseline_test_acc"]) == pytest.approx(summary["baseline"]["test_acc"], abs=1e-4)
+        assert float(row["teacher_test_acc"]) == pytest.approx(summary["teacher"]["test_acc"], abs=1e-4)
+        assert float(row["delta_vs_baseline"]) == pytest.approx(summary["delta_vs_baseline"], abs=1e-4)
+        assert float(row["wall_time_s"]) == pytest.approx(summary["wall_time_s"], abs=1e-3)
+
+
+def test_seed_aggregation_matches_the_job_summaries(seed_sweep):
+    base, _ = seed_sweep
+    cells = {row["loss.T"]: row for row in read_csv(base / "sweep" / "cells.csv")}
+    assert set(cells) == {"1", "4"}  # seed is aggregated, not a column
+    for T, row in cells.items():
+        jobs = [s for s in job_summaries(base / "sweep") if s["loss"]["T"] == float(T)]
+        kd = [s["student"]["test_acc_best"] for s in jobs]
+        baseline = [s["baseline"]["test_acc"] for s in jobs]
+        teacher = statistics.mean(s["teacher"]["test_acc"] for s in jobs)
+        diffs = [a - b for a, b in zip(kd, baseline)]
+        assert int(row["n"]) == 2
+        assert float(row["test_mean"]) == pytest.approx(statistics.mean(kd), abs=1e-3)
+        assert float(row["test_std"]) == pytest.approx(statistics.stdev(kd), abs=1e-3)
+        assert float(row["baseline_mean"]) == pytest.approx(statistics.mean(baseline), abs=1e-3)
+        assert float(row["delta_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-3)
+        gap = 100 * statistics.mean(diffs) / (teacher - statistics.mean(baseline))
+        assert float(row["gap_closed_pct"]) == pytest.approx(gap, abs=1e-2)
+        if statistics.stdev(diffs) > 0:  # paired t-test by hand: t = mean(d) / (sd(d) / sqrt(n)), 1 dof
+            t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2))
+            p = 2 * stats.t.sf(abs(t), df=1)
+            assert float(row["p_value"]) == pytest.approx(p, abs=1e-3)
+            assert row["within_noise"] == str(p >= 0.05)
+        else:
+            assert row["p_value"] == "" and row["within_noise"] == "True"
+    val_means = {T: float(row["val_mean"]) for T, row in cells.items()}
+    assert [row["best"] for row in cells.values()].count("True") >= 1
+    for T, row in cells.items():
+        assert (row["best"] == "True") == (val_means[T] == max(val_means.values()))
+
+
+def test_baseline_cache_trains_one_baseline_per_seed(seed_sweep):
+    base, _ = seed_sweep
+    assert len(store_entries(base / "teachers")) == 1
+    assert len(store_entries(base / "baselines")) == 2  # 2 T x 2 seeds: one baseline per seed, not 4
+    summaries = job_summaries(base / "sweep")
+    for seed in (0, 1):
+        runs = [s for s in summaries if s["seed"] == seed]
+        assert sorted(s["baseline"]["reused"] for s in runs) == [False, True]
+        assert len({s["baseline"]["store_dir"] for s in runs}) == 1
+        assert len({s["baseline"]["test_acc"] for s in runs}) == 1
+    for s in summaries:  # each job's summary.json carries its baseline figures and the delta
+        assert {"val_acc", "test_acc", "store_dir", "reused"} <= set(s["baseline"])
+        assert s["delta_vs_baseline"] == pytest.approx(s["student"]["test_acc_best"] - s["baseline"]["test_acc"],
+                                                       abs=1e-3)
+
+
+def test_sweep_console_table_markdown_and_line_plot(seed_sweep):
+    base, result = seed_sweep
+    assert "grouped over seeds" in result.stdout and "95 % CI of Δ" in result.stdout
+    text = (base / "sweep" / "summary.md").read_text()
+    assert "4 jobs: 4 completed, 0 failed" in text
+    assert "| loss.T | n | val % | test % | baseline % | Δ test |" in text
+    assert "## Failed" not in text and "![results](results.png)" in text
+    assert (base / "sweep" / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kdrun_summarize_reproduces_the_summary(seed_sweep, tmp_path):
+    base, _ = seed_sweep
+    before = {name: (base / "sweep" / name).read_text() for name in ("results.csv", "cells.csv", "summary.md")}
+    for name in SWEEP_FILES:
+        (base / "sweep" / name).unlink()
+    result = summarize(base / "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert "grouped over seeds" in result.stdout
+    for name, text in before.items():
+        assert (base / "sweep" / name).read_text() == text, name
+    assert (base / "sweep" / "results.png").is_file()
+
+
+# --- failed, crashed and interrupted jobs ---------------------------------------------------------------
+
+def test_summary_after_failed_and_crashed_jobs_and_after_interruption(tmp_path):
+    """alpha=1.5 is refused (config error); store.baselines=<a file> crashes the job with an OSError, so
+    Hydra skips its end-of-multirun callback. The summary is written anyway, and again later, after a job's
+    summary.json is lost (as if interrupted)."""
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("")
+    result = sweep(tmp_path, "loss.alpha=0.5,1.5", f"store.baselines={tmp_path / 'b'},{a_file}",
+                   f"store.teachers={tmp_path / 't'}", stores=False)
+    assert result.returncode == 1, result.describe()
+    assert "FileExistsError" in result.stderr  # a crash keeps its traceback
+    out = tmp_path / "sweep"
+    for name in SWEEP_FILES:
+        assert (out / name).is_file(), f"{name} missing after a failed sweep"
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC  # a heat map: two swept keys
+    rows = {(r["loss.alpha"], Path(r["store.baselines"]).name): r for r in read_csv(out / "results.csv")}
+    assert rows[("0.5", "b")]["status"] == "completed"
+    assert rows[("0.5", "not_a_dir")]["status"] == "failed"
+    assert "FileExistsError" in rows[("0.5", "not_a_dir")]["error"]
+    for store in ("b", "not_a_dir"):
+        assert rows[("1.5", store)]["status"] == "failed"
+        assert "loss.alpha: must be in [0.0, 1.0], got 1.5" in rows[("1.5", store)]["error"]
+    text = (out / "summary.md").read_text()
+    assert "4 jobs: 1 completed, 3 failed or missing" in text and "## Failed or missing jobs" in text
+    assert "## Grid: mean student test % (loss.alpha × store.baselines)" in text
+    assert "failed or missing jobs" in result.stdout
+
+    completed = Path(rows[("0.5", "b")]["run_dir"])
+    (completed / "summary.json").unlink()  # as if the sweep had been interrupted during this job
+    again = summarize(out, "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.describe()
+    rows = {r["job"]: r for r in read_csv(out / "results.csv")}
+    assert rows[completed.name]["status"] == "missing"
+    assert "0 completed, 4 failed or missing" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "run-dir"])
+def test_kdrun_summarize_refuses_what_is_not_a_sweep_dir(tmp_path, case):
+    target = tmp_path / "nothing"
+    if case != "missing":
+        target.mkdir()
+    if case == "run-dir":  # a single run's dir: its own results, no job dirs below it
+        (target / ".hydra").mkdir()
+        (target / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+        (target / "summary.json").write_text('{"status": "completed"}\n')
+    result = summarize(target, cwd=tmp_path)
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.last_err_line]
+    assert result.last_err_line.startswith("kdrun-summarize: error: ") and str(target) in result.last_err_line
+
+
+# --- launchers and sweepers (the sweep extra) -------------------------------------------------------------
+
+def _interval(summary: dict) -> tuple[float, float]:
+    start = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
+    return start, start + summary["wall_time_s"]
+
+
+def test_joblib_parallel_jobs_train_a_shared_teacher_and_baseline_once(tmp_path):
+    result = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "loss.T=1,4")
+    assert result.returncode == 0, result.describe()
+    summaries = job_summaries(tmp_path / "sweep")
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
+    (start_a, end_a), (start_b, end_b) = map(_interval, summaries)
+    assert max(start_a, start_b) <= min(end_a, end_b), "the two jobs did not run at the same time"
+    assert len(store_entries(tmp_path / "teachers")) == 1
+    assert len(store_entries(tmp_path / "baselines")) == 1
+    assert sorted(s["teacher"]["reused"] for s in summaries) == [False, True]  # one trained, one waited
+    assert sorted(s["baseline"]["reused"] for s in summaries) == [False, True]
+    assert (tmp_path / "sweep" / "results.csv").is_file()
+
+
+def test_submitit_local_launcher(tmp_path):
+    result = sweep(tmp_path, "hydra/launcher=submitit_local", "loss.T=4")
+    assert result.returncode == 0, result.describe()
+    (summary,) = job_summaries(tmp_path / "sweep")
+    assert summary["status"] == "completed" and summary["loss"]["T"] == 4.0
+    assert list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out")), "not run through submitit"
+    rows = read_csv(tmp_path / "sweep" / "results.csv")
+    assert [r["status"] for r in rows] == ["completed"]
+
+
+def test_optuna_sweeper_maximises_the_objective(tmp_path):
+    result = sweep(tmp_path, "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2", "baseline=false")
+    assert result.returncode == 0, result.describe()
+    summaries = job_summaries(tmp_path / "sweep")
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(s["objective"] for s in summaries))
+    assert set(best["best_params"]) == {"loss.T", "loss.alpha", "optim.lr"}
+    for s in summaries:
+        assert 1 <= s["loss"]["T"] <= 8 and 0.1 <= s["loss"]["alpha"] <= 0.9
+    rows = read_csv(tmp_path / "sweep" / "results.csv")
+    assert {"loss.T", "loss.alpha", "optim.lr"} <= set(rows[0])
