@@ -125,7 +125,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     device = data.train.y.device
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    opt = make_optimizer(model.parameters(), recipe.optim)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)  # frozen ones: out
     sched = make_scheduler(opt, recipe.sched, recipe.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     if teacher is not None:

@@ -144,6 +144,12 @@ class StudentConfig(ModelConfig):
     init: Optional[str] = None  # null (random) | teacher | imagenet | path/to/checkpoint.pt: initial weights
     freeze: List[str] = field(default_factory=list)  # parameter-name prefixes kept frozen (fine-tuning)
 
+    def __post_init__(self):
+        if self.init is not None or self.freeze:  # torch is imported only when these keys are used
+            from kdrun.transfer import check_config
+
+            check_config(self)
+
 
 @dataclass
 class LossConfig:

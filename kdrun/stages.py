@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +20,8 @@ from kdrun.losses import DistillationLoss, cross_entropy
 from kdrun.models import build_model
 from kdrun.records import JsonlWriter, Progress, save_torch
 from kdrun.schema import Config, ModelConfig
-from kdrun.teacher_store import checkpoint_dict, file_sha256, load_weights, read_checkpoint, train_or_reuse
+from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
+from kdrun.transfer import initialise, store_key_part
 
 log = logging.getLogger("kdrun")
 STORE_FORMAT = 1  # bump when a change makes stored models incomparable
@@ -37,6 +38,7 @@ class RunContext:
     progress: Progress
     metrics: JsonlWriter
     parts: dict  # summary parts of finished stages (kept in summary.json even if a later stage fails)
+    memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
 
 
 def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:
@@ -45,6 +47,27 @@ def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, se
     model = build_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=data.image_size, args=dict(model_cfg.args), key=key)
     return model.to(device)
+
+
+def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
+                    teacher=None) -> tuple[nn.Module, dict]:
+    """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and
+    ``student.freeze`` applied (:mod:`kdrun.transfer`). Returns it and its ``init`` record for the summary.
+
+    ``init=teacher`` copies from ``teacher`` (a ``(model, info)`` pair), by default from the first teacher this
+    run obtained with the configured ``teacher.*`` on all of ``data``'s classes (in mode=semi: the one trained on
+    the labelled part), else from :func:`obtain_teacher` on ``data``.
+    """
+    cfg = ctx.cfg
+    seed = cfg.seed if seed is None else seed
+    first = ctx.memo.get("first_teacher")
+    if teacher is None and first is not None and first[:2] == (cfg.teacher, data.num_classes):
+        teacher = first[2:]
+    provider = (lambda: teacher) if teacher is not None else (lambda: obtain_teacher(ctx, data))
+    if cfg.student.init == "teacher":
+        provider()  # before the student is built: obtaining it may train it, which draws random numbers
+    model = build(cfg.student, data, "student", ctx.device, seed)
+    return model, initialise(model, cfg.student, data.num_classes, provider)
 
 
 def _pct(value) -> str:
@@ -73,21 +96,22 @@ def epoch_logger(desc: str, epochs: int, *writers):
     return on_epoch
 
 
-def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe) -> dict:
+def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, init: Optional[dict] = None) -> dict:
     recipe_dict = dataclasses.asdict(recipe)
     for speed_only in ("eval_batch_size", "compile", "channels_last"):
         recipe_dict.pop(speed_only)
     return {"format": STORE_FORMAT, "role": role, "model": {"name": model_cfg.name, "args": dict(model_cfg.args)},
-            "data": data.identity, "recipe": recipe_dict}
+            "data": data.identity, "recipe": recipe_dict, **store_key_part(init or {})}
 
 
-def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ctx: RunContext, key: str):
-    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training, best-on-val weights."""
+def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ctx: RunContext, key: str,
+                    model: Optional[nn.Module] = None):
+    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training of ``model`` (default: a fresh one)."""
     def train(tmp_dir: Path) -> dict:
-        model = build(model_cfg, data, key, ctx.device, recipe.seed)
-        log.info(f"training {role} {model_cfg.name} ({n_params(model):,} params) for {recipe.epochs} epochs")
+        net = model if model is not None else build(model_cfg, data, key, ctx.device, recipe.seed)
+        log.info(f"training {role} {model_cfg.name} ({n_params(net):,} params) for {recipe.epochs} epochs")
         writer = JsonlWriter(tmp_dir / "metrics.jsonl", stage=role)
-        result = fit(model, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
+        result = fit(net, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
                      on_epoch=epoch_logger(role, recipe.epochs, writer))
         meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
                 "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
@@ -118,6 +142,9 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
     that before any student time is spent.
     """
     cfg = ctx.cfg
+    memo_key = ("teacher", key_hash({"teacher": dataclasses.asdict(cfg.teacher), "data": data.identity}))
+    if memo_key in ctx.memo:  # already obtained in this run (e.g. for student.init=teacher)
+        return ctx.memo[memo_key]
     model = build(cfg.teacher, data, "teacher", ctx.device, cfg.teacher.seed)
     info = {"name": cfg.teacher.name, "args": dict(cfg.teacher.args), "params": n_params(model)}
     if cfg.teacher.ckpt:
@@ -141,6 +168,8 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
     chance = 100.0 / data.num_classes
     if info["test_acc"] is not None and info["test_acc"] < 1.5 * chance:
         log.warning(f"teacher test accuracy {info['test_acc']}% is near chance ({chance:.1f}%): check the teacher")
+    ctx.memo[memo_key] = (model, info)
+    ctx.memo.setdefault("first_teacher", (cfg.teacher, data.num_classes, model, info))
     return model, info
 
 
@@ -150,16 +179,21 @@ def obtain_baseline(ctx: RunContext, data: Data) -> dict:
 
 
 def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
-    """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode)."""
+    """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode).
+
+    It starts from the same weights as the student (``student.init``, ``student.freeze``; part of its store key).
+    """
     cfg = ctx.cfg
     recipe = recipe_student(cfg)
-    key = _store_key("baseline", cfg.student, data, recipe)
+    model, init = prepare_student(ctx, data)
+    key = _store_key("baseline", cfg.student, data, recipe, init)
     checkpoint, entry, reused = train_or_reuse(Path(cfg.store.baselines), cfg.student.name, key,
-                                               _train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student"))
-    model = build(cfg.student, data, "student", ctx.device, cfg.seed)
+                                               _train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student",
+                                                               model))
     load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
-    info = {"name": cfg.student.name, "store_dir": str(entry.resolve()), "reused": reused, **evaluate(model, data, ctx)}
+    info = {"name": cfg.student.name, "store_dir": str(entry.resolve()), "reused": reused, "init": init,
+            **evaluate(model, data, ctx)}
     log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
              f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
     return model.eval(), info
@@ -202,7 +236,7 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     recipe = recipe_student(cfg)
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
-    model = build(cfg.student, data, "student", ctx.device, recipe.seed)
+    model, init = prepare_student(ctx, data, seed=recipe.seed)
     log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
     writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
     result: FitResult = fit(model, data, recipe, loss, progress=ctx.progress, desc=stage, switch_teacher=switch_teacher,
@@ -210,7 +244,7 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size}
     info = {"name": cfg.student.name, "args": dict(cfg.student.args), "params": n_params(model),
-            "epochs": recipe.epochs, "best_epoch": result.best_epoch, "seed": recipe.seed}
+            "epochs": recipe.epochs, "best_epoch": result.best_epoch, "seed": recipe.seed, "init": init}
     for which, state in (("last", result.last_state), ("best", result.best_state)):
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict})
