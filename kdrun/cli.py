@@ -112,14 +112,15 @@ def _list(what: str) -> int:
 
 def _summarize_sweeps() -> int:
     """Summarise the sweeps this process ran (results.csv, summary.md, results.png, tables); return the
-    number of failed or missing jobs. A problem here is reported and never hides the sweep's own outcome."""
+    number of failed jobs (not of missing ones: another process may be running them into the same dir).
+    A problem here is reported and never hides the sweep's own outcome."""
     from kdrun.sweep import summarize
 
     failed = 0
     while _SWEEP_DIRS:
         sweep_dir = _SWEEP_DIRS.pop(0)
         try:
-            failed += len(summarize(sweep_dir).failed)
+            failed += sum(job.status == "failed" for job in summarize(sweep_dir).jobs)
         except Exception as exc:  # noqa: BLE001 - the jobs' results are on disk: kdrun-summarize can retry
             print(f"kdrun: warning: could not summarise {sweep_dir} ({type(exc).__name__}: {exc}); "
                   f"run `kdrun-summarize {sweep_dir}`", file=sys.stderr)

@@ -235,3 +235,33 @@ def test_optuna_sweeper_maximises_the_objective(tmp_path):
         assert 1 <= s["loss"]["T"] <= 8 and 0.1 <= s["loss"]["alpha"] <= 0.9
     rows = read_csv(tmp_path / "sweep" / "results.csv")
     assert {"loss.T", "loss.alpha", "optim.lr"} <= set(rows[0])
+
+
+def test_slurm_gpu_launcher_config_composes(tmp_path):
+    """The documented SLURM config (no cluster here): one GPU, one task per job, the partition from the CLI."""
+    result = run_kdrun("hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu", "--cfg", "hydra",
+                       "-p", "hydra.launcher", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    launcher = yaml.safe_load(result.stdout.split("\n", 1)[1])  # after the "# @package" line
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (1, 1, 1)
+    assert launcher["partition"] == "gpu"
+
+
+def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):
+    """The CUDA_VISIBLE_DEVICES recipe: two `kdrun -m`, each its own part of the grid and subdir prefix, one
+    sweep dir and one store; `kdrun-summarize` then sees the whole grid."""
+    base = ["-m", "experiment=smoke", f"hydra.sweep.dir={tmp_path / 'sweep'}", *store_overrides(tmp_path)]
+    shards = [subprocess.Popen([str(KDRUN_SCRIPT), *base, f"loss.T={T}", f"hydra.sweep.subdir=gpu{gpu}-${{hydra.job.num}}"],
+                               cwd=tmp_path, env={**cli_env(), "CUDA_VISIBLE_DEVICES": str(gpu)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for gpu, T in ((0, 1), (1, 4))]
+    for shard in shards:
+        _, err = shard.communicate(timeout=CLI_TIMEOUT_S)
+        assert shard.returncode == 0, err[-3000:]
+    assert len(store_entries(tmp_path / "teachers")) == 1 and len(store_entries(tmp_path / "baselines")) == 1
+    result = summarize(tmp_path / "sweep", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    rows = read_csv(tmp_path / "sweep" / "results.csv")
+    assert sorted((r["job"], r["loss.T"], r["status"]) for r in rows) == [("gpu0-0", "1", "completed"),
+                                                                          ("gpu1-0", "4", "completed")]
