@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kdrun.sweep import SweepSummary
-from kdrun.sweep_report import param
+from kdrun.sweep import NOISE_P, SweepSummary
+from kdrun.sweep_report import grid_text, param
 
 
 def _pyplot():
@@ -55,7 +55,7 @@ def heatmap(summary: SweepSummary, table, path: Path) -> None:
         for j, c in enumerate(cols):
             cell = cells.get((r, c))
             if cell is None or not cell.stats["n"]:
-                ax.text(j, i, "failed" if cell else "", ha="center", va="center", color="red")
+                ax.text(j, i, grid_text(cell), ha="center", va="center", color="red")
                 continue
             s = cell.stats
             text = f"{s['test_mean']:.2f}"
@@ -66,8 +66,8 @@ def heatmap(summary: SweepSummary, table, path: Path) -> None:
                     fontweight="bold" if cell.best else "normal")
             if cell.best:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_title(f"mean student test accuracy over seeds\n{_subtitle(summary)}; ~ = Δ within noise; "
-                 f"box = best on val", fontsize=9)
+    ax.set_title(f"mean student test accuracy over seeds; Δ vs baseline\n{_subtitle(summary)}\n"
+                 f"~ = Δ within noise (paired t-test p ≥ {NOISE_P} or n < 2); box = best on val", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -80,8 +80,10 @@ def _note(cell: Cell) -> str:
     notes = ["best"] if cell.best else []
     if s["n"] and s["delta_mean"] is not None:
         notes.append("within noise" if s["within_noise"] else "gain" if s["delta_mean"] > 0 else "loss")
-    if s["failed"]:
-        notes.append(f"{s['failed']} failed")
+    for status in ("failed", "missing"):
+        count = sum(job.status == status for job in cell.jobs)
+        if count:
+            notes.append(f"{count} {status}")
     return ", ".join(notes)
 
 
@@ -117,7 +119,7 @@ def _order(value: Any):
 
 def grid_text(cell: Optional[Cell]) -> str:
     if cell is None or not cell.stats["n"]:
-        return "failed" if cell else ""
+        return "" if cell is None else "missing" if all(j.status == "missing" for j in cell.jobs) else "failed"
     s = cell.stats
     return ms(s["test_mean"], s["test_std"]) + (" ~" if s["within_noise"] else "")
 
@@ -164,11 +166,11 @@ def print_tables(summary: SweepSummary) -> None:
     from rich.table import Table
 
     console = Console()
-    console = console if console.is_terminal else Console(width=140)
+    console = console if console.is_terminal else Console(width=160)
     table = Table(title=f"sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, grouped over seeds",
                   caption=LEGEND)
     for col in [*summary.cell_keys, *CELL_COLUMNS]:
-        table.add_column(col, justify="left" if col == "note" else "right")
+        table.add_column(col, justify="left" if col == "note" else "right", no_wrap=col != "note")
     for cell in summary.cells:
         style = "bold green" if cell.best else "red" if not cell.stats["n"] else "dim" if cell.stats["within_noise"] else None
         table.add_row(*(escape(t) for t in cell_row(cell)), style=style)

@@ -22,11 +22,12 @@ from conftest import CLI_TIMEOUT_S, KDRUN_SCRIPT, CliResult, cli_env, read_json,
 SUMMARIZE_SCRIPT = KDRUN_SCRIPT.parent / "kdrun-summarize"
 SWEEP_FILES = ("results.csv", "cells.csv", "summary.md", "results.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per job: parallel jobs share 2 cores
 
 
 def sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
     store = store_overrides(base) if stores else []
-    return run_kdrun("-m", "experiment=smoke", f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
+    return run_kdrun("-m", *SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
 
 
 def summarize(*args, cwd: Path) -> CliResult:
@@ -251,7 +252,7 @@ def test_slurm_gpu_launcher_config_composes(tmp_path):
 def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):
     """The CUDA_VISIBLE_DEVICES recipe: two `kdrun -m`, each its own part of the grid and subdir prefix, one
     sweep dir and one store; `kdrun-summarize` then sees the whole grid."""
-    base = ["-m", "experiment=smoke", f"hydra.sweep.dir={tmp_path / 'sweep'}", *store_overrides(tmp_path)]
+    base = ["-m", *SMOKE, f"hydra.sweep.dir={tmp_path / 'sweep'}", *store_overrides(tmp_path)]
     shards = [subprocess.Popen([str(KDRUN_SCRIPT), *base, f"loss.T={T}", f"hydra.sweep.subdir=gpu{gpu}-${{hydra.job.num}}"],
                                cwd=tmp_path, env={**cli_env(), "CUDA_VISIBLE_DEVICES": str(gpu)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
