@@ -7,11 +7,13 @@ the CE baseline are trained on the labelled part only, tiled to the size of trai
 many optimizer steps for them as for the student (a baseline with 10x fewer steps would flatter KD). The student sees batches drawn from labelled and
 unlabelled images together and minimises
 
-    mean over labelled   [(1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))]
-  + unlabeled_weight · mean over unlabelled [target term]
+    L = mean over the batch of  (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))   (labelled)
+                                unlabeled_weight · [target term]                           (unlabelled)
 
 where the target term is the KD term alone (``unlabeled_target=soft``) or CE on the teacher's argmax where
 its probability is ``>= confidence`` (``hard``; images below the threshold contribute 0, FixMatch-style).
+A per-sample mean keeps the gradient scale of offline KD whatever the labelled share (a sum of two
+stream means would double it, which diverged on Fashion-MNIST at the default learning rate).
 With ``mode.iterations=k > 1`` each round's student becomes the next round's frozen teacher (self-training
 à la Noisy Student: with ``dataset.augment.*`` on and ``teacher.cache=on`` the teacher sees clean images and
 the student augmented ones).
@@ -83,7 +85,7 @@ def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, d
 class SemiSupervisedLoss:
     """The two-stream loss above, with the signature of :class:`kdrun.losses.DistillationLoss`.
 
-    Reported parts: ``ce`` = CE on the labelled images, ``kd`` = the unlabelled stream's term.
+    Reported parts: ``ce`` = mean CE on the labelled images, ``kd`` = mean of the unlabelled stream's term.
     """
 
     needs_teacher = True
@@ -94,27 +96,30 @@ class SemiSupervisedLoss:
 
     def __call__(self, s: torch.Tensor, y: torch.Tensor, t: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         lab = y != UNLABELED
+        n, n_lab = len(y), int(lab.sum())
         zero = s.float().sum() * 0
-        ce = F.cross_entropy(s[lab].float(), y[lab]) if lab.any() else zero
-        kd = kd_term(s[lab], t[lab], self.T) if lab.any() and self.alpha > 0 else zero
+        # per-sample terms, summed per stream, divided by the batch size: the loss is a per-sample mean
+        ce = F.cross_entropy(s[lab].float(), y[lab], reduction="sum") if n_lab else zero
+        kd = kd_term(s[lab], t[lab], self.T) * n_lab if n_lab and self.alpha > 0 else zero
         unl = ~lab
-        if not unl.any():
+        if n_lab == n:
             pool = zero
         elif self.target == "soft":
-            pool = kd_term(s[unl], t[unl], self.T)
+            pool = kd_term(s[unl], t[unl], self.T) * (n - n_lab)
         else:
             conf, pseudo = F.softmax(t[unl].detach().float(), dim=1).max(dim=1)
             keep = conf >= self.confidence
-            pool = F.cross_entropy(s[unl][keep].float(), pseudo[keep], reduction="sum") / unl.sum() if keep.any() else zero
-        return (1 - self.alpha) * ce + self.alpha * kd + self.weight * pool, {"ce": ce, "kd": pool}
+            pool = F.cross_entropy(s[unl][keep].float(), pseudo[keep], reduction="sum") if keep.any() else zero
+        loss = ((1 - self.alpha) * ce + self.alpha * kd + self.weight * pool) / n
+        return loss, {"ce": ce / max(n_lab, 1), "kd": pool / max(n - n_lab, 1)}
 
     def formula(self) -> str:
         a, T = self.alpha, self.T
         num = lambda v: f"{v:g}"
         lab = f"{num(round(1 - a, 6))}·CE" + (f" + {num(a)}·{num(T * T)}·KL(T={num(T)})" if a > 0 else "")
         pool = (f"{num(T * T)}·KL(T={num(T)})" if self.target == "soft"
-                else f"CE(argmax t) where p_t >= {num(self.confidence)}")
-        return f"L = mean_labelled[{lab}] + {num(self.weight)}·mean_unlabelled[{pool}]"
+                else f"CE(argmax t) if p_t >= {num(self.confidence)}")
+        return f"L = mean over batch of: labelled {lab} | unlabelled {num(self.weight)}·{pool}"
 
 
 def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:

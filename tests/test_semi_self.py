@@ -20,16 +20,21 @@ def semi_loss(**mode) -> SemiSupervisedLoss:
 
 # --- maths ----------------------------------------------------------------------------------------------
 
-def test_semi_loss_soft_is_the_two_stream_sum():
+def test_semi_loss_soft_is_a_per_sample_mean_over_both_streams():
     torch.manual_seed(0)
     s, t = torch.randn(8, 5), torch.randn(8, 5)
     y = torch.tensor([0, 1, UNLABELED, 3, UNLABELED, UNLABELED, 4, 2])
     lab = y >= 0
     loss, parts = semi_loss(unlabeled_weight=0.5)(s, y, t)
-    want = (0.25 * F.cross_entropy(s[lab], y[lab]) + 0.75 * kd_term(s[lab], t[lab], 2.0)
-            + 0.5 * kd_term(s[~lab], t[~lab], 2.0))
+    want = (0.25 * F.cross_entropy(s[lab], y[lab]) * 5 + 0.75 * kd_term(s[lab], t[lab], 2.0) * 5
+            + 0.5 * kd_term(s[~lab], t[~lab], 2.0) * 3) / 8
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(parts["kd"], kd_term(s[~lab], t[~lab], 2.0))
+    torch.testing.assert_close(parts["ce"], F.cross_entropy(s[lab], y[lab]))
+    # all labelled: exactly the offline KD loss
+    full, _ = semi_loss()(s, torch.arange(8) % 5, t)
+    offline, _ = DistillationLoss(LossConfig(name="kd", T=2.0, alpha=0.75))(s, torch.arange(8) % 5, t)
+    torch.testing.assert_close(full, offline)
 
 
 def test_semi_loss_hard_uses_confident_pseudo_labels_only():
@@ -37,9 +42,10 @@ def test_semi_loss_hard_uses_confident_pseudo_labels_only():
     t = torch.tensor([[9.0, 0, 0], [0, 0, 0], [0, 9.0, 0], [0, 0, 9.0]])  # row 1 is uniform: not confident
     y = torch.tensor([2, UNLABELED, UNLABELED, UNLABELED])
     loss, parts = semi_loss(unlabeled_target="hard", confidence=0.9)(s, y, t)
-    pool = F.cross_entropy(s[[2, 3]], torch.tensor([1, 2]), reduction="sum") / 3  # mean over all 3 unlabelled
-    torch.testing.assert_close(parts["kd"], pool)
-    torch.testing.assert_close(loss, 0.25 * F.cross_entropy(s[:1], y[:1]) + 0.75 * kd_term(s[:1], t[:1], 2.0) + pool)
+    pool = F.cross_entropy(s[[2, 3]], torch.tensor([1, 2]), reduction="sum")  # row 1 contributes 0
+    torch.testing.assert_close(parts["kd"], pool / 3)
+    labelled = 0.25 * F.cross_entropy(s[:1], y[:1]) + 0.75 * kd_term(s[:1], t[:1], 2.0)
+    torch.testing.assert_close(loss, (labelled + pool) / 4)
 
 
 def test_unlabelled_labels_are_never_read():
@@ -74,7 +80,7 @@ def test_semi_run(tmp_path):
     semi = summary["semi"]
     assert semi["labeled"] + semi["unlabeled"] == summary["dataset"]["train"]
     assert abs(semi["labeled"] - 0.2 * summary["dataset"]["train"]) <= 1
-    assert "mean_unlabelled[16·KL(T=4)]" in summary["loss"]["formula"] and summary["loss"]["formula"] in result.stdout
+    assert "unlabelled 1·16·KL(T=4)" in summary["loss"]["formula"] and summary["loss"]["formula"] in result.stdout
     assert summary["baseline"]["note"] == "CE on the labelled part"
     for role in ("teacher", "baseline", "student"):
         assert summary[role]["test_acc" if role != "student" else "test_acc_best"] is not None
