@@ -17,8 +17,8 @@ from torch import nn
 
 from kdrun.data import Data
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss
-from kdrun.schema import LossConfig, OptimConfig, SchedConfig
+from kdrun.losses import DistillationLoss, cross_entropy
+from kdrun.schema import OptimConfig, SchedConfig
 
 
 @dataclass
@@ -102,8 +102,12 @@ def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precisio
     """Top-1 accuracy in percent on ``split``; None when the split is empty."""
     if len(data.split(split)) == 0:
         return None
-    logits = predict(model, data, split, batch_size, precision)
-    return round(100.0 * (logits.argmax(1) == data.split(split).y).float().mean().item(), 4)
+    return top1(predict(model, data, split, batch_size, precision), data.split(split).y)
+
+
+def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of ``scores`` (logits or probabilities) against ``labels``."""
+    return round(100.0 * (scores.argmax(1) == labels).float().mean().item(), 4)
 
 
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
@@ -137,7 +141,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     if teacher is not None and teacher_logits is None and loss_fn.needs_teacher:
         teacher.to(memory_format=memory_format)
         live_teacher = torch.compile(teacher) if recipe.compile else teacher
-    ce_loss = DistillationLoss(LossConfig(name="ce", T=1.0, alpha=0.0))
+    ce_loss = cross_entropy()
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
     for epoch in range(1, recipe.epochs + 1):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdrun.data import Data
-from kdrun.engine import predict
+from kdrun.engine import predict, top1
 from kdrun.losses import DistillationLoss
 from kdrun.stages import RunContext, baseline_model, distil, evaluate, obtain_baseline
 
@@ -96,5 +96,5 @@ def ensemble_accuracy(models: list[nn.Module], data: Data, ctx: RunContext) -> d
             continue
         probs = sum(predict(m, data, split, ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision).softmax(1)
                     for m in models)
-        out[f"{split}_acc"] = round(100.0 * (probs.argmax(1) == data.split(split).y).float().mean().item(), 4)
+        out[f"{split}_acc"] = top1(probs, data.split(split).y)
     return out
