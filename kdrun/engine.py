@@ -166,7 +166,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                 elif live_teacher is not None:
                     with torch.no_grad():
                         t_logits = live_teacher(x)
-            loss, parts = epoch_loss(logits, y, t_logits)
+            loss, parts = epoch_loss(logits, t_logits, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -1,18 +1,32 @@
-"""Distillation losses. Our convention (Hinton et al. 2015; mdistiller / RepDistiller form):
+"""Distillation losses: ``nn.Module``s registered by name, usable in any training loop.
+
+Our convention (Hinton et al. 2015; mdistiller / RepDistiller form):
 
     L = (1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
 
 with the KL divergence summed over classes and averaged over the batch (``batchmean``). ``alpha`` weighs the
 soft (teacher) term. torchdistill's ``alpha`` is the CE weight: its ``alpha=0.1, beta=0.9`` is our ``alpha=0.9``.
+
+The contract every loss follows (built-in, registered by a plugin, or named by ``_target_``)::
+
+    loss = kdrun.losses.build("kd", T=4.0, alpha=0.9)
+    value, parts = loss(student_logits, teacher_logits, labels)   # scalar, {"ce": ..., "kd": ...}
+
+``forward(student_logits, teacher_logits, labels, student_features=None, teacher_features=None)`` returns the
+scalar loss and its named parts (scalars, logged as ``train/loss_<part>``; ``ce`` and ``kd`` are always
+reported, 0 when a loss has no such term). ``teacher_logits`` is None when ``needs_teacher`` is False.
+``T`` and ``alpha`` keep the meaning above; ``formula()`` gives the resolved loss for the run's log.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from kdrun.schema import LossConfig
+from kdrun.errors import ConfigError
+from kdrun.registry import accepts, get, register_loss
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -25,18 +39,38 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 
-class DistillationLoss:
-    """Callable ``(student_logits, labels, teacher_logits) -> (loss, {"ce": ..., "kd": ...})``.
+def _num(v: float) -> str:
+    return f"{v:g}"
 
-    ``needs_teacher`` is False for pure CE (``loss=ce`` or ``alpha=0``): the teacher is then not run at all.
+
+class DistillationLoss(nn.Module):
+    """Base of kdrun's losses: holds ``T`` and ``alpha``; subclasses implement ``forward`` and ``formula``.
+
+    ``needs_teacher`` is False when the loss never reads the teacher (then the teacher is not run at all).
     """
 
-    def __init__(self, cfg: LossConfig):
-        self.name, self.T, self.alpha = cfg.name, float(cfg.T), float(cfg.alpha)
-        self.needs_teacher = self.name == "kd" and self.alpha > 0
+    name = "loss"
 
-    def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                 teacher_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    def __init__(self, T: float = 4.0, alpha: float = 0.9):
+        super().__init__()
+        self.T, self.alpha = float(T), float(alpha)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0
+
+    def formula(self) -> str:
+        return f"L = {type(self).__name__}(T={_num(self.T)}, alpha={_num(self.alpha)})"
+
+
+@register_loss("kd", "Hinton KD: (1-alpha)·CE + alpha·T²·KL(p_t^T ‖ p_s^T), KL batchmean")
+class KDLoss(DistillationLoss):
+    """Hinton et al. 2015 knowledge distillation (alpha weighs the soft term)."""
+
+    name = "kd"
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                student_features: Any = None, teacher_features: Any = None) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(student_logits.float(), labels)
         if not self.needs_teacher:
             return ce, {"ce": ce, "kd": torch.zeros_like(ce)}
@@ -47,11 +81,51 @@ class DistillationLoss:
         """The resolved loss with its numbers, e.g. ``L = 0.1·CE + 0.9·16·KL(T=4)``."""
         if not self.needs_teacher:
             return "L = CE (no teacher term)"
-        num = lambda v: f"{v:g}"
-        ce = f"{num(round(1 - self.alpha, 6))}·CE + " if self.alpha < 1 else ""
-        return f"L = {ce}{num(self.alpha)}·{num(self.T * self.T)}·KL(T={num(self.T)})"
+        ce = f"{_num(round(1 - self.alpha, 6))}·CE + " if self.alpha < 1 else ""
+        return f"L = {ce}{_num(self.alpha)}·{_num(self.T * self.T)}·KL(T={_num(self.T)})"
+
+
+@register_loss("ce", "Cross-entropy on the labels only: the no-KD baseline (no teacher)")
+class CELoss(KDLoss):
+    """Plain CE on the labels; the teacher is not used (``alpha`` must be 0)."""
+
+    name = "ce"
+
+    def __init__(self, T: float = 1.0, alpha: float = 0.0):
+        if alpha != 0:
+            raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {alpha}")
+        super().__init__(T=T, alpha=0.0)
+
+
+def build(name: str, key: str = "loss", **params) -> DistillationLoss:
+    """The registered loss ``name`` built with ``params`` (e.g. ``T=4, alpha=0.9``): an ``nn.Module``."""
+    entry = get("loss", name, key)
+    return instantiate(entry.obj, params, key=key, what=f"loss={name}")
+
+
+def instantiate(cls, params: dict, *, key: str, what: str) -> nn.Module:
+    """Call a loss class / factory with the ``params`` its signature accepts; check it is a usable loss."""
+    unknown = [p for p in params if not accepts(cls, p)]
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"{what} takes no argument {unknown[0]!r}")
+    try:
+        loss = cls(**params)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's constructor: one line naming the key
+        raise ConfigError(key, f"{what} could not be built: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loss, nn.Module):
+        raise ConfigError(key, f"{what} returned a {type(loss).__name__}, not a torch.nn.Module")
+    for attr, default in (("T", params.get("T", 1.0)), ("alpha", params.get("alpha", 0.0))):
+        if not hasattr(loss, attr):
+            setattr(loss, attr, float(default))
+    if not hasattr(loss, "needs_teacher"):
+        loss.needs_teacher = True
+    if not hasattr(loss, "formula"):
+        loss.formula = lambda: f"L = {what}({', '.join(f'{k}={v}' for k, v in params.items())})"
+    return loss
 
 
 def cross_entropy() -> DistillationLoss:
     """Plain CE on the labels (teacher and baseline training)."""
-    return DistillationLoss(LossConfig(name="ce", T=1.0, alpha=0.0))
+    return CELoss()

@@ -55,11 +55,11 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict
 
     from kdrun.data import load_data
     from kdrun.engine import resolve_device
-    from kdrun.losses import DistillationLoss
+    from kdrun import losses
     from kdrun.modes import MODES
     from kdrun.stages import RunContext
 
-    loss = DistillationLoss(conf.loss)
+    loss = losses.build(conf.loss.name, T=conf.loss.T, alpha=conf.loss.alpha)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
     log.info(f"loss: {loss.formula()}   (alpha weighs the soft KD term; KL batchmean)")
     show(_config_tree(cfg_dict), "config:")

@@ -82,8 +82,8 @@ def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, d
     return labeled, pool, info
 
 
-class SemiSupervisedLoss:
-    """The two-stream loss above, with the signature of :class:`kdrun.losses.DistillationLoss`.
+class SemiSupervisedLoss(torch.nn.Module):
+    """The per-sample loss above, with the contract of :mod:`kdrun.losses` (``forward(s, t, y)``).
 
     Reported parts: ``ce`` = mean CE on the labelled images, ``kd`` = mean of the unlabelled stream's term.
     """
@@ -91,10 +91,12 @@ class SemiSupervisedLoss:
     needs_teacher = True
 
     def __init__(self, base: DistillationLoss, mode: ModeConfig):
+        super().__init__()
         self.base, self.T, self.alpha = base, base.T, base.alpha
         self.target, self.confidence, self.weight = mode.unlabeled_target, mode.confidence, mode.unlabeled_weight
 
-    def __call__(self, s: torch.Tensor, y: torch.Tensor, t: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def forward(self, s: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, student_features=None,
+                teacher_features=None) -> tuple[torch.Tensor, dict]:
         lab = y != UNLABELED
         n, n_lab = len(y), int(lab.sum())
         zero = s.float().sum() * 0

@@ -8,7 +8,7 @@ from kdrun.data import load_data
 from kdrun.engine import Recipe, fit, predict
 from kdrun.errors import KdrunError
 from kdrun.logit_cache import decide, make_check, teacher_logits
-from kdrun.losses import DistillationLoss
+from kdrun.losses import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, LossConfig, OptimConfig, SchedConfig
 
@@ -92,7 +92,7 @@ def test_auto_mode_goes_live_with_random_augmentation(data):
 def test_cached_and_live_training_give_the_same_student(teacher, data, tmp_path):
     logits, _ = cache(teacher, data, tmp_path)
     recipe = Recipe(epochs=2, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=3)
-    loss = DistillationLoss(LossConfig(name="kd", T=4.0, alpha=0.9))
+    loss = build("kd", T=4.0, alpha=0.9)
     results = []
     for kwargs in ({"teacher": teacher}, {"teacher": teacher, "teacher_logits": logits}):
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss, cross_entropy, kd_term
+from kdrun.losses import DistillationLoss, build, cross_entropy, kd_term
 from kdrun.schema import LossConfig
 
 torch.set_num_threads(2)
@@ -34,8 +34,8 @@ def logits():
     return student, teacher, labels
 
 
-def kd_loss(T=4.0, alpha=0.9, name="kd") -> DistillationLoss:
-    return DistillationLoss(LossConfig(name=name, T=T, alpha=alpha))
+def kd_loss(T=4.0, alpha=0.9, name="kd") -> "DistillationLoss":
+    return build(name, T=T, alpha=alpha)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 0.5])
@@ -68,7 +68,7 @@ def test_temperature_squared_scaling(logits):
 
 def test_full_loss_combines_ce_and_kd(logits):
     student, teacher, labels = logits
-    loss, parts = kd_loss(T=4.0, alpha=0.9)(student, labels, teacher)
+    loss, parts = kd_loss(T=4.0, alpha=0.9)(student, teacher, labels)
     ce = F.cross_entropy(student.double(), labels)
     expected = 0.1 * ce + 0.9 * 16 * manual_kl(student, teacher, 4.0)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -80,10 +80,10 @@ def test_alpha_zero_is_exactly_cross_entropy(logits):
     student, teacher, labels = logits
     fn = kd_loss(T=4.0, alpha=0.0)
     assert fn.needs_teacher is False
-    loss, parts = fn(student, labels, teacher)
+    loss, parts = fn(student, teacher, labels)
     assert torch.equal(loss, F.cross_entropy(student, labels))
     assert torch.equal(parts["kd"], torch.zeros(()))
-    loss_no_teacher, _ = fn(student, labels, None)  # the teacher is not needed at all
+    loss_no_teacher, _ = fn(student, None, labels)  # the teacher is not needed at all
     assert torch.equal(loss_no_teacher, loss)
 
 
@@ -91,7 +91,7 @@ def test_ce_loss_needs_no_teacher(logits):
     student, _, labels = logits
     for fn in (kd_loss(name="ce", T=1.0, alpha=0.0), cross_entropy()):
         assert fn.needs_teacher is False
-        loss, _ = fn(student, labels)
+        loss, _ = fn(student, None, labels)
         assert torch.equal(loss, F.cross_entropy(student, labels))
 
 
@@ -99,7 +99,7 @@ def test_alpha_one_is_exactly_the_kd_term(logits):
     student, teacher, labels = logits
     fn = kd_loss(T=4.0, alpha=1.0)
     assert fn.needs_teacher is True
-    loss, parts = fn(student, labels, teacher)
+    loss, parts = fn(student, teacher, labels)
     assert torch.equal(loss, kd_term(student, teacher, 4.0))
     assert torch.equal(loss, parts["kd"])
 
@@ -112,7 +112,7 @@ def test_kd_needs_teacher_when_alpha_positive():
 def test_equal_logits_give_zero_kd(logits):
     student, _, labels = logits
     assert kd_term(student, student.clone(), 4.0).abs().item() < 1e-6
-    loss, parts = kd_loss(alpha=1.0)(student, labels, student.clone())
+    loss, parts = kd_loss(alpha=1.0)(student, student.clone(), labels)
     assert abs(loss.item()) < 1e-6 and abs(parts["kd"].item()) < 1e-6
 
 
@@ -124,8 +124,8 @@ def test_kd_is_positive_for_different_logits(logits):
 def test_reduction_does_not_depend_on_batch_size(logits):
     student, teacher, labels = logits
     fn = kd_loss(T=4.0, alpha=0.9)
-    single, single_parts = fn(student, labels, teacher)
-    double, double_parts = fn(torch.cat([student, student]), torch.cat([labels, labels]), torch.cat([teacher, teacher]))
+    single, single_parts = fn(student, teacher, labels)
+    double, double_parts = fn(torch.cat([student, student]), torch.cat([teacher, teacher]), torch.cat([labels, labels]))
     torch.testing.assert_close(double, single, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(double_parts["kd"], single_parts["kd"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(double_parts["ce"], single_parts["ce"], rtol=1e-6, atol=1e-6)
@@ -135,7 +135,7 @@ def test_gradient_flows_to_student_only(logits):
     student, teacher, labels = logits
     student = student.clone().requires_grad_(True)
     teacher = teacher.clone().requires_grad_(True)  # even if the caller forgot to freeze it
-    loss, _ = kd_loss(T=4.0, alpha=0.9)(student, labels, teacher)
+    loss, _ = kd_loss(T=4.0, alpha=0.9)(student, teacher, labels)
     loss.backward()
     assert student.grad is not None and student.grad.abs().sum().item() > 0
     assert teacher.grad is None or teacher.grad.abs().sum().item() == 0
@@ -147,7 +147,7 @@ def test_student_gradient_matches_autograd_of_the_formula(logits):
     ref = 0.5 * F.cross_entropy(s1, labels) + 0.5 * 4.0 * manual_kl(s1, teacher, 2.0)
     ref.backward()
     s2 = student.clone().requires_grad_(True)
-    loss, _ = kd_loss(T=2.0, alpha=0.5)(s2, labels, teacher)
+    loss, _ = kd_loss(T=2.0, alpha=0.5)(s2, teacher, labels)
     loss.backward()
     torch.testing.assert_close(s2.grad.double(), s1.grad, rtol=1e-4, atol=1e-6)
 

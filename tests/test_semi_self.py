@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_json, read_jsonl, store_entries
-from kdrun.losses import DistillationLoss, kd_term
+from kdrun.losses import build, kd_term
 from kdrun.schema import LossConfig, ModeConfig
 from kdrun.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
 from test_cli import assert_one_line_error, smoke
@@ -15,7 +15,7 @@ from test_cli import assert_one_line_error, smoke
 
 def semi_loss(**mode) -> SemiSupervisedLoss:
     cfg = ModeConfig(name="semi", labeled_fraction=0.5, **mode)
-    return SemiSupervisedLoss(DistillationLoss(LossConfig(name="kd", T=2.0, alpha=0.75)), cfg)
+    return SemiSupervisedLoss(build("kd", T=2.0, alpha=0.75), cfg)
 
 
 # --- maths ----------------------------------------------------------------------------------------------
@@ -25,15 +25,15 @@ def test_semi_loss_soft_is_a_per_sample_mean_over_both_streams():
     s, t = torch.randn(8, 5), torch.randn(8, 5)
     y = torch.tensor([0, 1, UNLABELED, 3, UNLABELED, UNLABELED, 4, 2])
     lab = y >= 0
-    loss, parts = semi_loss(unlabeled_weight=0.5)(s, y, t)
+    loss, parts = semi_loss(unlabeled_weight=0.5)(s, t, y)
     want = (0.25 * F.cross_entropy(s[lab], y[lab]) * 5 + 0.75 * kd_term(s[lab], t[lab], 2.0) * 5
             + 0.5 * kd_term(s[~lab], t[~lab], 2.0) * 3) / 8
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(parts["kd"], kd_term(s[~lab], t[~lab], 2.0))
     torch.testing.assert_close(parts["ce"], F.cross_entropy(s[lab], y[lab]))
     # all labelled: exactly the offline KD loss
-    full, _ = semi_loss()(s, torch.arange(8) % 5, t)
-    offline, _ = DistillationLoss(LossConfig(name="kd", T=2.0, alpha=0.75))(s, torch.arange(8) % 5, t)
+    full, _ = semi_loss()(s, t, torch.arange(8) % 5)
+    offline, _ = build("kd", T=2.0, alpha=0.75)(s, t, torch.arange(8) % 5)
     torch.testing.assert_close(full, offline)
 
 
@@ -41,7 +41,7 @@ def test_semi_loss_hard_uses_confident_pseudo_labels_only():
     s = torch.randn(4, 3)
     t = torch.tensor([[9.0, 0, 0], [0, 0, 0], [0, 9.0, 0], [0, 0, 9.0]])  # row 1 is uniform: not confident
     y = torch.tensor([2, UNLABELED, UNLABELED, UNLABELED])
-    loss, parts = semi_loss(unlabeled_target="hard", confidence=0.9)(s, y, t)
+    loss, parts = semi_loss(unlabeled_target="hard", confidence=0.9)(s, t, y)
     pool = F.cross_entropy(s[[2, 3]], torch.tensor([1, 2]), reduction="sum")  # row 1 contributes 0
     torch.testing.assert_close(parts["kd"], pool / 3)
     labelled = 0.25 * F.cross_entropy(s[:1], y[:1]) + 0.75 * kd_term(s[:1], t[:1], 2.0)
@@ -54,7 +54,7 @@ def test_unlabelled_labels_are_never_read():
     y = torch.full((4,), UNLABELED)
     with pytest.raises((IndexError, RuntimeError)):
         F.cross_entropy(s, y)
-    loss, _ = semi_loss()(s, y, t)
+    loss, _ = semi_loss()(s, t, y)
     loss.backward()
     assert torch.isfinite(loss) and s.grad is not None
 
