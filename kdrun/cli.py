@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.schema import keys_at, register_configs
 
-register_configs()
 _FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
 _SWEEP_DIRS: list[Path] = []  # sweep dirs started by this process, summarised by main()
 
@@ -92,21 +91,37 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text))
 
 
+LISTABLE = {"models": "model", "datasets": "dataset", "losses": "loss", "modes": "mode"}
+
+
 def _list(what: str) -> int:
+    """``kdrun --list models|datasets|losses|modes``: built-ins and plugins, each with its source."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    if what != "models":
-        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: models", file=sys.stderr)
+    if what not in LISTABLE:
+        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: {', '.join(LISTABLE)}", file=sys.stderr)
         return 2
-    from kdrun.models import list_models, model_args
+    from kdrun import registry
 
-    table = Table(title="kdrun models (teacher=NAME or student=NAME)")
-    for col in ("name", "description", "args (defaults)"):
+    kind = LISTABLE[what]
+    found = registry.entries(kind)
+    table = Table(title=f"kdrun {what} ({kind}=NAME)" if kind != "model" else
+                  "kdrun models (teacher=NAME or student=NAME)")
+    for col in ("name", "description", "args (defaults)", "source"):
         table.add_column(col)
-    for name, description in list_models():
-        table.add_row(name, description, ", ".join(f"{k}={v}" for k, v in model_args(name).items()))
+    skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
+    for name, entry in found.items():
+        params = entry.params(skip=skip) if kind != "mode" else {}
+        table.add_row(name, escape(entry.description), ", ".join(f"{k}={v}" for k, v in params.items()), entry.source)
+    if kind == "model":
+        table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
+                      "model_name, pretrained=False, weights=None", "kdrun (optional extra)")
     Console().print(table)
+    broken = {k: v for k, v in registry.load_plugins().items() if v != "ok"}
+    for name, why in broken.items():
+        print(f"kdrun: warning: plugin {name!r} failed to load: {why}", file=sys.stderr)
     return 0
 
 
@@ -132,6 +147,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["--list"]:
         sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
+    register_configs()  # after --list: generated options include installed plugins
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     try:

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.schema import AugmentConfig, DatasetConfig
-from kdrun.sources import LOADERS, LazyImages, _check_fits, _read_idx, _stratified  # noqa: F401 (re-exported)
+from kdrun.sources import LazyImages, check_fits, stratified
+from kdrun.splits import call_dataset
 
 
 @dataclass
@@ -123,21 +125,27 @@ def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
 
 
 def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
-    """Load dataset ``cfg.name``, carve a stratified val split from train, put it all on ``device``."""
-    train_x, train_y, test_x, test_y = LOADERS[cfg.name](cfg)
+    """Load the dataset, carve a stratified val split from train when it has none, put it all on ``device``."""
+    splits = call_dataset(cfg)
+    train_x, train_y = splits["train"]
+    test_x, test_y = splits["test"]
     if cfg.train_subset is not None and cfg.train_subset < len(train_y):
-        keep, _ = _stratified(len(train_y), train_y, cfg.train_subset, cfg.split_seed, "dataset.train_subset")
+        keep, _ = stratified(len(train_y), train_y, cfg.train_subset, cfg.split_seed, "dataset.train_subset")
         train_x, train_y = train_x[keep], train_y[keep]
-    n_val = int(round(cfg.val_fraction * len(train_y)))
-    if n_val > 0:
-        val_idx, train_idx = _stratified(len(train_y), train_y, n_val, cfg.split_seed, "dataset.val_fraction")
+    if "val" in splits:  # the dataset's own validation split
+        (val_x, val_y), train_idx = splits["val"], np.arange(len(train_y))
     else:
-        val_idx, train_idx = np.array([], dtype=np.int64), np.arange(len(train_y))
-    _check_fits(train_x.nbytes + test_x.nbytes, device, cfg.name)
+        n_val = int(round(cfg.val_fraction * len(train_y)))
+        if n_val > 0:
+            val_idx, train_idx = stratified(len(train_y), train_y, n_val, cfg.split_seed, "dataset.val_fraction")
+        else:
+            val_idx, train_idx = np.array([], dtype=np.int64), np.arange(len(train_y))
+        val_x, val_y = train_x[val_idx], train_y[val_idx]
+    check_fits(train_x.nbytes + val_x.nbytes + test_x.nbytes, device, cfg.name)
     on = lambda x: x if isinstance(x, LazyImages) else torch.as_tensor(x).to(device)
     to = lambda x, y: Split(on(x), torch.as_tensor(y, dtype=torch.int64).to(device))
-    train, val, test = to(train_x[train_idx], train_y[train_idx]), to(train_x[val_idx], train_y[val_idx]), to(test_x, test_y)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train, val, test = to(train_x[train_idx], train_y[train_idx]), to(val_x, val_y), to(test_x, test_y)
+    num_classes = splits["num_classes"]
     mean, std = _normalisation(cfg, train)
     identity = {
         "name": cfg.name, "sizes": [len(train), len(val), len(test)], "shape": list(train.x.shape[1:]),
@@ -145,8 +153,11 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
         "train_subset": cfg.train_subset, "mean": [round(v, 6) for v in mean.flatten().tolist()],
         "std": [round(v, 6) for v in std.flatten().tolist()],
         "augment": {"crop_padding": cfg.augment.crop_padding, "hflip": cfg.augment.hflip},
-        "fingerprint": _fingerprint(train_x[train_idx], train_y[train_idx], test_x, test_y),
+        "fingerprint": _fingerprint(train_x[train_idx], train_y[train_idx], test_x, test_y,
+                                    *((val_x, val_y) if "val" in splits else ())),
     }
+    if cfg.target or splits["source"] != "kdrun":  # a user's dataset code: its changes must change the identity
+        identity["source"] = {"target": cfg.target, "kwargs": dict(cfg.kwargs), "sha256": splits["source_sha256"]}
     return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity)
 
 

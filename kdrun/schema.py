@@ -1,25 +1,37 @@
 """Dataclass schemas of the config tree: types, allowed keys, defaults and range checks.
 
-Registered in Hydra's ConfigStore as ``kdrun_schema`` (the first entry of ``conf/config.yaml``), so typos and
-type errors fail at composition; ``__post_init__`` range checks run in :func:`to_object`, naming the key.
-This module imports no torch (``kdrun --help`` stays fast).
+Every default lives here, once; the YAMLs under ``conf/`` document an option and set only what differs.
+
+- ``kdrun_schema`` (the first entry of ``conf/config.yaml``) is :class:`Config`: typos and type errors fail at
+  composition; ``__post_init__`` range checks run in :func:`to_object`, naming the key.
+- Each loss and each mode has its own structured config, stored as ``schema/loss/<name>`` and
+  ``schema/mode/<name>`` and pulled in by its YAML (``defaults: [/schema/mode/semi@_here_]``), so a key of
+  another mode fails at composition.
+- ``teacher``, ``student`` and ``dataset`` are open nodes: a registry name with its ``args``, or a user's
+  ``_target_: pkg.module.Callable`` whose other keys are its keyword arguments. :func:`to_object` splits them
+  into the typed :class:`TeacherConfig` / :class:`StudentConfig` / :class:`DatasetConfig` plus ``kwargs``.
+- ``teacher=NAME`` / ``student=NAME`` options are generated from the model registry (one place for a model's
+  defaults: its factory's signature); plugins' datasets, losses and modes get generated options too.
+
+This module imports no torch (``kdrun --help`` stays fast); validation never builds a model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Dict, List, Optional
 
+from kdrun import registry
 from kdrun.errors import ConfigError, unknown_choice
 
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "fake")
-LOSSES = ("kd", "ce")
-MODES = ("offline", "semi", "self", "merge")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    if value is None or math.isnan(value) or (math.isinf(value) and not math.isinf(hi)):
+        raise ConfigError(key, f"must be a finite number, got {value}")
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi
     if below or above:
@@ -61,9 +73,11 @@ class DatasetConfig:
     train_size: Optional[int] = None  # fake only
     stream: str = "auto"              # imagefolder: auto (stream from disk when too big for memory) | true | false
     num_workers: int = 2              # imagefolder: DataLoader workers that decode images
+    target: Optional[str] = None      # `_target_` in YAML: pkg.module.Callable returning the splits (README)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # other keys: keyword args of the dataset callable
 
     def __post_init__(self):
-        _check_choice("dataset", self.name, DATASETS)
+        self._check_source()
         if self.name == "imagefolder" and self.root in (None, "", "???"):
             raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
         _check_range("dataset.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
@@ -77,6 +91,20 @@ class DatasetConfig:
             raise ConfigError("dataset.mean", "set both dataset.mean and dataset.std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError("dataset.std", f"must be > 0, got {self.std}")
+
+    def _check_source(self):
+        """A registered name or a ``_target_``; extra keys must be arguments the callable accepts."""
+        if self.target:
+            fn = registry.import_target(self.target, "dataset._target_")
+            self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
+        elif not self.name:
+            raise ConfigError("dataset.name", "set a dataset name (`kdrun --list datasets`) or a _target_")
+        else:
+            fn = registry.get("dataset", self.name, "dataset").obj
+        for arg in self.kwargs:
+            if not registry.accepts(fn, arg):
+                raise ConfigError(f"dataset.{arg}", f"unknown config key; {self.target or self.name} takes no "
+                                                    f"argument {arg!r}")
 
 
 @dataclass
@@ -111,13 +139,44 @@ class SchedConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"                                    # a name from `kdrun --list models`
-    args: Dict[str, Any] = field(default_factory=dict)  # architecture arguments of that model
+    """A model in either role: a registry ``name`` with its ``args``, or a user's ``_target_`` callable."""
+
+    KEY: ClassVar[str] = "model"
+    name: Optional[str] = None                           # a name from `kdrun --list models` (or a label)
+    args: Dict[str, Any] = field(default_factory=dict)  # architecture arguments of that registered model
+    init: Optional[str] = None  # null (random) | teacher | imagenet | path/to/checkpoint.pt: initial weights
+    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes kept frozen (fine-tuning)
+    target: Optional[str] = None                         # `_target_` in YAML: pkg.module.Callable returning a module
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the `_target_` node's other keys: its keyword args
+
+    def __post_init__(self):
+        key = self.KEY
+        if self.target:
+            fn = registry.import_target(self.target, f"{key}._target_")
+            for arg in self.kwargs:
+                if not registry.accepts(fn, arg):
+                    raise ConfigError(f"{key}.{arg}", f"{self.target} takes no argument {arg!r}")
+            self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
+        else:
+            if self.kwargs:
+                arg = next(iter(self.kwargs))
+                raise ConfigError(f"{key}.{arg}", f"unknown config key; a registered model takes its arguments "
+                                                  f"under {key}.args (a `_target_` model takes them as {key}.<arg>)")
+            if not self.name:
+                raise ConfigError(f"{key}.name", "set a model name (`kdrun --list models`) or a _target_")
+            from kdrun.models import check_args  # the catalog: no torch
+
+            check_args(self.name, dict(self.args), key)
+        if self.init is not None or self.freeze:  # torch is imported only when these keys are used
+            from kdrun.transfer import check_config
+
+            check_config(self, key)
 
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    name: str = "cnn"
+    KEY: ClassVar[str] = "teacher"
+    name: Optional[str] = "cnn"
     ckpt: Optional[str] = None  # use this checkpoint instead of the store (kdrun's or a plain state_dict)
     epochs: int = 30            # the teacher's own training recipe (part of its store key) ...
     batch_size: Optional[int] = None  # null = trainer.batch_size
@@ -136,79 +195,89 @@ class TeacherConfig(ModelConfig):
         _check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
         self.optim.check("teacher.optim")
         self.sched.check("teacher.sched")
+        super().__post_init__()
 
 
 @dataclass
 class StudentConfig(ModelConfig):
-    name: str = "mlp"
-    init: Optional[str] = None  # null (random) | teacher | imagenet | path/to/checkpoint.pt: initial weights
-    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes kept frozen (fine-tuning)
+    KEY: ClassVar[str] = "student"
+    name: Optional[str] = "mlp"
+
+
+# --- losses: one structured config per loss (schema/loss/<name>), plus the open node of a user's loss ---
+
+@dataclass
+class LossBase:
+    name: str = "kd"
+    T: float = 4.0       # temperature (> 0); the soft term is scaled by T² to keep its gradient scale
+    alpha: float = 0.9   # weight of the soft KD term in [0, 1]; (1 - alpha) weighs CE. 0 = pure CE, 1 = pure KD
 
     def __post_init__(self):
-        if self.init is not None or self.freeze:  # torch is imported only when these keys are used
-            from kdrun.transfer import check_config
-
-            check_config(self)
+        _check_range("loss.alpha", self.alpha, 0.0, 1.0)
+        _check_range("loss.T", self.T, 0.0, float("inf"), lo_open=True)
 
 
 @dataclass
-class LossConfig:
-    name: str = "kd"
-    T: float = 4.0       # temperature (> 0)
-    alpha: float = 0.9   # weight of the soft KD term; (1 - alpha) weighs CE
+class KDLossConfig(LossBase):
+    """loss=kd: L = (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)), KL batchmean."""
+
+
+@dataclass
+class CELossConfig(LossBase):
+    """loss=ce: CE on the labels only, the no-KD baseline (no teacher)."""
+
+    name: str = "ce"
+    T: float = 1.0       # unused
+    alpha: float = 0.0   # must stay 0: ce has no teacher term
 
     def __post_init__(self):
-        _check_choice("loss", self.name, LOSSES)
-        _check_range("loss.alpha", self.alpha, 0.0, 1.0)
-        if self.T <= 0:
-            raise ConfigError("loss.T", f"must be > 0, got {self.T}")
-        if self.name == "ce" and self.alpha != 0:
+        super().__post_init__()
+        if self.alpha != 0:
             raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {self.alpha}")
 
 
-# The keys each mode reads; a key of another mode set to a non-default value is refused (a silent no-op
-# would mislead). ``name`` is common to all.
-MODE_KEYS = {
-    "offline": (),
-    "semi": ("labeled_fraction", "labels_per_class", "unlabeled_target", "confidence", "unlabeled_weight",
-             "iterations"),
-    "self": ("method", "generations", "teacher_epoch", "ensemble"),
-    "merge": ("class_splits", "combine"),
-}
+@dataclass
+class LossConfig(LossBase):
+    """A plugin's registered loss (``name``) or a user's ``_target_`` class; other keys are its kwargs."""
+
+    name: Optional[str] = None
+    target: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target:
+            registry.import_target(self.target, "loss._target_")
+            self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
+        elif not self.name:
+            raise ConfigError("loss.name", "set a loss name (`kdrun --list losses`) or a _target_")
+
+
+LOSS_SCHEMAS = {"kd": KDLossConfig, "ce": CELossConfig}
+
+
+# --- modes: one structured config per mode (schema/mode/<name>) ------------------------------------
+
+@dataclass
+class OfflineMode:
+    """mode=offline: a frozen, pre-trained teacher teaches the student."""
+
+    name: str = "offline"
 
 
 @dataclass
-class ModeConfig:
-    """How the teacher teaches. One node for every mode; ``MODE_KEYS`` says which keys each mode reads."""
+class SemiMode:
+    """mode=semi: only part of train keeps its labels; the teacher's targets supervise the rest."""
 
-    name: str = "offline"
-    # semi: labelled subset (exactly one of the two), what the unlabelled pool learns from, stream weights
-    labeled_fraction: Optional[float] = None  # share of train whose labels are kept, in (0, 1] (stratified)
-    labels_per_class: Optional[int] = None    # ... or this many labelled images per class
-    unlabeled_target: str = "soft"            # soft: KD term on the pool | hard: CE on confident pseudo-labels
-    confidence: float = 0.0                   # hard: keep pseudo-labels whose teacher probability >= this
-    unlabeled_weight: float = 1.0             # weight of the unlabelled stream's mean loss
-    iterations: int = 1                       # > 1: the student becomes the next round's teacher
-    # self: born_again generations or an in-training snapshot teacher
-    method: str = "born_again"                # born_again | snapshot
-    generations: int = 3                      # born_again: KD generations after generation 0 (CE)
-    teacher_epoch: Optional[int] = None       # snapshot: freeze the student as its teacher after this epoch
-    ensemble: bool = True                     # born_again: also report the ensemble of all generations
-    # merge: teachers on class subsets (or all on the same classes), merged into one student
-    class_splits: Optional[List[List[int]]] = None  # one class list per teacher; null = two halves
-    combine: str = "confidence"               # disjoint splits: confidence | maxprob; same classes: mean | weighted
+    name: str = "semi"
+    labeled_fraction: Optional[float] = 0.1  # share of train whose labels are kept, in (0, 1] (stratified) ...
+    labels_per_class: Optional[int] = None   # ... or this many labelled images per class (set the other null)
+    unlabeled_target: str = "soft"           # soft: KD term on the pool | hard: CE on confident pseudo-labels
+    confidence: float = 0.0                  # hard: keep pseudo-labels whose teacher probability >= this
+    unlabeled_weight: float = 1.0            # weight of an unlabelled image's term in the per-sample mean
+    iterations: int = 1                      # > 1: each round's student teaches the next (Noisy Student)
 
     def __post_init__(self):
-        _check_choice("mode", self.name, MODES)
-        for f in fields(ModeConfig):
-            if f.name != "name" and f.name not in MODE_KEYS[self.name]:
-                base = f.default_factory() if callable(f.default_factory) else f.default
-                if getattr(self, f.name) != base:
-                    used = ", ".join(MODE_KEYS[self.name]) or "none"
-                    raise ConfigError(f"mode.{f.name}", f"not used by mode={self.name} (its keys: {used})")
-        getattr(self, f"_check_{self.name}", lambda: None)()
-
-    def _check_semi(self):
         if (self.labeled_fraction is None) == (self.labels_per_class is None):
             raise ConfigError("mode.labeled_fraction", "mode=semi needs exactly one of mode.labeled_fraction "
                                                        "or mode.labels_per_class")
@@ -222,20 +291,57 @@ class ModeConfig:
         if self.iterations < 1:
             raise ConfigError("mode.iterations", f"must be >= 1, got {self.iterations}")
 
-    def _check_self(self):
+
+@dataclass
+class SelfMode:
+    """mode=self: born-again generations or an in-training snapshot teacher (no separate teacher)."""
+
+    name: str = "self"
+    method: str = "born_again"           # born_again | snapshot
+    generations: int = 3                 # born_again: KD generations after generation 0 (CE), >= 1
+    teacher_epoch: Optional[int] = None  # snapshot: freeze the student as its teacher after this epoch
+    ensemble: bool = True                # born_again: also report the ensemble (mean softmax) of all generations
+
+    def __post_init__(self):
         _check_choice("mode.method", self.method, ("born_again", "snapshot"))
         if self.method == "born_again" and self.generations < 1:
             raise ConfigError("mode.generations", f"must be >= 1, got {self.generations}")
         if self.method == "snapshot" and (self.teacher_epoch is None or self.teacher_epoch < 1):
             raise ConfigError("mode.teacher_epoch", f"mode.method=snapshot needs an epoch >= 1, got {self.teacher_epoch}")
 
-    def _check_merge(self):
+
+@dataclass
+class MergeMode:
+    """mode=merge: teachers on class subsets (or all on the same classes) merged into one student."""
+
+    name: str = "merge"
+    class_splits: Optional[List[List[int]]] = None  # one class list per teacher; null = two halves
+    combine: str = "confidence"  # disjoint splits: confidence | maxprob; identical splits: mean | weighted
+
+    def __post_init__(self):
         _check_choice("mode.combine", self.combine, ("confidence", "maxprob", "mean", "weighted"))
         if self.class_splits is not None:
             if len(self.class_splits) < 2 or any(len(s) == 0 for s in self.class_splits):
                 raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")
             if any(c < 0 for s in self.class_splits for c in s):
                 raise ConfigError("mode.class_splits", f"class ids must be >= 0, got {self.class_splits}")
+
+
+@dataclass
+class ModeConfig:
+    """A plugin's registered mode without a schema of its own: ``name`` plus its keys in ``options``."""
+
+    name: str = "offline"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, item):
+        options = self.__dict__.get("options", {})
+        if item in options:
+            return options[item]
+        raise AttributeError(item)
+
+
+MODE_SCHEMAS = {"offline": OfflineMode, "semi": SemiMode, "self": SelfMode, "merge": MergeMode}
 
 
 @dataclass
@@ -267,13 +373,21 @@ class StoreConfig:
     baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
 
 
+def _node_defaults(cls, **overrides) -> dict:
+    """``cls``'s defaults as a plain dict for an open node (``target``/``kwargs`` are not YAML keys)."""
+    out = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default) for f in fields(cls)}
+    out = {k: (asdict(v) if is_dataclass(v) else v) for k, v in out.items() if k not in ("target", "kwargs")}
+    return {**out, **overrides}
+
+
 @dataclass
 class Config:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    mode: ModeConfig = field(default_factory=ModeConfig)
+    # open nodes (see the module docstring): converted into their dataclasses by __post_init__
+    dataset: Any = field(default_factory=lambda: _node_defaults(DatasetConfig, name=None))
+    teacher: Any = field(default_factory=lambda: _node_defaults(TeacherConfig, name=None))
+    student: Any = field(default_factory=lambda: _node_defaults(StudentConfig, name=None))
+    loss: Any = None   # one of LOSS_SCHEMAS (set by its YAML), or an open node: LossConfig
+    mode: Any = None   # one of MODE_SCHEMAS (set by its YAML), or a plugin's: ModeConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -282,20 +396,90 @@ class Config:
     baseline: bool = True
 
     def __post_init__(self):
+        self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
+        self.teacher = open_node(TeacherConfig, self.teacher, "teacher")
+        self.student = open_node(StudentConfig, self.student, "student")
+        self.loss = open_node(LossConfig, self.loss if self.loss is not None else KDLossConfig(), "loss")
+        self.mode = _mode(self.mode if self.mode is not None else OfflineMode())
         self.optim.check("optim")
         self.sched.check("sched")
         if self.mode.name != "offline" and self.loss.name == "ce":
             raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
-        at = self.mode.teacher_epoch
+        at = getattr(self.mode, "teacher_epoch", None)
         if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
             raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")
 
 
+def open_node(cls, node: Any, key: str):
+    """A composed open node (dict) as ``cls``: its declared keys typed and checked, ``_target_`` as ``target``
+    and every other key in ``kwargs``. Already-typed values (Python callers) pass through."""
+    if not isinstance(node, dict):
+        return node
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = dict(node)
+    known = {f.name for f in fields(cls)} - {"target", "kwargs"}
+    target = node.pop("_target_", None)
+    extra = {k: node.pop(k) for k in list(node) if k not in known}
+    typed = {**node, "target": target, "kwargs": extra}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), typed))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        cause = _config_error_in(exc)
+        if cause is not None:
+            raise cause from None
+        where = getattr(exc, "full_key", None)
+        raise ConfigError(f"{key}.{where}" if where else key, str(exc).splitlines()[0]) from None
+
+
+def _mode(node: Any):
+    """A mode node: its own schema's object, or a plugin's registered mode as :class:`ModeConfig`."""
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    name = node.pop("name", None)
+    registry.get("mode", str(name), "mode")
+    return ModeConfig(name=name, options=node)
+
+
+def _config_error_in(exc: BaseException) -> Optional[ConfigError]:
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore under the name ``kdrun_schema``."""
+    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*``, ``schema/mode/*``, and
+    the generated options: ``teacher/NAME`` and ``student/NAME`` for every registered model, and an option for
+    every plugin's dataset, loss and mode that has no YAML of its own."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="kdrun_schema", node=Config)
+    cs = ConfigStore.instance()
+    cs.store(name="kdrun_schema", node=Config)
+    for name, schema in LOSS_SCHEMAS.items():
+        cs.store(group="schema/loss", name=name, node=schema)
+    for name, schema in MODE_SCHEMAS.items():
+        cs.store(group="schema/mode", name=name, node=schema)
+    for name, entry in registry.entries("model").items():
+        node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
+        for role in ("teacher", "student"):
+            cs.store(group=role, name=name, node=node)
+    for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
+        cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
+                                                 "pretrained": False, "weights": None})
+    for name, entry in registry.entries("dataset", builtins=False).items():
+        cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
+    for name, entry in registry.entries("loss", builtins=False).items():
+        cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
+                                                 **entry.params(skip=("args", "kwargs"))})
+    for name in registry.entries("mode", builtins=False):
+        cs.store(group="mode", name=name, node={"name": name})
 
 
 def to_object(cfg) -> Config:
@@ -308,20 +492,21 @@ def to_object(cfg) -> Config:
     except ConfigError:
         raise
     except Exception as exc:  # OmegaConf may wrap errors raised in __post_init__
-        cause = exc.__cause__ or exc.__context__
-        while cause is not None:
-            if isinstance(cause, ConfigError):
-                raise cause from None
-            cause = cause.__cause__ or cause.__context__
+        cause = _config_error_in(exc)
+        if cause is not None:
+            raise cause from None
         raise
 
 
 def _reject_unknown_keys(node, path: str) -> None:
     """Keys added with ``+key=value`` pass Hydra's checks: refuse those the schema does not declare."""
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
 
-    valid = keys_at(path)
-    if valid is None or not isinstance(node, DictConfig):
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    valid = [f.name for f in fields(schema)] if is_dataclass(schema) else keys_at(path)
+    if valid is None or path in OPEN_NODES:
         return
     for key in node.keys():
         full = f"{path}.{key}" if path else str(key)
@@ -330,10 +515,21 @@ def _reject_unknown_keys(node, path: str) -> None:
         _reject_unknown_keys(node[key], full)
 
 
+OPEN_NODES = {"dataset": DatasetConfig, "teacher": TeacherConfig, "student": StudentConfig}
+
+
 def keys_at(path: str) -> Optional[List[str]]:
-    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node."""
-    node: Any = Config
-    for part in [p for p in path.split(".") if p]:
+    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node or its
+    keys depend on the chosen option (loss, mode)."""
+    parts = [p for p in path.split(".") if p]
+    if parts and parts[0] in OPEN_NODES:
+        node: Any = OPEN_NODES[parts[0]]
+        parts = parts[1:]
+        if not parts:
+            return [f.name for f in fields(node) if f.name not in ("target", "kwargs")] + ["_target_"]
+    else:
+        node = Config
+    for part in parts:
         match = [f for f in fields(node) if f.name == part]
         if not match:
             return None

@@ -31,7 +31,7 @@ from kdrun.data import Data, with_train
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, kd_term
 from kdrun.schema import ModeConfig
-from kdrun.sources import _stratified
+from kdrun.sources import stratified as _stratified
 from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
 
 log = logging.getLogger("kdrun")

@@ -1,5 +1,10 @@
-"""Where images come from: one loader per dataset, each returning numpy ``(train_x [N,C,H,W], train_y,
-test_x, test_y)``, plus the streaming image source for folders too large for memory.
+"""Where images come from: the built-in datasets, registered like a plugin's, plus the streaming image source
+for folders too large for memory.
+
+Every dataset callable follows the contract of a user's dataset (see :func:`kdrun.data.call_dataset`): it
+takes keyword arguments (filled from the ``dataset.*`` keys of the same name) and returns a mapping with
+``train`` and optionally ``val`` / ``test``, each ``(x, y)``. The built-ins return numpy ``x [N,C,H,W]``
+(uint8 or float32 in [0, 1]) or a :class:`LazyImages`.
 
 Loaders say what to do when files are missing (torchvision download, the Debian package); they never
 download unless ``dataset.download=true``.
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 from kdrun.errors import ConfigError, KdrunError
-from kdrun.schema import DatasetConfig
+from kdrun.registry import register_dataset
 
 log = logging.getLogger(__name__)
 MAX_IN_MEMORY_BYTES = 16 * 2**30  # refuse to decode more than this into memory
@@ -77,7 +82,7 @@ class _Files(torch.utils.data.Dataset):
         return self.images.load(i)
 
 
-def _check_fits(nbytes: int, device: torch.device, name: str) -> None:
+def check_fits(nbytes: int, device: torch.device, name: str) -> None:
     """Stop with a clear message when the decoded data cannot live on ``device`` (rather than crash later)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -89,7 +94,7 @@ def _check_fits(nbytes: int, device: torch.device, name: str) -> None:
                          f"use trainer.device=cpu, a smaller dataset.image_size or dataset.train_subset")
 
 
-def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+def stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Indices (picked, rest), ``size`` picked stratified by label with ``seed``."""
     from sklearn.model_selection import train_test_split
 
@@ -100,21 +105,23 @@ def _stratified(n: int, y: np.ndarray, size: int, seed: int, key: str) -> tuple[
     return np.sort(picked), np.sort(rest)
 
 
-def _digits(cfg: DatasetConfig):
+@register_dataset("digits", "scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes): no download")
+def digits(test_fraction: float = 0.2, split_seed: int = 0) -> dict:
+    """No official test split: a stratified ``test_fraction`` is held out (seeded by ``split_seed``)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None]  # 0..16 grey levels -> [0, 1]
     y = bunch.target.astype(np.int64)
-    n_test = int(round(cfg.test_fraction * len(y)))
-    test_idx, train_idx = _stratified(len(y), y, n_test, cfg.split_seed, "dataset.test_fraction")
-    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    n_test = int(round(test_fraction * len(y)))
+    test_idx, train_idx = stratified(len(y), y, n_test, split_seed, "dataset.test_fraction")
+    return {"train": (x[train_idx], y[train_idx]), "test": (x[test_idx], y[test_idx])}
 
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz), the format of MNIST and Fashion-MNIST."""
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
         raw = handle.read()
@@ -124,26 +131,37 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _mnist_family(cfg: DatasetConfig, cls_name: str, debian_pkg: Optional[str]):
+def _mnist_family(name: str, root: Optional[str], idx_dir: Optional[str], download: bool, cls_name: str,
+                  debian_pkg: Optional[str]) -> dict:
     import torchvision.datasets as tvd
 
-    root = Path(cfg.root or "data")
+    root = Path(root or "data")
     try:
-        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
-        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+        train = getattr(tvd, cls_name)(str(root), train=True, download=download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=download)
         tx, ty, vx, vy = train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy()
     except RuntimeError as exc:
-        if cfg.download:
-            raise KdrunError(f"dataset={cfg.name}: download into {root} failed ({exc})") from None
-        files = _find_idx(cfg.idx_dir)
+        if download:
+            raise KdrunError(f"dataset={name}: download into {root} failed ({exc})") from None
+        files = _find_idx(idx_dir)
         if files is None:
-            hint = f"; or `apt-get install {debian_pkg}` (IDX files in {cfg.idx_dir})" if debian_pkg else ""
+            hint = f"; or `apt-get install {debian_pkg}` (IDX files in {idx_dir})" if debian_pkg else ""
             raise KdrunError(
-                f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} (torchvision layout "
-                f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(cfg.idx_dir) if cfg.idx_dir else ''}. "
+                f"dataset={name}: no {cls_name} files under dataset.root={root} (torchvision layout "
+                f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(idx_dir) if idx_dir else ''}. "
                 f"Pass dataset.download=true to fetch them with torchvision{hint}") from None
-        tx, ty, vx, vy = (_read_idx(f) for f in files)
-    return tx[:, None], ty.astype(np.int64), vx[:, None], vy.astype(np.int64)
+        tx, ty, vx, vy = (read_idx(f) for f in files)
+    return {"train": (tx[:, None], ty.astype(np.int64)), "test": (vx[:, None], vy.astype(np.int64))}
+
+
+@register_dataset("fashion_mnist", "Fashion-MNIST (60k/10k, 28x28 grey): torchvision layout or Debian's IDX files")
+def fashion_mnist(root: Optional[str] = None, idx_dir: Optional[str] = None, download: bool = False) -> dict:
+    return _mnist_family("fashion_mnist", root, idx_dir, download, "FashionMNIST", "dataset-fashion-mnist")
+
+
+@register_dataset("mnist", "MNIST (60k/10k, 28x28 grey): torchvision layout under dataset.root")
+def mnist(root: Optional[str] = None, idx_dir: Optional[str] = None, download: bool = False) -> dict:
+    return _mnist_family("mnist", root, idx_dir, download, "MNIST", None)
 
 
 def _find_idx(idx_dir: Optional[str]) -> Optional[list[Path]]:
@@ -159,28 +177,39 @@ def _find_idx(idx_dir: Optional[str]) -> Optional[list[Path]]:
     return found
 
 
-def _cifar(cfg: DatasetConfig, cls_name: str):
+def _cifar(name: str, root: Optional[str], download: bool, cls_name: str) -> dict:
     import torchvision.datasets as tvd
 
-    root = Path(cfg.root or "data")
+    root = Path(root or "data")
     try:
-        train = getattr(tvd, cls_name)(str(root), train=True, download=cfg.download)
-        test = getattr(tvd, cls_name)(str(root), train=False, download=cfg.download)
+        train = getattr(tvd, cls_name)(str(root), train=True, download=download)
+        test = getattr(tvd, cls_name)(str(root), train=False, download=download)
     except RuntimeError as exc:
         raise KdrunError(
-            f"dataset={cfg.name}: no {cls_name} files under dataset.root={root} ({exc}). "
+            f"dataset={name}: no {cls_name} files under dataset.root={root} ({exc}). "
             f"Pass dataset.download=true to fetch them with torchvision, or copy the extracted "
             f"python-version archive into {root}") from None
     chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))
-    return chw(train.data), np.array(train.targets), chw(test.data), np.array(test.targets)
+    return {"train": (chw(train.data), np.array(train.targets)), "test": (chw(test.data), np.array(test.targets))}
 
 
-def _imagefolder(cfg: DatasetConfig):
+@register_dataset("cifar10", "CIFAR-10 (50k/10k, 32x32 colour): torchvision layout under dataset.root")
+def cifar10(root: Optional[str] = None, download: bool = False) -> dict:
+    return _cifar("cifar10", root, download, "CIFAR10")
+
+
+@register_dataset("cifar100", "CIFAR-100 (50k/10k, 32x32 colour, 100 classes): torchvision layout under dataset.root")
+def cifar100(root: Optional[str] = None, download: bool = False) -> dict:
+    return _cifar("cifar100", root, download, "CIFAR100")
+
+
+@register_dataset("imagefolder", "Your own images: root/train/<class>/..., root/val/<class>/... (optional test/)")
+def imagefolder(root: str, image_size: Optional[int] = 32, stream: str = "auto", num_workers: int = 2) -> dict:
     """root/train, root/val (and root/test) class folders. Decoded into memory once when they fit and
     ``dataset.stream`` is not true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
     from torchvision.datasets import ImageFolder
 
-    root, size = Path(cfg.root), cfg.image_size or 32
+    root, size = Path(root), image_size or 32
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise ConfigError("dataset.root", f"{root} has no {' or '.join(missing)}/ folder of class sub-folders")
@@ -191,19 +220,21 @@ def _imagefolder(cfg: DatasetConfig):
                             np.array([t for n in names for _, t in folders[n].samples], dtype=np.int64))
     # a val/ next to test/ joins train (val_fraction of it is carved out again); else val/ is the test set
     (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in folders else (files("train"), files("val"))
-    train, test = LazyImages(tp, size, cfg.num_workers), LazyImages(vp, size, cfg.num_workers)
-    stream, nbytes = str(cfg.stream).lower(), (len(tp) + len(vp)) * 3 * size * size
+    train, test = LazyImages(tp, size, num_workers), LazyImages(vp, size, num_workers)
+    stream, nbytes = str(stream).lower(), (len(tp) + len(vp)) * 3 * size * size
     if stream == "true" or (stream == "auto" and nbytes > MAX_IN_MEMORY_BYTES):
         log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
-                 f"({cfg.num_workers} DataLoader workers)")
-        return train, ty, test, vy
-    _check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
-    return train.decode_all(), ty, test.decode_all(), vy
+                 f"({num_workers} DataLoader workers)")
+        return {"train": (train, ty), "test": (test, vy)}
+    check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
+    return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy)}
 
 
-def _fake(cfg: DatasetConfig):
-    rng = np.random.default_rng(cfg.split_seed)
-    c, s, k, n = cfg.channels or 1, cfg.image_size or 8, cfg.num_classes or 4, cfg.train_size or 256
+@register_dataset("fake", "Random learnable tensors (class prototypes plus noise): for tests and smoke runs")
+def fake(channels: Optional[int] = 1, image_size: Optional[int] = 8, num_classes: Optional[int] = 4,
+         train_size: Optional[int] = 256, split_seed: int = 0) -> dict:
+    rng = np.random.default_rng(split_seed)
+    c, s, k, n = channels or 1, image_size or 8, num_classes or 4, train_size or 256
     prototypes = rng.normal(0.0, 1.0, size=(k, c, s, s)).astype(np.float32)
 
     def make(m):
@@ -211,15 +242,5 @@ def _fake(cfg: DatasetConfig):
         x = prototypes[y] + rng.normal(0.0, 1.5, size=(m, c, s, s)).astype(np.float32)
         return ((np.tanh(x) + 1) / 2).astype(np.float32), y.astype(np.int64)
 
-    return (*make(n), *make(max(n // 2, k)))
+    return {"train": make(n), "test": make(max(n // 2, k))}
 
-
-LOADERS = {
-    "digits": _digits,
-    "fashion_mnist": lambda cfg: _mnist_family(cfg, "FashionMNIST", "dataset-fashion-mnist"),
-    "mnist": lambda cfg: _mnist_family(cfg, "MNIST", None),
-    "cifar10": lambda cfg: _cifar(cfg, "CIFAR10"),
-    "cifar100": lambda cfg: _cifar(cfg, "CIFAR100"),
-    "imagefolder": _imagefolder,
-    "fake": _fake,
-}

@@ -17,7 +17,8 @@ from torch import nn
 from kdrun.data import Data
 from kdrun.engine import FitResult, Recipe, accuracy, fit
 from kdrun.losses import DistillationLoss, cross_entropy
-from kdrun.models import build_model
+from kdrun.models import build as build_model
+from kdrun.models import check_logits, identity
 from kdrun.records import JsonlWriter, Progress, save_torch
 from kdrun.schema import Config, ModelConfig
 from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
@@ -44,9 +45,12 @@ class RunContext:
 def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:
     """Build ``model_cfg`` for ``data``'s shape, initialised from ``seed``, on ``device``."""
     torch.manual_seed(seed)
-    model = build_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.channels,
-                        image_size=data.image_size, args=dict(model_cfg.args), key=key)
-    return model.to(device)
+    model = build_model(model_cfg, num_classes=data.num_classes, in_channels=data.channels,
+                        image_size=data.image_size, key=key).to(device)
+    if model_cfg.target:  # a user's model: its output is checked on one batch before any training
+        check_logits(model, data.inputs("train", torch.arange(min(2, len(data.train)), device=device)),
+                     data.num_classes, f"{key}._target_", model_cfg.target)
+    return model
 
 
 def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
@@ -100,7 +104,7 @@ def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, in
     recipe_dict = dataclasses.asdict(recipe)
     for speed_only in ("eval_batch_size", "compile", "channels_last"):
         recipe_dict.pop(speed_only)
-    return {"format": STORE_FORMAT, "role": role, "model": {"name": model_cfg.name, "args": dict(model_cfg.args)},
+    return {"format": STORE_FORMAT, "role": role, "model": identity(model_cfg),
             "data": data.identity, "recipe": recipe_dict, **store_key_part(init or {})}
 
 

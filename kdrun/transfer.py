@@ -32,31 +32,31 @@ from kdrun.errors import ConfigError
 from kdrun.teacher_store import file_sha256, read_checkpoint, state_dict_of
 
 log = logging.getLogger("kdrun")
-KEY, FREEZE_KEY = "student.init", "student.freeze"
 # registry name -> torchvision weights enum (its DEFAULT entry names the file in the hub cache)
 IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
                     "mobilenet": "MobileNet_V2_Weights", "mobilenet_v3_small": "MobileNet_V3_Small_Weights"}
 TeacherProvider = Callable[[], tuple[nn.Module, dict]]
 
 
-def initialise(model: nn.Module, student, num_classes: int, teacher: Optional[TeacherProvider] = None) -> dict:
-    """Apply ``student.init`` then ``student.freeze`` to a freshly built ``model``; log and return the record."""
+def initialise(model: nn.Module, student, num_classes: int, teacher: Optional[TeacherProvider] = None,
+               role: str = "student") -> dict:
+    """Apply ``<role>.init`` then ``<role>.freeze`` to a freshly built ``model``; log and return the record."""
     info: dict = {"source": "random"}
     if student.init is not None:
-        state, provenance = read_source(student.init, student.name, teacher)
-        info = copy_matching(model, state, provenance, num_classes)
-        log.info(describe(info))
+        state, provenance = read_source(student.init, student.name, teacher, role)
+        info = copy_matching(model, state, provenance, num_classes, role)
+        log.info(describe(info, role))
     if student.freeze:
-        info["freeze"] = freeze(model, student.freeze)
+        info["freeze"] = freeze(model, student.freeze, role)
         f = info["freeze"]
-        log.info(f"student.freeze={f['prefixes']}: {f['tensors']} tensors ({f['params']:,} params) frozen, "
+        log.info(f"{role}.freeze={f['prefixes']}: {f['tensors']} tensors ({f['params']:,} params) frozen, "
                  f"{f['modules_in_eval']} modules held in eval mode, {f['trainable_params']:,} params train")
     return info
 
 
-def describe(info: dict) -> str:
+def describe(info: dict, role: str = "student") -> str:
     """One log line: what was copied from where, and what was re-initialised."""
-    text = (f"student.init={info['source']}: copied {info['tensors_copied']}/{info['tensors_total']} tensors "
+    text = (f"{role}.init={info['source']}: copied {info['tensors_copied']}/{info['tensors_total']} tensors "
             f"({100 * info['params_copied'] / max(1, info['params_total']):.1f}% of parameters) from "
             f"{info['path'] or info['source']} (sha256 {info['sha256']})")
     if info["head_reinitialised"]:
@@ -67,38 +67,41 @@ def describe(info: dict) -> str:
     return text
 
 
-def check_config(student) -> None:
-    """Early checks of ``student.init`` / ``student.freeze`` (before any teacher or data is touched)."""
-    spec = student.init
+def check_config(model_cfg, role: str = "student") -> None:
+    """Early checks of ``<role>.init`` / ``<role>.freeze`` (before any teacher or data is touched)."""
+    spec = model_cfg.init
+    sources = "null, teacher, imagenet or a checkpoint path" if role == "student" else "null, imagenet or a checkpoint path"
     if spec == "imagenet":
-        imagenet_file(student.name)
+        imagenet_file(model_cfg.name if not model_cfg.target else model_cfg.target, role)
+    elif spec == "teacher" and role != "student":
+        raise ConfigError(f"{role}.init", f"{role} cannot start from the teacher; expected {sources}")
     elif spec not in (None, "teacher") and not Path(spec).is_file():
-        raise ConfigError(KEY, f"{spec} does not exist (expected null, teacher, imagenet or a checkpoint path)")
-    if student.freeze:
-        from kdrun.models import build_model  # parameter names do not depend on the input shape
+        raise ConfigError(f"{role}.init", f"{spec} does not exist (expected {sources})")
+    if model_cfg.freeze:
+        from kdrun.models import build  # parameter names do not depend on the input shape
 
-        model = build_model(student.name, num_classes=10, in_channels=3, image_size=32, args=dict(student.args),
-                            key="student")
-        frozen_names(model, student.freeze)
+        model = build(model_cfg, num_classes=10, in_channels=3, image_size=32, key=role)
+        frozen_names(model, model_cfg.freeze, role)
 
 
-def imagenet_file(model_name: str) -> Path:
+def imagenet_file(model_name: str, role: str = "student") -> Path:
     """Where torchvision keeps ``model_name``'s ImageNet weights; an error naming the key if not there."""
     if model_name not in IMAGENET_WEIGHTS:
-        raise ConfigError(KEY, f"imagenet weights exist for {', '.join(IMAGENET_WEIGHTS)}; not for {model_name}")
+        raise ConfigError(f"{role}.init", f"imagenet weights exist for {', '.join(IMAGENET_WEIGHTS)}; not for {model_name}")
     import torchvision.models as tvm
 
     weights = getattr(tvm, IMAGENET_WEIGHTS[model_name]).DEFAULT
     name = Path(urlparse(weights.url).path).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():
-        raise ConfigError(KEY, f"imagenet weights of {model_name} ({weights}) are not in the local torch hub "
+        raise ConfigError(f"{role}.init", f"imagenet weights of {model_name} ({weights}) are not in the local torch hub "
                                f"cache: put {name} (from {weights.url}) at {path} (or set TORCH_HOME), or pass a "
                                f"checkpoint path; kdrun never downloads weights at run time")
     return path
 
 
-def read_source(spec: str, model_name: str, teacher: Optional[TeacherProvider]) -> tuple[dict, dict]:
+def read_source(spec: str, model_name: str, teacher: Optional[TeacherProvider],
+                role: str = "student") -> tuple[dict, dict]:
     """``(state_dict, provenance)`` of ``student.init``; provenance = ``source``, ``path``, ``sha256``.
 
     For ``teacher`` the hash is of the teacher's weights (tensor bytes) and the path is its store entry or
@@ -110,12 +113,12 @@ def read_source(spec: str, model_name: str, teacher: Optional[TeacherProvider]) 
         path = info.get("ckpt") or info.get("store_dir")
         return state, {"source": "teacher", "name": info.get("name"), "path": path, "sha256": weights_sha256(state)}
     if spec == "imagenet":
-        path, source = imagenet_file(model_name), "imagenet"
+        path, source = imagenet_file(model_name, role), "imagenet"
     else:
         path, source = Path(spec), "checkpoint"
-    state = state_dict_of(read_checkpoint(path, what=KEY))
+    state = state_dict_of(read_checkpoint(path, what=f"{role}.init"))
     if not state:
-        raise ConfigError(KEY, f"{path} holds no weights (no tensors found)")
+        raise ConfigError(f"{role}.init", f"{path} holds no weights (no tensors found)")
     return state, {"source": source, "path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
@@ -151,7 +154,8 @@ def match(own: dict, source: dict, num_classes: int) -> dict:
     return out
 
 
-def copy_matching(model: nn.Module, source: dict, provenance: dict, num_classes: int) -> dict:
+def copy_matching(model: nn.Module, source: dict, provenance: dict, num_classes: int,
+                  role: str = "student") -> dict:
     """Copy ``source``'s matching tensors into ``model``; the summary's ``student.init`` record."""
     own = model.state_dict()
     found = match(own, source, num_classes)
@@ -159,8 +163,8 @@ def copy_matching(model: nn.Module, source: dict, provenance: dict, num_classes:
     if not any(name in params for name in found["copy"]):
         theirs = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(source.items())[:3])
         mine = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(own.items())[:3])
-        raise ConfigError(KEY, f"no tensor of {provenance['path'] or provenance['source']} matches the student "
-                               f"(names/shapes): it has {theirs}, ...; the student has {mine}, ...")
+        raise ConfigError(f"{role}.init", f"no tensor of {provenance['path'] or provenance['source']} matches the {role} "
+                               f"(names/shapes): it has {theirs}, ...; the {role} has {mine}, ...")
     with torch.no_grad():
         for name, tensor in found["copy"].items():
             own[name].copy_(tensor)
@@ -174,7 +178,7 @@ def copy_matching(model: nn.Module, source: dict, provenance: dict, num_classes:
     return info
 
 
-def frozen_names(model: nn.Module, prefixes: list[str]) -> list[str]:
+def frozen_names(model: nn.Module, prefixes: list[str], role: str = "student") -> list[str]:
     """Parameter names under ``prefixes``; a prefix that matches nothing is an error listing valid ones."""
     names = [n for n, _ in model.named_parameters()]
     out = []
@@ -182,7 +186,7 @@ def frozen_names(model: nn.Module, prefixes: list[str]) -> list[str]:
         hits = [n for n in names if _under(n, prefix)]
         if not hits:
             starts = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))  # module paths, model order
-            raise ConfigError(FREEZE_KEY, f"{prefix!r} matches no parameter; parameters start with: "
+            raise ConfigError(f"{role}.freeze", f"{prefix!r} matches no parameter; parameters start with: "
                                           f"{', '.join(starts[:24])}{', ...' if len(starts) > 24 else ''}")
         out += [n for n in hits if n not in out]
     return out
@@ -193,12 +197,12 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def freeze(model: nn.Module, prefixes: list[str]) -> dict:
+def freeze(model: nn.Module, prefixes: list[str], role: str = "student") -> dict:
     """Freeze the parameters under ``prefixes`` and hold the modules under them in eval mode."""
-    names = set(frozen_names(model, prefixes))
+    names = set(frozen_names(model, prefixes, role))
     params = dict(model.named_parameters())
     if names == set(params):
-        raise ConfigError(FREEZE_KEY, f"{list(prefixes)} freezes every parameter: nothing would train")
+        raise ConfigError(f"{role}.freeze", f"{list(prefixes)} freezes every parameter: nothing would train")
     for name in names:
         params[name].requires_grad_(False)
     held = [m for n, m in model.named_modules() if n and any(_under(n, p) for p in prefixes)]

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
-from kdrun.data import Split, _read_idx, augment_batch, load_data, to_unit_float
+from kdrun.sources import read_idx
+from kdrun.data import Split, augment_batch, load_data, to_unit_float
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
 
@@ -256,12 +257,12 @@ def fake_fmnist_idx(tmp_path):
 def test_read_idx_gz_and_plain(tmp_path):
     images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
     labels = np.array([7, 0, 9], dtype=np.uint8)
-    got = _read_idx(write_idx(tmp_path / "images-idx3-ubyte.gz", images))
+    got = read_idx(write_idx(tmp_path / "images-idx3-ubyte.gz", images))
     assert got.shape == (3, 4, 5) and got.dtype == np.uint8
     assert got.flags.writeable  # torch.as_tensor must not wrap read-only memory (UserWarning, undefined behaviour)
     assert np.array_equal(got, images)
-    assert np.array_equal(_read_idx(write_idx(tmp_path / "labels-idx1-ubyte.gz", labels)), labels)
-    assert np.array_equal(_read_idx(write_idx(tmp_path / "plain-idx3-ubyte", images)), images)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "labels-idx1-ubyte.gz", labels)), labels)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "plain-idx3-ubyte", images)), images)
 
 
 def test_uint8_conversion_matches_torchvision_bit_for_bit(tmp_path, fake_fmnist_idx):

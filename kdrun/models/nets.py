@@ -1,76 +1,15 @@
-"""Registry of classification models shared by teacher and student.
+"""The built-in architectures, imported lazily by the model catalog :mod:`kdrun.models`.
 
-Every model is built by a factory registered with :func:`register`; a factory
-has the signature ``factory(num_classes, in_channels, image_size, **args)``,
-where the keyword ``args`` (all with defaults) are what a config may set under
-``teacher.args`` / ``student.args``. Every model adapts its input layer to
-``in_channels`` and ``image_size`` and its output layer to ``num_classes``.
+Every class adapts its input layer to ``in_channels`` / ``image_size`` and its output layer to ``num_classes``.
 Torchvision models are always built with ``weights=None`` (nothing is downloaded).
 """
 from __future__ import annotations
 
-import inspect
-from typing import Callable
-
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError, unknown_choice
 
-Factory = Callable[..., nn.Module]
-_REGISTRY: dict[str, tuple[Factory, str]] = {}
-_SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
-
-
-def register(name: str, description: str) -> Callable[[Factory], Factory]:
-    """Decorator registering ``factory`` under ``name`` with a one-line description."""
-    def decorator(factory: Factory) -> Factory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        params = list(inspect.signature(factory).parameters)
-        if tuple(params[:3]) != _SHAPE_ARGS:
-            raise ValueError(f"factory of {name!r} must start with {', '.join(_SHAPE_ARGS)}")
-        _REGISTRY[name] = (factory, description)
-        return factory
-    return decorator
-
-
-def list_models() -> list[tuple[str, str]]:
-    """All registered models as sorted ``(name, description)`` pairs."""
-    return sorted((name, desc) for name, (_, desc) in _REGISTRY.items())
-
-
-def _factory(name: str, key: str) -> Factory:
-    if name not in _REGISTRY:
-        raise unknown_choice(f"{key}.name", name, _REGISTRY)
-    return _REGISTRY[name][0]
-
-
-def model_args(name: str, key: str = "model") -> dict[str, object]:
-    """The configurable keyword args of model ``name`` and their defaults."""
-    params = list(inspect.signature(_factory(name, key)).parameters.values())[3:]
-    return {p.name: p.default for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
-                args: dict | None = None, key: str = "model") -> nn.Module:
-    """Build model ``name`` for the given input shape and number of classes.
-
-    ``key`` ("teacher" or "student") only prefixes the config key in errors:
-    an unknown name raises ``ConfigError("<key>.name", ...)`` listing the valid
-    names, an unknown arg raises ``ConfigError("<key>.args.<arg>", ...)``.
-    """
-    factory = _factory(name, key)
-    valid = model_args(name, key)
-    for arg in args or {}:
-        if arg not in valid:
-            listed = ", ".join(sorted(valid)) or "(none)"
-            raise ConfigError(f"{key}.args.{arg}", f"unknown arg; valid args of {name}: {listed}")
-    return factory(num_classes, in_channels, image_size, **(args or {}))
-
-
-def _conv_init(conv: nn.Conv2d) -> nn.Conv2d:
+def conv_init(conv: nn.Conv2d) -> nn.Conv2d:
     """Kaiming init as torchvision uses for its convolutions."""
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
@@ -78,56 +17,26 @@ def _conv_init(conv: nn.Conv2d) -> nn.Conv2d:
 
 # --- torchvision models -------------------------------------------------------
 
-def _tv_resnet(builder: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def tv_resnet(builder: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """A torchvision ResNet with its stem adapted to small images / other channel counts."""
     import torchvision.models as tvm
     model = getattr(tvm, builder)(weights=None, num_classes=num_classes)
     if image_size <= 64:
-        model.conv1 = _conv_init(nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False))
+        model.conv1 = conv_init(nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False))
         model.maxpool = nn.Identity()
     elif in_channels != 3:
-        model.conv1 = _conv_init(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False))
+        model.conv1 = conv_init(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False))
     return model
 
 
-@register("resnet18", "ResNet-18 (torchvision); 3x3 stem without max-pool on images <= 64 px")
-def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _tv_resnet("resnet18", num_classes, in_channels, image_size)
-
-
-@register("resnet34", "ResNet-34 (torchvision); 3x3 stem without max-pool on images <= 64 px")
-def resnet34(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _tv_resnet("resnet34", num_classes, in_channels, image_size)
-
-
-@register("resnet50", "ResNet-50 (torchvision); 3x3 stem without max-pool on images <= 64 px")
-def resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _tv_resnet("resnet50", num_classes, in_channels, image_size)
-
-
-def _adapt_first_conv(model: nn.Module, in_channels: int, image_size: int) -> nn.Module:
+def adapt_first_conv(model: nn.Module, in_channels: int, image_size: int) -> nn.Module:
     """Replace ``features[0][0]`` for ``in_channels``; stride 1 on images <= 64 px."""
     old = model.features[0][0]
     stride = 1 if image_size <= 64 else old.stride
-    model.features[0][0] = _conv_init(nn.Conv2d(
+    model.features[0][0] = conv_init(nn.Conv2d(
         in_channels, old.out_channels, old.kernel_size, stride=stride,
         padding=old.padding, bias=False))
     return model
-
-
-@register("mobilenet", "MobileNetV2 (torchvision); stride-1 stem on images <= 64 px")
-def mobilenet(num_classes: int, in_channels: int, image_size: int,
-              width_mult: float = 1.0) -> nn.Module:
-    import torchvision.models as tvm
-    model = tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=float(width_mult))
-    return _adapt_first_conv(model, in_channels, image_size)
-
-
-@register("mobilenet_v3_small", "MobileNetV3-Small (torchvision); stride-1 stem on images <= 64 px")
-def mobilenet_v3_small(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    import torchvision.models as tvm
-    model = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)
-    return _adapt_first_conv(model, in_channels, image_size)
 
 
 # --- small plain nets ---------------------------------------------------------
@@ -168,17 +77,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@register("cnn", "Small 2-conv CNN (conv-BN-ReLU-pool x2, FC hidden, dropout)")
-def cnn(num_classes: int, in_channels: int, image_size: int,
-        hidden: int = 256, dropout: float = 0.25, channels: int = 32) -> nn.Module:
-    return SimpleCnn(num_classes, in_channels, image_size, int(hidden), float(dropout), int(channels))
-
-
-@register("mlp", "One-hidden-layer MLP on flattened pixels")
-def mlp(num_classes: int, in_channels: int, image_size: int, hidden: int = 256) -> nn.Module:
-    return Mlp(num_classes, in_channels, image_size, int(hidden))
 
 
 # --- CIFAR-style nets from the KD literature (RepDistiller / CRD) -------------
@@ -226,7 +124,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(filters[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                _conv_init(m)
+                conv_init(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -275,30 +173,10 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                _conv_init(m)
+                conv_init(m)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         x = self.relu(self.bn(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-@register("resnet8x4", "CIFAR ResNet-8x4 (RepDistiller): filters 32/64/128/256, 3x3 stem")
-def resnet8x4(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return CifarResNet(8, [32, 64, 128, 256], num_classes, in_channels)
-
-
-@register("resnet32x4", "CIFAR ResNet-32x4 (RepDistiller): filters 32/64/128/256, 3x3 stem")
-def resnet32x4(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return CifarResNet(32, [32, 64, 128, 256], num_classes, in_channels)
-
-
-@register("wrn_16_2", "WideResNet-16-2 (RepDistiller): pre-activation, channels 16/32/64/128")
-def wrn_16_2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return WideResNet(16, 2, num_classes, in_channels)
-
-
-@register("wrn_40_2", "WideResNet-40-2 (RepDistiller): pre-activation, channels 16/32/64/128")
-def wrn_40_2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return WideResNet(40, 2, num_classes, in_channels)

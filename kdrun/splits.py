@@ -1,0 +1,121 @@
+"""The dataset contract: call a dataset (built-in, plugin or ``_target_``) and check what it returns.
+
+A dataset is a callable returning a mapping with ``train`` and optionally ``val`` and ``test``. Each split is
+
+- ``(x, y)``: tensors or numpy arrays; ``x`` is ``N×C×H×W`` (or ``N×H×W``, one channel), uint8 in 0..255 or
+  float in [0, 1]; ``y`` integer labels in ``[0, num_classes)``; or
+- a map-style ``torch.utils.data.Dataset`` whose items are ``(image tensor C×H×W, label)``, read once.
+
+Optional ``num_classes`` in the mapping; otherwise it is ``max(label) + 1``. A missing ``val`` is carved from
+``train`` (``dataset.val_fraction``); a missing ``test`` is a stratified ``dataset.test_fraction`` of train.
+
+kdrun passes the callable the ``dataset.*`` keys its signature names (``root``, ``split_seed``, your own keys).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from kdrun import registry
+from kdrun.errors import ConfigError
+from kdrun.sources import LazyImages, check_fits, stratified
+
+SPLITS = ("train", "val", "test")
+
+
+def call_dataset(cfg) -> dict:
+    """``{"train": (x, y), "test": (x, y), ["val": (x, y)], "num_classes", "source", "source_sha256"}``."""
+    if cfg.target:
+        fn, what, key, source = registry.import_target(cfg.target, "dataset._target_"), cfg.target, \
+            "dataset._target_", "target"
+    else:
+        entry = registry.get("dataset", cfg.name, "dataset")
+        fn, what, key, source = entry.obj, f"dataset={cfg.name}", "dataset", entry.source
+    params = registry.signature_defaults(fn)
+    kwargs = {name: cfg.kwargs[name] if name in cfg.kwargs else getattr(cfg, name)
+              for name in params if name in cfg.kwargs or hasattr(cfg, name)}
+    kwargs.update({k: v for k, v in cfg.kwargs.items() if k not in kwargs})
+    out = fn(**kwargs)
+    splits = check_splits(out, what, key)
+    if "test" not in splits:
+        x, y = splits["train"]
+        n_test = int(round(cfg.test_fraction * len(y)))
+        test_idx, train_idx = stratified(len(y), y, n_test, cfg.split_seed, "dataset.test_fraction")
+        splits["train"], splits["test"] = (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
+    return {**splits, "source": source, "source_sha256": registry.source_hash(fn) if source != "kdrun" else None}
+
+
+def check_splits(out: Any, what: str, key: str) -> dict:
+    """Validate and normalise a dataset callable's return value (see the module docstring)."""
+    if not isinstance(out, Mapping) or "train" not in out:
+        got = f"a mapping with keys {sorted(map(str, out))}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
+        raise ConfigError(key, f"{what} returned {got}; expected a mapping with 'train' and optionally "
+                               f"'val' / 'test', each (x, y) or a torch Dataset")
+    unknown = [k for k in out if k not in (*SPLITS, "num_classes")]
+    if unknown:
+        raise ConfigError(key, f"{what} returned unknown key {unknown[0]!r}; expected train, val, test, num_classes")
+    splits = {name: _split(out[name], f"{what}['{name}']", key) for name in SPLITS if out.get(name) is not None}
+    shapes = {name: tuple(x.shape[1:]) for name, (x, _) in splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(key, f"{what}: splits have different image shapes {shapes}")
+    top = max(int(y.max()) for _, y in splits.values() if len(y))
+    num_classes = int(out.get("num_classes") or top + 1)
+    for name, (_, y) in splits.items():
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ConfigError(key, f"{what}['{name}'] has labels in [{int(y.min())}, {int(y.max())}], outside "
+                                   f"[0, {num_classes}) (num_classes={num_classes})")
+    splits["num_classes"] = num_classes
+    return splits
+
+
+def _split(part: Any, what: str, key: str) -> tuple[Any, np.ndarray]:
+    import torch
+
+    if isinstance(part, torch.utils.data.Dataset):
+        return _from_dataset(part, what, key)
+    if not isinstance(part, (tuple, list)) or len(part) != 2:
+        raise ConfigError(key, f"{what} is a {type(part).__name__}; expected (x, y) or a torch Dataset")
+    x, y = part
+    if isinstance(x, LazyImages):
+        return x, np.asarray(y, dtype=np.int64)
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ConfigError(key, f"{what}: x has shape {x.shape}; expected N×C×H×W or N×H×W")
+    if y.ndim != 1 or len(y) != len(x) or not (np.issubdtype(y.dtype, np.integer) or _integral(y)):
+        raise ConfigError(key, f"{what}: y must be {len(x)} integer labels, got shape {y.shape} dtype {y.dtype}")
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x), y.astype(np.int64)
+
+
+def _integral(y: np.ndarray) -> bool:
+    return np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
+
+
+def _from_dataset(ds, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a map-style Dataset once into arrays (refused with a clear message when it would not fit)."""
+    import torch
+
+    n = len(ds)
+    if n == 0:
+        raise ConfigError(key, f"{what} is an empty Dataset")
+    first = ds[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2 or not isinstance(first[0], torch.Tensor):
+        raise ConfigError(key, f"{what}: items must be (image tensor, label), got {type(first).__name__}")
+    img = first[0] if first[0].dim() == 3 else first[0][None]
+    dtype = np.uint8 if img.dtype == torch.uint8 else np.float32
+    check_fits(n * img.numel() * np.dtype(dtype).itemsize, torch.device("cpu"), what)
+    x = np.empty((n, *img.shape), dtype=dtype)
+    y = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        image, label = ds[i][:2]
+        image = image if image.dim() == 3 else image[None]
+        if tuple(image.shape) != tuple(img.shape):
+            raise ConfigError(key, f"{what}: item {i} has shape {tuple(image.shape)}, item 0 {tuple(img.shape)}; "
+                                   f"resize them to one size")
+        x[i], y[i] = image.numpy(), int(label)
+    return x, y
