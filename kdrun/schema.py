@@ -29,6 +29,11 @@ SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def _check_positive(key: str, value: float) -> None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a finite number > 0, got {value}")
+
+
 def _check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
     if value is None or math.isnan(value) or (math.isinf(value) and not math.isinf(hi)):
         raise ConfigError(key, f"must be a finite number, got {value}")
@@ -214,7 +219,7 @@ class LossBase:
 
     def __post_init__(self):
         _check_range("loss.alpha", self.alpha, 0.0, 1.0)
-        _check_range("loss.T", self.T, 0.0, float("inf"), lo_open=True)
+        _check_positive("loss.T", self.T)
 
 
 @dataclass
@@ -499,18 +504,22 @@ def to_object(cfg) -> Config:
 
 
 def _reject_unknown_keys(node, path: str) -> None:
-    """Keys added with ``+key=value`` pass Hydra's checks: refuse those the schema does not declare."""
-    from omegaconf import DictConfig, OmegaConf
+    """Keys added with ``+key=value`` pass Hydra's checks: refuse those the schema does not declare.
+
+    An open node (teacher, student, dataset) takes extra keys (a ``_target_``'s arguments, checked later against
+    its signature), but its typed children (``optim``, ``augment``, ...) are checked here too."""
+    from omegaconf import DictConfig
 
     if not isinstance(node, DictConfig):
         return
-    schema = OmegaConf.get_type(node)
-    valid = [f.name for f in fields(schema)] if is_dataclass(schema) else keys_at(path)
-    if valid is None or path in OPEN_NODES:
+    valid = keys_at(path, node)
+    if valid is None:
         return
     for key in node.keys():
         full = f"{path}.{key}" if path else str(key)
         if key not in valid:
+            if path in OPEN_NODES:
+                continue
             raise ConfigError(full, f"unknown config key; valid keys under {repr(path) if path else 'the top level'}: {', '.join(valid)}")
         _reject_unknown_keys(node[key], full)
 
@@ -518,9 +527,13 @@ def _reject_unknown_keys(node, path: str) -> None:
 OPEN_NODES = {"dataset": DatasetConfig, "teacher": TeacherConfig, "student": StudentConfig}
 
 
-def keys_at(path: str) -> Optional[List[str]]:
-    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node or its
-    keys depend on the chosen option (loss, mode)."""
+def keys_at(path: str, node: Any = None) -> Optional[List[str]]:
+    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node. The keys
+    of ``loss`` and ``mode`` depend on the chosen option: pass the composed ``node`` at ``path`` to get them."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node)) and path not in OPEN_NODES:
+        return [f.name for f in fields(OmegaConf.get_type(node))]
     parts = [p for p in path.split(".") if p]
     if parts and parts[0] in OPEN_NODES:
         node: Any = OPEN_NODES[parts[0]]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, build, cross_entropy, kd_term
-from kdrun.schema import LossConfig
+from kdrun.schema import CELossConfig, KDLossConfig as LossConfig
 
 torch.set_num_threads(2)
 B, K = 6, 10
@@ -183,7 +183,7 @@ def test_schema_accepts_alpha_bounds(alpha):
 
 def test_schema_rejects_ce_with_teacher_weight_and_unknown_loss():
     with pytest.raises(ConfigError, match="loss.alpha"):
-        LossConfig(name="ce", T=1.0, alpha=0.5)
+        CELossConfig(alpha=0.5)
     with pytest.raises(ConfigError) as err:
-        LossConfig(name="dkd", T=4.0, alpha=0.9)
+        build("dkd", T=4.0, alpha=0.9)
     assert err.value.key == "loss" and "kd" in str(err.value) and "ce" in str(err.value)

@@ -157,8 +157,10 @@ def build(model_cfg, *, num_classes: int, in_channels: int, image_size: int, key
             kwargs[arg] = value
     try:
         model = fn(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as exc:  # raised by the callable about one of its arguments: name it under the role
+        if exc.key.split(".")[0] == key:
+            raise
+        raise ConfigError(f"{key}.{exc.key}", str(exc).split(": ", 1)[1]) from None
     except Exception as exc:  # noqa: BLE001 - the user's code: one line naming the key
         raise ConfigError(f"{key}._target_", f"{model_cfg.target}({', '.join(kwargs)}) raised "
                                              f"{type(exc).__name__}: {exc}") from None
