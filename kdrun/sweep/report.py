@@ -1,17 +1,16 @@
-"""What a sweep summary writes and shows: results.csv, cells.csv, summary.md, results.png and rich tables.
+"""What a sweep summary writes and shows as text: results.csv, cells.csv, summary.md and rich tables.
 
-Input is a :class:`kdrun.sweep.SweepSummary`; nothing here reads job dirs or computes statistics.
+Input is a :class:`kdrun.sweep.jobs.SweepSummary`; nothing here reads job dirs or computes statistics, and
+``results.png`` is :mod:`kdrun.sweep.plot`'s (which uses :func:`grid`, :func:`grid_text` and :func:`param`).
 """
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from kdrun.sweep import NOISE_P, Cell, Job, SweepSummary
+from kdrun.sweep.jobs import NOISE_P, Cell, Job, SweepSummary
 
-log = logging.getLogger("kdrun")
 JOB_FIGURES = {  # results.csv column -> path in summary.json
     "teacher_val_acc": ("teacher", "val_acc"), "teacher_test_acc": ("teacher", "test_acc"),
     "baseline_val_acc": ("baseline", "val_acc"), "baseline_test_acc": ("baseline", "test_acc"),
@@ -26,14 +25,6 @@ CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test
 LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
           f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
           f"n < 2); gap closed = Δ / (teacher − baseline); best = highest mean val accuracy")
-
-
-def write_all(summary: SweepSummary) -> None:
-    out = summary.sweep_dir
-    write_results_csv(summary, out / "results.csv")
-    write_cells_csv(summary, out / "cells.csv")
-    plot(summary, out / "results.png")
-    (out / "summary.md").write_text(markdown(summary))
 
 
 def write_results_csv(summary: SweepSummary, path: Path) -> None:
@@ -198,17 +189,3 @@ def print_tables(summary: SweepSummary) -> None:
         for job in summary.failed:
             table.add_row(job.name, escape(_overrides(job, summary)), job.status, escape(job.error))
         console.print(table)
-
-
-def plot(summary: SweepSummary, path: Path) -> None:
-    """A heat map of mean student test accuracy for two swept keys, a line plot for one; else nothing."""
-    from kdrun import sweep_plot
-
-    if len(summary.cell_keys) == 2:
-        sweep_plot.heatmap(summary, grid(summary), path)
-    elif len(summary.cell_keys) == 1:
-        sweep_plot.line(summary, path)
-    else:
-        path.unlink(missing_ok=True)
-        log.info(f"no results.png: a plot needs one or two swept keys besides seed, this sweep has "
-                 f"{len(summary.cell_keys)} ({', '.join(summary.cell_keys) or 'none'})")

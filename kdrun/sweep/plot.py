@@ -3,11 +3,27 @@ over one (mean ± std over seeds, with the baseline and teacher means). matplotl
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
-from kdrun.sweep import NOISE_P, SweepSummary
-from kdrun.sweep_report import grid_text, param
+from kdrun.sweep.jobs import NOISE_P, SweepSummary
+from kdrun.sweep.report import grid, grid_text, param
+
+log = logging.getLogger("kdrun")
+
+
+def write_png(summary: SweepSummary, path: Path) -> None:
+    """A heat map of mean student test accuracy for two swept keys, a line plot for one; else none (a stale
+    ``results.png`` is removed)."""
+    if len(summary.cell_keys) == 2:
+        heatmap(summary, grid(summary), path)
+    elif len(summary.cell_keys) == 1:
+        line(summary, path)
+    else:
+        path.unlink(missing_ok=True)
+        log.info(f"no results.png: a plot needs one or two swept keys besides seed, this sweep has "
+                 f"{len(summary.cell_keys)} ({', '.join(summary.cell_keys) or 'none'})")
 
 
 def _pyplot():

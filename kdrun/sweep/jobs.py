@@ -1,4 +1,4 @@
-"""Sweep results from a sweep directory alone: ``summarize(sweep_dir) -> SweepSummary`` and ``kdrun-summarize``.
+"""A sweep's jobs and their statistics, from the sweep directory alone: ``collect(sweep_dir) -> SweepSummary``.
 
 Nothing here needs the process that ran the sweep: jobs are found by their Hydra ``.hydra/overrides.yaml``
 (or a ``summary.json``), so a sweep with failed jobs, an interrupted one, or one still running can be
@@ -11,22 +11,19 @@ the combinations of swept keys other than ``seed``, and each cell aggregates its
 * % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies.
 
 The best cell is the one with the highest mean **val** accuracy (selection on val, like every run; its test
-accuracy is the figure to report).
+accuracy is the figure to report). Nothing here writes files or prints: that is :mod:`kdrun.sweep.report`
+and :mod:`kdrun.sweep.plot`.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-log = logging.getLogger("kdrun")
 SEED_KEY = "seed"
 NOISE_P = 0.05
 
@@ -93,17 +90,6 @@ class SweepSummary:
     @property
     def failed(self) -> list[Job]:
         return [j for j in self.jobs if j.status != "completed"]
-
-
-def summarize(sweep_dir: Path, console: bool = True) -> SweepSummary:
-    """Read ``sweep_dir``, write ``results.csv``, ``cells.csv``, ``summary.md``, ``results.png``; print tables."""
-    from kdrun import sweep_report
-
-    summary = collect(Path(sweep_dir))
-    sweep_report.write_all(summary)
-    if console:
-        sweep_report.print_tables(summary)
-    return summary
 
 
 def collect(sweep_dir: Path) -> SweepSummary:
@@ -226,24 +212,3 @@ def paired_test(kd: list[float], base: list[float]) -> dict[str, Any]:
     half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
     p_value = float(stats.ttest_rel(kd, base).pvalue)
     return {"p_value": p_value, "ci_low": mean - half, "ci_high": mean + half}
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of ``kdrun-summarize SWEEP_DIR``."""
-    parser = argparse.ArgumentParser(prog="kdrun-summarize", description=(
-        "Summarise a kdrun sweep dir (multirun/<date>/<time>): results.csv, cells.csv, summary.md, results.png "
-        "and tables grouped over seeds. Works for sweeps with failed jobs and interrupted sweeps."))
-    parser.add_argument("sweep_dir", type=Path, help="the sweep dir (holds one dir per job)")
-    parser.add_argument("--quiet", action="store_true", help="write the files, print no tables")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = summarize(args.sweep_dir, console=not args.quiet)
-    except ValueError as exc:
-        print(f"kdrun-summarize: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {', '.join(sorted(p.name for p in result.sweep_dir.glob('*') if p.name in OUTPUTS))} "
-          f"in {result.sweep_dir}")
-
-
-OUTPUTS = ("results.csv", "cells.csv", "summary.md", "results.png")
