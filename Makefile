@@ -5,11 +5,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 LOCK := requirements/constraints.txt
 # The environment is keyed by the lock file and pyproject.toml: change either and it is re-installed.
-DEPS_KEY := $(shell cat $(LOCK) pyproject.toml | sha1sum | cut -c1-12)
+DEPS_KEY := $(shell cat $(LOCK) pyproject.toml examples/kdrun-example-plugin/pyproject.toml | sha1sum | cut -c1-12)
 DEPS_STAMP := $(VENV)/.deps-$(DEPS_KEY)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install install-plugin demo test lint test-all bench clean
 
 $(DEPS_STAMP):  # content-keyed (DEPS_KEY), so a fresh clone reuses a matching environment
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,20 @@ install: $(DEPS_STAMP)
 demo: install
 	$(VENV)/bin/kdrun
 
-# The default suite: unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
-test: install
+# The example plugin package (examples/kdrun-example-plugin): the tests use it through its entry point.
+install-plugin: install
+	@$(PY) -c "import kdrun_example_plugin, pathlib, sys; sys.exit(not pathlib.Path(kdrun_example_plugin.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()))" 2>/dev/null \
+	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e examples/kdrun-example-plugin
+
+lint: install
+	$(VENV)/bin/ruff check kdrun tests benchmarks examples
+
+# The default suite: lint, unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
+test: install-plugin lint
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # Everything, including the slower runs on real data sets.
-test-all: install
+test-all: install-plugin
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

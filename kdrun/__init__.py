@@ -1,2 +1,10 @@
-"""kdrun: config-driven knowledge-distillation experiments on PyTorch."""
+"""kdrun: config-driven knowledge-distillation experiments on PyTorch.
+
+Extension API (see README, "Extending kdrun"): ``register_model``, ``register_dataset``, ``register_loss``,
+``register_mode`` (or the generic ``register(kind, name)``); installed packages register through the
+``kdrun.plugins`` entry-point group.
+"""
+from kdrun.registry import register, register_dataset, register_loss, register_mode, register_model
+
 __version__ = "0.1.0"
+__all__ = ["register", "register_dataset", "register_loss", "register_mode", "register_model", "__version__"]

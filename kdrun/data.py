@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.schema import AugmentConfig, DatasetConfig
 from kdrun.sources import LazyImages, check_fits, stratified

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.registry import accepts, get, register_loss
+from kdrun.registry import accepts, get, import_target, register_loss
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -100,10 +100,20 @@ class CELoss(KDLoss):
 def build(name: str, key: str = "loss", **params) -> DistillationLoss:
     """The registered loss ``name`` built with ``params`` (e.g. ``T=4, alpha=0.9``): an ``nn.Module``."""
     entry = get("loss", name, key)
-    return instantiate(entry.obj, params, key=key, what=f"loss={name}")
+    return instantiate(entry.obj, params, key=key, what=f"loss={name}", name=name)
 
 
-def instantiate(cls, params: dict, *, key: str, what: str) -> nn.Module:
+def from_config(cfg) -> nn.Module:
+    """The loss of a validated ``loss`` config node: a registered name or a ``_target_`` class, built with
+    ``T``, ``alpha`` and the node's other keys."""
+    params = {"T": cfg.T, "alpha": cfg.alpha, **getattr(cfg, "kwargs", {})}
+    target = getattr(cfg, "target", None)
+    if target:
+        return instantiate(import_target(target, "loss._target_"), params, key="loss", what=target, name=cfg.name)
+    return build(cfg.name, **params)
+
+
+def instantiate(cls, params: dict, *, key: str, what: str, name: str) -> nn.Module:
     """Call a loss class / factory with the ``params`` its signature accepts; check it is a usable loss."""
     unknown = [p for p in params if not accepts(cls, p)]
     if unknown:
@@ -119,6 +129,8 @@ def instantiate(cls, params: dict, *, key: str, what: str) -> nn.Module:
     for attr, default in (("T", params.get("T", 1.0)), ("alpha", params.get("alpha", 0.0))):
         if not hasattr(loss, attr):
             setattr(loss, attr, float(default))
+    if not isinstance(getattr(loss, "name", None), str):
+        loss.name = name
     if not hasattr(loss, "needs_teacher"):
         loss.needs_teacher = True
     if not hasattr(loss, "formula"):

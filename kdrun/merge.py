@@ -41,8 +41,7 @@ from torch import nn
 from kdrun.data import Data, with_classes
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss
-from kdrun.stages import (RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets,
-                          train_student)
+from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
 log = logging.getLogger("kdrun")
 RULES = ("confidence", "maxprob", "mean", "weighted")

@@ -15,8 +15,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.records import (JsonlWriter, Progress, atomic_write_text, attach_file_log, git_sha, refuse_existing,
-                           show, versions, write_json)
+from kdrun.records import (
+    JsonlWriter,
+    Progress,
+    atomic_write_text,
+    attach_file_log,
+    git_sha,
+    refuse_existing,
+    show,
+    versions,
+    write_json,
+)
 from kdrun.schema import Config, to_object
 
 log = logging.getLogger("kdrun")
@@ -53,13 +62,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict:
     import torch
 
+    from kdrun import losses
     from kdrun.data import load_data
     from kdrun.engine import resolve_device
-    from kdrun import losses
     from kdrun.modes import MODES
     from kdrun.stages import RunContext
 
-    loss = losses.build(conf.loss.name, T=conf.loss.T, alpha=conf.loss.alpha)
+    loss = losses.from_config(conf.loss)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
     log.info(f"loss: {loss.formula()}   (alpha weighs the soft KD term; KL batchmean)")
     show(_config_tree(cfg_dict), "config:")

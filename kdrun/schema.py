@@ -61,7 +61,7 @@ class AugmentConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
+    name: Optional[str] = "digits"
     root: Optional[str] = None        # folder of torchvision-format files (or of your image folders)
     idx_dir: Optional[str] = None     # folder with raw IDX (.gz) files, read when root has none
     download: bool = False            # let torchvision download missing files into root

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdrun.data import Data
 from kdrun.engine import FitResult, Recipe, accuracy, fit
-from kdrun.losses import DistillationLoss, cross_entropy
+from kdrun.losses import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
 from kdrun.records import JsonlWriter, Progress, save_torch

@@ -8,9 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import kdrun.conf
+import pytest
 
 CONF_DIR = Path(kdrun.conf.__file__).resolve().parent  # the config tree the CLI composes (pkg://kdrun.conf)
 PYTHON = sys.executable

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import KDRUN_SCRIPT, read_json, read_jsonl, run_kdrun, store_entries, store_overrides
 
-from conftest import (KDRUN_SCRIPT, read_json, read_jsonl, run_kdrun, store_entries, store_overrides)
 from kdrun.models import build_model, list_models
 
 FORMULA = "L = 0.1·CE + 0.9·16·KL(T=4)"

@@ -6,11 +6,11 @@ model config is covered as soon as it is added.
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR, config_groups, group_options, run_kdrun
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, config_groups, group_options, run_kdrun
 from kdrun.errors import ConfigError
 from kdrun.models import list_models, model_args
 from kdrun.schema import Config, keys_at, register_configs, to_object

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
-from kdrun.sources import read_idx
 from kdrun.data import Split, augment_batch, load_data, to_unit_float
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
+from kdrun.sources import read_idx
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ from kdrun.errors import KdrunError
 from kdrun.logit_cache import decide, make_check, teacher_logits
 from kdrun.losses import build
 from kdrun.models import build_model
-from kdrun.schema import AugmentConfig, DatasetConfig, LossConfig, OptimConfig, SchedConfig
+from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_json, run_kdrun, store_entries, store_overrides
 from torch import nn
 
-from conftest import read_json, run_kdrun, store_entries, store_overrides
 from kdrun.errors import ConfigError
 from kdrun.logit_cache import weights_hash
 from kdrun.merge import MergedTeacher, resolve_splits, teacher_seeds

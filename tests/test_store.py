@@ -11,8 +11,15 @@ import torch
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
-from kdrun.teacher_store import (CHECKPOINT, checkpoint_dict, key_hash, load_weights, read_checkpoint,
-                                 state_dict_of, train_or_reuse)
+from kdrun.teacher_store import (
+    CHECKPOINT,
+    checkpoint_dict,
+    key_hash,
+    load_weights,
+    read_checkpoint,
+    state_dict_of,
+    train_or_reuse,
+)
 
 torch.set_num_threads(2)
 KEY = {"role": "teacher", "model": {"name": "cnn", "args": {}}, "data": {"name": "digits"}, "recipe": {"epochs": 2}}

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    CLI_TIMEOUT_S,
+    KDRUN_SCRIPT,
+    CliResult,
+    cli_env,
+    read_json,
+    run_kdrun,
+    store_entries,
+    store_overrides,
+)
 from scipy import stats
-
-from conftest import CLI_TIMEOUT_S, KDRUN_SCRIPT, CliResult, cli_env, read_json, run_kdrun, store_entries, store_overrides
 
 SUMMARIZE_SCRIPT = KDRUN_SCRIPT.parent / "kdrun-summarize"
 SWEEP_FILES = ("results.csv", "cells.csv", "summary.md", "results.png")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_json, run_kdrun, store_overrides
+
 from kdrun.errors import ConfigError
 from kdrun.models import build_model
 from kdrun.transfer import copy_matching, freeze, imagenet_file, match, weights_sha256

@@ -8,8 +8,8 @@ Modules, each importing only those before it:
 * :mod:`~kdrun.sweep.outputs`: ``summarize``, which collects, writes every file and prints the tables;
 * :mod:`~kdrun.sweep.cli`: ``main``, the ``kdrun-summarize`` console script.
 """
+from kdrun.sweep.cli import main
 from kdrun.sweep.jobs import NOISE_P, SEED_KEY, Cell, Job, SweepSummary, collect
 from kdrun.sweep.outputs import OUTPUTS, summarize
-from kdrun.sweep.cli import main
 
 __all__ = ["NOISE_P", "OUTPUTS", "SEED_KEY", "Cell", "Job", "SweepSummary", "collect", "main", "summarize"]

@@ -1,0 +1,23 @@
+"""An example kdrun plugin package.
+
+Installed (``pip install -e examples/kdrun-example-plugin``), it is found through the ``kdrun.plugins`` entry
+point, and its three registrations become config options with no YAML and no flag:
+
+    kdrun teacher=tinynet student=tinynet student.args.width=8 dataset=blobs loss=soft_ce_example
+
+The same callables also work without registration, named by ``_target_`` from a config dir of your own
+(see ``examples/my_conf``).
+"""
+from kdrun import register_dataset, register_loss, register_model
+from kdrun_example_plugin.data import load_splits
+from kdrun_example_plugin.losses import SoftTargetCE
+from kdrun_example_plugin.nets import TinyNet
+
+
+@register_model("tinynet", "Example plugin: conv(width)-ReLU-global pool-linear")
+def tinynet(num_classes: int, in_channels: int, image_size: int, width: int = 16):
+    return TinyNet(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+register_dataset("blobs", "Example plugin: Gaussian blobs rendered as 8x8 images")(load_splits)
+register_loss("soft_ce_example", "Example plugin: (1-alpha)·CE + alpha·T²·CE(p_t^T, p_s^T)")(SoftTargetCE)
