@@ -1,0 +1,175 @@
+"""Extending kdrun: the example plugin through its entry point and through `--config-dir` + `_target_`,
+user code in store keys, timm, and one-line errors for bad user code (in-process unless only the CLI shows it)."""
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import read_json, run_kdrun, store_overrides
+from kdrun import registry
+from kdrun.errors import ConfigError
+from kdrun.run import run
+from kdrun.schema import register_configs
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["teacher.epochs=1", "trainer.epochs=1", "trainer.device=cpu", "baseline=false"]
+
+
+def run_in_process(tmp_path: Path, *overrides: str, config_dir: Path | None = None, run_name: str = "run") -> dict:
+    """Compose like the CLI (optionally with a user config dir) and call run(cfg, out_dir) in this process;
+    stores under ``tmp_path``, the run in ``tmp_path/run_name``."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    extra = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []  # what --config-dir does
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, *store_overrides(tmp_path), *extra])
+    GlobalHydra.instance().clear()
+    return run(cfg, tmp_path / run_name)
+
+
+@pytest.fixture
+def user_conf(tmp_path: Path) -> Path:
+    """examples/my_conf copied outside the repo, plus kdrun's primary config (what --config-dir adds to)."""
+    conf = tmp_path / "my_conf"
+    shutil.copytree(EXAMPLES / "my_conf", conf)
+    return conf
+
+
+def test_plugin_is_registered_through_its_entry_point():
+    assert registry.load_plugins().get("example") == "ok"
+    for kind, name in (("model", "tinynet"), ("dataset", "blobs"), ("loss", "soft_ce_example")):
+        entry = registry.get(kind, name, kind)
+        assert entry.source == "plugin kdrun-example-plugin"
+
+
+def test_plugin_options_run_in_process(tmp_path):
+    summary = run_in_process(tmp_path, "teacher=tinynet", "student=tinynet", "student.args.width=8",
+                             "dataset=blobs", "loss=soft_ce_example", *TINY)
+    assert summary["status"] == "completed"
+    assert summary["dataset"]["name"] == "blobs" and summary["dataset"]["num_classes"] == 4
+    assert summary["student"]["name"] == "tinynet" and summary["loss"]["name"] == "soft_ce_example"
+    assert "CE(p_t, p_s)" in summary["loss"]["formula"]
+
+
+def test_config_dir_targets_from_outside_the_repo_via_cli(tmp_path, user_conf):
+    """The README's commands, run from a directory outside the repository."""
+    result = run_kdrun("--config-dir", user_conf, "teacher=mynet", "student=mynet", "student.width=16",
+                       "dataset=mydata", "loss=mykd", *TINY, f"hydra.run.dir={tmp_path / 'run'}",
+                       *store_overrides(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["teacher"]["name"] == "TinyNet" and summary["dataset"]["num_classes"] == 4
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "_target_: kdrun_example_plugin.nets.TinyNet" in config and "width: 16" in config
+    listed = run_kdrun("--list", "models", cwd=tmp_path)
+    assert listed.returncode == 0 and "tinynet" in listed.stdout and "plugin" in listed.stdout
+
+
+def test_user_source_change_retrains_the_teacher(tmp_path, monkeypatch):
+    """Store keys hold a hash of the file defining a `_target_`: editing it retrains instead of reusing."""
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    net = pkg / "usernet.py"
+    net.write_text(textwrap.dedent("""
+        from torch import nn
+        def make(num_classes, in_channels, image_size, hidden=32):
+            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(pkg))
+    conf = tmp_path / "conf" / "teacher"
+    conf.mkdir(parents=True)
+    (conf / "usernet.yaml").write_text("_target_: usernet.make\nhidden: 32\n")
+    args = ["teacher=usernet", "dataset=fake", *TINY]
+    first = run_in_process(tmp_path, *args, config_dir=tmp_path / "conf", run_name="a")
+    again = run_in_process(tmp_path, *args, config_dir=tmp_path / "conf", run_name="b")
+    assert (first["teacher"]["reused"], again["teacher"]["reused"]) == (False, True)
+    net.write_text(net.read_text() + "\n# changed\n")
+    import importlib
+    import sys
+    sys.modules.pop("usernet", None)
+    importlib.invalidate_caches()
+    changed = run_in_process(tmp_path, *args, config_dir=tmp_path / "conf", run_name="c")
+    assert changed["teacher"]["reused"] is False
+
+
+def _user_module(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+BAD = {
+    "not_importable": ("teacher", "_target_: no_such_pkg.Net\n", "teacher._target_", "No module named"),
+    "not_a_module": ("teacher", "_target_: badmods.not_module\n", "teacher._target_", "not a torch.nn.Module"),
+    "wrong_logits": ("student", "_target_: badmods.wrong_shape\n", "student._target_", "expected logits of shape"),
+    "unknown_kwarg": ("teacher", "_target_: badmods.wrong_shape\ndepth: 3\n", "teacher.depth", "no argument"),
+    "dataset_not_mapping": ("dataset", "_target_: badmods.data_list\n", "dataset._target_", "expected a mapping"),
+    "labels_out_of_range": ("dataset", "_target_: badmods.data_negative\n", "dataset._target_", "outside [0,"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_user_code_is_one_config_error(tmp_path, monkeypatch, case):
+    _user_module(tmp_path, monkeypatch, "badmods", """
+        import numpy as np
+        from torch import nn
+        def not_module(num_classes):
+            return "a string"
+        def wrong_shape(num_classes, in_channels, image_size):
+            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes + 1))
+        def data_list():
+            return [1, 2, 3]
+        def data_negative():
+            x = np.zeros((40, 1, 4, 4), np.float32)
+            return {"train": (x, np.arange(40) % 4 - 1), "test": (x, np.arange(40) % 4)}
+    """)
+    group, yaml, key, fragment = BAD[case]
+    (tmp_path / "conf" / group).mkdir(parents=True)
+    (tmp_path / "conf" / group / "bad.yaml").write_text(yaml)
+    with pytest.raises(ConfigError) as err:
+        run_in_process(tmp_path, f"{group}=bad", *([] if group == "dataset" else ["dataset=fake"]), *TINY,
+                       config_dir=tmp_path / "conf")
+    assert err.value.key == key and fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_target_is_one_line_exit_2_via_cli(tmp_path):
+    conf = tmp_path / "conf" / "teacher"
+    conf.mkdir(parents=True)
+    (conf / "broken.yaml").write_text("_target_: no_such_pkg.Net\n")
+    result = run_kdrun("--config-dir", tmp_path / "conf", "teacher=broken", *TINY, cwd=tmp_path)
+    assert result.returncode == 2, result.describe()
+    assert result.last_err_line.startswith("kdrun: error: teacher._target_: cannot import 'no_such_pkg'")
+    assert "Traceback" not in result.stderr
+
+
+def test_timm_teacher_distils_into_a_kdrun_student_on_digits(tmp_path):
+    pytest.importorskip("timm")
+    summary = run_in_process(tmp_path, "teacher=timm", "teacher.model_name=resnet18", "student=mlp",
+                             "dataset.train_subset=300", *TINY)
+    assert summary["status"] == "completed"
+    assert summary["teacher"]["name"] == "timm_model" and summary["teacher"]["params"] > 10**6
+    assert summary["student"]["test_acc_best"] is not None
+
+
+def test_timm_unknown_model_and_missing_weights_are_one_line(tmp_path):
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError) as err:
+        run_in_process(tmp_path, "teacher=timm", "teacher.model_name=no_such_net", *TINY)
+    assert err.value.key == "teacher.model_name"
+    with pytest.raises(ConfigError) as err:
+        run_in_process(tmp_path, "teacher=timm", "teacher.weights=/nonexistent/w.safetensors", *TINY, run_name="r2")
+    assert err.value.key == "teacher.weights" and "does not exist" in str(err.value)
+
+
+def test_list_every_kind(tmp_path):
+    for kind, expected in (("datasets", "digits"), ("losses", "kd"), ("modes", "semi"), ("models", "wrn_40_2")):
+        result = run_kdrun("--list", kind, cwd=tmp_path)
+        assert result.returncode == 0 and expected in result.stdout, result.describe()
+    bad = run_kdrun("--list", "widgets", cwd=tmp_path)
+    assert bad.returncode == 2 and "models, datasets, losses, modes" in bad.stderr
