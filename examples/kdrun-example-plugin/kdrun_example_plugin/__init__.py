@@ -14,9 +14,9 @@ from kdrun_example_plugin.losses import SoftTargetCE
 from kdrun_example_plugin.nets import TinyNet
 
 
-@register_model("tinynet", "Example plugin: conv(width)-ReLU-global pool-linear")
+@register_model("tinynet", "Example plugin: conv(width)-ReLU-maxpool-linear")
 def tinynet(num_classes: int, in_channels: int, image_size: int, width: int = 16):
-    return TinyNet(num_classes=num_classes, in_channels=in_channels, width=width)
+    return TinyNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
 
 register_dataset("blobs", "Example plugin: Gaussian blobs rendered as 8x8 images")(load_splits)
