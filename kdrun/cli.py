@@ -5,6 +5,7 @@ Nothing below this module imports Hydra or depends on the working directory. tor
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -69,6 +70,9 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         parent, _, leaf = cause.full_key.rpartition(".")
         valid = keys_at(parent)
+        object_type = getattr(cause, "object_type", None)  # a per-option schema (loss, mode): its own keys
+        if valid is None and dataclasses.is_dataclass(object_type):
+            valid = [f.name for f in dataclasses.fields(object_type)]
         where = f"'{parent}'" if parent else "the top level"
         hint = f"; valid keys under {where}: {', '.join(valid)}" if valid else ""
         if parent.endswith(".args"):
