@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import read_json, read_jsonl, store_entries
 from kdrun.losses import build, kd_term
 from kdrun.schema import LossConfig, ModeConfig
-from kdrun.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
+from kdrun.modes.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
 from test_cli import assert_one_line_error, smoke
 
 

@@ -12,9 +12,8 @@ frozen copy of the student as it is at that point teaches it, with the KD loss, 
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -22,68 +21,69 @@ from torch import nn
 from kdrun.data import Data
 from kdrun.engine import predict, top1
 from kdrun.losses import DistillationLoss
+from kdrun.registry import register_mode
+from kdrun.results import Row, SnapshotTeacherResult
 from kdrun.stages import RunContext, baseline_model, distil, evaluate, obtain_baseline
+from kdrun.teaching import LiveTeacher, SnapshotTeacher
 
 log = logging.getLogger("kdrun")
 
 
-def _row(role: str, info: dict, note: str = "") -> dict:
-    return {"role": role, "name": info["name"], "val_acc": info.get("val_acc_best", info.get("val_acc")),
-            "test_acc": info.get("test_acc_best", info.get("test_acc")), "note": note}
+def born_again(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
+    """Generation 0 (CE) from the baseline store, then ``mode.generations`` KD generations.
 
-
-def born_again(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
-    """Generation 0 (CE) from the baseline store, then ``mode.generations`` KD generations."""
-    cfg, parts = ctx.cfg, ctx.parts
-    parts.update(teacher=None, rows=[], generations=[])
+    Adds ``generations`` (every KD generation; the last is the student) and, with ``mode.ensemble``,
+    ``ensemble`` (val / test accuracy) to the summary.
+    """
+    cfg, result = ctx.cfg, ctx.result
+    result.rows, generations = [], []
+    result.extra["generations"] = generations
     teacher, gen0 = baseline_model(ctx, data)
-    parts["baseline"] = {**gen0, "note": "generation 0 (CE)"}
+    result.baseline = dataclasses.replace(gen0, note="generation 0 (CE)")
     models = [teacher]
     for k in range(1, cfg.mode.generations + 1):
         last = k == cfg.mode.generations
         teacher, info = distil(ctx, data, loss, stage="student" if last else f"gen{k}", seed=cfg.seed + k,
-                               teacher=teacher)
-        info["generation"] = k
-        parts["generations"].append(info)
+                               teacher=LiveTeacher(teacher))
+        info.generation = k
+        generations.append(info)
         models.append(teacher)
         if not last:
-            parts["rows"].append(_row(f"generation {k} (KD)", info, f"teaches generation {k + 1}"))
-    parts["student"] = parts["generations"][-1]
-    parts["student_role"] = f"generation {cfg.mode.generations} (KD)"
+            result.rows.append(Row(f"generation {k} (KD)", info.name, info.val_acc_best, info.test_acc_best,
+                                   f"teaches generation {k + 1}"))
+    result.student = generations[-1]
+    result.student_role = f"generation {cfg.mode.generations} (KD)"
     if cfg.mode.ensemble:
-        parts["ensemble"] = ensemble_accuracy(models, data, ctx)
-        parts["rows"].append({"role": f"ensemble of generations 0-{cfg.mode.generations}", "name": gen0["name"],
-                              **parts["ensemble"], "note": "mean softmax"})
-        log.info(f"ensemble of {len(models)} generations: val {parts['ensemble']['val_acc']}%  "
-                 f"test {parts['ensemble']['test_acc']}%")
-    return parts
+        scores = ensemble_accuracy(models, data, ctx)
+        result.extra["ensemble"] = scores
+        result.rows.append(Row(f"ensemble of generations 0-{cfg.mode.generations}", gen0.name, **scores,
+                               note="mean softmax"))
+        log.info(f"ensemble of {len(models)} generations: val {scores['val_acc']}%  test {scores['test_acc']}%")
 
 
-def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
+def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """CE until ``mode.teacher_epoch``, then KD from a frozen snapshot of the student."""
-    cfg, parts = ctx.cfg, ctx.parts
-    parts.update(teacher=None, baseline=None, rows=[])
+    cfg, result = ctx.cfg, ctx.result
+    result.rows = []
     if cfg.baseline:
-        parts["baseline"] = {**obtain_baseline(ctx, data), "note": "CE throughout"}
+        result.baseline = dataclasses.replace(obtain_baseline(ctx, data), note="CE throughout")
     at = cfg.mode.teacher_epoch
 
-    def switch(epoch: int, model: nn.Module) -> Optional[nn.Module]:
-        if epoch != at + 1:
-            return None
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        parts["teacher"] = {"name": cfg.student.name, "source": f"snapshot after epoch {at}", "reused": False,
-                            "epoch": at, "note": f"the student after epoch {at}", **evaluate(frozen, data, ctx)}
-        log.info(f"snapshot teacher (student after epoch {at}): val {parts['teacher']['val_acc']}%; "
+    def record(frozen: nn.Module) -> None:
+        result.teacher = SnapshotTeacherResult(name=cfg.student.name, source=f"snapshot after epoch {at}",
+                                               reused=False, epoch=at, note=f"the student after epoch {at}",
+                                               **evaluate(frozen, data, ctx))
+        log.info(f"snapshot teacher (student after epoch {at}): val {result.teacher.val_acc}%; "
                  f"KD from it for epochs {at + 1}-{cfg.trainer.epochs}")
-        return frozen
 
-    _, parts["student"] = distil(ctx, data, loss, switch_teacher=switch)
-    parts["student_role"] = "student, snapshot KD"
-    return parts
+    _, result.student = distil(ctx, data, loss, teacher=SnapshotTeacher(at, record))
+    result.student_role = "student, snapshot KD"
 
 
-def self_distill(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
-    return {"born_again": born_again, "snapshot": snapshot}[ctx.cfg.mode.method](ctx, data, loss)
+@register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher")
+def self_distill(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
+    """``mode.method``: ``born_again`` or ``snapshot``."""
+    {"born_again": born_again, "snapshot": snapshot}[ctx.cfg.mode.method](ctx, data, loss)
 
 
 @torch.no_grad()
