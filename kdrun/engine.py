@@ -1,7 +1,7 @@
 """The training loop, evaluation, optimizers and schedules: plain PyTorch, no framework.
 
 One loop serves every stage (teacher, CE baseline, KD student): it differs only in the loss callable and in
-whether a frozen teacher is run on the same batch.
+its teacher source (:mod:`kdrun.teaching`: where the teacher's logits come from), plus a list of hooks.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from kdrun.data import Data
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, cross_entropy
 from kdrun.schema import OptimConfig, SchedConfig
+from kdrun.teaching import Hook, TeacherSource
 
 
 @dataclass
@@ -111,20 +112,16 @@ def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
-        teacher: Optional[nn.Module] = None, teacher_logits: Optional[torch.Tensor] = None,
-        cache_check: Optional[Callable[[int], float]] = None, on_epoch: Callable[[dict], None] = lambda r: None,
-        switch_teacher: Optional[Callable[[int, nn.Module], Optional[nn.Module]]] = None,
-        progress=None, desc: str = "train") -> FitResult:
+        teacher: Optional[TeacherSource] = None, hooks: Sequence[Hook] = (), progress=None,
+        desc: str = "train") -> FitResult:
     """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
 
-    The teacher, if given, is frozen: ``eval()`` mode, no gradients, run on the very batch the student sees;
-    or its logits come from ``teacher_logits`` (indexed like ``data.train``), checked by ``cache_check(epoch)``
-    at the start of every epoch.
-    ``switch_teacher(epoch, model)``, called at the start of every epoch, may return a (new) teacher, run
-    live from then on; until a teacher exists, a loss that needs one falls back to plain CE (self-distillation
-    from a snapshot of the student).
-    ``on_epoch`` receives one record per epoch: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc,
-    lr, time_s``. ``progress`` is a :class:`kdrun.records.Progress` (or None).
+    Consumes ``recipe`` (epochs, batch size, optimizer, schedule, seed, precision, speed settings).
+    ``teacher`` gives the teacher's logits for each batch (:mod:`kdrun.teaching`: a live frozen model, cached
+    logits, or a snapshot of the student); None: ``loss_fn`` gets no teacher logits. In an epoch where the
+    source has no teacher yet, plain CE replaces ``loss_fn``. ``hooks`` see each epoch before it trains and
+    its record after (``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr, time_s``).
+    ``progress`` is a :class:`kdrun.records.Progress` (or None).
     """
     device = data.train.y.device
     torch.manual_seed(recipe.seed)
@@ -132,15 +129,11 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)  # frozen ones: out
     sched = make_scheduler(opt, recipe.sched, recipe.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     memory_format = _memory_format(recipe.channels_last, device)
     model.to(memory_format=memory_format)
     forward = torch.compile(model) if recipe.compile else model
-    live_teacher = None
-    if teacher is not None and teacher_logits is None and loss_fn.needs_teacher:
-        teacher.to(memory_format=memory_format)
-        live_teacher = torch.compile(teacher) if recipe.compile else teacher
+    if teacher is not None:
+        teacher.prepare(loss_fn.needs_teacher, memory_format, recipe.compile)
     ce_loss = cross_entropy()
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
@@ -150,22 +143,15 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         sums = torch.zeros(3, device=device)
         lr = opt.param_groups[0]["lr"]
         bar = progress.task(f"{desc} epoch {epoch}/{recipe.epochs}", steps) if progress else None
-        if cache_check is not None and teacher_logits is not None:
-            cache_check(epoch)
-        if switch_teacher is not None and (new_teacher := switch_teacher(epoch, model)) is not None:
-            live_teacher = new_teacher.eval().requires_grad_(False)
-        teaches = teacher_logits is not None or live_teacher is not None
-        epoch_loss = ce_loss if switch_teacher is not None and not teaches else loss_fn
+        for hook in hooks:
+            hook.before_epoch(epoch, model)
+        teaches = teacher is None or teacher.before_epoch(epoch, model)
+        epoch_loss = loss_fn if teaches else ce_loss
         for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
             x = x.contiguous(memory_format=memory_format)
             with autocast(device, recipe.precision):
                 logits = forward(x)
-                t_logits = None
-                if teacher_logits is not None:
-                    t_logits = teacher_logits[idx]
-                elif live_teacher is not None:
-                    with torch.no_grad():
-                        t_logits = live_teacher(x)
+                t_logits = teacher.logits(x, idx) if teacher is not None else None
             loss, parts = epoch_loss(logits, t_logits, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -181,7 +167,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         record = {"epoch": epoch, "train/loss": loss_mean[0], "train/loss_ce": loss_mean[1],
                   "train/loss_kd": loss_mean[2], "val/acc": val_acc, "lr": lr, "time_s": round(train_time, 4)}
         best.history.append(record)
-        on_epoch(record)
+        for hook in hooks:
+            hook.after_epoch(record)
         if bar is not None:
             bar.done()
         if not math.isfinite(loss_mean[0]):

@@ -2,8 +2,10 @@
 
 1. validate the config (one-line errors naming the key) and refuse a run dir that already holds results;
 2. write the resolved ``config.yaml``, log the loss formula and the config;
-3. load the data, run the mode's stages (teacher, baseline, student);
-4. write ``summary.json`` (``status: completed``, or ``failed`` with the error, re-raised) and print a table.
+3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
+   :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
+4. write ``summary.json`` once (``status: completed``, or ``failed`` with the error and the stages that
+   finished, re-raised) and print a table.
 """
 from __future__ import annotations
 
@@ -12,20 +14,13 @@ import logging
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.records import (
-    JsonlWriter,
-    Progress,
-    atomic_write_text,
-    attach_file_log,
-    git_sha,
-    refuse_existing,
-    show,
-    versions,
-    write_json,
-)
+from kdrun.records import (JsonlWriter, Progress, atomic_write_text, attach_file_log, git_sha, refuse_existing,
+                           show, versions, write_json)
+from kdrun.results import RunResult
 from kdrun.schema import Config, to_object
 
 log = logging.getLogger("kdrun")
@@ -42,10 +37,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
     summary: dict = {"status": "running", "out_dir": str(out_dir.resolve()), "mode": conf.mode.name,
                      "seed": conf.seed, "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha()}
+    started: list[RunResult] = []  # the mode's result, from the moment the mode starts
     try:
-        summary.update(_execute(conf, cfg_dict, out_dir, summary))
+        _execute(conf, cfg_dict, out_dir, summary, started)
         summary["status"] = "completed"
     except BaseException as exc:
+        if started:  # failed in (or after) the mode: keep the stages that finished
+            summary.update(_serialise(started[0], summary["loss"]))
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
         _write_traceback(out_dir, exc)
@@ -59,13 +57,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict:
+def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started: list) -> None:
+    """Load the data, run the mode, add its result to ``summary`` (``started`` receives it as the mode starts)."""
     import torch
 
-    from kdrun import losses
+    from kdrun import losses, registry
     from kdrun.data import load_data
     from kdrun.engine import resolve_device
-    from kdrun.modes import MODES
     from kdrun.stages import RunContext
 
     loss = losses.from_config(conf.loss)
@@ -82,19 +80,26 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict) -> dict
                           "shape": [data.channels, data.image_size, data.image_size]}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
+    mode = registry.get("mode", conf.mode.name, "mode").obj
     with Progress(conf.trainer.progress) as progress:
         ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
-                         JsonlWriter(out_dir / "metrics.jsonl", stage="student"), parts=summary)
-        MODES[conf.mode.name](ctx, data, loss)  # puts teacher / baseline / student in summary as each is done
-    student = summary["student"]
-    result = {"objective": student["val_acc_best"] if student["val_acc_best"] is not None else float("nan")}
-    if summary.get("baseline") and student["test_acc_best"] is not None:
-        result["delta_vs_baseline"] = round(student["test_acc_best"] - summary["baseline"]["test_acc"], 4)
-    show(results_table({**summary, **result}), "results:")
-    return result
+                         JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult())
+        started.append(ctx.result)
+        mode(ctx, data, loss)  # fills in ctx.result as each stage is done
+    summary.update(_serialise(ctx.result, summary["loss"]))
+    student = ctx.result.student
+    summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
+    if (delta := ctx.result.delta_vs_baseline()) is not None:
+        summary["delta_vs_baseline"] = delta
+    show(results_table(ctx.result, delta), "results:")
 
 
-def results_table(summary: dict):
+def _serialise(result: RunResult, loss: dict) -> dict:
+    """The mode's part of ``summary.json``: its result, and ``loss`` with the mode's changes to it."""
+    return {"loss": {**loss, **result.loss}, **result.to_json()}
+
+
+def results_table(result: RunResult, delta: Optional[float] = None):
     """The final rich table: teacher, CE baseline, KD student; test accuracy of best-on-val checkpoints."""
     from rich.table import Table
 
@@ -102,20 +107,19 @@ def results_table(summary: dict):
     for col in ("role", "model", "val acc", "test acc", "note"):
         table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    teacher, baseline, student = summary.get("teacher"), summary.get("baseline"), summary["student"]
+    teacher, baseline, student = result.teacher, result.baseline, result.student
     if teacher:
-        table.add_row("teacher", teacher["name"], fmt(teacher["val_acc"]), fmt(teacher["test_acc"]),
-                      teacher.get("note") or ("reused" if teacher["reused"] else "trained"))
+        table.add_row("teacher", teacher.name, fmt(teacher.val_acc), fmt(teacher.test_acc), teacher.note)
     if baseline:
-        table.add_row("student, CE only", baseline["name"], fmt(baseline["val_acc"]), fmt(baseline["test_acc"]),
-                      baseline.get("note", "baseline"))
-    for row in summary.get("rows", []):  # a mode's further stages: generations, per-class-subset teachers...
-        table.add_row(row["role"], row["name"], fmt(row.get("val_acc")), fmt(row.get("test_acc")), row.get("note", ""))
-    note = f"last epoch: {fmt(student['test_acc_last'])}"
-    if "delta_vs_baseline" in summary:
-        note += f"; Δ vs baseline {summary['delta_vs_baseline']:+.2f}"
-    label = summary.get("student_role") or ("student, KD" if teacher else "student")
-    table.add_row(label, student["name"], fmt(student["val_acc_best"]), fmt(student["test_acc_best"]), note)
+        table.add_row("student, CE only", baseline.name, fmt(baseline.val_acc), fmt(baseline.test_acc),
+                      baseline.note or "baseline")
+    for row in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
+        table.add_row(row.role, row.name, fmt(row.val_acc), fmt(row.test_acc), row.note)
+    note = f"last epoch: {fmt(student.test_acc_last)}"
+    if delta is not None:
+        note += f"; Δ vs baseline {delta:+.2f}"
+    label = result.student_role or ("student, KD" if teacher else "student")
+    table.add_row(label, student.name, fmt(student.val_acc_best), fmt(student.test_acc_best), note)
     return table
 
 

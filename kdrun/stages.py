@@ -1,7 +1,8 @@
 """The stages a mode is built from: get the teacher, get the CE baseline, distil the student.
 
 Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a
-JSON-able ``info`` dict that goes into ``summary.json``.
+typed result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to
+``summary.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from kdrun.losses import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
 from kdrun.records import JsonlWriter, Progress, save_torch
+from kdrun.results import BaselineResult, MergedTeacherResult, RunResult, StudentResult, TeacherResult
 from kdrun.schema import Config, ModelConfig
+from kdrun.teaching import CachedLogits, Hook, LiveTeacher, TeacherSource
 from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
 from kdrun.transfer import initialise, store_key_part
 
@@ -38,7 +41,7 @@ class RunContext:
     device: torch.device
     progress: Progress
     metrics: JsonlWriter
-    parts: dict  # summary parts of finished stages (kept in summary.json even if a later stage fails)
+    result: RunResult  # filled in by the mode as each stage finishes (a later failure keeps them)
     memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
 
 
@@ -54,11 +57,11 @@ def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, se
 
 
 def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
-                    teacher=None) -> tuple[nn.Module, dict]:
+                    teacher: Optional[tuple[nn.Module, TeacherResult]] = None) -> tuple[nn.Module, dict]:
     """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and
     ``student.freeze`` applied (:mod:`kdrun.transfer`). Returns it and its ``init`` record for the summary.
 
-    ``init=teacher`` copies from ``teacher`` (a ``(model, info)`` pair), by default from the first teacher this
+    ``init=teacher`` copies from ``teacher`` (a ``(model, result)`` pair), by default from the first teacher this
     run obtained with the configured ``teacher.*`` on all of ``data``'s classes (in mode=semi: the one trained on
     the labelled part), else from :func:`obtain_teacher` on ``data``.
     """
@@ -67,7 +70,10 @@ def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
     first = ctx.memo.get("first_teacher")
     if teacher is None and first is not None and first[:2] == (cfg.teacher, data.num_classes):
         teacher = first[2:]
-    provider = (lambda: teacher) if teacher is not None else (lambda: obtain_teacher(ctx, data))
+
+    def provider() -> tuple[nn.Module, dict]:
+        model, info = teacher if teacher is not None else obtain_teacher(ctx, data)
+        return model, info.to_json()
     if cfg.student.init == "teacher":
         provider()  # before the student is built: obtaining it may train it, which draws random numbers
     model = build(cfg.student, data, "student", ctx.device, seed)
@@ -88,16 +94,19 @@ def evaluate(model: nn.Module, data: Data, ctx: RunContext) -> dict:
     return {"val_acc": accuracy(model, data, "val", bs, precision), "test_acc": accuracy(model, data, "test", bs, precision)}
 
 
-def epoch_logger(desc: str, epochs: int, *writers):
-    """An ``on_epoch`` callback that logs one line per epoch and forwards the record to ``writers``."""
-    def on_epoch(record: dict) -> None:
+class EpochLogger(Hook):
+    """Logs one line per epoch and forwards the record to ``writers`` (e.g. a ``metrics.jsonl`` writer)."""
+
+    def __init__(self, desc: str, epochs: int, *writers):
+        self.desc, self.epochs, self.writers = desc, epochs, writers
+
+    def after_epoch(self, record: dict) -> None:
         val = "-" if record["val/acc"] is None else f"{record['val/acc']:.2f}%"
-        log.info(f"{desc} epoch {record['epoch']:>3}/{epochs}  loss {record['train/loss']:.4f}  "
+        log.info(f"{self.desc} epoch {record['epoch']:>3}/{self.epochs}  loss {record['train/loss']:.4f}  "
                  f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {val}  "
                  f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
-        for write in writers:
+        for write in self.writers:
             write(record)
-    return on_epoch
 
 
 def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, init: Optional[dict] = None) -> dict:
@@ -116,7 +125,7 @@ def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recip
         log.info(f"training {role} {model_cfg.name} ({n_params(net):,} params) for {recipe.epochs} epochs")
         writer = JsonlWriter(tmp_dir / "metrics.jsonl", stage=role)
         result = fit(net, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
-                     on_epoch=epoch_logger(role, recipe.epochs, writer))
+                     hooks=[EpochLogger(role, recipe.epochs, writer)])
         meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
                 "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
                 "best_val_acc": result.best_val_acc}
@@ -139,7 +148,7 @@ def recipe_student(cfg: Config) -> Recipe:
                   channels_last=tr.channels_last)
 
 
-def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
+def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResult]:
     """The frozen teacher: from ``teacher.ckpt``, else from the store (trained there on a miss).
 
     Consumes ``teacher.*``, ``store.teachers``, ``trainer.precision``. Evaluates it on val and test and logs
@@ -150,13 +159,14 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
     if memo_key in ctx.memo:  # already obtained in this run (e.g. for student.init=teacher)
         return ctx.memo[memo_key]
     model = build(cfg.teacher, data, "teacher", ctx.device, cfg.teacher.seed)
-    info = {"name": cfg.teacher.name, "args": dict(cfg.teacher.args), "params": n_params(model)}
+    params = n_params(model)
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)
         checkpoint = read_checkpoint(path, what="teacher.ckpt")
         load_weights(model, checkpoint, key="teacher.ckpt", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=str(path))
-        info.update(source="ckpt", ckpt=str(path.resolve()), ckpt_sha256=file_sha256(path), store_dir=None, reused=True)
+        where = dict(source="ckpt", ckpt=str(path.resolve()), ckpt_sha256=file_sha256(path), store_dir=None,
+                     reused=True)
     else:
         recipe = _recipe_teacher(cfg)
         key = _store_key("teacher", cfg.teacher, data, recipe)
@@ -164,25 +174,26 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
                                                    _train_ce_entry("teacher", cfg.teacher, data, recipe, ctx, "teacher"))
         load_weights(model, checkpoint, key="teacher", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=f"store entry {entry}")
-        info.update(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs)
+        where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs)
     model.eval().requires_grad_(False)
-    info.update(evaluate(model, data, ctx))
-    log.info(f"teacher {cfg.teacher.name}: {'reused' if info['reused'] else 'trained'} ({info['source']}), "
-             f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
+    info = TeacherResult(name=cfg.teacher.name, args=dict(cfg.teacher.args), params=params, **where,
+                         **evaluate(model, data, ctx))
+    log.info(f"teacher {cfg.teacher.name}: {'reused' if info.reused else 'trained'} ({info.source}), "
+             f"val {_pct(info.val_acc)}  test {_pct(info.test_acc)}")
     chance = 100.0 / data.num_classes
-    if info["test_acc"] is not None and info["test_acc"] < 1.5 * chance:
-        log.warning(f"teacher test accuracy {info['test_acc']}% is near chance ({chance:.1f}%): check the teacher")
+    if info.test_acc is not None and info.test_acc < 1.5 * chance:
+        log.warning(f"teacher test accuracy {info.test_acc}% is near chance ({chance:.1f}%): check the teacher")
     ctx.memo[memo_key] = (model, info)
     ctx.memo.setdefault("first_teacher", (cfg.teacher, data.num_classes, model, info))
     return model, info
 
 
-def obtain_baseline(ctx: RunContext, data: Data) -> dict:
+def obtain_baseline(ctx: RunContext, data: Data) -> BaselineResult:
     """The no-KD baseline: the student's model and recipe trained with CE only, cached in ``store.baselines``."""
     return baseline_model(ctx, data)[1]
 
 
-def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
+def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResult]:
     """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode).
 
     It starts from the same weights as the student (``student.init``, ``student.freeze``; part of its store key).
@@ -196,17 +207,19 @@ def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, dict]:
                                                                model))
     load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
-    info = {"name": cfg.student.name, "store_dir": str(entry.resolve()), "reused": reused, "init": init,
-            **evaluate(model, data, ctx)}
+    info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,
+                          **evaluate(model, data, ctx))
     log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
-             f"val {_pct(info['val_acc'])}  test {_pct(info['test_acc'])}")
+             f"val {_pct(info.val_acc)}  test {_pct(info.test_acc)}")
     return model.eval(), info
 
 
-def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module, teacher_info: dict) -> dict:
+def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
+                    teacher_info: TeacherResult | MergedTeacherResult) -> TeacherSource:
     """The teacher's side of distillation: cached train logits plus their per-epoch guard, or live.
 
-    Returns keyword arguments for :func:`kdrun.engine.fit`; records the cache decision in ``teacher_info``.
+    Returns the :class:`kdrun.teaching.TeacherSource` for :func:`distil`; records the cache decision in
+    ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``seed``.
     """
     from kdrun.logit_cache import make_check, teacher_logits
 
@@ -214,23 +227,23 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module, teacher_inf
     logits, info = teacher_logits(teacher, data, mode=str(cfg.teacher.cache), dtype=cfg.teacher.cache_dtype,
                                   precision=cfg.trainer.precision, root=Path(cfg.store.teachers),
                                   batch_size=cfg.trainer.eval_batch_size)
-    teacher_info["cache"] = info
+    teacher_info.cache = info
     if logits is None:
         log.info(f"teacher logits: live ({info['why']})")
-        return {"teacher": teacher}
+        return LiveTeacher(teacher)
     check = make_check(teacher, data, logits, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,
                        seed=cfg.seed)
-    return {"teacher": teacher, "teacher_logits": logits, "cache_check": check}
+    return CachedLogits(logits, check)
 
 
-def train_student(ctx: RunContext, data: Data, loss, **teaching) -> dict:
-    """Distil the student with ``loss``; ``teaching`` is :func:`teacher_targets`'s (empty for CE)."""
-    return distil(ctx, data, loss, **teaching)[1]
+def train_student(ctx: RunContext, data: Data, loss, teacher: Optional[TeacherSource] = None) -> StudentResult:
+    """Distil the student with ``loss`` from ``teacher`` (:func:`teacher_targets`'s; None for CE)."""
+    return distil(ctx, data, loss, teacher=teacher)[1]
 
 
 def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: Optional[int] = None,
-           switch_teacher=None, **teaching) -> tuple[nn.Module, dict]:
-    """Train a fresh student as stage ``stage``; return it (best-on-val weights) and its summary info.
+           teacher: Optional[TeacherSource] = None) -> tuple[nn.Module, StudentResult]:
+    """Train a fresh student as stage ``stage``; return it (best-on-val weights) and its result.
 
     Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
     (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
@@ -243,16 +256,16 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     model, init = prepare_student(ctx, data, seed=recipe.seed)
     log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
     writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
-    result: FitResult = fit(model, data, recipe, loss, progress=ctx.progress, desc=stage, switch_teacher=switch_teacher,
-                            on_epoch=epoch_logger(stage, recipe.epochs, writer), **teaching)
+    result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=stage,
+                            hooks=[EpochLogger(stage, recipe.epochs, writer)])
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size}
-    info = {"name": cfg.student.name, "args": dict(cfg.student.args), "params": n_params(model),
-            "epochs": recipe.epochs, "best_epoch": result.best_epoch, "seed": recipe.seed, "init": init}
+    scores = {}
     for which, state in (("last", result.last_state), ("best", result.best_state)):
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict})
         model.load_state_dict(state)
-        scores = evaluate(model, data, ctx)
-        info[f"val_acc_{which}"], info[f"test_acc_{which}"] = scores["val_acc"], scores["test_acc"]
+        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx).items()})
+    info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
+                         epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
     return model.eval(), info

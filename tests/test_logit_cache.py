@@ -11,6 +11,7 @@ from kdrun.logit_cache import decide, make_check, teacher_logits
 from kdrun.losses import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
+from kdrun.teaching import CachedLogits, LiveTeacher
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,11 @@ def test_cached_and_live_training_give_the_same_student(teacher, data, tmp_path)
     recipe = Recipe(epochs=2, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=3)
     loss = build("kd", T=4.0, alpha=0.9)
     results = []
-    for kwargs in ({"teacher": teacher}, {"teacher": teacher, "teacher_logits": logits}):
+    check = make_check(teacher, data, logits, dtype="fp32", precision="fp32", seed=0)
+    for source in (LiveTeacher(teacher), CachedLogits(logits, check)):
         torch.manual_seed(0)
         student = build_model("mlp", num_classes=4, in_channels=1, image_size=8, args={"hidden": 8})
-        results.append(fit(student, data, recipe, loss, **kwargs))
+        results.append(fit(student, data, recipe, loss, teacher=source))
     for key, value in results[0].last_state.items():
         torch.testing.assert_close(results[1].last_state[key], value, atol=1e-5, rtol=1e-5)
     assert [h["train/loss"] for h in results[0].history] == pytest.approx([h["train/loss"] for h in results[1].history], rel=1e-5)

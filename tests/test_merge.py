@@ -11,7 +11,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.logit_cache import weights_hash
-from kdrun.merge import MergedTeacher, resolve_splits, teacher_seeds
+from kdrun.modes.merge import MergedTeacher, resolve_splits, teacher_seeds
 
 HALVES = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 

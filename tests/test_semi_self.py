@@ -9,8 +9,8 @@ from conftest import read_json, read_jsonl, store_entries
 from test_cli import assert_one_line_error, smoke
 
 from kdrun.losses import build, kd_term
-from kdrun.schema import ModeConfig
-from kdrun.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
+from kdrun.modes.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
+from kdrun.schema import SemiMode as ModeConfig
 
 
 def semi_loss(**mode) -> SemiSupervisedLoss:

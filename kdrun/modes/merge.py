@@ -41,7 +41,10 @@ from torch import nn
 from kdrun.data import Data, with_classes
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss
-from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
+from kdrun.registry import register_mode
+from kdrun.results import MergedTeacherResult, Row, SubsetTeacher
+from kdrun.stages import (RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets,
+                          train_student)
 
 log = logging.getLogger("kdrun")
 RULES = ("confidence", "maxprob", "mean", "weighted")
@@ -140,7 +143,8 @@ class MergedTeacher(nn.Module):
         return self.combine_logits([t(x) for t in self.teachers])
 
 
-def obtain_teachers(ctx: RunContext, data: Data, splits: list[list[int]]) -> tuple[list[nn.Module], list[dict]]:
+def obtain_teachers(ctx: RunContext, data: Data,
+                    splits: list[list[int]]) -> tuple[list[nn.Module], list[SubsetTeacher]]:
     """Teacher k from the store, trained on ``with_classes(data, splits[k])`` on a miss; evaluated there."""
     models, infos = [], []
     every = list(range(data.num_classes))
@@ -151,15 +155,15 @@ def obtain_teachers(ctx: RunContext, data: Data, splits: list[list[int]]) -> tup
                  f"{len(own.train)} train images")
         model, info = obtain_teacher(dataclasses.replace(ctx, cfg=cfg), own)
         models.append(model)
-        infos.append({"index": k + 1, "classes": classes, "seed": seed, **info})
+        infos.append(SubsetTeacher(index=k + 1, classes=classes, seed=seed, teacher=info))
     return models, infos
 
 
-def prior_weights(combine: str, infos: list[dict]) -> Optional[list[float]]:
+def prior_weights(combine: str, infos: list[SubsetTeacher]) -> Optional[list[float]]:
     """Fixed teacher weights: validation accuracies for ``weighted`` (equal if a teacher has none)."""
     if combine != "weighted":
         return None
-    accs = [info["val_acc"] for info in infos]
+    accs = [info.teacher.val_acc for info in infos]
     if any(a is None or a <= 0 for a in accs):
         log.warning("combine=weighted: a teacher has no validation accuracy (dataset.val_fraction=0?); "
                     "weighing the teachers equally")
@@ -176,34 +180,35 @@ def _span(classes: list[int]) -> str:
     return f"{classes[0]}-{classes[-1]}" if contiguous and len(classes) > 2 else ",".join(map(str, classes))
 
 
-def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
-    """Teachers per class list, their merged teacher on all classes, the CE baseline, the distilled student."""
-    cfg, parts = ctx.cfg, ctx.parts
-    parts.update(teacher=None, baseline=None)
+@register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes")
+def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
+    """Teachers per class list, their merged teacher on all classes, the CE baseline, the distilled student.
+
+    Adds ``teachers`` (one entry per class list) to the summary; ``teacher`` is the merged teacher.
+    """
+    cfg, result = ctx.cfg, ctx.result
     if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
-        parts["student"] = train_student(ctx, data, loss)
-        return parts
+        result.student = train_student(ctx, data, loss)
+        return
     if cfg.teacher.ckpt:
         raise ConfigError("teacher.ckpt", "not used by mode=merge: each teacher is trained on its class list "
                                           "and kept in the teacher store")
     combine = cfg.mode.combine
     splits = resolve_splits(cfg.mode.class_splits, data.num_classes, combine)
-    teachers, parts["teachers"] = obtain_teachers(ctx, data, splits)
-    parts["rows"] = [{"role": f"teacher {t['index']}, classes {_span(t['classes'])}", "name": t["name"],
-                      "val_acc": t["val_acc"], "test_acc": t["test_acc"],
-                      "note": f"own {len(t['classes'])} classes; {'reused' if t['reused'] else 'trained'}"}
-                     for t in parts["teachers"]]
-    prior = prior_weights(combine, parts["teachers"])
+    teachers, subsets = obtain_teachers(ctx, data, splits)
+    result.extra["teachers"] = subsets
+    result.rows = [Row(f"teacher {t.index}, classes {_span(t.classes)}", t.teacher.name, t.teacher.val_acc,
+                       t.teacher.test_acc, f"own {len(t.classes)} classes; {t.teacher.note}") for t in subsets]
+    prior = prior_weights(combine, subsets)
     merged = MergedTeacher(teachers, splits, data.num_classes, combine, prior).to(ctx.device).eval()
     weights = None if prior is None else [round(w, 4) for w in merged.log_prior.exp().tolist()]
-    info = {"name": f"merged {len(teachers)}x{cfg.teacher.name} ({combine})", "combine": combine,
-            "class_splits": splits, "weights": weights, "source": "store",
-            "reused": all(t["reused"] for t in parts["teachers"]), **evaluate(merged, data, ctx)}
+    info = MergedTeacherResult(name=f"merged {len(teachers)}x{cfg.teacher.name} ({combine})", combine=combine,
+                               class_splits=splits, weights=weights, source="store",
+                               reused=all(t.teacher.reused for t in subsets), **evaluate(merged, data, ctx))
     log.info(f"merged teacher ({combine}, {len(teachers)} teachers) on all {data.num_classes} classes: "
-             f"val {_fmt(info['val_acc'])}  test {_fmt(info['test_acc'])}")
-    parts["teacher"], parts["student_role"] = info, "student, merged KD"
-    teaching = teacher_targets(ctx, data, merged, info)
+             f"val {_fmt(info.val_acc)}  test {_fmt(info.test_acc)}")
+    result.teacher, result.student_role = info, "student, merged KD"
+    source = teacher_targets(ctx, data, merged, info)
     if cfg.baseline:
-        parts["baseline"] = obtain_baseline(ctx, data)
-    parts["student"] = train_student(ctx, data, loss, **teaching)
-    return parts
+        result.baseline = obtain_baseline(ctx, data)
+    result.student = train_student(ctx, data, loss, source)

@@ -30,9 +30,12 @@ import torch.nn.functional as F
 from kdrun.data import Data, with_train
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, kd_term
+from kdrun.registry import register_mode
+from kdrun.results import Row
 from kdrun.schema import ModeConfig
 from kdrun.sources import stratified as _stratified
 from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
+from kdrun.teaching import LiveTeacher
 
 log = logging.getLogger("kdrun")
 UNLABELED = -1
@@ -124,32 +127,35 @@ class SemiSupervisedLoss(torch.nn.Module):
         return f"L = mean over batch of: labelled {lab} | unlabelled {num(self.weight)}·{pool}"
 
 
-def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> dict:
-    """Teacher and baseline on the labelled part; then ``mode.iterations`` rounds of students on all of train."""
-    cfg, parts = ctx.cfg, ctx.parts
+@register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train")
+def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
+    """Teacher and baseline on the labelled part; then ``mode.iterations`` rounds of students on all of train.
+
+    Adds ``semi`` (the label split) and, with ``mode.iterations > 1``, ``rounds`` (the earlier students) to
+    the summary; ``loss.formula`` becomes the semi-supervised loss (``loss.labelled_formula``: the configured one).
+    """
+    cfg, result = ctx.cfg, ctx.result
     labeled, pool, split_info = split_labels(data, cfg.mode, cfg.dataset.split_seed)
-    parts.update(teacher=None, baseline=None, semi=split_info, rows=[])
+    result.extra["semi"], result.rows = split_info, []
     log.info(f"semi-supervised: {split_info['labeled']} labelled, {split_info['unlabeled']} unlabelled train images "
              f"(labels hidden); unlabelled target: {cfg.mode.unlabeled_target}")
-    teacher, parts["teacher"] = obtain_teacher(ctx, labeled)
+    teacher, result.teacher = obtain_teacher(ctx, labeled)
     if cfg.baseline:
-        parts["baseline"] = baseline_model(ctx, labeled)[1]
-        parts["baseline"]["note"] = "CE on the labelled part"
+        result.baseline = baseline_model(ctx, labeled)[1]
+        result.baseline.note = "CE on the labelled part"
     semi_loss = SemiSupervisedLoss(loss, cfg.mode)
     log.info(f"semi-supervised loss: {semi_loss.formula()}")
-    parts["loss"] = {**parts.get("loss", {}), "formula": semi_loss.formula(), "labelled_formula": loss.formula()}
+    result.loss = {"formula": semi_loss.formula(), "labelled_formula": loss.formula()}
     for round_ in range(1, cfg.mode.iterations + 1):
         last = round_ == cfg.mode.iterations
         stage = "student" if last else f"round{round_}"
         # round 1: the trained teacher (logit cache as configured); later rounds: the previous student, live
-        teaching = teacher_targets(ctx, pool, teacher, parts["teacher"]) if round_ == 1 else {"teacher": teacher}
-        teacher, info = distil(ctx, pool, semi_loss, stage=stage, seed=cfg.seed + round_ - 1, **teaching)
+        source = teacher_targets(ctx, pool, teacher, result.teacher) if round_ == 1 else LiveTeacher(teacher)
+        teacher, info = distil(ctx, pool, semi_loss, stage=stage, seed=cfg.seed + round_ - 1, teacher=source)
         if not last:
-            parts["rows"].append({"role": f"student, round {round_}", "name": info["name"], "val_acc":
-                                  info["val_acc_best"], "test_acc": info["test_acc_best"],
-                                  "note": f"teaches round {round_ + 1}"})
-            parts.setdefault("rounds", []).append(info)
+            result.rows.append(Row(f"student, round {round_}", info.name, info.val_acc_best, info.test_acc_best,
+                                   f"teaches round {round_ + 1}"))
+            result.extra.setdefault("rounds", []).append(info)
         else:
-            parts["student"] = info
-    parts["student_role"] = "student, semi-KD" + (f" (round {cfg.mode.iterations})" if cfg.mode.iterations > 1 else "")
-    return parts
+            result.student = info
+    result.student_role = "student, semi-KD" + (f" (round {cfg.mode.iterations})" if cfg.mode.iterations > 1 else "")

@@ -1,0 +1,12 @@
+"""Distillation modes: each is a function ``(ctx, data, loss) -> None`` built from :mod:`kdrun.stages`,
+registered with :func:`kdrun.registry.register_mode` and chosen by ``mode=<name>``. A mode puts each
+stage's typed result into ``ctx.result`` (:class:`kdrun.results.RunResult`) as soon as the stage is done.
+
+``offline``: a frozen, pre-trained teacher teaches the student (:mod:`kdrun.modes.offline`).
+``semi``: only part of the labels; the teacher's soft targets supervise the rest (:mod:`kdrun.modes.semi`).
+``self``: born-again generations or an in-training snapshot teacher (:mod:`kdrun.modes.selfdistill`).
+``merge``: teachers on class subsets merged into one student over all classes (:mod:`kdrun.modes.merge`).
+
+Importing this package registers them (the registry imports it on first use of the ``mode`` kind).
+"""
+from kdrun.modes import merge, offline, selfdistill, semi  # noqa: F401  (imported for their registration)

@@ -1,0 +1,22 @@
+"""``mode=offline``: a frozen, pre-trained teacher (from the store or ``teacher.ckpt``) teaches the student;
+the same student trained with CE only is the baseline (``baseline=true``)."""
+from __future__ import annotations
+
+from kdrun.data import Data
+from kdrun.losses import DistillationLoss
+from kdrun.registry import register_mode
+from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
+
+
+@register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")
+def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
+    """Teacher, CE baseline, KD student; each goes into ``ctx.result`` as soon as it is done."""
+    result = ctx.result
+    if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
+        result.student = train_student(ctx, data, loss)
+        return
+    teacher, result.teacher = obtain_teacher(ctx, data)
+    source = teacher_targets(ctx, data, teacher, result.teacher)
+    if ctx.cfg.baseline:
+        result.baseline = obtain_baseline(ctx, data)
+    result.student = train_student(ctx, data, loss, source)

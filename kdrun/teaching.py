@@ -1,0 +1,106 @@
+"""Where :func:`kdrun.engine.fit` gets the teacher's logits from, and its per-epoch hooks.
+
+A teacher source answers two questions of the training loop: at the start of an epoch, does a teacher
+teach this epoch (:meth:`TeacherSource.before_epoch`; False means plain CE for that epoch), and what are its
+logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun's modes:
+
+* :class:`LiveTeacher`: a frozen model (``eval()``, no gradients) run on the very batch the student sees;
+* :class:`CachedLogits`: logits of the whole train split computed once (:mod:`kdrun.logit_cache`), indexed
+  by the batch's sample indices, with a per-epoch check against the live teacher;
+* :class:`SnapshotTeacher`: no teacher (plain CE) up to epoch ``at``, then a frozen copy of the student as it
+  is after that epoch, run live (self-distillation from a snapshot).
+
+A :class:`Hook` (detectron2 ``HookBase`` style) sees every epoch: ``before_epoch(epoch, model)`` and
+``after_epoch(record)`` with the epoch's metrics record.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class Hook:
+    """Per-epoch callbacks of :func:`kdrun.engine.fit`; override the ones you need."""
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> None:
+        """Called before epoch ``epoch`` (1-based) trains, with the model in train mode."""
+
+    def after_epoch(self, record: dict) -> None:
+        """Called with the epoch's record: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr,
+        time_s``."""
+
+
+class TeacherSource:
+    """The teacher side of distillation, as :func:`kdrun.engine.fit` uses it. The base teaches nothing."""
+
+    def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        """Called once before training: whether the loss reads a teacher, the student's memory format, and
+        ``trainer.compile``."""
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
+        """Called at the start of every epoch; False: no teacher yet, train this epoch with plain CE."""
+        return True
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """The teacher's logits for batch ``x`` (train indices ``idx``), run under the loop's autocast; None
+        when the loss does not read them."""
+        return None
+
+
+class LiveTeacher(TeacherSource):
+    """``model``, frozen, run on every batch (only when the loss reads a teacher)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval().requires_grad_(False)
+        self.forward: Optional[nn.Module] = None
+
+    def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        if needs_teacher:
+            self.model.to(memory_format=memory_format)
+            self.forward = torch.compile(self.model) if compile else self.model
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.forward is None:
+            return None
+        with torch.no_grad():
+            return self.forward(x)
+
+
+class CachedLogits(TeacherSource):
+    """Precomputed train-split ``logits`` (indexed like ``data.train``); ``check(epoch)`` guards every epoch."""
+
+    def __init__(self, logits: torch.Tensor, check: Callable[[int], float]):
+        self.cached, self.check = logits, check
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
+        self.check(epoch)
+        return True
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.cached[idx]
+
+
+class SnapshotTeacher(TeacherSource):
+    """Plain CE up to epoch ``at``; from epoch ``at + 1`` a frozen copy of the student then teaches, live.
+
+    ``on_snapshot(frozen)`` is called once, when the copy is taken (to evaluate and record it).
+    """
+
+    def __init__(self, at: int, on_snapshot: Callable[[nn.Module], None] = lambda frozen: None):
+        self.at, self.on_snapshot = at, on_snapshot
+        self.model: Optional[nn.Module] = None
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
+        if epoch == self.at + 1:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.on_snapshot(self.model)
+        return self.model is not None
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.model is None:
+            return None
+        with torch.no_grad():
+            return self.model(x)

@@ -1,0 +1,41 @@
+"""Typed stage results: the summary.json form (optional fields left out, nesting, the mode's extra keys)."""
+from kdrun.results import (BaselineResult, MergedTeacherResult, Row, RunResult, StudentResult, SubsetTeacher,
+                           TeacherResult)
+
+
+def teacher(**kw):
+    return TeacherResult(name="cnn", args={}, params=10, source="store", store_dir="/s/e", reused=True, epochs=2,
+                         val_acc=90.0, test_acc=91.0, **kw)
+
+
+def student(**kw):
+    return StudentResult(name="mlp", args={}, params=5, epochs=2, best_epoch=2, seed=0, init={"source": "random"},
+                         val_acc_last=80.0, test_acc_last=81.0, val_acc_best=82.0, test_acc_best=83.0, **kw)
+
+
+def test_optional_fields_are_left_out_while_none():
+    assert list(teacher().to_json()) == ["name", "args", "params", "source", "store_dir", "reused", "epochs",
+                                         "val_acc", "test_acc"]
+    ckpt = TeacherResult(name="cnn", args={}, params=10, source="ckpt", ckpt="/c.pt", ckpt_sha256="ab", reused=True)
+    assert ckpt.to_json()["store_dir"] is None and "epochs" not in ckpt.to_json()  # None, but not optional
+    assert teacher(cache={"used": True}).to_json()["cache"] == {"used": True}
+    merged = MergedTeacherResult(name="m", combine="mean", class_splits=[[0, 1]], weights=None, source="store",
+                                 reused=False)
+    assert merged.to_json()["weights"] is None and merged.note == "trained"
+    assert "generation" not in student().to_json() and student(generation=2).to_json()["generation"] == 2
+
+
+def test_run_result_serialises_the_summary_parts():
+    offline = RunResult()
+    assert offline.to_json() == {"teacher": None, "baseline": None}  # a mode that has not finished a stage
+    baseline = BaselineResult(name="mlp", store_dir="/b", reused=False, init={}, val_acc=70.0, test_acc=80.5)
+    offline.teacher, offline.baseline, offline.student = teacher(), baseline, student()
+    out = offline.to_json()
+    assert list(out) == ["teacher", "baseline", "student"] and out["student"]["test_acc_best"] == 83.0
+    assert offline.delta_vs_baseline() == 2.5
+    merge = RunResult(rows=[Row("teacher 1", "cnn", 1.0, 2.0)], student_role="student, merged KD",
+                      extra={"teachers": [SubsetTeacher(index=1, classes=[0, 1], seed=0, teacher=teacher())]})
+    out = merge.to_json()
+    assert out["teachers"][0]["index"] == 1 and out["teachers"][0]["store_dir"] == "/s/e"
+    assert out["rows"] == [{"role": "teacher 1", "name": "cnn", "val_acc": 1.0, "test_acc": 2.0, "note": ""}]
+    assert out["student_role"] == "student, merged KD" and "student" not in out
