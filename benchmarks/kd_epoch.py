@@ -77,7 +77,7 @@ def main() -> None:
         epoch_s = [m["time_s"] for m in metrics]
         n_train = summary["dataset"]["train"]
         repeats.append({"seed": r, "epoch_seconds": epoch_s, "mean_epoch_seconds": statistics.mean(epoch_s),
-                        "samples_per_s": n_train / statistics.mean(epoch_s), "final_test_acc": summary["student"]["test_acc_last"],
+                        "samples_per_s": n_train / statistics.mean(epoch_s), "final_test_acc": summary["student"]["test_acc_last"],  # noqa: E501
                         "teacher_test_acc": summary["teacher"]["test_acc"], "teacher_reused": summary["teacher"]["reused"],
                         "cache": summary["teacher"].get("cache"), "wall_s": round(wall, 2)})
         print(f"[kdrun bench] repeat {r}: epochs {['%.3f' % e for e in epoch_s]} s, final test acc "

@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdrun_sweep_"))
     cmd = [sys.executable, "-m", "kdrun", "-m", f"loss.T={args.temperatures}", f"loss.alpha={args.alphas}",
-           *[o for o in WORKLOAD if not o.startswith(("loss.T=", "loss.alpha="))], f"trainer.epochs={args.epochs}", f"store.teachers={work / 'teachers'}",
+           *[o for o in WORKLOAD if not o.startswith(("loss.T=", "loss.alpha="))], f"trainer.epochs={args.epochs}", f"store.teachers={work / 'teachers'}",  # noqa: E501
            f"store.baselines={work / 'baselines'}", f"hydra.sweep.dir={work / 'sweep'}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
@@ -50,7 +50,7 @@ def main() -> None:
     if td_json:
         td = json.load(open(td_json))["summary"]
         kd_run = args.epochs * td["median_epoch_seconds"]
-        sensible, independent = td["teacher_train_seconds"] + len(summaries) * kd_run, len(summaries) * (td["teacher_train_seconds"] + kd_run)
+        sensible, independent = td["teacher_train_seconds"] + len(summaries) * kd_run, len(summaries) * (td["teacher_train_seconds"] + kd_run)  # noqa: E501
         result.update(td_json=td_json, td_teacher_train_s=round(td["teacher_train_seconds"], 1),
                       td_kd_epoch_s=round(td["median_epoch_seconds"], 2), td_sensible_s=round(sensible, 1),
                       td_independent_s=round(independent, 1), speedup_vs_sensible=round(sensible / wall, 2),

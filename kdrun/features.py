@@ -4,7 +4,8 @@
         logits = model(x)
     feats["features.3"]          # that module's output on x (the last forward call)
 
-Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them). An unknown name is a :class:`ConfigError` listing every valid one. Outputs are cloned by
+Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them). An unknown name is a
+:class:`ConfigError` listing every valid one. Outputs are cloned by
 default, because a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, say) would otherwise
 overwrite the captured tensor; the clone keeps the autograd graph, so feature losses can backpropagate.
 Not wired into training yet: a feature-based loss receives these as ``student_features`` /

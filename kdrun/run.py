@@ -18,8 +18,17 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.records import (JsonlWriter, Progress, atomic_write_text, attach_file_log, git_sha, refuse_existing,
-                           show, versions, write_json)
+from kdrun.records import (
+    JsonlWriter,
+    Progress,
+    atomic_write_text,
+    attach_file_log,
+    git_sha,
+    refuse_existing,
+    show,
+    versions,
+    write_json,
+)
 from kdrun.results import RunResult
 from kdrun.schema import Config, to_object
 

@@ -520,7 +520,7 @@ def _reject_unknown_keys(node, path: str) -> None:
         if key not in valid:
             if path in OPEN_NODES:
                 continue
-            raise ConfigError(full, f"unknown config key; valid keys under {repr(path) if path else 'the top level'}: {', '.join(valid)}")
+            raise ConfigError(full, f"unknown config key; valid keys under {repr(path) if path else 'the top level'}: {', '.join(valid)}")  # noqa: E501
         _reject_unknown_keys(node[key], full)
 
 

@@ -23,8 +23,8 @@ from kdrun.models import check_logits, identity
 from kdrun.records import JsonlWriter, Progress, save_torch
 from kdrun.results import BaselineResult, MergedTeacherResult, RunResult, StudentResult, TeacherResult
 from kdrun.schema import Config, ModelConfig
-from kdrun.teaching import CachedLogits, Hook, LiveTeacher, TeacherSource
 from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
+from kdrun.teaching import CachedLogits, Hook, LiveTeacher, TeacherSource
 from kdrun.transfer import initialise, store_key_part
 
 log = logging.getLogger("kdrun")

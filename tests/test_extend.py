@@ -7,10 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import read_json, run_kdrun, store_overrides
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import read_json, run_kdrun, store_overrides
 from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.run import run

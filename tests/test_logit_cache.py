@@ -102,4 +102,4 @@ def test_cached_and_live_training_give_the_same_student(teacher, data, tmp_path)
         results.append(fit(student, data, recipe, loss, teacher=source))
     for key, value in results[0].last_state.items():
         torch.testing.assert_close(results[1].last_state[key], value, atol=1e-5, rtol=1e-5)
-    assert [h["train/loss"] for h in results[0].history] == pytest.approx([h["train/loss"] for h in results[1].history], rel=1e-5)
+    assert [h["train/loss"] for h in results[0].history] == pytest.approx([h["train/loss"] for h in results[1].history], rel=1e-5)  # noqa: E501

@@ -1,6 +1,5 @@
 """Typed stage results: the summary.json form (optional fields left out, nesting, the mode's extra keys)."""
-from kdrun.results import (BaselineResult, MergedTeacherResult, Row, RunResult, StudentResult, SubsetTeacher,
-                           TeacherResult)
+from kdrun.results import BaselineResult, MergedTeacherResult, Row, RunResult, StudentResult, SubsetTeacher, TeacherResult
 
 
 def teacher(**kw):

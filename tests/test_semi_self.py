@@ -113,7 +113,7 @@ def test_born_again_generations(tmp_path):
     assert [g["seed"] for g in summary["generations"]] == [1, 2]
     assert summary["student"] == summary["generations"][-1]
     assert 0 <= summary["ensemble"]["test_acc"] <= 100
-    assert summary["delta_vs_baseline"] == pytest.approx(summary["student"]["test_acc_best"] - summary["baseline"]["test_acc"], abs=1e-3)
+    assert summary["delta_vs_baseline"] == pytest.approx(summary["student"]["test_acc_best"] - summary["baseline"]["test_acc"], abs=1e-3)  # noqa: E501
     stages = [r["stage"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert stages == ["gen1", "gen1", "student", "student"]
     assert len(store_entries(tmp_path / "baselines")) == 1 and not store_entries(tmp_path / "teachers")

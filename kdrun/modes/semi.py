@@ -4,7 +4,8 @@ A stratified, seeded labelled subset (``mode.labeled_fraction`` or ``mode.labels
 ``dataset.split_seed``) keeps its labels; the rest of train is the unlabelled pool, whose labels are
 replaced by ``-1`` before the student sees the data (any code that read them would fail). The teacher and
 the CE baseline are trained on the labelled part only, tiled to the size of train so that an epoch is as
-many optimizer steps for them as for the student (a baseline with 10x fewer steps would flatter KD). The student sees batches drawn from labelled and
+many optimizer steps for them as for the student (a baseline with 10x fewer steps would flatter KD). The
+student sees batches drawn from labelled and
 unlabelled images together and minimises
 
     L = mean over the batch of  (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))   (labelled)
@@ -33,7 +34,7 @@ from kdrun.losses import DistillationLoss, kd_term
 from kdrun.registry import register_mode
 from kdrun.results import Row
 from kdrun.schema import ModeConfig
-from kdrun.sources import stratified as _stratified
+from kdrun.sources import stratified
 from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
 from kdrun.teaching import LiveTeacher
 
@@ -59,7 +60,7 @@ def labeled_indices(y: np.ndarray, mode: ModeConfig, seed: int, num_classes: int
     if n < num_classes:
         raise ConfigError("mode.labeled_fraction", f"{mode.labeled_fraction} of {len(y)} train images is {n} "
                                                    f"labels, fewer than the {num_classes} classes")
-    picked, _ = _stratified(len(y), y, n, seed, "mode.labeled_fraction")
+    picked, _ = stratified(len(y), y, n, seed, "mode.labeled_fraction")
     missing = sorted(set(range(num_classes)) - set(y[picked].tolist()))
     if missing:
         raise ConfigError("mode.labeled_fraction", f"too few labels: classes {missing} get no labelled image")

@@ -163,7 +163,7 @@ def print_tables(summary: SweepSummary) -> None:
     for col in [*summary.cell_keys, *CELL_COLUMNS]:
         table.add_column(col, justify="left" if col == "note" else "right", no_wrap=col != "note")
     for cell in summary.cells:
-        style = "bold green" if cell.best else "red" if not cell.stats["n"] else "dim" if cell.stats["within_noise"] else None
+        style = "bold green" if cell.best else "red" if not cell.stats["n"] else "dim" if cell.stats["within_noise"] else None  # noqa: E501
         table.add_row(*(escape(t) for t in cell_row(cell)), style=style)
     console.print(table)
     pivot = grid(summary)
