@@ -240,10 +240,12 @@ def test_student_side_failure_keeps_the_stored_teacher(shared):
     before = sha256(entry / "model.pt")
     baselines_before = store_entries(base / "baselines")
     run = base / "run_bad_student"
-    result = smoke(base, run, "+student.args.bogus=1")  # passes the schema; the model registry refuses it
-    assert_one_line_error(result, "student.args.bogus", "hidden")
+    bad_init = base / "not_a_checkpoint.pt"
+    bad_init.write_text("not a checkpoint\n")  # passes validation (the file exists); reading it fails later
+    result = smoke(base, run, f"student.init={bad_init}")
+    assert_one_line_error(result, "student.init", "not a readable PyTorch checkpoint")
     summary = read_json(run / "summary.json")
-    assert summary["status"] == "failed" and "student.args.bogus" in summary["error"]
+    assert summary["status"] == "failed" and "student.init" in summary["error"]
     assert "teacher cnn: reused" in (run / "kdrun.log").read_text()  # it failed after the teacher stage
     assert summary["teacher"]["reused"] is True and summary["teacher"]["test_acc"] > 0  # finished stages are kept
     assert not list((base / "baselines").glob(".*.tmp-*")), "a failed training left its temp dir behind"
