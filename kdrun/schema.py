@@ -200,6 +200,10 @@ class TeacherConfig(ModelConfig):
         _check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
         self.optim.check("teacher.optim")
         self.sched.check("teacher.sched")
+        if self.init is not None or self.freeze:
+            key = "teacher.init" if self.init is not None else "teacher.freeze"
+            raise ConfigError(key, "fine-tuning a pretrained teacher is not implemented yet; use teacher=timm "
+                                   "teacher.pretrained=true, or teacher.ckpt=PATH for a trained teacher")
         super().__post_init__()
 
 
