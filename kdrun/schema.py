@@ -482,12 +482,13 @@ def register_configs() -> None:
     for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
         cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
                                                  "pretrained": False, "weights": None})
-    for name, entry in registry.entries("dataset", builtins=False).items():
+    plugins = lambda kind: {n: e for n, e in registry.entries(kind, builtins=False).items() if e.source != "kdrun"}
+    for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
         cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
-    for name, entry in registry.entries("loss", builtins=False).items():
+    for name, entry in plugins("loss").items():
         cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
                                                  **entry.params(skip=("args", "kwargs"))})
-    for name in registry.entries("mode", builtins=False):
+    for name in plugins("mode"):
         cs.store(group="mode", name=name, node={"name": name})
 
 

@@ -141,8 +141,8 @@ def test_snapshot_self_teacher(tmp_path):
     (["mode=self", "mode.generations=0"], ["mode.generations", "must be >= 1"]),
     (["mode=self", "mode.method=snapshot", "mode.teacher_epoch=2"], ["mode.teacher_epoch", "< trainer.epochs (2)"]),
     (["mode=self", "mode.method=snapshot"], ["mode.teacher_epoch", "needs an epoch"]),
-    (["mode=self", "mode.labeled_fraction=0.1"], ["mode.labeled_fraction", "not used by mode=self"]),
-    (["mode=offline", "mode.generations=2"], ["mode.generations", "not used by mode=offline"]),
+    (["mode=self", "mode.labeled_fraction=0.1"], ["mode.labeled_fraction", "unknown config key", "generations"]),
+    (["mode=offline", "mode.generations=2"], ["mode.generations", "unknown config key", "'mode': name"]),
 ])
 def test_mode_errors_are_one_line(tmp_path, overrides, fragments):
     result = smoke(tmp_path, tmp_path / "run", *overrides)
