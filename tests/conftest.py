@@ -1,6 +1,11 @@
-"""Shared helpers: run the real `kdrun` CLI in a subprocess, read its JSON / JSONL outputs."""
+"""Shared helpers: run kdrun in-process (Hydra's compose API + ``kdrun.run.run``) or the real `kdrun` CLI in a
+subprocess, and read their JSON / JSONL outputs.
+
+In-process runs are the default (habit 9); subprocess runs are kept for what only the real CLI shows: --help,
+--list, one-line error printing and exit codes, the console script, `-m` multiruns, launchers, signals."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,6 +60,77 @@ def run_kdrun(*args, cwd: Path, script: bool = False, timeout: int = CLI_TIMEOUT
     return CliResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
 
+@contextlib.contextmanager
+def kdrun_config_module():
+    """Hydra initialised on kdrun's config tree (pkg://kdrun.conf) as ``kdrun/cli.py`` does; cleared on exit."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdrun.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="kdrun.conf", version_base="1.3"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def working_dir(path: Path):
+    """``contextlib.chdir`` (Python >= 3.11 only; kdrun supports 3.10)."""
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def compose_config(*overrides, hydra: bool = False):
+    """The config the CLI would compose for ``kdrun OVERRIDES`` (with the ``hydra`` node when ``hydra``)."""
+    from hydra import compose
+
+    with kdrun_config_module():
+        return compose("config", overrides=[str(o) for o in overrides], return_hydra_config=hydra)
+
+
+def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None) -> dict:
+    """``kdrun OVERRIDES`` in this process: compose, then ``kdrun.run.run(cfg, out_dir)``; returns the summary.
+
+    Run from ``cwd`` (default: the parent of ``out_dir``) like a user's shell. A user error propagates as
+    :class:`kdrun.errors.KdrunError` (``ConfigError`` for a bad value); ``str(exc)`` is the line the CLI prints
+    after ``kdrun: error:``. Composition errors (unknown group option or key) propagate as Hydra's exceptions.
+    """
+    import logging
+
+    from kdrun.run import run
+
+    out_dir = Path(out_dir)
+    cfg = compose_config(*overrides)
+    root, level = logging.getLogger(), logging.getLogger().level  # run() raises it to INFO for its log file
+    try:
+        with working_dir(cwd or out_dir.parent):
+            return run(cfg, out_dir)
+    finally:
+        root.setLevel(level)
+
+
+def smoke_inproc(base: Path, run_dir: Path, *extra) -> dict:
+    """The 2-epoch digits preset (``experiment=smoke``) in-process, stores under ``base``."""
+    return run_inproc(run_dir, "experiment=smoke", *store_overrides(base), *extra, cwd=base)
+
+
+SWEEP_SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per job: parallel jobs share 2 cores
+
+
+def run_sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
+    """``kdrun -m experiment=smoke ARGS`` in ``base``, sweep dir ``base/sweep``, stores under ``base``."""
+    store = store_overrides(base) if stores else []
+    return run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
+
+
 def store_overrides(base: Path) -> list[str]:
     """Keep the teacher / baseline stores of a test under ``base``."""
     return [f"store.teachers={base / 'teachers'}", f"store.baselines={base / 'baselines'}"]
@@ -103,3 +179,21 @@ def config_groups() -> list[str]:
 @pytest.fixture
 def kdrun_cli():
     return run_kdrun
+
+
+@pytest.fixture(scope="session")
+def kdrun_help(tmp_path_factory):
+    """``python -m kdrun --help``, run once per session in an empty dir: (result, that dir)."""
+    cwd = tmp_path_factory.mktemp("help")
+    return run_kdrun("--help", cwd=cwd), cwd
+
+
+@pytest.fixture(scope="session")
+def seed_sweep(tmp_path_factory):
+    """A T x seed multirun of the real CLI (``loss.T=1,4 seed=0,1``: 4 jobs, fresh stores), run once per
+    session: (base dir, CliResult). Read by test_sweep.py and test_cli.py; nothing may write into it except
+    test_kdrun_summarize_reproduces_the_summary, which rewrites the sweep summary files identically."""
+    base = tmp_path_factory.mktemp("seeds")
+    result = run_sweep(base, "loss.T=1,4", "seed=0,1")
+    assert result.returncode == 0, result.describe()
+    return base, result

@@ -1,6 +1,8 @@
-"""The `kdrun` command end to end, in subprocesses, as a user runs it (2-epoch digits preset, CPU).
+"""The `kdrun` command end to end (2-epoch digits preset, CPU): the real CLI in subprocesses for what only it
+shows (console output, one-line errors and exit codes, --help, --list, the console script, `-m`), everything
+else in-process through Hydra's compose API and ``kdrun.run.run``.
 
-A module-scoped first run trains the teacher into a shared store; later tests reuse it (and check that
+A module-scoped first CLI run trains the teacher into a shared store; later tests reuse it (and check that
 failures never damage it).
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KDRUN_SCRIPT, read_json, read_jsonl, run_kdrun, store_entries, store_overrides
+from conftest import KDRUN_SCRIPT, read_json, read_jsonl, run_inproc, run_kdrun, smoke_inproc, store_entries, store_overrides
 
 from kdrun.models import build_model, list_models
 
@@ -40,14 +42,37 @@ def assert_one_line_error(result, *fragments: str) -> str:
     return last
 
 
+def error_line(via_cli: bool, base: Path, run_dir: Path, *overrides: str) -> str:
+    """The message of a refused or failed smoke run: what the CLI prints after ``kdrun: error: ``.
+
+    ``via_cli``: run the real CLI and check the one-line report (exit code, one line, no traceback).
+    Otherwise run in-process: ``str(exc)`` of the ``KdrunError``, or for a composition error (unknown group
+    option or key, wrong type) the line ``kdrun.cli.explain`` makes of Hydra's exception, as ``main`` does.
+    """
+    if via_cli:
+        return assert_one_line_error(smoke(base, run_dir, *overrides)).removeprefix("kdrun: error: ")
+    from kdrun.cli import explain
+
+    try:
+        smoke_inproc(base, run_dir, *overrides)
+    except Exception as exc:  # noqa: BLE001 - what main() reports as one line; anything else is re-raised
+        message = explain(exc)
+        if message is None:
+            raise
+    else:
+        pytest.fail(f"{' '.join(overrides)} was accepted")
+    assert "\n" not in message, message
+    return message
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One completed smoke run (teacher trained into the shared store) and a second one reusing it."""
+    """One completed smoke run of the real CLI (teacher trained into the shared store) and a second,
+    in-process one reusing it."""
     base = tmp_path_factory.mktemp("cli")
     first = smoke(base, base / "run1")
     assert first.returncode == 0, first.describe()
-    second = smoke(base, base / "run2")
-    assert second.returncode == 0, second.describe()
+    second = smoke_inproc(base, base / "run2")
     return {"base": base, "first": first, "second": second}
 
 
@@ -146,18 +171,16 @@ def test_second_run_reuses_the_teacher(shared):
     assert second["student"]["test_acc_best"] == first["student"]["test_acc_best"]  # seeded: same result
 
 
-def test_multirun_trains_one_teacher(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_kdrun("-m", "experiment=smoke", "loss.T=1,4", f"hydra.sweep.dir={sweep}",
-                       *store_overrides(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0, result.describe()
-    summaries = [read_json(p) for p in sorted(sweep.glob("*/summary.json"))]
-    assert len(summaries) == 2
+def test_multirun_trains_one_teacher(seed_sweep):
+    """`kdrun -m experiment=smoke loss.T=1,4 seed=0,1` (conftest.py's session sweep, shared with test_sweep.py)."""
+    base, _ = seed_sweep
+    summaries = [read_json(p) for p in sorted((base / "sweep").glob("*/summary.json"))]
+    assert len(summaries) == 4
     assert all(s["status"] == "completed" for s in summaries)
-    assert sorted(s["loss"]["T"] for s in summaries) == [1.0, 4.0]
-    assert sorted(s["teacher"]["reused"] for s in summaries) == [False, True]
+    assert sorted(s["loss"]["T"] for s in summaries) == [1.0, 1.0, 4.0, 4.0]
+    assert sorted(s["teacher"]["reused"] for s in summaries) == [False, True, True, True]
     assert len({s["teacher"]["store_dir"] for s in summaries}) == 1
-    assert len(store_entries(tmp_path / "teachers")) == 1
+    assert len(store_entries(base / "teachers")) == 1
 
 
 # --- refusals and the error catalogue ---------------------------------------------------------------------
@@ -167,8 +190,8 @@ def test_refuses_a_run_dir_with_results(tmp_path):
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"status": "completed", "objective": 97.0}) + "\n")
     before = (run / "summary.json").read_bytes()
-    result = smoke(tmp_path, run)
-    last = assert_one_line_error(result, str(run), "summary.json")
+    last = error_line(False, tmp_path, run)
+    assert str(run) in last and "summary.json" in last
     assert "refusing to overwrite" in last
     assert (run / "summary.json").read_bytes() == before
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
@@ -189,11 +212,17 @@ CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before th
 ]
 
 
+# Printed by the real CLI: one of each way a config is refused (unknown group option, unknown key, wrong type at
+# composition; a range check inside the job). The others are checked in-process: same message, same code path.
+CLI_CONFIG_ERRORS = {"loss.alpha=1.5", "teacher=foo", "loss.Tx=3", "loss.T=abc"}
+
+
 @pytest.mark.parametrize("overrides,fragments", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS])
 def test_config_errors_are_one_line(tmp_path, overrides, fragments):
     run = tmp_path / "run"
-    result = smoke(tmp_path, run, *overrides)
-    assert_one_line_error(result, *fragments)
+    last = error_line(" ".join(overrides) in CLI_CONFIG_ERRORS, tmp_path, run, *overrides)
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
     assert not (run / "summary.json").exists()
     assert not (tmp_path / "teachers").exists(), "a refused config still trained something"
 
@@ -218,6 +247,9 @@ RUN_ERRORS = [  # (case, fragments of the error line): fail after the run starte
 ]
 
 
+CLI_RUN_ERRORS = {"text"}  # printed by the real CLI; the others in-process (same message, summary and log)
+
+
 @pytest.mark.parametrize("case,fragments", RUN_ERRORS, ids=[c for c, _ in RUN_ERRORS])
 def test_run_errors_are_one_line_and_recorded(tmp_path, case, fragments):
     if case == "fashion_mnist":
@@ -225,11 +257,12 @@ def test_run_errors_are_one_line_and_recorded(tmp_path, case, fragments):
     else:
         overrides = [f"teacher.ckpt={_ckpt_files(tmp_path)[case]}"]
     run = tmp_path / "run"
-    result = smoke(tmp_path, run, *overrides)
-    last = assert_one_line_error(result, *fragments)
+    last = error_line(case in CLI_RUN_ERRORS, tmp_path, run, *overrides)
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
     summary = read_json(run / "summary.json")
     assert summary["status"] == "failed"
-    assert last.removeprefix("kdrun: error: ") in summary["error"]
+    assert last in summary["error"]
     assert "Traceback" in (run / "kdrun.log").read_text()  # the details are in the log, not on the console
     assert not (run / "checkpoints").exists()
 
@@ -242,8 +275,8 @@ def test_student_side_failure_keeps_the_stored_teacher(shared):
     run = base / "run_bad_student"
     bad_init = base / "not_a_checkpoint.pt"
     bad_init.write_text("not a checkpoint\n")  # passes validation (the file exists); reading it fails later
-    result = smoke(base, run, f"student.init={bad_init}")
-    assert_one_line_error(result, "student.init", "not a readable PyTorch checkpoint")
+    last = error_line(False, base, run, f"student.init={bad_init}")
+    assert "student.init" in last and "not a readable PyTorch checkpoint" in last
     summary = read_json(run / "summary.json")
     assert summary["status"] == "failed" and "student.init" in summary["error"]
     assert "teacher cnn: reused" in (run / "kdrun.log").read_text()  # it failed after the teacher stage
@@ -261,10 +294,10 @@ def test_teacher_from_plain_state_dict(shared, tmp_path):
     plain = tmp_path / "teacher_state_dict.pt"
     torch.save(torch.load(entry / "model.pt", weights_only=True)["model"], plain)
     run = tmp_path / "run"
-    result = run_kdrun("experiment=smoke", f"hydra.run.dir={run}", f"teacher.ckpt={plain}",
-                       *store_overrides(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0, result.describe()
-    s = read_json(run / "summary.json")
+    # the baseline (not under test here) is the one the shared runs stored: reused, not trained again
+    s = run_inproc(run, "experiment=smoke", f"teacher.ckpt={plain}", f"store.teachers={tmp_path / 'teachers'}",
+                   f"store.baselines={base / 'baselines'}", cwd=tmp_path)
+    assert s == read_json(run / "summary.json")
     assert s["status"] == "completed"
     assert s["teacher"]["source"] == "ckpt" and s["teacher"]["reused"] is True
     assert s["teacher"]["ckpt"] == str(plain.resolve())
@@ -276,8 +309,11 @@ def test_teacher_from_plain_state_dict(shared, tmp_path):
 # --- entry points -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", [False, True], ids=["python-m", "console-script"])
-def test_help(tmp_path, script):
-    result = run_kdrun("--help", cwd=tmp_path, script=script)
+def test_help(tmp_path, script, kdrun_help):
+    if script:
+        result = run_kdrun("--help", cwd=tmp_path, script=True)
+    else:  # the session's `python -m kdrun --help` (test_config.py reads it too), run in its own empty dir
+        result, tmp_path = kdrun_help
     assert result.returncode == 0, result.describe()
     lines = result.stdout.splitlines()
     for group in ("teacher", "student", "dataset", "loss", "mode"):

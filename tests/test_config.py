@@ -6,7 +6,7 @@ model config is covered as soon as it is added.
 from __future__ import annotations
 
 import pytest
-from conftest import CONF_DIR, config_groups, group_options, run_kdrun
+from conftest import CONF_DIR, config_groups, group_options
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -108,8 +108,8 @@ def test_help_template_lists_groups(hydra_ctx):
     assert "Examples:" in cfg.hydra.help.footer
 
 
-def test_help_output_lists_every_group_and_option(tmp_path):
-    result = run_kdrun("--help", cwd=tmp_path)
+def test_help_output_lists_every_group_and_option(kdrun_help):
+    result, _ = kdrun_help  # `python -m kdrun --help`, run once per session
     assert result.returncode == 0, result.describe()
     lines = result.stdout.splitlines()
     for group in config_groups():

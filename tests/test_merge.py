@@ -1,12 +1,15 @@
-"""mode=merge: the combine maths (unit) and the mode end to end through the real CLI (2-epoch digits)."""
+"""mode=merge: the combine maths (unit) and the mode end to end, in-process (Hydra's compose API +
+``kdrun.run.run``, 2-epoch digits). Errors are checked as the one line the CLI prints (``str(exc)``)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_json, run_kdrun, store_entries, store_overrides
+from conftest import read_json, smoke_inproc, store_entries
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -123,22 +126,22 @@ def test_resolve_splits_rejects(splits, combine, fragment):
     assert err.value.key == "mode.class_splits" and fragment in str(err.value)
 
 
-# --- through the CLI ------------------------------------------------------------------------------------
+# --- end to end (in-process) ----------------------------------------------------------------------------
 
-def merge_run(base: Path, name: str, *extra: str):
-    return run_kdrun("experiment=smoke", "mode=merge", f"hydra.run.dir={base / name}", *store_overrides(base),
-                     *extra, cwd=base)
+def merge_run(base: Path, name: str, *extra: str) -> str:
+    """``kdrun experiment=smoke mode=merge EXTRA`` in-process into ``base/name``; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        smoke_inproc(base, base / name, "mode=merge", *extra)
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="module")
 def halves(tmp_path_factory):
-    """A merge run on digits' two halves (teachers trained), then the same run again (teachers reused)."""
+    """A merge run on digits' two halves (teachers trained), then the same run again (teachers reused);
+    the base dir and what each printed."""
     base = tmp_path_factory.mktemp("merge")
-    first = merge_run(base, "run1")
-    assert first.returncode == 0, first.describe()
-    second = merge_run(base, "run2")
-    assert second.returncode == 0, second.describe()
-    return base, first, second
+    return base, merge_run(base, "run1"), merge_run(base, "run2")
 
 
 def test_two_teachers_in_the_store_keyed_by_their_classes_and_reused(halves):
@@ -166,9 +169,9 @@ def test_summary_reports_teachers_merged_teacher_baseline_student(halves):
     assert s["teacher"]["cache"]["used"] is True
     val, test = s["teacher"]["val_acc"], s["teacher"]["test_acc"]
     merged_row = rf"merged 2xcnn \(confidence\)\s*│\s*{val:.2f}\s*│\s*{test:.2f}\s"
-    assert re.search(merged_row, first.stdout), first.stdout  # the merged teacher's union accuracy is shown
+    assert re.search(merged_row, first), first  # the merged teacher's union accuracy is shown
     for role in ("teacher 1, classes 0-4", "teacher 2, classes 5-9", "student, merged KD", "student, CE only"):
-        assert role in first.stdout
+        assert role in first
 
 
 def test_teachers_are_scored_on_their_own_classes(halves):
@@ -195,19 +198,17 @@ def test_teachers_are_scored_on_their_own_classes(halves):
 
 
 def test_three_splits(tmp_path):
-    result = merge_run(tmp_path, "run", "mode.class_splits=[[0,1,2],[3,4,5],[6,7,8,9]]", "baseline=false")
-    assert result.returncode == 0, result.describe()
+    printed = merge_run(tmp_path, "run", "mode.class_splits=[[0,1,2],[3,4,5],[6,7,8,9]]", "baseline=false")
     s = read_json(tmp_path / "run" / "summary.json")
     assert [len(t["classes"]) for t in s["teachers"]] == [3, 3, 4]
     assert len(store_entries(tmp_path / "teachers")) == 3
     assert s["baseline"] is None and 0 < s["teacher"]["test_acc"] <= 100
-    assert "teacher 3, classes 6-9" in result.stdout
+    assert "teacher 3, classes 6-9" in printed
 
 
 def test_mean_with_identical_splits_trains_distinct_teachers(tmp_path):
     every = "[0,1,2,3,4,5,6,7,8,9]"
-    result = merge_run(tmp_path, "run", f"mode.class_splits=[{every},{every}]", "mode.combine=mean", "baseline=false")
-    assert result.returncode == 0, result.describe()
+    merge_run(tmp_path, "run", f"mode.class_splits=[{every},{every}]", "mode.combine=mean", "baseline=false")
     s = read_json(tmp_path / "run" / "summary.json")
     assert [t["seed"] for t in s["teachers"]] == [0, 1]
     assert len({t["store_dir"] for t in s["teachers"]}) == 2 == len(store_entries(tmp_path / "teachers"))
@@ -220,10 +221,9 @@ def test_mean_with_identical_splits_trains_distinct_teachers(tmp_path):
     ("[[0,1,2,3,4],[5,6,7,8,9,12]]", "classes [12] are not in the dataset"),
 ])
 def test_bad_class_splits_are_one_line_errors(tmp_path, splits, fragment):
-    result = merge_run(tmp_path, "run", f"mode.class_splits={splits}", "teacher.epochs=1")
-    assert result.returncode == 2, result.describe()
-    assert "Traceback" not in result.stderr, result.describe()
-    errors = [line for line in result.stderr.splitlines() if line.startswith("kdrun: error:")]
-    assert errors == [result.last_err_line], result.describe()
-    assert "mode.class_splits" in errors[0] and fragment in errors[0], errors[0]
+    with pytest.raises(ConfigError) as err:  # a ConfigError: the CLI prints its message as one line, exit 2
+        merge_run(tmp_path, "run", f"mode.class_splits={splits}", "teacher.epochs=1")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "mode.class_splits" in message and fragment in message, message
     assert store_entries(tmp_path / "teachers") == []  # rejected before any training

@@ -18,10 +18,12 @@ import yaml
 from conftest import (
     CLI_TIMEOUT_S,
     KDRUN_SCRIPT,
+    SWEEP_SMOKE,
     CliResult,
     cli_env,
+    compose_config,
     read_json,
-    run_kdrun,
+    run_sweep,
     store_entries,
     store_overrides,
 )
@@ -30,12 +32,11 @@ from scipy import stats
 SUMMARIZE_SCRIPT = KDRUN_SCRIPT.parent / "kdrun-summarize"
 SWEEP_FILES = ("results.csv", "cells.csv", "summary.md", "results.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per job: parallel jobs share 2 cores
+SMOKE = SWEEP_SMOKE  # ("experiment=smoke", "trainer.num_threads=1"): one thread per job, parallel jobs share 2 cores
 
 
 def sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
-    store = store_overrides(base) if stores else []
-    return run_kdrun("-m", *SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
+    return run_sweep(base, *args, stores=stores)
 
 
 def summarize(*args, cwd: Path) -> CliResult:
@@ -55,13 +56,7 @@ def job_summaries(sweep_dir: Path) -> list[dict]:
 
 
 # --- a T x seed sweep: the summary, seed aggregation, the baseline cache ---------------------------------------
-
-@pytest.fixture(scope="module")
-def seed_sweep(tmp_path_factory):
-    base = tmp_path_factory.mktemp("seeds")
-    result = sweep(base, "loss.T=1,4", "seed=0,1")
-    assert result.returncode == 0, result.describe()
-    return base, result
+# (the sweep is conftest.py's session fixture `seed_sweep`: test_cli.py's multirun test reads it too)
 
 
 def test_sweep_writes_results_csv_one_row_per_job(seed_sweep):
@@ -246,12 +241,13 @@ def test_optuna_sweeper_maximises_the_objective(tmp_path):
     assert {"loss.T", "loss.alpha", "optim.lr"} <= set(rows[0])
 
 
-def test_slurm_gpu_launcher_config_composes(tmp_path):
-    """The documented SLURM config (no cluster here): one GPU, one task per job, the partition from the CLI."""
-    result = run_kdrun("hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu", "--cfg", "hydra",
-                       "-p", "hydra.launcher", cwd=tmp_path)
-    assert result.returncode == 0, result.describe()
-    launcher = yaml.safe_load(result.stdout.split("\n", 1)[1])  # after the "# @package" line
+def test_slurm_gpu_launcher_config_composes():
+    """The documented SLURM config (no cluster here): one GPU, one task per job, the partition from the CLI.
+    Composed in-process with the hydra node, as ``kdrun ... --cfg hydra -p hydra.launcher`` shows it."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu", hydra=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (1, 1, 1)
     assert launcher["partition"] == "gpu"

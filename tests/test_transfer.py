@@ -1,7 +1,8 @@
-"""Transfer-learning initialisation (`student.init`, `student.freeze`): the matching logic, then the real CLI.
+"""Transfer-learning initialisation (`student.init`, `student.freeze`): the matching logic, then whole runs.
 
-CLI runs use the 2-epoch digits preset (`experiment=smoke`) or tiny fake data; a module-scoped run trains the
-cnn teacher once into a shared store.
+Runs are in-process (Hydra's compose API + ``kdrun.run.run``) on the 2-epoch digits preset (`experiment=smoke`)
+or tiny fake data; a module-scoped run trains the cnn teacher once into a shared store. Errors are checked as
+the one line the CLI prints (``str(exc)``); the printing itself is test_cli.py's.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_json, run_kdrun, store_overrides
+from conftest import read_json, run_inproc, smoke_inproc, store_overrides
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
 from kdrun.transfer import copy_matching, freeze, imagenet_file, match, weights_sha256
 
@@ -30,14 +31,15 @@ def load_model_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.returncode == 2, result.describe()
-    assert "Traceback" not in result.stderr, result.describe()
-    errors = [line for line in result.stderr.splitlines() if line.startswith("kdrun: error:")]
-    assert len(errors) == 1 and result.last_err_line == errors[0], result.describe()
+def assert_one_line_error(err, *fragments: str) -> str:
+    """``err``: pytest's ExceptionInfo of a refused run. A ConfigError (the CLI's exit code 2) whose message
+    (the line the CLI prints after ``kdrun: error: ``) is one line naming ``fragments``."""
+    assert isinstance(err.value, ConfigError), repr(err.value)
+    message = str(err.value)
+    assert "\n" not in message, message
     for fragment in fragments:
-        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
-    return errors[0]
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
 
 
 # --- matching logic ---------------------------------------------------------------------------------------
@@ -124,19 +126,14 @@ def test_imagenet_file_errors(tmp_path, monkeypatch):
     assert "never downloads" in str(err.value)
 
 
-# --- the real CLI -------------------------------------------------------------------------------------------
-
-def smoke(base: Path, run_dir: Path, *extra: str):
-    return run_kdrun("experiment=smoke", f"hydra.run.dir={run_dir}", *store_overrides(base), *extra, cwd=base)
-
+# --- whole runs (in-process) ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def injected(tmp_path_factory):
     """cnn -> cnn with the student initialised from the teacher and its conv features frozen."""
     base = tmp_path_factory.mktemp("transfer")
-    result = smoke(base, base / "run", "teacher=cnn", "student=cnn", "student.init=teacher",
-                   "student.freeze=[features]")
-    assert result.returncode == 0, result.describe()
+    smoke_inproc(base, base / "run", "teacher=cnn", "student=cnn", "student.init=teacher",
+                 "student.freeze=[features]")
     return base, read_json(base / "run" / "summary.json")
 
 
@@ -177,10 +174,9 @@ def test_init_from_a_checkpoint_with_another_class_count(tmp_path):
     source = cnn(5, seed=3)
     path = tmp_path / "five_classes.pt"
     torch.save({"model": source.state_dict(), "meta": {"num_classes": 5}}, path)
-    result = smoke(tmp_path, tmp_path / "run", "student=cnn", "loss=ce", "trainer.epochs=1", f"student.init={path}",
-                   "student.freeze=[features.0]")
-    assert result.returncode == 0, result.describe()
-    assert "re-initialised (source has 5 classes)" in result.output
+    smoke_inproc(tmp_path, tmp_path / "run", "student=cnn", "loss=ce", "trainer.epochs=1", f"student.init={path}",
+                 "student.freeze=[features.0]")
+    assert "re-initialised (source has 5 classes)" in (tmp_path / "run" / "kdrun.log").read_text()
     init = read_json(tmp_path / "run" / "summary.json")["student"]["init"]
     assert init["source"] == "checkpoint" and init["path"] == str(path.resolve())
     assert init["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -199,10 +195,8 @@ def test_init_imagenet_from_the_local_hub_cache(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     torch.save(weights, cache / "mobilenet_v3_small-047dcff4.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    result = run_kdrun("dataset=fake", "dataset.train_size=32", "student=mobilenet_v3_small", "loss=ce", "trainer.epochs=1",
-                       "trainer.device=cpu", "student.init=imagenet", f"hydra.run.dir={tmp_path / 'run'}",
-                       *store_overrides(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0, result.describe()
+    run_inproc(tmp_path / "run", "dataset=fake", "dataset.train_size=32", "student=mobilenet_v3_small", "loss=ce",
+               "trainer.epochs=1", "trainer.device=cpu", "student.init=imagenet", *store_overrides(tmp_path))
     init = read_json(tmp_path / "run" / "summary.json")["student"]["init"]
     assert init["source"] == "imagenet" and init["path"].endswith("mobilenet_v3_small-047dcff4.pth")
     assert init["head"] == ["classifier.3.weight", "classifier.3.bias"] and init["source_classes"] == 1000
@@ -226,6 +220,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch, case, fragm
              "imagenet_cnn": ["student=cnn", "student.init=imagenet"],
              "imagenet_uncached": ["student=resnet18", "student.init=imagenet"],
              "freeze": ["student=cnn", "student.freeze=[conv]"]}[case]
-    result = smoke(tmp_path, tmp_path / "run", "loss=ce", *extra)
-    assert_one_line_error(result, *fragments)
+    with pytest.raises(KdrunError) as err:
+        smoke_inproc(tmp_path, tmp_path / "run", "loss=ce", *extra)
+    assert_one_line_error(err, *fragments)
     assert not (tmp_path / "run" / "checkpoints").exists()
