@@ -113,7 +113,8 @@ def _list(what: str) -> int:
     found = registry.entries(kind)
     table = Table(title=f"kdrun {what} ({kind}=NAME)" if kind != "model" else
                   "kdrun models (teacher=NAME or student=NAME)")
-    for col in ("name", "description", "args (defaults)", "source"):
+    table.add_column("name", no_wrap=True)  # names are what users type: never cut
+    for col in ("description", "args (defaults)", "source"):
         table.add_column(col)
     skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
     for name, entry in found.items():

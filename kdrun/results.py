@@ -48,6 +48,7 @@ class TeacherResult(Result):
     store_dir: Optional[str] = None           # store: its entry (None for a ckpt)
     reused: bool = False                      # False: trained by this run
     epochs: Optional[int] = optional()        # store: its training epochs
+    init: Optional[dict] = optional()         # teacher.init / teacher.freeze: what it was fine-tuned from
     val_acc: Optional[float] = None
     test_acc: Optional[float] = None
     cache: Optional[dict] = optional()        # the logit-cache decision (kdrun.logit_cache), once distilling

@@ -200,10 +200,9 @@ class TeacherConfig(ModelConfig):
         _check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
         self.optim.check("teacher.optim")
         self.sched.check("teacher.sched")
-        if self.init is not None or self.freeze:
-            key = "teacher.init" if self.init is not None else "teacher.freeze"
-            raise ConfigError(key, "fine-tuning a pretrained teacher is not implemented yet; use teacher=timm "
-                                   "teacher.pretrained=true, or teacher.ckpt=PATH for a trained teacher")
+        if self.ckpt and (self.init is not None or self.freeze):
+            raise ConfigError("teacher.init", "has no effect with teacher.ckpt (a trained teacher is used as is); "
+                                              "set one of them")
         super().__post_init__()
 
 

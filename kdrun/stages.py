@@ -169,12 +169,16 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
                      reused=True)
     else:
         recipe = _recipe_teacher(cfg)
-        key = _store_key("teacher", cfg.teacher, data, recipe)
-        checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key,
-                                                   _train_ce_entry("teacher", cfg.teacher, data, recipe, ctx, "teacher"))
+        start, init = None, None
+        if cfg.teacher.init is not None or cfg.teacher.freeze:  # fine-tune from pretrained weights
+            start = build(cfg.teacher, data, "teacher", ctx.device, recipe.seed)
+            init = initialise(start, cfg.teacher, data.num_classes, role="teacher")
+        key = _store_key("teacher", cfg.teacher, data, recipe, init)
+        train = _train_ce_entry("teacher", cfg.teacher, data, recipe, ctx, "teacher", start)
+        checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key, train)
         load_weights(model, checkpoint, key="teacher", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=f"store entry {entry}")
-        where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs)
+        where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs, init=init)
     model.eval().requires_grad_(False)
     info = TeacherResult(name=cfg.teacher.name, args=dict(cfg.teacher.args), params=params, **where,
                          **evaluate(model, data, ctx))

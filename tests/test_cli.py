@@ -333,7 +333,7 @@ def test_list_models(tmp_path, script):
 
 
 def test_list_unknown_is_an_error(tmp_path):
-    assert_one_line_error(run_kdrun("--list", "datasets", cwd=tmp_path), "--list", "models")
+    assert_one_line_error(run_kdrun("--list", "widgets", cwd=tmp_path), "--list", "models", "datasets", "losses", "modes")
 
 
 def test_console_script_is_installed():

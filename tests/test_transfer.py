@@ -224,3 +224,58 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch, case, fragm
         smoke_inproc(tmp_path, tmp_path / "run", "loss=ce", *extra)
     assert_one_line_error(err, *fragments)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- teacher.init: fine-tune a pretrained teacher before distilling ---------------------------------------
+
+def _fake_imagenet_cache(tmp_path: Path, monkeypatch) -> None:
+    """A stand-in for torchvision's mobilenet_v3_small ImageNet file in a private TORCH_HOME."""
+    import torchvision
+
+    torch.manual_seed(0)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(),
+               cache / "mobilenet_v3_small-047dcff4.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_teacher_init_imagenet_is_fine_tuned_then_distilled(tmp_path, monkeypatch):
+    _fake_imagenet_cache(tmp_path, monkeypatch)
+    args = ["dataset=fake", "dataset.train_size=64", "teacher=mobilenet_v3_small", "teacher.init=imagenet",
+            "teacher.freeze=[features.1]", "student=mlp", "teacher.epochs=1", "trainer.epochs=1",
+            "trainer.device=cpu", "baseline=false", *store_overrides(tmp_path)]
+    summary = run_inproc(tmp_path / "run", *args)
+    init = summary["teacher"]["init"]
+    assert summary["teacher"]["reused"] is False and summary["student"]["test_acc_best"] is not None
+    assert init["source"] == "imagenet" and init["source_classes"] == 1000
+    assert init["freeze"]["prefixes"] == ["features.1"]
+    stored = load_model_state(Path(summary["teacher"]["store_dir"]) / "model.pt")
+    source = torch.load(tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth",
+                        weights_only=True)
+    for name, tensor in stored.items():  # frozen block: exactly the pretrained weights after fine-tuning
+        if name.startswith("features.1."):
+            assert torch.equal(tensor, source[name]), name
+    again = run_inproc(tmp_path / "run2", *args)
+    assert again["teacher"]["reused"] is True and again["teacher"]["store_dir"] == summary["teacher"]["store_dir"]
+    plain = run_inproc(tmp_path / "run3", *[a for a in args if not a.startswith(("teacher.init", "teacher.freeze"))])
+    assert plain["teacher"]["store_dir"] != summary["teacher"]["store_dir"]  # the init is part of the store key
+
+
+def test_teacher_init_with_real_torchvision_weights(tmp_path):
+    """With torchvision's real ImageNet resnet18 in the local hub cache, fine-tune it on digits and distil."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"
+    if not path.is_file():
+        pytest.skip(f"no local ImageNet weights at {path}; kdrun never downloads them")
+    summary = run_inproc(tmp_path / "run", "teacher=resnet18", "teacher.init=imagenet", "teacher.epochs=1",
+                         "trainer.epochs=1", "baseline=false", *store_overrides(tmp_path))
+    assert summary["teacher"]["init"]["source"] == "imagenet"
+
+
+def test_teacher_init_errors(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_inproc(tmp_path / "a", "teacher.init=teacher", "dataset=fake", *store_overrides(tmp_path))
+    assert_one_line_error(err, "teacher.init", "cannot start from the teacher")
+    with pytest.raises(ConfigError) as err:
+        run_inproc(tmp_path / "b", f"teacher.ckpt={tmp_path}", "teacher.init=imagenet", *store_overrides(tmp_path))
+    assert_one_line_error(err, "teacher.init", "has no effect with teacher.ckpt")
