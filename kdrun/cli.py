@@ -130,6 +130,45 @@ def _list(what: str) -> int:
     return 0
 
 
+HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own groups and kdrun's per-option schemas: not choices
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Every user-facing config group and its options: the YAMLs under ``conf/`` and the options generated
+    from the registries (models, plugins). Call after :func:`kdrun.schema.register_configs`."""
+    from importlib.resources import files
+
+    from hydra.core.config_store import ConfigStore
+
+    groups: dict[str, set[str]] = {}
+    for folder in files("kdrun.conf").iterdir():
+        if folder.is_dir() and folder.name not in HIDDEN_GROUPS:
+            groups[folder.name] = {f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")}
+    for group, node in ConfigStore.instance().repo.items():
+        if isinstance(node, dict) and group not in HIDDEN_GROUPS:
+            groups.setdefault(group, set()).update(name.removesuffix(".yaml") for name in node)
+    return {group: sorted(options) for group, options in sorted(groups.items()) if options}
+
+
+def _help(overrides: list[str]) -> int:
+    """``kdrun --help [overrides]``: the header, every group with its options, the composed config, examples.
+
+    Rendered here rather than by Hydra's ``--help``, which rebuilds its config repository for every group and
+    lists the internal ``schema/`` groups (it still serves ``--help`` together with ``--config-dir``)."""
+    from importlib.resources import files
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.load(str(files("kdrun.conf") / "hydra" / "help" / "kdrun.yaml"))
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    groups = "\n".join(f"{group}: {', '.join(options)}" for group, options in config_groups().items())
+    print(f"{text.header}\n\n== Config groups (choose one option each: group=option) ==\n{groups}\n\n"
+          f"== Config ==\n{OmegaConf.to_yaml(cfg)}\n{text.footer}")
+    return 0
+
+
 def _summarize_sweeps() -> int:
     """Summarise the sweeps this process ran (results.csv, summary.md, results.png, tables); return the
     number of failed jobs (not of missing ones: another process may be running them into the same dir).
@@ -153,6 +192,15 @@ def main() -> None:
     if argv[:1] == ["--list"]:
         sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
     register_configs()  # after --list: generated options include installed plugins
+    if argv[:1] in (["--help"], ["-h"]) and not any(a.startswith(("-", "hydra")) for a in argv[1:]):
+        try:
+            sys.exit(_help(argv[1:]))
+        except Exception as exc:  # noqa: BLE001 - a bad override next to --help: one line, as for a run
+            message = explain(exc)
+            if message is None:
+                raise
+            print(f"kdrun: error: {message}", file=sys.stderr)
+            sys.exit(2)
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     try:

@@ -1,0 +1,211 @@
+"""Dataclass schemas of the config tree: types, allowed keys, defaults and range checks.
+
+Every default lives here, once; the YAMLs under ``conf/`` document an option and set only what differs.
+
+- ``kdrun_schema`` (the first entry of ``conf/config.yaml``) is :class:`Config`: typos and type errors fail at
+  composition; ``__post_init__`` range checks run in :func:`to_object`, naming the key.
+- Each loss and each mode has its own structured config, stored as ``schema/loss/<name>`` and
+  ``schema/mode/<name>`` and pulled in by its YAML (``defaults: [/schema/mode/semi@_here_]``), so a key of
+  another mode fails at composition.
+- ``teacher``, ``student`` and ``dataset`` are open nodes: a registry name with its ``args``, or a user's
+  ``_target_: pkg.module.Callable`` whose other keys are its keyword arguments. :func:`to_object` splits them
+  into the typed :class:`TeacherConfig` / :class:`StudentConfig` / :class:`DatasetConfig` plus ``kwargs``.
+- ``teacher=NAME`` / ``student=NAME`` options are generated from the model registry (one place for a model's
+  defaults: its factory's signature); plugins' datasets, losses and modes get generated options too.
+
+This module imports no torch (``kdrun --help`` stays fast); validation never builds a model.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from kdrun import registry
+from kdrun.errors import ConfigError
+from kdrun.schema.data import AugmentConfig, DatasetConfig
+from kdrun.schema.losses import LOSS_SCHEMAS, CELossConfig, KDLossConfig, LossBase, LossConfig
+from kdrun.schema.models import ModelConfig, StudentConfig, TeacherConfig
+from kdrun.schema.modes import MODE_SCHEMAS, MergeMode, ModeConfig, OfflineMode, SelfMode, SemiMode
+from kdrun.schema.training import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimConfig, SchedConfig, StoreConfig, TrainerConfig
+
+__all__ = ["AugmentConfig", "CELossConfig", "Config", "DatasetConfig", "KDLossConfig", "LOSS_SCHEMAS", "LossBase",
+           "LossConfig", "MODE_SCHEMAS", "MergeMode", "ModeConfig", "ModelConfig", "OPTIMIZERS", "OfflineMode",
+           "OptimConfig", "PRECISIONS", "SCHEDULES", "SchedConfig", "SelfMode", "SemiMode", "StoreConfig",
+           "StudentConfig", "TeacherConfig", "TrainerConfig", "keys_at", "open_node", "register_configs",
+           "to_object"]
+
+
+def _node_defaults(cls, **overrides) -> dict:
+    """``cls``'s defaults as a plain dict for an open node (``target``/``kwargs`` are not YAML keys)."""
+    out = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default) for f in fields(cls)}
+    out = {k: (asdict(v) if is_dataclass(v) else v) for k, v in out.items() if k not in ("target", "kwargs")}
+    return {**out, **overrides}
+
+
+@dataclass
+class Config:
+    # open nodes (see the module docstring): converted into their dataclasses by __post_init__
+    dataset: Any = field(default_factory=lambda: _node_defaults(DatasetConfig, name=None))
+    teacher: Any = field(default_factory=lambda: _node_defaults(TeacherConfig, name=None))
+    student: Any = field(default_factory=lambda: _node_defaults(StudentConfig, name=None))
+    loss: Any = None   # one of LOSS_SCHEMAS (set by its YAML), or an open node: LossConfig
+    mode: Any = None   # one of MODE_SCHEMAS (set by its YAML), or a plugin's: ModeConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    seed: int = 0
+    baseline: bool = True
+
+    def __post_init__(self):
+        self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
+        self.teacher = open_node(TeacherConfig, self.teacher, "teacher")
+        self.student = open_node(StudentConfig, self.student, "student")
+        self.loss = open_node(LossConfig, self.loss if self.loss is not None else KDLossConfig(), "loss")
+        self.mode = _mode(self.mode if self.mode is not None else OfflineMode())
+        self.optim.check("optim")
+        self.sched.check("sched")
+        if self.mode.name != "offline" and self.loss.name == "ce":
+            raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
+        at = getattr(self.mode, "teacher_epoch", None)
+        if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
+            raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")
+
+
+def open_node(cls, node: Any, key: str):
+    """A composed open node (dict) as ``cls``: its declared keys typed and checked, ``_target_`` as ``target``
+    and every other key in ``kwargs``. Already-typed values (Python callers) pass through."""
+    if not isinstance(node, dict):
+        return node
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = dict(node)
+    known = {f.name for f in fields(cls)} - {"target", "kwargs"}
+    target = node.pop("_target_", None)
+    extra = {k: node.pop(k) for k in list(node) if k not in known}
+    typed = {**node, "target": target, "kwargs": extra}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), typed))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        cause = _config_error_in(exc)
+        if cause is not None:
+            raise cause from None
+        where = getattr(exc, "full_key", None)
+        raise ConfigError(f"{key}.{where}" if where else key, str(exc).splitlines()[0]) from None
+
+
+def _mode(node: Any):
+    """A mode node: its own schema's object, or a plugin's registered mode as :class:`ModeConfig`."""
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    name = node.pop("name", None)
+    registry.get("mode", str(name), "mode")
+    return ModeConfig(name=name, options=node)
+
+
+def _config_error_in(exc: BaseException) -> Optional[ConfigError]:
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*``, ``schema/mode/*``, and
+    the generated options: ``teacher/NAME`` and ``student/NAME`` for every registered model, and an option for
+    every plugin's dataset, loss and mode that has no YAML of its own."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="kdrun_schema", node=Config)
+    for name, schema in LOSS_SCHEMAS.items():
+        cs.store(group="schema/loss", name=name, node=schema)
+    for name, schema in MODE_SCHEMAS.items():
+        cs.store(group="schema/mode", name=name, node=schema)
+    for name, entry in registry.entries("model").items():
+        node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
+        for role in ("teacher", "student"):
+            cs.store(group=role, name=name, node=node)
+    for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
+        cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
+                                                 "pretrained": False, "weights": None})
+    plugins = lambda kind: {n: e for n, e in registry.entries(kind, builtins=False).items() if e.source != "kdrun"}
+    for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
+        cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
+    for name, entry in plugins("loss").items():
+        cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
+                                                 **entry.params(skip=("args", "kwargs"))})
+    for name in plugins("mode"):
+        cs.store(group="mode", name=name, node={"name": name})
+
+
+def to_object(cfg) -> Config:
+    """Validate a composed DictConfig into :class:`Config`; range errors raise :class:`ConfigError`."""
+    from omegaconf import OmegaConf
+
+    _reject_unknown_keys(cfg, "")
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf may wrap errors raised in __post_init__
+        cause = _config_error_in(exc)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _reject_unknown_keys(node, path: str) -> None:
+    """Keys added with ``+key=value`` pass Hydra's checks: refuse those the schema does not declare.
+
+    An open node (teacher, student, dataset) takes extra keys (a ``_target_``'s arguments, checked later against
+    its signature), but its typed children (``optim``, ``augment``, ...) are checked here too."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return
+    valid = keys_at(path, node)
+    if valid is None:
+        return
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in valid:
+            if path in OPEN_NODES:
+                continue
+            raise ConfigError(full, f"unknown config key; valid keys under {repr(path) if path else 'the top level'}: {', '.join(valid)}")  # noqa: E501
+        _reject_unknown_keys(node[key], full)
+
+
+OPEN_NODES = {"dataset": DatasetConfig, "teacher": TeacherConfig, "student": StudentConfig}
+
+
+def keys_at(path: str, node: Any = None) -> Optional[List[str]]:
+    """The valid keys of the schema node at dotted ``path`` ('' = top level); None if it is no node. The keys
+    of ``loss`` and ``mode`` depend on the chosen option: pass the composed ``node`` at ``path`` to get them."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node)) and path not in OPEN_NODES:
+        return [f.name for f in fields(OmegaConf.get_type(node))]
+    parts = [p for p in path.split(".") if p]
+    if parts and parts[0] in OPEN_NODES:
+        node: Any = OPEN_NODES[parts[0]]
+        parts = parts[1:]
+        if not parts:
+            return [f.name for f in fields(node) if f.name not in ("target", "kwargs")] + ["_target_"]
+    else:
+        node = Config
+    for part in parts:
+        match = [f for f in fields(node) if f.name == part]
+        if not match:
+            return None
+        default = match[0].default_factory() if callable(match[0].default_factory) else match[0].default
+        if not is_dataclass(default):
+            return None
+        node = type(default)
+    return [f.name for f in fields(node)]

@@ -1,0 +1,72 @@
+"""Schema of the ``dataset`` node: the built-in datasets' keys plus a ``_target_``'s arguments."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from kdrun import registry
+from kdrun.errors import ConfigError
+from kdrun.schema.checks import check_choice, check_range
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0     # random crop after zero-padding this many pixels per side (0 = off)
+    hflip: bool = False       # random horizontal flip with p = 0.5
+
+    def __post_init__(self):
+        if self.crop_padding < 0:
+            raise ConfigError("dataset.augment.crop_padding", f"must be >= 0, got {self.crop_padding}")
+
+
+@dataclass
+class DatasetConfig:
+    name: Optional[str] = "digits"
+    root: Optional[str] = None        # folder of torchvision-format files (or of your image folders)
+    idx_dir: Optional[str] = None     # folder with raw IDX (.gz) files, read when root has none
+    download: bool = False            # let torchvision download missing files into root
+    val_fraction: float = 0.1         # share of train carved out (stratified, split_seed) for model selection
+    test_fraction: float = 0.2        # only for data without an official test split (digits)
+    split_seed: int = 0
+    train_subset: Optional[int] = None  # keep only this many train images (stratified): quick runs
+    mean: Optional[List[float]] = None  # per-channel normalisation; null = computed on the train split
+    std: Optional[List[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_size: Optional[int] = None  # imagefolder: resize to this; fake: generated size
+    channels: Optional[int] = None    # fake only
+    num_classes: Optional[int] = None  # fake only
+    train_size: Optional[int] = None  # fake only
+    stream: str = "auto"              # imagefolder: auto (stream from disk when too big for memory) | true | false
+    num_workers: int = 2              # imagefolder: DataLoader workers that decode images
+    target: Optional[str] = None      # `_target_` in YAML: pkg.module.Callable returning the splits (README)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # other keys: keyword args of the dataset callable
+
+    def __post_init__(self):
+        self._check_source()
+        if self.name == "imagefolder" and self.root in (None, "", "???"):
+            raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
+        check_range("dataset.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError("dataset.train_subset", f"must be >= 1 or null, got {self.train_subset}")
+        check_choice("dataset.stream", str(self.stream).lower(), ("auto", "true", "false"))
+        if self.num_workers < 0:
+            raise ConfigError("dataset.num_workers", f"must be >= 0, got {self.num_workers}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("dataset.mean", "set both dataset.mean and dataset.std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ConfigError("dataset.std", f"must be > 0, got {self.std}")
+
+    def _check_source(self):
+        """A registered name or a ``_target_``; extra keys must be arguments the callable accepts."""
+        if self.target:
+            fn = registry.import_target(self.target, "dataset._target_")
+            self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
+        elif not self.name:
+            raise ConfigError("dataset.name", "set a dataset name (`kdrun --list datasets`) or a _target_")
+        else:
+            fn = registry.get("dataset", self.name, "dataset").obj
+        for arg in self.kwargs:
+            if not registry.accepts(fn, arg):
+                raise ConfigError(f"dataset.{arg}", f"unknown config key; {self.target or self.name} takes no "
+                                                    f"argument {arg!r}")

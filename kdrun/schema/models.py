@@ -1,0 +1,80 @@
+"""Schemas of the ``teacher`` and ``student`` nodes: a registry name with its ``args``, or a ``_target_``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+from kdrun import registry
+from kdrun.errors import ConfigError
+from kdrun.schema.checks import check_choice
+from kdrun.schema.training import OptimConfig, SchedConfig
+
+
+@dataclass
+class ModelConfig:
+    """A model in either role: a registry ``name`` with its ``args``, or a user's ``_target_`` callable."""
+
+    KEY: ClassVar[str] = "model"
+    name: Optional[str] = None                           # a name from `kdrun --list models` (or a label)
+    args: Dict[str, Any] = field(default_factory=dict)  # architecture arguments of that registered model
+    init: Optional[str] = None  # null (random) | teacher | imagenet | path/to/checkpoint.pt: initial weights
+    freeze: List[str] = field(default_factory=list)  # parameter-name prefixes kept frozen (fine-tuning)
+    target: Optional[str] = None                         # `_target_` in YAML: pkg.module.Callable returning a module
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the `_target_` node's other keys: its keyword args
+
+    def __post_init__(self):
+        key = self.KEY
+        if self.target:
+            fn = registry.import_target(self.target, f"{key}._target_")
+            for arg in self.kwargs:
+                if not registry.accepts(fn, arg):
+                    raise ConfigError(f"{key}.{arg}", f"{self.target} takes no argument {arg!r}")
+            self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
+        else:
+            if self.kwargs:
+                arg = next(iter(self.kwargs))
+                raise ConfigError(f"{key}.{arg}", f"unknown config key; a registered model takes its arguments "
+                                                  f"under {key}.args (a `_target_` model takes them as {key}.<arg>)")
+            if not self.name:
+                raise ConfigError(f"{key}.name", "set a model name (`kdrun --list models`) or a _target_")
+            from kdrun.models import check_args  # the catalog: no torch
+
+            check_args(self.name, dict(self.args), key)
+        if self.init is not None or self.freeze:  # torch is imported only when these keys are used
+            from kdrun.transfer import check_config
+
+            check_config(self, key)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    KEY: ClassVar[str] = "teacher"
+    name: Optional[str] = "cnn"
+    ckpt: Optional[str] = None  # use this checkpoint instead of the store (kdrun's or a plain state_dict)
+    epochs: int = 30            # the teacher's own training recipe (part of its store key) ...
+    batch_size: Optional[int] = None  # null = trainer.batch_size
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    seed: int = 0               # fixed by default so a seed sweep of students shares one teacher
+    cache: str = "auto"         # teacher-logit cache: auto (on when augmentation is off) | on | off
+    cache_dtype: str = "fp32"   # storage of cached logits: fp32 | fp16
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError("teacher.epochs", f"must be >= 1, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+        check_choice("teacher.cache", str(self.cache), ("auto", "on", "off"))
+        check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
+        self.optim.check("teacher.optim")
+        self.sched.check("teacher.sched")
+        if self.ckpt and (self.init is not None or self.freeze):
+            raise ConfigError("teacher.init", "has no effect with teacher.ckpt (a trained teacher is used as is); "
+                                              "set one of them")
+        super().__post_init__()
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    KEY: ClassVar[str] = "student"
+    name: Optional[str] = "mlp"

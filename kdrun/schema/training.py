@@ -1,0 +1,71 @@
+"""Schemas of the student's optimizer, schedule, trainer and the stores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from kdrun.errors import ConfigError
+from kdrun.schema.checks import check_choice, check_range
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9      # SGD momentum; Adam's beta1 for adamw
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.name", self.name, OPTIMIZERS)
+        check_range(f"{key}.lr", self.lr, 0.0, float("inf"), lo_open=True)
+        check_range(f"{key}.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range(f"{key}.weight_decay", self.weight_decay, 0.0, float("inf"))
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    step_size: int = 10        # step: epochs between decays
+    gamma: float = 0.1         # step: decay factor
+    warmup_epochs: int = 0     # linear warm-up epochs (any schedule)
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.name", self.name, SCHEDULES)
+        if self.step_size < 1:
+            raise ConfigError(f"{key}.step_size", f"must be >= 1, got {self.step_size}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"    # fp32 | bf16 | fp16
+    num_threads: Optional[int] = None
+    progress: str = "auto"     # auto | true | false
+    compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
+    channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError("trainer.device", f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))
+        check_choice("trainer.channels_last", str(self.channels_last).lower(), ("auto", "true", "false"))
+
+
+@dataclass
+class StoreConfig:
+    teachers: str = "outputs/teachers"    # content-addressed store of trained teachers
+    baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
