@@ -4,7 +4,10 @@ A dataset is a callable returning a mapping with ``train`` and optionally ``val`
 
 - ``(x, y)``: tensors or numpy arrays; ``x`` is ``N×C×H×W`` (or ``N×H×W``, one channel), uint8 in 0..255 or
   float in [0, 1]; ``y`` integer labels in ``[0, num_classes)``; or
-- a map-style ``torch.utils.data.Dataset`` whose items are ``(image tensor C×H×W, label)``, read once.
+- a map-style ``torch.utils.data.Dataset`` whose items are ``(image tensor C×H×W, label)``: read once into
+  memory when it fits (``dataset.stream=auto``, or ``false``), else streamed every epoch by
+  ``dataset.num_workers`` DataLoader workers (``dataset.stream=true`` forces it; labels are read from its
+  ``targets`` attribute when it has one, else by one pass over the items).
 
 Optional ``num_classes`` in the mapping; otherwise it is ``max(label) + 1``. A missing ``val`` is carved from
 ``train`` (``dataset.val_fraction``); a missing ``test`` is a stratified ``dataset.test_fraction`` of train.
@@ -13,15 +16,17 @@ kdrun passes the callable the ``dataset.*`` keys its signature names (``root``, 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import numpy as np
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.sources import LazyImages, check_fits, stratified
+from kdrun.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("kdrun")
 
 
 def call_dataset(cfg) -> dict:
@@ -37,7 +42,7 @@ def call_dataset(cfg) -> dict:
               for name in params if name in cfg.kwargs or hasattr(cfg, name)}
     kwargs.update({k: v for k, v in cfg.kwargs.items() if k not in kwargs})
     out = fn(**kwargs)
-    splits = check_splits(out, what, key)
+    splits = check_splits(out, what, key, stream=str(cfg.stream).lower(), workers=cfg.num_workers)
     if "test" not in splits:
         x, y = splits["train"]
         n_test = int(round(cfg.test_fraction * len(y)))
@@ -46,7 +51,7 @@ def call_dataset(cfg) -> dict:
     return {**splits, "source": source, "source_sha256": registry.source_hash(fn) if source != "kdrun" else None}
 
 
-def check_splits(out: Any, what: str, key: str) -> dict:
+def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: int = 0) -> dict:
     """Validate and normalise a dataset callable's return value (see the module docstring)."""
     if not isinstance(out, Mapping) or "train" not in out:
         got = f"a mapping with keys {sorted(map(str, out))}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
@@ -55,7 +60,8 @@ def check_splits(out: Any, what: str, key: str) -> dict:
     unknown = [k for k in out if k not in (*SPLITS, "num_classes")]
     if unknown:
         raise ConfigError(key, f"{what} returned unknown key {unknown[0]!r}; expected train, val, test, num_classes")
-    splits = {name: _split(out[name], f"{what}['{name}']", key) for name in SPLITS if out.get(name) is not None}
+    splits = {name: _split(out[name], f"{what}['{name}']", key, stream, workers)
+              for name in SPLITS if out.get(name) is not None}
     shapes = {name: tuple(x.shape[1:]) for name, (x, _) in splits.items()}
     if len(set(shapes.values())) > 1:
         raise ConfigError(key, f"{what}: splits have different image shapes {shapes}")
@@ -69,11 +75,11 @@ def check_splits(out: Any, what: str, key: str) -> dict:
     return splits
 
 
-def _split(part: Any, what: str, key: str) -> tuple[Any, np.ndarray]:
+def _split(part: Any, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:
     import torch
 
     if isinstance(part, torch.utils.data.Dataset):
-        return _from_dataset(part, what, key)
+        return _from_dataset(part, what, key, stream, workers)
     if not isinstance(part, (tuple, list)) or len(part) != 2:
         raise ConfigError(key, f"{what} is a {type(part).__name__}; expected (x, y) or a torch Dataset")
     x, y = part
@@ -96,8 +102,8 @@ def _integral(y: np.ndarray) -> bool:
     return np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
 
 
-def _from_dataset(ds, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a map-style Dataset once into arrays (refused with a clear message when it would not fit)."""
+def _from_dataset(ds, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:
+    """A map-style Dataset: read once into arrays when it fits (and ``stream`` is not true), else streamed."""
     import torch
 
     n = len(ds)
@@ -108,7 +114,13 @@ def _from_dataset(ds, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(key, f"{what}: items must be (image tensor, label), got {type(first).__name__}")
     img = first[0] if first[0].dim() == 3 else first[0][None]
     dtype = np.uint8 if img.dtype == torch.uint8 else np.float32
-    check_fits(n * img.numel() * np.dtype(dtype).itemsize, torch.device("cpu"), what)
+    nbytes = n * img.numel() * np.dtype(dtype).itemsize
+    if stream == "true" or (stream == "auto" and nbytes > MAX_IN_MEMORY_BYTES):
+        targets = getattr(ds, "targets", None)
+        y = np.asarray(targets if targets is not None else [int(ds[i][1]) for i in range(n)], dtype=np.int64)
+        log.info(f"{what}: streaming {n} images ({nbytes / 2**30:.1f} GiB) with {workers} DataLoader workers")
+        return LazyDataset(ds, np.arange(n), tuple(img.shape), workers), y
+    check_fits(nbytes, torch.device("cpu"), what)
     x = np.empty((n, *img.shape), dtype=dtype)
     y = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -119,3 +131,25 @@ def _from_dataset(ds, what: str, key: str) -> tuple[np.ndarray, np.ndarray]:
                                    f"resize them to one size")
         x[i], y[i] = image.numpy(), int(label)
     return x, y
+
+
+class LazyDataset(LazyImages):
+    """A user's map-style Dataset read on demand: the streaming path of :class:`kdrun.sources.LazyImages`
+    (same batching and DataLoader workers), with ``paths`` holding item indices instead of file names."""
+
+    def __init__(self, dataset, indices: np.ndarray, shape: tuple, workers: int):
+        self.dataset, self.paths, self.size, self.workers = dataset, np.asarray(indices), shape[-1], workers
+        self.item_shape = tuple(shape)
+        self.shape = (len(self.paths), *shape)
+        self.nbytes = 0
+
+    def __getitem__(self, idx) -> "LazyDataset":
+        return LazyDataset(self.dataset, self.paths[idx], self.item_shape, self.workers)
+
+    def tobytes(self) -> bytes:  # the dataset fingerprint: which dataset, which items, in which order
+        return f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}:{len(self.dataset)}:".encode() \
+            + self.paths.astype(np.int64).tobytes()
+
+    def load(self, i: int):
+        image = self.dataset[int(self.paths[i])][0]
+        return image if image.dim() == 3 else image[None]

@@ -173,3 +173,37 @@ def test_list_every_kind(tmp_path):
         assert result.returncode == 0 and expected in result.stdout, result.describe()
     bad = run_kdrun("--list", "widgets", cwd=tmp_path)
     assert bad.returncode == 2 and "models, datasets, losses, modes" in bad.stderr
+
+
+def test_torch_dataset_streamed_equals_in_memory(tmp_path, monkeypatch):
+    """A map-style Dataset is read into memory when it fits, or streamed by DataLoader workers: same results."""
+    _user_module(tmp_path, monkeypatch, "userds", """
+        import torch
+        from torch.utils.data import Dataset
+
+        class Noisy(Dataset):
+            def __init__(self, n, seed):
+                g = torch.Generator().manual_seed(seed)
+                self.targets = (torch.arange(n) % 3).tolist()
+                self.x = torch.rand(n, 1, 6, 6, generator=g) * 0.3 + torch.tensor(self.targets)[:, None, None, None] * 0.3
+
+            def __len__(self):
+                return len(self.targets)
+
+            def __getitem__(self, i):
+                return self.x[i], self.targets[i]
+
+        def splits(n_train=90):
+            return {"train": Noisy(n_train, 0), "test": Noisy(30, 1)}
+    """)
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "noisy.yaml").write_text(
+        "_target_: userds.splits\nmean: [0.5]\nstd: [0.3]\nnum_workers: 0\n")
+    args = ["dataset=noisy", "teacher=cnn", "student=mlp", *TINY]
+    memory = run_in_process(tmp_path, *args, "dataset.stream=false", config_dir=tmp_path / "conf", run_name="mem")
+    streamed = run_in_process(tmp_path, *args, "dataset.stream=true", config_dir=tmp_path / "conf", run_name="lazy")
+    assert memory["dataset"]["num_classes"] == streamed["dataset"]["num_classes"] == 3
+    assert memory["dataset"]["train"] == streamed["dataset"]["train"]
+    for role in ("teacher", "student"):
+        for split in ("val_acc", "test_acc") if role == "teacher" else ("val_acc_best", "test_acc_best"):
+            assert memory[role][split] == streamed[role][split], (role, split)

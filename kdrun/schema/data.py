@@ -36,8 +36,8 @@ class DatasetConfig:
     channels: Optional[int] = None    # fake only
     num_classes: Optional[int] = None  # fake only
     train_size: Optional[int] = None  # fake only
-    stream: str = "auto"              # imagefolder: auto (stream from disk when too big for memory) | true | false
-    num_workers: int = 2              # imagefolder: DataLoader workers that decode images
+    stream: str = "auto"              # imagefolder, torch Datasets: auto (stream when too big for memory) | true | false
+    num_workers: int = 2              # imagefolder, torch Datasets: DataLoader workers that decode images
     target: Optional[str] = None      # `_target_` in YAML: pkg.module.Callable returning the splits (README)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # other keys: keyword args of the dataset callable
 
