@@ -114,8 +114,9 @@ def _list(what: str) -> int:
     table = Table(title=f"kdrun {what} ({kind}=NAME)" if kind != "model" else
                   "kdrun models (teacher=NAME or student=NAME)")
     table.add_column("name", no_wrap=True)  # names are what users type: never cut
-    for col in ("description", "args (defaults)", "source"):
-        table.add_column(col)
+    table.add_column("description")
+    table.add_column("args (defaults)")
+    table.add_column("source", no_wrap=True)
     skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
     for name, entry in found.items():
         params = entry.params(skip=skip) if kind != "mode" else {}

@@ -13,6 +13,7 @@ by :func:`check_logits` before any training).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdrun.errors import ConfigError
@@ -167,6 +168,12 @@ def build(model_cfg, *, num_classes: int, in_channels: int, image_size: int, key
     return _checked_module(model, f"{key}._target_", model_cfg.target)
 
 
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _checked_module(model: Any, key: str, what: str) -> nn.Module:
     from torch import nn
 
@@ -203,7 +210,11 @@ def identity(model_cfg) -> dict:
     hash of the file that defines it (so changing the user's code retrains instead of reusing a stale entry)."""
     if model_cfg.target:
         fn = import_target(model_cfg.target, "model._target_")
-        return {"target": model_cfg.target, "kwargs": dict(model_cfg.kwargs), "source_sha256": source_hash(fn)}
+        out = {"target": model_cfg.target, "kwargs": dict(model_cfg.kwargs), "source_sha256": source_hash(fn)}
+        files = {k: _file_sha256(v) for k, v in model_cfg.kwargs.items() if isinstance(v, str) and Path(v).is_file()}
+        if files:  # arguments naming files (e.g. timm's weights=PATH): their content, not only their path
+            out["files_sha256"] = files
+        return out
     out: dict = {"name": model_cfg.name, "args": dict(model_cfg.args)}
     entry = get("model", model_cfg.name, "model.name")
     if entry.source != "kdrun":  # a plugin's model: its code may change between runs
