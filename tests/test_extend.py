@@ -138,16 +138,6 @@ def test_bad_user_code_is_one_config_error(tmp_path, monkeypatch, case):
     assert "\n" not in str(err.value)
 
 
-def test_bad_target_is_one_line_exit_2_via_cli(tmp_path):
-    conf = tmp_path / "conf" / "teacher"
-    conf.mkdir(parents=True)
-    (conf / "broken.yaml").write_text("_target_: no_such_pkg.Net\n")
-    result = run_kdrun("--config-dir", tmp_path / "conf", "teacher=broken", *TINY, cwd=tmp_path)
-    assert result.returncode == 2, result.describe()
-    assert result.last_err_line.startswith("kdrun: error: teacher._target_: cannot import 'no_such_pkg'")
-    assert "Traceback" not in result.stderr
-
-
 def test_timm_teacher_distils_into_a_kdrun_student_on_digits(tmp_path):
     pytest.importorskip("timm")
     summary = run_in_process(tmp_path, "teacher=timm", "teacher.model_name=resnet18", "student=mlp",
