@@ -73,7 +73,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     from kdrun import losses, registry
     from kdrun.data import load_data
     from kdrun.engine import resolve_device
-    from kdrun.stages import RunContext
+    from kdrun.stages import RunContext, preflight
 
     loss = losses.from_config(conf.loss)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
@@ -94,6 +94,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
         ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
                          JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult())
         started.append(ctx.result)
+        preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
     summary.update(_serialise(ctx.result, summary["loss"]))
     student = ctx.result.student

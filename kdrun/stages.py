@@ -56,6 +56,21 @@ def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, se
     return model
 
 
+def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
+    """Build the student (and the ``teacher`` when the mode uses ``teacher.*`` on all classes) once for ``data``
+    before any training: a user model's logits are checked on one batch (:func:`build`) and ``*.freeze``
+    prefixes are resolved, so such mistakes cost no training time. The random state is restored, so nothing
+    that follows changes."""
+    from kdrun.transfer import frozen_names
+
+    roles = [("teacher", ctx.cfg.teacher)] if teacher else []
+    with torch.random.fork_rng(devices=[]):
+        for key, model_cfg in [*roles, ("student", ctx.cfg.student)]:
+            model = build(model_cfg, data, key, ctx.device, 0)
+            if model_cfg.freeze:
+                frozen_names(model, model_cfg.freeze, key)
+
+
 def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
                     teacher: Optional[tuple[nn.Module, TeacherResult]] = None) -> tuple[nn.Module, dict]:
     """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and

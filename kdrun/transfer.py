@@ -68,7 +68,7 @@ def describe(info: dict, role: str = "student") -> str:
 
 
 def check_config(model_cfg, role: str = "student") -> None:
-    """Early checks of ``<role>.init`` / ``<role>.freeze`` (before any teacher or data is touched)."""
+    """Early checks of ``<role>.init`` (before any teacher or data is touched)."""
     spec = model_cfg.init
     sources = "null, teacher, imagenet or a checkpoint path" if role == "student" else "null, imagenet or a checkpoint path"
     if spec == "imagenet":
@@ -77,11 +77,8 @@ def check_config(model_cfg, role: str = "student") -> None:
         raise ConfigError(f"{role}.init", f"{role} cannot start from the teacher; expected {sources}")
     elif spec not in (None, "teacher") and not Path(spec).is_file():
         raise ConfigError(f"{role}.init", f"{spec} does not exist (expected {sources})")
-    if model_cfg.freeze:
-        from kdrun.models import build  # parameter names do not depend on the input shape
-
-        model = build(model_cfg, num_classes=10, in_channels=3, image_size=32, key=role)
-        frozen_names(model, model_cfg.freeze, role)
+    # freeze prefixes need the model: checked by kdrun.stages.preflight, before any training (no model is built
+    # while validating the config)
 
 
 def imagenet_file(model_name: str, role: str = "student") -> Path:

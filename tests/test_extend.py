@@ -202,3 +202,18 @@ def test_torch_dataset_streamed_equals_in_memory(tmp_path, monkeypatch):
     for role in ("teacher", "student"):
         for split in ("val_acc", "test_acc") if role == "teacher" else ("val_acc_best", "test_acc_best"):
             assert memory[role][split] == streamed[role][split], (role, split)
+
+
+@pytest.mark.parametrize("mode", ["offline", "semi", "self", "merge"])
+def test_plugin_model_in_both_roles_in_every_mode(tmp_path, mode):
+    """A user's model works as teacher and student in every mode, through the store, and with student.init."""
+    extra = {"semi": ["mode.labeled_fraction=0.3"], "self": ["mode.generations=1"], "merge": []}.get(mode, [])
+    summary = run_in_process(tmp_path, "teacher=tinynet", "student=tinynet", "dataset=blobs", f"mode={mode}",
+                             *extra, *TINY, "baseline=true",
+                             *(["student.init=teacher"] if mode == "offline" else []))
+    assert summary["status"] == "completed" and summary["student"]["name"] == "tinynet"
+    if mode == "offline":
+        assert summary["student"]["init"]["source"] == "teacher"
+        assert summary["student"]["init"]["tensors_copied"] == summary["student"]["init"]["tensors_total"]
+    if mode in ("offline", "semi"):
+        assert summary["teacher"]["name"] == "tinynet" and summary["teacher"]["store_dir"]
