@@ -121,10 +121,18 @@ def model_args(name: str, key: str = "model") -> dict[str, Any]:
 def check_args(name: str, args: dict, key: str) -> None:
     """Refuse an arg the factory of ``name`` does not take (no model is built)."""
     valid = model_args(name, key)
-    for arg in args or {}:
+    for arg, value in (args or {}).items():
         if arg not in valid:
             listed = ", ".join(sorted(valid)) or "(none)"
             raise ConfigError(f"{key}.args.{arg}", f"unknown arg; valid args of {name}: {listed}")
+        default = valid[arg]
+        kind = type(default) if isinstance(default, (bool, int, float)) else None
+        ok = kind is None or isinstance(value, kind) or (kind is float and isinstance(value, int)
+                                                         and not isinstance(value, bool))
+        if kind is int and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}.args.{arg}", f"must be {kind.__name__} (default {default}), got {value!r}")
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
