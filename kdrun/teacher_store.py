@@ -7,11 +7,12 @@ Entries are trained under a file lock (parallel sweep jobs train a model once) i
 ``.<entry>.tmp-<pid>`` that is renamed into place when complete, so an entry is either whole or absent, and a
 failure later in the run never loses it.
 
-An entry is verified on every use: its checksum must match and its weights must be finite. A bad entry is
+An entry is verified on every use: its checksum must match and its weights hold no NaN. A bad entry is
 never deleted and never trusted: it is renamed to ``<entry>.corrupt-<time>`` with one warning, and trained
-again. Entries of kdrun versions that recorded no checksum are checked for readability and finite weights
-and get their checksum recorded on first use. Temp dirs of killed processes are removed on the next use of
-the store.
+again. Entries of kdrun versions that recorded no checksum are checked for readability and NaN and get
+their checksum recorded on first use (where the store is writable). Temp dirs ``.<entry>.tmp-<pid>`` of
+killed processes are removed on the next use of the store. Lock files stay: they are empty, and the lock
+itself (``flock``) dies with its holder, so a lock file of a killed process never blocks anyone.
 """
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
         try:
             write_json(tmp / "key.json", key)
             checkpoint = train(tmp)
-            bad = non_finite(checkpoint)
+            bad = nan_weights(checkpoint)
             if bad:
-                raise KdrunError(f"training {name} produced non-finite weights ({bad}); nothing stored in {entry}")
+                raise KdrunError(f"training {name} produced NaN weights ({bad}); nothing stored in {entry}")
             if isinstance(checkpoint.get("meta"), dict):
                 checkpoint = {**checkpoint, "meta": {**checkpoint["meta"], CHECKED: True}}
             save_torch(tmp / CHECKPOINT, checkpoint)
@@ -108,22 +109,30 @@ def _verified(entry: Path) -> tuple[Optional[dict], Optional[str]]:
         return None, f"{CHECKPOINT} is not a readable checkpoint ({type(exc).__name__})"
     if not isinstance(checkpoint, dict):
         return None, f"{CHECKPOINT} holds a {type(checkpoint).__name__}, not a checkpoint dict"
-    bad = non_finite(checkpoint)
+    bad = nan_weights(checkpoint)
     if bad:
-        return None, f"non-finite weights ({bad})"
+        return None, f"NaN weights ({bad})"
     if recorded is None:
         if isinstance(checkpoint.get("meta"), dict) and checkpoint["meta"].get(CHECKED):
             return None, f"its recorded checksum {CHECKSUM} is missing"
-        _record_checksum(entry, digest)
-        log.info(f"store entry {entry} was written without a checksum (older kdrun); recorded its sha256 "
-                 f"{digest[:16]}, verified on every later use")
+        try:
+            _record_checksum(entry, digest)
+        except OSError as exc:  # a shared store this user may read but not write: use it unrecorded
+            log.warning(f"store entry {entry} was written without a checksum (older kdrun) and it cannot be "
+                        f"recorded ({type(exc).__name__}: {exc}); using it unverified")
+        else:
+            log.info(f"store entry {entry} was written without a checksum (older kdrun); recorded its sha256 "
+                     f"{digest[:16]}, verified on every later use")
     return checkpoint, None
 
 
-def non_finite(checkpoint: dict) -> Optional[str]:
-    """The name of the first floating-point tensor of ``checkpoint``'s weights holding NaN or inf, else None."""
+def nan_weights(checkpoint: dict) -> Optional[str]:
+    """The name of the first floating-point tensor of ``checkpoint``'s weights holding a NaN, else None.
+
+    Only NaN: an infinite buffer can be legitimate (an attention mask of -inf); infinite logits are caught
+    where they matter (:mod:`kdrun.logit_cache`)."""
     for name, tensor in state_dict_of(checkpoint).items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
             return name
     return None
 
@@ -134,7 +143,11 @@ def _set_aside(entry: Path, problem: str) -> Path:
     aside = entry.with_name(f"{entry.name}.corrupt-{stamp}")
     if aside.exists():
         aside = aside.with_name(f"{aside.name}-{os.getpid()}")
-    os.replace(entry, aside)
+    try:
+        os.replace(entry, aside)
+    except OSError as exc:
+        raise KdrunError(f"store entry {entry} is corrupt ({problem}) and cannot be moved aside ({type(exc).__name__}: "
+                         f"{exc.strerror}): move it away by hand and run again") from None
     log.warning(f"store entry {entry} is corrupt ({problem}): moved to {aside}, training it again")
     return aside
 

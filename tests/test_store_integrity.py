@@ -108,24 +108,39 @@ def test_an_entry_of_an_older_kdrun_is_reused_and_gets_its_checksum(tmp_path, ca
     assert reused is False and train.calls == 2 and len(aside(tmp_path)) == 1
 
 
-def test_an_old_entry_with_non_finite_weights_is_set_aside(tmp_path):
+def test_an_old_entry_with_nan_weights_is_set_aside(tmp_path):
     train = Trainer()
     _, entry, _ = train_or_reuse(tmp_path, "cnn", KEY, train)
-    make_old_format(entry, scale=float("inf"))
+    make_old_format(entry, scale=float("nan"))
     _, _, reused = train_or_reuse(tmp_path, "cnn", KEY, train)
     assert reused is False and train.calls == 2 and len(aside(tmp_path)) == 1
 
 
-def test_non_finite_weights_are_never_stored(tmp_path):
+def test_nan_weights_are_never_stored(tmp_path):
     def diverged(tmp_dir: Path) -> dict:
         state = small_cnn().state_dict()
         state["classifier.4.bias"][0] = float("nan")
         return checkpoint_dict(state, {"name": "cnn"})
 
-    with pytest.raises(KdrunError, match=r"non-finite weights \(classifier.4.bias\); nothing stored"):
+    with pytest.raises(KdrunError, match=r"NaN weights \(classifier.4.bias\); nothing stored"):
         train_or_reuse(tmp_path, "cnn", KEY, diverged)
     assert not (tmp_path / f"cnn-{key_hash(KEY)}").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_an_old_entry_in_a_read_only_store_is_still_used(tmp_path, caplog, monkeypatch):
+    import kdrun.teacher_store
+
+    train = Trainer()
+    _, entry, _ = train_or_reuse(tmp_path, "cnn", KEY, train)
+    make_old_format(entry)
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(kdrun.teacher_store, "atomic_write_text", read_only)  # the tests run as root
+    _, _, reused = train_or_reuse(tmp_path, "cnn", KEY, train)
+    assert reused is True and train.calls == 1 and not (entry / CHECKSUM).exists()
+    assert any("cannot be recorded" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
 
 
 def _dead_pid() -> int:
