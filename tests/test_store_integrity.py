@@ -184,6 +184,9 @@ def test_store_files_follow_the_umask(tmp_path):
 
 # --- whole runs (experiment=smoke, in-process) ----------------------------------------------------------------
 
+SHORT = ("baseline=false", "teacher.epochs=1", "trainer.epochs=1")
+
+
 def teacher_entry(base: Path) -> Path:
     (entry,) = store_entries(base / "teachers")
     return entry
@@ -193,7 +196,7 @@ def teacher_entry(base: Path) -> Path:
 def first_smoke(tmp_path_factory):
     """One smoke run: (its stores' base, its summary)."""
     base = tmp_path_factory.mktemp("smoke")
-    return base, smoke_inproc(base, base / "run0", "baseline=false")
+    return base, smoke_inproc(base, base / "run0", *SHORT)
 
 
 def copy_stores(src: Path, dst: Path) -> Path:
@@ -210,7 +213,7 @@ def test_a_zeroed_teacher_entry_is_trained_again_and_the_student_is_unchanged(fi
     base = copy_stores(src, tmp_path)
     entry = teacher_entry(base)
     zero_block(entry / CHECKPOINT)
-    again = smoke_inproc(base, base / "run1", "baseline=false")
+    again = smoke_inproc(base, base / "run1", *SHORT)
     assert again["teacher"]["reused"] is False, "the damaged teacher was reused"
     assert again["teacher"]["test_acc"] == summary["teacher"]["test_acc"]
     assert again["student"]["test_acc_best"] == summary["student"]["test_acc_best"]
@@ -223,8 +226,8 @@ def test_a_truncated_teacher_entry_does_not_break_later_runs(first_smoke, tmp_pa
     entry = teacher_entry(base)
     with open(entry / CHECKPOINT, "r+b") as handle:
         handle.truncate(4096)
-    assert smoke_inproc(base, base / "run1", "baseline=false")["teacher"]["reused"] is False
-    assert smoke_inproc(base, base / "run2", "baseline=false")["teacher"]["reused"] is True
+    assert smoke_inproc(base, base / "run1", *SHORT)["teacher"]["reused"] is False
+    assert smoke_inproc(base, base / "run2", *SHORT)["teacher"]["reused"] is True
 
 
 def test_a_teacher_with_non_finite_logits_never_writes_a_cache(first_smoke, tmp_path):
@@ -237,13 +240,13 @@ def test_a_teacher_with_non_finite_logits_never_writes_a_cache(first_smoke, tmp_
     for cache in (base / "teachers" / "logit-cache").glob("*.pt"):
         cache.unlink()  # the scaled teacher has other weights, hence another cache file anyway
     with pytest.raises(KdrunError) as err:
-        smoke_inproc(base, base / "run1", "baseline=false")
+        smoke_inproc(base, base / "run1", *SHORT)
     message = str(err.value)
     assert "\n" not in message and "not finite" in message and str(entry) in message and "set aside" in message
     assert "logit cache" not in message.split(":")[0], "the error must blame the teacher, not the cache"
     assert not list((base / "teachers" / "logit-cache").glob("*.pt")), "a non-finite logit cache was written"
     assert not entry.exists() and len(aside(base / "teachers")) == 1
-    again = smoke_inproc(base, base / "run2", "baseline=false")
+    again = smoke_inproc(base, base / "run2", *SHORT)
     assert again["teacher"]["reused"] is False and again["student"]["test_acc_best"] == summary["student"]["test_acc_best"]
 
 
@@ -256,7 +259,7 @@ def test_the_per_epoch_guard_names_the_cache_file(first_smoke, tmp_path):
     obj["checksum"] = hashlib.sha256(obj["logits"].contiguous().numpy().tobytes()).hexdigest()[:16]
     torch.save(obj, path)
     with pytest.raises(KdrunError) as err:
-        smoke_inproc(base, base / "run1", "baseline=false")
+        smoke_inproc(base, base / "run1", *SHORT)
     assert "stale or misaligned" in str(err.value) and f"delete {path.resolve()}" in str(err.value)
 
 
@@ -275,7 +278,7 @@ def test_make_check_without_a_path_still_says_what_to_delete():
 def test_a_run_under_umask_002_leaves_group_readable_files(tmp_path):
     old = os.umask(0o002)
     try:
-        smoke_inproc(tmp_path, tmp_path / "run", "trainer.epochs=1", "teacher.epochs=1")
+        smoke_inproc(tmp_path, tmp_path / "run", *SHORT)
     finally:
         os.umask(old)
     wrong = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
@@ -286,7 +289,7 @@ def test_a_run_under_umask_002_leaves_group_readable_files(tmp_path):
 # --- a real process killed while it trains a teacher -------------------------------------------------------------
 
 FAKE_LONG = ("dataset=fake", "trainer.device=cpu", "trainer.num_threads=1", "teacher=cnn", "student=mlp",
-             "teacher.epochs=60", "trainer.epochs=1", "baseline=false")
+             "teacher.epochs=30", "trainer.epochs=1", "baseline=false")
 
 
 def test_a_killed_teacher_training_leaves_nothing_that_blocks_the_next_run(tmp_path):
@@ -308,10 +311,12 @@ def test_a_killed_teacher_training_leaves_nothing_that_blocks_the_next_run(tmp_p
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert tmp_dir.exists() and not store_entries(teachers)
+    lock = teachers / (tmp_dir.name.rpartition(".tmp-")[0] + ".lock")
+    assert lock.exists(), "the killed holder's lock file: left in place, it must not block the next run"
     summary = run_inproc(tmp_path / "run1", *FAKE_LONG, *store_overrides(tmp_path), cwd=tmp_path)
     assert summary["status"] == "completed" and summary["teacher"]["reused"] is False
     assert not tmp_dir.exists(), "the killed process's temp dir was left behind"
     (entry,) = store_entries(teachers)
-    assert read_json(entry / "key.json")["recipe"]["epochs"] == 60
-    assert len(read_jsonl(entry / "metrics.jsonl")) == 60
+    assert read_json(entry / "key.json")["recipe"]["epochs"] == 30
+    assert len(read_jsonl(entry / "metrics.jsonl")) == 30
     assert not [p for p in teachers.iterdir() if ".tmp-" in p.name]
