@@ -98,6 +98,9 @@ def _verified(entry: Path) -> tuple[Optional[dict], Optional[str]]:
     try:
         blob = (entry / CHECKPOINT).read_bytes()
         recorded = (entry / CHECKSUM).read_text().split()[0] if (entry / CHECKSUM).exists() else None
+    except PermissionError as exc:  # not damage: another user's entry in a shared store
+        raise KdrunError(f"store entry {entry} is not readable by this user ({exc.strerror}: {exc.filename}); ask "
+                         f"its owner to make the store group-readable (chmod -R g+rX) or use another store") from None
     except (OSError, IndexError) as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
     digest = hashlib.sha256(blob).hexdigest()

@@ -143,6 +143,19 @@ def test_an_old_entry_in_a_read_only_store_is_still_used(tmp_path, caplog, monke
     assert any("cannot be recorded" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
 
 
+def test_an_entry_this_user_cannot_read_is_an_error_not_damage(tmp_path, monkeypatch):
+    train = Trainer()
+    _, entry, _ = train_or_reuse(tmp_path, "cnn", KEY, train)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_bytes", denied)  # the tests run as root: chmod would not stop them
+    with pytest.raises(KdrunError, match="not readable by this user") as err:
+        train_or_reuse(tmp_path, "cnn", KEY, train)
+    assert str(entry) in str(err.value) and "\n" not in str(err.value)
+    assert entry.exists() and not aside(tmp_path) and train.calls == 1, "another user's entry was moved"
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
