@@ -108,13 +108,14 @@ def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional
     bad = int((~torch.isfinite(logits)).any(dim=1).sum())
     what = f"the teacher's logits are not finite on {bad} of {len(logits)} training images"
     if teacher_entry is None:
-        raise KdrunError(f"{what}: its weights are broken; no logit cache written ({path})")
+        raise KdrunError(f"{what}: its weights (teacher.ckpt) are broken; no logit cache written ({path})")
     from kdrun.teacher_store import set_aside
 
     aside = set_aside(Path(teacher_entry), "its logits are not finite")
     where = f"moved to {aside}" if aside else "already moved aside by another job"
     raise KdrunError(f"{what}: its store entry {teacher_entry} is corrupt and was set aside ({where}); no logit "
-                     f"cache written. Run again to train the teacher again")
+                     f"cache written. The next run trains the teacher again (should it diverge again, check its "
+                     f"recipe: teacher.optim, trainer.precision)")
 
 
 def _remove_partial_writes(path: Path) -> None:
