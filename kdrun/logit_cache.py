@@ -6,7 +6,10 @@ of a sweep (T and alpha are applied at loss time). A cache file is keyed by a ha
 weights, the dataset identity (split, normalisation, fingerprint), the precision and the storage dtype, and
 carries a checksum of its logits. It is guarded three ways:
 
-* on load: key, shape and checksum must match, else the file is set aside and rebuilt (never trusted);
+* on load: key, shape and checksum must match and the logits be finite, else the file is set aside and
+  rebuilt (never trusted);
+* on build: non-finite logits are never written; the run stops and the teacher's store entry, which
+  produced them, is set aside (:func:`kdrun.teacher_store.set_aside`) so the next run trains it again;
 * every epoch: the teacher is recomputed on a random sample of cached indices and must agree within
   tolerance, else the run stops (a stale or misaligned cache must not silently teach wrong targets);
 * ``teacher.cache=auto`` uses the cache only when augmentation is off; with random augmentation the
@@ -67,8 +70,11 @@ def decide(mode: str, data: Data) -> tuple[bool, str]:
 
 
 def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, precision: str, root: Path,
-                   batch_size: int) -> tuple[Optional[torch.Tensor], dict]:
-    """Cached train-split logits of ``teacher`` (built on a miss), or None when the cache is not used."""
+                   batch_size: int, teacher_entry: Optional[Path] = None) -> tuple[Optional[torch.Tensor], dict]:
+    """Cached train-split logits of ``teacher`` (built on a miss), or None when the cache is not used.
+
+    ``teacher_entry`` is the teacher's store entry (None for ``teacher.ckpt`` or merged teachers): it is set
+    aside when the teacher's logits are not finite."""
     use, why = decide(mode, data)
     info = {"mode": mode, "used": use, "why": why}
     if not use:
@@ -83,15 +89,40 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
             aside = path.with_name(path.name + f".bad-{int(time.time())}")
             os.replace(path, aside)
             log.warning(f"teacher logit cache {path} rejected ({problem}); moved to {aside.name}, rebuilding")
+        _remove_partial_writes(path)
         built, seconds = logits is None, 0.0
         if built:
             start = time.perf_counter()
             logits = predict(teacher, data, "train", batch_size, precision).cpu().to(DTYPES[dtype])
             seconds = time.perf_counter() - start
+            if not bool(torch.isfinite(logits).all()):
+                _refuse_non_finite(logits, path, teacher_entry)
             save_torch(path, {"logits": logits, "key": key, "checksum": _checksum(logits)})
     info.update(path=str(path.resolve()), built=built, build_s=round(seconds, 3), dtype=dtype)
     log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused'} ({why}) {path}")
     return logits.to(data.train.y.device), info
+
+
+def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional[Path]) -> None:
+    """Stop the run: a teacher whose logits hold NaN or inf must not teach, and its cache is not written."""
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    what = f"the teacher's logits are not finite on {bad} of {len(logits)} training images"
+    if teacher_entry is None:
+        raise KdrunError(f"{what}: its weights (teacher.ckpt) are broken; no logit cache written ({path})")
+    from kdrun.teacher_store import set_aside
+
+    aside = set_aside(Path(teacher_entry), "its logits are not finite")
+    where = f"moved to {aside}" if aside else "already moved aside by another job"
+    raise KdrunError(f"{what}: its store entry {teacher_entry} is corrupt and was set aside ({where}); no logit "
+                     f"cache written. The next run trains the teacher again (should it diverge again, check its "
+                     f"recipe: teacher.optim, trainer.precision)")
+
+
+def _remove_partial_writes(path: Path) -> None:
+    """Remove temp files of ``path`` left by a process killed while writing it (call under its lock)."""
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        tmp.unlink(missing_ok=True)
+        log.warning(f"removed {tmp}: a partial write of the logit cache by a killed process")
 
 
 def _load(path: Path, key: str, n: int, num_classes: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
@@ -107,12 +138,16 @@ def _load(path: Path, key: str, n: int, num_classes: int) -> tuple[Optional[torc
         return None, f"shape {tuple(logits.shape)} != {(n, num_classes)}"
     if _checksum(logits) != checksum:
         return None, "checksum mismatch: the file was modified"
+    if not bool(torch.isfinite(logits).all()):
+        return None, "it holds non-finite logits"
     return logits, None
 
 
 def make_check(teacher: nn.Module, data: Data, cached: torch.Tensor, *, dtype: str, precision: str,
-               seed: int) -> Callable[[int], float]:
-    """A per-epoch guard: recompute the teacher on ``CHECK_SAMPLES`` random cached indices and compare."""
+               seed: int, path: Optional[Path] = None) -> Callable[[int], float]:
+    """A per-epoch guard: recompute the teacher on ``CHECK_SAMPLES`` random cached indices and compare.
+
+    ``path`` is the cache file (``teacher_logits``'s ``info["path"]``), named in the error."""
     atol, rtol = TOLERANCE[dtype]
     generator = torch.Generator().manual_seed(seed + 7919)
 
@@ -127,6 +162,7 @@ def make_check(teacher: nn.Module, data: Data, cached: torch.Tensor, *, dtype: s
         if not torch.all(err <= atol + rtol * want.abs()):
             raise KdrunError(f"teacher logit cache disagrees with the live teacher at epoch {epoch} (max |diff| "
                              f"{err.max().item():.3g} on {CHECK_SAMPLES} sampled images): the cache is stale or "
-                             f"misaligned; delete it or run with teacher.cache=off")
+                             f"misaligned; delete {path or 'the cache file'} (the next run rebuilds it) or run "
+                             f"with teacher.cache=off")
         return err.max().item()
     return check

@@ -29,9 +29,19 @@ def refuse_existing(out_dir: Path) -> None:
                          f"Wait a second and run again, or choose another hydra.run.dir")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temp file next to ``path`` with the permissions ``open()`` would give it (umask applied), not
+    mkstemp's 0600: a store shared by a group must stay readable by the group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    return fd, tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = _mkstemp(path)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
@@ -45,8 +55,7 @@ def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` to a temp file, then rename: readers see the old file or the whole new one."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _mkstemp(path)
     os.close(fd)
     torch.save(obj, tmp)
     os.replace(tmp, path)

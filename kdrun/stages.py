@@ -245,13 +245,14 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
     cfg = ctx.cfg
     logits, info = teacher_logits(teacher, data, mode=str(cfg.teacher.cache), dtype=cfg.teacher.cache_dtype,
                                   precision=cfg.trainer.precision, root=Path(cfg.store.teachers),
-                                  batch_size=cfg.trainer.eval_batch_size)
+                                  batch_size=cfg.trainer.eval_batch_size,
+                                  teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
     if logits is None:
         log.info(f"teacher logits: live ({info['why']})")
         return LiveTeacher(teacher)
     check = make_check(teacher, data, logits, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,
-                       seed=cfg.seed)
+                       seed=cfg.seed, path=info["path"])
     return CachedLogits(logits, check)
 
 

@@ -1,30 +1,42 @@
 """Content-addressed store of trained models (teachers, CE baselines) and checkpoint loading.
 
 An entry is ``<root>/<model name>-<key hash>/`` holding ``model.pt`` (a plain dict: ``model`` state_dict,
-``meta``), ``metrics.jsonl`` of its training and ``key.json``, the human-readable parts of its key: model
-config, dataset identity, training recipe and seed. Entries are trained under a file lock (parallel sweep
-jobs train a model once) into a temp dir that is renamed into place when complete, so an entry is either
-whole or absent, and a failure later in the run never loses it.
+``meta``), ``model.sha256`` (its checksum, ``sha256sum -c`` format), ``metrics.jsonl`` of its training and
+``key.json``, the human-readable parts of its key: model config, dataset identity, training recipe and seed.
+Entries are trained under a file lock (parallel sweep jobs train a model once) into a temp dir
+``.<entry>.tmp-<pid>`` that is renamed into place when complete, so an entry is either whole or absent, and a
+failure later in the run never loses it.
+
+An entry is verified on every use: its checksum must match and its weights hold no NaN. A bad entry is
+never deleted and never trusted: it is renamed to ``<entry>.corrupt-<time>`` with one warning, and trained
+again. Entries of kdrun versions that recorded no checksum are checked for readability and NaN and get
+their checksum recorded on first use (where the store is writable). Temp dirs ``.<entry>.tmp-<pid>`` of
+killed processes are removed on the next use of the store. Lock files stay: they are empty, and the lock
+itself (``flock``) dies with its holder, so a lock file of a killed process never blocks anyone.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError
-from kdrun.records import save_torch, write_json
+from kdrun.records import atomic_write_text, save_torch, write_json
 
 log = logging.getLogger("kdrun")
 CHECKPOINT = "model.pt"
+CHECKSUM = "model.sha256"  # "<sha256 hex>  model.pt": `sha256sum -c model.sha256` in the entry checks it
+CHECKED = "store_checksum"  # meta flag of entries written with a checksum: a missing model.sha256 is damage
 
 
 def key_hash(parts: dict) -> str:
@@ -32,19 +44,28 @@ def key_hash(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _lock(entry: Path) -> FileLock:
+    return FileLock(str(entry.parent / f".{entry.name}.lock"))
+
+
 def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dict]) -> tuple[dict, Path, bool]:
     """Return ``(checkpoint, entry_dir, reused)`` for ``key``, calling ``train(tmp_dir) -> checkpoint`` on a miss.
 
     ``train`` writes whatever it likes (metrics.jsonl, ...) into ``tmp_dir``; the checkpoint it returns is
-    saved there, and the dir is renamed into place atomically.
+    saved there with its checksum, and the dir is renamed into place atomically. A stored entry that fails
+    verification is set aside and trained again.
     """
     root = Path(root)
     entry = root / f"{name}-{key_hash(key)}"
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{entry.name}.lock")):
+    with _lock(entry):
+        remove_stale_temps(root, held=entry.name)
         if (entry / CHECKPOINT).exists():
-            return read_checkpoint(entry / CHECKPOINT, what=f"store entry {entry}"), entry, True
-        if entry.exists():  # an incomplete entry (no checkpoint): set it aside, never delete results
+            checkpoint, problem = _verified(entry)
+            if problem is None:
+                return checkpoint, entry, True
+            _set_aside(entry, problem)
+        elif entry.exists():  # an incomplete entry (no checkpoint): set it aside, never delete results
             os.replace(entry, entry.with_name(entry.name + f".incomplete-{os.getpid()}"))
         tmp = root / f".{entry.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,11 +73,135 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
         try:
             write_json(tmp / "key.json", key)
             checkpoint = train(tmp)
+            bad = nan_weights(checkpoint)
+            if bad:
+                raise KdrunError(f"training {name} produced NaN weights ({bad}); nothing stored in {entry}")
+            if isinstance(checkpoint.get("meta"), dict):
+                checkpoint = {**checkpoint, "meta": {**checkpoint["meta"], CHECKED: True}}
             save_torch(tmp / CHECKPOINT, checkpoint)
+            _record_checksum(tmp, file_sha256(tmp / CHECKPOINT, full=True))
             os.replace(tmp, entry)
         finally:  # a failed training leaves nothing half-made behind
             shutil.rmtree(tmp, ignore_errors=True)
     return checkpoint, entry, False
+
+
+def _record_checksum(entry: Path, digest: str) -> None:
+    atomic_write_text(entry / CHECKSUM, f"{digest}  {CHECKPOINT}\n")
+
+
+def _verified(entry: Path) -> tuple[Optional[dict], Optional[str]]:
+    """``(checkpoint, None)`` for a sound entry, else ``(None, what is wrong)``. Call under the entry's lock.
+
+    The file is read once: the bytes that are hashed are the bytes that are loaded.
+    """
+    try:
+        blob = (entry / CHECKPOINT).read_bytes()
+        recorded = (entry / CHECKSUM).read_text().split()[0] if (entry / CHECKSUM).exists() else None
+    except PermissionError as exc:  # not damage: another user's entry in a shared store
+        raise KdrunError(f"store entry {entry} is not readable by this user ({exc.strerror}: {exc.filename}); ask "
+                         f"its owner to make the store group-readable (chmod -R g+rX) or use another store") from None
+    except (OSError, IndexError) as exc:
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+    digest = hashlib.sha256(blob).hexdigest()
+    if recorded is not None and recorded != digest:
+        return None, f"{CHECKPOINT} does not match its recorded sha256 (damaged or modified)"
+    try:
+        checkpoint = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, zeroed or foreign files are all rejected the same way
+        return None, f"{CHECKPOINT} is not a readable checkpoint ({type(exc).__name__})"
+    if not isinstance(checkpoint, dict):
+        return None, f"{CHECKPOINT} holds a {type(checkpoint).__name__}, not a checkpoint dict"
+    bad = nan_weights(checkpoint)
+    if bad:
+        return None, f"NaN weights ({bad})"
+    if recorded is None:
+        if isinstance(checkpoint.get("meta"), dict) and checkpoint["meta"].get(CHECKED):
+            return None, f"its recorded checksum {CHECKSUM} is missing"
+        try:
+            _record_checksum(entry, digest)
+        except OSError as exc:  # a shared store this user may read but not write: use it unrecorded
+            log.warning(f"store entry {entry} was written without a checksum (older kdrun) and it cannot be "
+                        f"recorded ({type(exc).__name__}: {exc}); using it unverified")
+        else:
+            log.info(f"store entry {entry} was written without a checksum (older kdrun); recorded its sha256 "
+                     f"{digest[:16]}, verified on every later use")
+    return checkpoint, None
+
+
+def nan_weights(checkpoint: dict) -> Optional[str]:
+    """The name of the first floating-point tensor of ``checkpoint``'s weights holding a NaN, else None.
+
+    Only NaN: an infinite buffer can be legitimate (an attention mask of -inf); infinite logits are caught
+    where they matter (:mod:`kdrun.logit_cache`)."""
+    for name, tensor in state_dict_of(checkpoint).items():
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            return name
+    return None
+
+
+def _set_aside(entry: Path, problem: str) -> Path:
+    """Rename a bad entry to ``<entry>.corrupt-<time>`` (never delete) and warn once. Call under its lock."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = entry.with_name(f"{entry.name}.corrupt-{stamp}")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+    try:
+        os.replace(entry, aside)
+    except OSError as exc:
+        raise KdrunError(f"store entry {entry} is corrupt ({problem}) and cannot be moved aside ({type(exc).__name__}: "
+                         f"{exc.strerror}): move it away by hand and run again") from None
+    log.warning(f"store entry {entry} is corrupt ({problem}): moved to {aside}, training it again")
+    return aside
+
+
+def set_aside(entry: Path, problem: str) -> Optional[Path]:
+    """:func:`_set_aside` under the entry's lock, for a problem found after loading (e.g. non-finite logits).
+
+    Returns where it went, or None when the entry is no longer there (another job already set it aside)."""
+    entry = Path(entry)
+    with _lock(entry):
+        if not entry.exists():
+            return None
+        return _set_aside(entry, problem)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path, held: str) -> None:
+    """Remove temp dirs ``.<entry>.tmp-<pid>`` left by killed processes (their pid is not alive here).
+
+    ``held`` is the entry whose lock the caller holds; other entries' temp dirs are removed only when their
+    lock can be taken at once (nobody trains them now), so a live trainer on another host is never disturbed.
+    """
+    for tmp in root.glob(".*.tmp-*"):
+        entry_name, _, pid = tmp.name[1:].rpartition(".tmp-")
+        if not tmp.is_dir() or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if entry_name == held:
+                _remove_temp(tmp)
+            else:
+                with FileLock(str(root / f".{entry_name}.lock"), timeout=0):
+                    _remove_temp(tmp)
+        except Timeout:
+            continue
+
+
+def _remove_temp(tmp: Path) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning(f"removed {tmp}: the temp dir of a killed kdrun process (pid {tmp.name.rpartition('-')[2]})")
 
 
 def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
@@ -108,9 +253,10 @@ def checkpoint_dict(model_state: dict, meta: dict) -> dict:
     return {"model": model_state, "meta": meta}
 
 
-def file_sha256(path: Path) -> Optional[str]:
+def file_sha256(path: Path, full: bool = False) -> str:
+    """sha256 of a file's bytes: its first 16 hex digits (provenance records), or all 64 with ``full``."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest() if full else digest.hexdigest()[:16]

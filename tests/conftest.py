@@ -150,7 +150,7 @@ def store_entries(root: Path) -> list[Path]:
     if not root.exists():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and ".incomplete-" not in p.name and (p / "model.pt").is_file())
+                  and ".incomplete-" not in p.name and ".corrupt-" not in p.name and (p / "model.pt").is_file())
 
 
 def _stored_options() -> dict:

@@ -1,13 +1,15 @@
 """The exact teacher-logit cache: equal to live logits, reused, guarded against tampering and staleness."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from kdrun.data import load_data
 from kdrun.engine import Recipe, fit, predict
 from kdrun.errors import KdrunError
-from kdrun.logit_cache import decide, make_check, teacher_logits
+from kdrun.logit_cache import _checksum, decide, make_check, teacher_logits
 from kdrun.losses import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
@@ -103,3 +105,31 @@ def test_cached_and_live_training_give_the_same_student(teacher, data, tmp_path)
     for key, value in results[0].last_state.items():
         torch.testing.assert_close(results[1].last_state[key], value, atol=1e-5, rtol=1e-5)
     assert [h["train/loss"] for h in results[0].history] == pytest.approx([h["train/loss"] for h in results[1].history], rel=1e-5)  # noqa: E501
+
+
+def test_a_cache_of_non_finite_logits_is_rejected_and_rebuilt(teacher, data, tmp_path):
+    logits, info = cache(teacher, data, tmp_path)
+    obj = torch.load(info["path"], weights_only=True)
+    obj["logits"][3, 1] = float("nan")  # written by an older kdrun, with a matching checksum
+    obj["checksum"] = _checksum(obj["logits"])
+    torch.save(obj, info["path"])
+    rebuilt, info2 = cache(teacher, data, tmp_path)
+    assert info2["built"] and torch.equal(rebuilt, logits)
+
+
+def test_non_finite_logits_are_never_cached(teacher, data, tmp_path):
+    with torch.no_grad():
+        teacher.classifier[-1].bias[0] = float("inf")
+    with pytest.raises(KdrunError, match=r"not finite on 72 of 72 training images.*no logit cache written") as err:
+        cache(teacher, data, tmp_path)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.glob("logit-cache/*.pt"))
+
+
+def test_partial_writes_of_a_killed_process_are_removed(teacher, data, tmp_path):
+    _, info = cache(teacher, data, tmp_path)
+    path = Path(info["path"])
+    partial = path.with_name(f".{path.name}.k1ll3d")
+    partial.write_bytes(b"\0" * 100)
+    cache(teacher, data, tmp_path)
+    assert not partial.exists() and path.exists()
