@@ -12,7 +12,7 @@ def check_positive(key: str, value: float) -> None:
 
 
 def check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
-    if value is None or math.isnan(value) or (math.isinf(value) and not math.isinf(hi)):
+    if value is None or not math.isfinite(value):  # NaN and inf pass no comparison meaningfully: refuse both
         raise ConfigError(key, f"must be a finite number, got {value}")
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi
@@ -24,3 +24,9 @@ def check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_
 def check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise unknown_choice(key, value, choices)
+
+
+def check_min(key: str, value: int, lo: int) -> None:
+    """An integer key that must be ``>= lo``."""
+    if value is None or value < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {value}")
