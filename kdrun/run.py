@@ -103,6 +103,9 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
         preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
     summary.update(_serialise(ctx.result, summary["loss"]))
+    summary["warnings"] = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
+    for warning in summary["warnings"]:
+        log.warning(warning)
     student = ctx.result.student
     summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
     if (delta := ctx.result.delta_vs_baseline()) is not None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_choice, check_positive, check_range
+from kdrun.schema.checks import check_choice, check_dir_path, check_positive, check_range
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -72,3 +72,7 @@ class TrainerConfig:
 class StoreConfig:
     teachers: str = "outputs/teachers"    # content-addressed store of trained teachers
     baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
+
+    def __post_init__(self):
+        check_dir_path("store.teachers", self.teachers)
+        check_dir_path("store.baselines", self.baselines)
