@@ -219,3 +219,26 @@ def test_unusable_run_dir_is_one_line(tmp_path, where):
     assert "Traceback" not in result.stderr, result.describe()
     assert result.last_err_line.startswith("kdrun: error: cannot create run dir")
     assert "hydra.run.dir" in result.last_err_line
+
+
+def test_diverged_sweep_job_is_one_line_and_exit_1(tmp_path):
+    """A job that fails while running (exit 1, unlike a refused config: 2) at the end of `kdrun -m`: one line
+    naming the job, the sweep still summarised, strict CSV (no nan)."""
+    from conftest import run_sweep
+
+    result = run_sweep(tmp_path, "optim.lr=1e30", "baseline=false")
+    assert result.returncode == 1, result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    assert result.last_err_line.startswith(f"kdrun: error: job {tmp_path / 'sweep' / '0'}: student: training loss")
+    assert "at epoch" in result.last_err_line
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert [row["status"] for row in rows] == ["failed"]
+    assert not [v for row in rows for k, v in row.items() if k != "error" and v.lower() in ("nan", "inf", "-inf")]
+
+
+def test_sweep_csv_cells_are_never_nan():
+    from kdrun.sweep.report import _csv
+
+    assert [_csv(v) for v in (float("nan"), float("inf"), None, 1.23456, 3, "x")] == ["", "", "", 1.2346, 3, "x"]
