@@ -133,6 +133,9 @@ def test_unusable_store_paths_are_refused(tmp_path, key):
         to_object(compose_config(f"{key}={tmp_path / 'file' / 'store'}"))
     with pytest.raises(ConfigError, match=rf"^{key}: a path component is 300 bytes"):
         to_object(compose_config(f"{key}={tmp_path / ('x' * 300)}"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=rf"^{key}: .* is a broken symbolic link"):
+        to_object(compose_config(f"{key}={tmp_path / 'dangling' / 'store'}"))
 
 
 def test_unreadable_teacher_ckpt_is_a_config_error(tmp_path):

@@ -45,7 +45,9 @@ def check_dir_path(key: str, value: str) -> None:
                                    f"{part[:40]}...")
     probe = path.absolute()
     while not probe.exists():
-        if probe.is_symlink() or probe.parent == probe:
+        if probe.is_symlink():
+            raise ConfigError(key, f"{value} cannot be created: {probe} is a broken symbolic link")
+        if probe.parent == probe:
             return
         probe = probe.parent
     if not probe.is_dir():
