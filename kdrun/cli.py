@@ -56,11 +56,30 @@ class RecordSweepDir(Callback):
     """``hydra.callbacks.sweep_dir`` (conf/config.yaml): remember the sweep dir when a multirun starts.
 
     :func:`main` summarises it after the multirun, also when a job crashed: Hydra then skips
-    ``on_multirun_end``, so the summary cannot live there.
+    ``on_multirun_end``, so the summary cannot live there. A timestamped sweep dir (``${now:...}``, the
+    default) that exists already (another sweep started in the same second) is replaced by the next free
+    ``<dir>-N`` (:func:`kdrun.rundir.fresh_dir`); the jobs' configs are recomposed from the hydra overrides,
+    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
+        from omegaconf import OmegaConf, read_write
+
+        from kdrun.rundir import fresh_dir
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")):
+            try:
+                fresh = fresh_dir(sweep_dir)
+            except KdrunError as exc:  # Hydra would turn it into a warning: say it, keep Hydra's own dir
+                print(f"kdrun: warning: {exc}", file=sys.stderr)
+                fresh = sweep_dir
+            if fresh != sweep_dir:
+                with read_write(config.hydra):
+                    config.hydra.sweep.dir = str(fresh)
+                    config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
+                sweep_dir = fresh
+        _SWEEP_DIRS.append(sweep_dir.resolve())
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")

@@ -6,7 +6,8 @@ taken over, unless the dir already holds results (:func:`kdrun.records.refuse_ex
 
 The CLI claims the dir before Hydra writes ``.hydra/`` and the log into it (:class:`kdrun.cli.ClaimRunDir`);
 a timestamped dir (the default ``outputs/<date>/<time>``) that another run holds is not refused but replaced by
-the next free ``<dir>-1``, ``<dir>-2``, ... ; a dir the user chose is refused with one line (exit 2).
+the next free ``<dir>-1``, ``<dir>-2``, ... ; a dir the user chose is refused with one line (exit 2). A
+timestamped sweep dir is made fresh the same way (:func:`fresh_dir`; its jobs' dirs are then new).
 :func:`kdrun.run.run` claims again (its own claim passes), so Python callers are covered too.
 """
 from __future__ import annotations
@@ -43,6 +44,25 @@ def claim(out_dir: Path, fresh: bool = False) -> Path:
                 raise
     raise InputError(f"run dirs {out_dir} to {out_dir.name}-{MAX_SUFFIX - 1} are all taken; choose another "
                      f"hydra.run.dir")
+
+
+def fresh_dir(path: Path) -> Path:
+    """Create and return the first of ``path``, ``path-1``, ``path-2``, ... that did not exist (``mkdir`` is
+    atomic: of two processes, one gets each name). For timestamped sweep dirs; None-safe errors as one line."""
+    path = Path(path)
+    for i in range(MAX_SUFFIX):
+        candidate = path if i == 0 else path.with_name(f"{path.name}-{i}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise InputError(f"cannot create sweep dir {candidate} ({exc.strerror or exc}); choose another "
+                             f"hydra.sweep.dir") from None
+    raise InputError(f"sweep dirs {path} to {path.name}-{MAX_SUFFIX - 1} are all taken; choose another "
+                     f"hydra.sweep.dir")
 
 
 def _claim(path: Path) -> None:

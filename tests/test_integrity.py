@@ -193,6 +193,27 @@ def test_concurrent_cli_runs_in_one_timestamped_dir_both_complete(tmp_path):
     assert sorted(seeds) == [0, 1]
 
 
+def test_concurrent_sweeps_in_one_timestamped_sweep_dir_both_complete(tmp_path):
+    """Two `kdrun -m` whose timestamped sweep dir is the same: the second gets <dir>-1, jobs included."""
+    common = ["-m", "kdrun", "-m", "experiment=smoke", "trainer.num_threads=1", "hydra.sweep.dir=sw/${now:%Y}",
+              *store_overrides(tmp_path)]
+    procs = [subprocess.Popen([PYTHON, *common, f"seed={seed}"], cwd=tmp_path, env=cli_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             for seed in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    sweeps = sorted((tmp_path / "sw").iterdir())
+    assert len(sweeps) == 2 and sweeps[1].name == f"{sweeps[0].name}-1"
+    seeds = set()
+    for sweep_dir in sweeps:
+        summary = read_json(sweep_dir / "0" / "summary.json")
+        assert summary["status"] == "completed" and Path(summary["out_dir"]) == (sweep_dir / "0").resolve()
+        assert f"seed={summary['seed']}" in (sweep_dir / "0" / ".hydra" / "overrides.yaml").read_text()
+        assert (sweep_dir / "results.csv").is_file()
+        seeds.add(summary["seed"])
+    assert seeds == {0, 1}
+
+
 def test_refused_rerun_leaves_the_finished_run_untouched(tmp_path):
     """Hydra writes .hydra/*.yaml before the job: kdrun claims the dir first, so a refused re-run into a finished
     run dir changes none of its files (exit 2, one line)."""
