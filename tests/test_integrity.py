@@ -138,12 +138,14 @@ def test_unusable_store_paths_are_refused(tmp_path, key):
         to_object(compose_config(f"{key}={tmp_path / 'dangling' / 'store'}"))
 
 
-def test_unreadable_teacher_ckpt_is_a_config_error(tmp_path):
+def test_unreadable_teacher_ckpt_exits_2_like_other_checkpoint_errors(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint\n")
-    with pytest.raises(ConfigError) as err:  # exit 2, like every other teacher.ckpt error
-        smoke_inproc(tmp_path, tmp_path / "run", f"teacher.ckpt={bad}")
-    assert err.value.key == "teacher.ckpt" and "not a readable PyTorch checkpoint" in str(err.value)
+    result = run_kdrun("experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", f"teacher.ckpt={bad}",
+                       *store_overrides(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2, result.describe()  # bad input, fixable before running (kdrun.errors)
+    assert "Traceback" not in result.stderr, result.describe()
+    assert result.last_err_line.startswith(f"kdrun: error: teacher.ckpt: {bad} is not a readable PyTorch checkpoint")
 
 
 # --- claiming run dirs ------------------------------------------------------------------------------------

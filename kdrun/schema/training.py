@@ -50,7 +50,7 @@ class TrainerConfig:
     eval_batch_size: int = 1024
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     precision: str = "fp32"    # fp32 | bf16 | fp16
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = None  # torch CPU threads (>= 1); null = torch's default
     progress: str = "auto"     # auto | true | false
     compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
     channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
