@@ -1,12 +1,12 @@
 """``run(cfg, out_dir) -> summary``: the whole pipeline, top to bottom. No Hydra, no cwd assumptions.
 
-1. claim the run dir (:mod:`kdrun.rundir`: refused when another run holds it or it holds results), validate
-   the config (one-line errors naming the key);
+1. validate the config (one-line errors naming the key), claim the run dir (:mod:`kdrun.rundir`: refused
+   when another live run holds it or it already holds results);
 2. write the resolved ``config.yaml``, log the loss formula and the config;
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
-4. write ``summary.json`` once (``status: completed``, or ``failed`` with the error and the stages that
-   finished, re-raised) and print a table.
+4. write ``summary.json`` once (``status: completed`` with any ``warnings``, or ``failed`` with the error and
+   the stages that finished, re-raised; a diverged loss as :class:`kdrun.errors.RunFailed`) and print a table.
 """
 from __future__ import annotations
 
