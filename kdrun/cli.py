@@ -17,22 +17,69 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import InputError, KdrunError
 from kdrun.schema import keys_at, register_configs
 
 _FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
 _SWEEP_DIRS: list[Path] = []  # sweep dirs started by this process, summarised by main()
+_REFUSED: list[KdrunError] = []  # the run dir could not be claimed (ClaimRunDir): reported by main(), exit 2
+
+
+class ClaimRunDir(Callback):
+    """``hydra.callbacks.run_dir`` (conf/config.yaml): claim the run dir before Hydra writes into it.
+
+    Hydra writes ``.hydra/*.yaml`` and opens the log before the job runs, so the claim (:mod:`kdrun.rundir`)
+    happens here. A timestamped dir (``${now:...}``, the default) another run holds becomes the next free
+    ``<dir>-N``; any other dir that is held or holds results is refused, and Hydra then writes no ``.hydra/``
+    (a finished run's files stay as they are). Hydra turns a callback's exception into a warning, so the
+    refusal is kept in ``_REFUSED`` for :func:`_job` and :func:`main`.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from omegaconf import OmegaConf, read_write
+
+        from kdrun.rundir import claim
+
+        unresolved = str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", ""))
+        try:
+            path = claim(Path(str(config.hydra.run.dir)), fresh="${now:" in unresolved)
+        except KdrunError as exc:
+            _REFUSED.append(exc)
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
+            return
+        with read_write(config.hydra):
+            config.hydra.run.dir = str(path)
 
 
 class RecordSweepDir(Callback):
     """``hydra.callbacks.sweep_dir`` (conf/config.yaml): remember the sweep dir when a multirun starts.
 
     :func:`main` summarises it after the multirun, also when a job crashed: Hydra then skips
-    ``on_multirun_end``, so the summary cannot live there.
+    ``on_multirun_end``, so the summary cannot live there. A timestamped sweep dir (``${now:...}``, the
+    default) that exists already (another sweep started in the same second) is replaced by the next free
+    ``<dir>-N`` (:func:`kdrun.rundir.fresh_dir`); the jobs' configs are recomposed from the hydra overrides,
+    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
+        from omegaconf import OmegaConf, read_write
+
+        from kdrun.rundir import fresh_dir
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")):
+            try:
+                fresh = fresh_dir(sweep_dir)
+            except KdrunError as exc:  # Hydra would turn it into a warning: say it, keep Hydra's own dir
+                print(f"kdrun: warning: {exc}", file=sys.stderr)
+                fresh = sweep_dir
+            if fresh != sweep_dir:
+                with read_write(config.hydra):
+                    config.hydra.sweep.dir = str(fresh)
+                    config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
+                sweep_dir = fresh
+        _SWEEP_DIRS.append(sweep_dir.resolve())
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
@@ -45,6 +92,9 @@ def _job(cfg: DictConfig) -> float:
     from kdrun.run import run
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if _REFUSED:  # the run dir is another run's (ClaimRunDir): write nothing into it
+        _FAILED_JOBS.append((out_dir, _REFUSED.pop()))
+        return float("nan")
     try:
         return run(cfg, out_dir)["objective"]
     except KdrunError as exc:
@@ -209,6 +259,8 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()
         message = None if user_wants_traceback else explain(exc)
+        if _REFUSED and not user_wants_traceback:  # an unusable run dir: Hydra failed to create or log into it
+            message = str(_REFUSED[-1])
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
@@ -222,4 +274,4 @@ def main() -> None:
         sweep = len(_FAILED_JOBS) > 1 or "-m" in argv or "--multirun" in argv
         for out_dir, exc in _FAILED_JOBS:
             print(f"kdrun: error: {f'job {out_dir}: ' if sweep else ''}{exc}", file=sys.stderr)
-        sys.exit(2 if all(isinstance(e, ConfigError) for _, e in _FAILED_JOBS) else 1)
+        sys.exit(2 if all(isinstance(e, InputError) for _, e in _FAILED_JOBS) else 1)  # kdrun.errors: the rule

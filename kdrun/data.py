@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, InputError
 from kdrun.schema import AugmentConfig, DatasetConfig
 from kdrun.sources import LazyImages, check_fits, stratified
 from kdrun.splits import call_dataset
@@ -145,6 +145,10 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     to = lambda x, y: Split(on(x), torch.as_tensor(y, dtype=torch.int64).to(device))
     train, val, test = to(train_x[train_idx], train_y[train_idx]), to(val_x, val_y), to(test_x, test_y)
     num_classes = splits["num_classes"]
+    present = int(torch.unique(train.y).numel())
+    if num_classes < 2 or present < 2:  # nothing to learn: every model would be "perfect" from the start
+        raise InputError(f"dataset={cfg.name}: the train split holds {present} class(es) of {num_classes}; "
+                         f"classification needs at least 2")
     mean, std = _normalisation(cfg, train)
     identity = {
         "name": cfg.name, "sizes": [len(train), len(val), len(test)], "shape": list(train.x.shape[1:]),

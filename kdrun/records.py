@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -15,18 +16,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from kdrun.errors import KdrunError
+from kdrun.errors import InputError
 
 log = logging.getLogger("kdrun")
 RESULT_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
 
 
 def refuse_existing(out_dir: Path) -> None:
-    """Never write into a run dir that already holds results (two runs started in the same second)."""
+    """Never write into a run dir that already holds results (a finished or failed run)."""
     held = [name for name in RESULT_FILES if (out_dir / name).exists()]
     if held:
-        raise KdrunError(f"run dir {out_dir} already holds results ({', '.join(held)}); refusing to overwrite. "
-                         f"Wait a second and run again, or choose another hydra.run.dir")
+        raise InputError(f"run dir {out_dir} already holds results ({', '.join(held)}); refusing to overwrite; "
+                         f"choose another hydra.run.dir")
 
 
 def _mkstemp(path: Path) -> tuple[int, str]:
@@ -47,8 +48,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes strict JSON: a non-finite float (NaN, inf: an undefined objective, a diverged
+    loss) becomes ``null`` instead of the ``NaN`` / ``Infinity`` tokens other JSON readers reject."""
+    return json.dumps(_finite(obj), allow_nan=False, default=str, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -70,7 +87,7 @@ class JsonlWriter:
 
     def __call__(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({**self.constant, **record}) + "\n")
+            handle.write(strict_json({**self.constant, **record}) + "\n")
 
 
 def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:

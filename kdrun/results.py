@@ -175,8 +175,26 @@ class RunResult(Result):
             out["student_role"] = self.student_role
         return out
 
+    def chance_warnings(self, num_classes: int) -> list[str]:
+        """A warning for each of teacher, baseline and student whose accuracy (val, else test) stayed within
+        2 points of chance (100 / num_classes %): it "completed" without learning anything."""
+        chance, out = 100.0 / num_classes, []
+        student = self.student
+        for role, val, test in (("teacher", *_accs(self.teacher, "val_acc", "test_acc")),
+                                ("baseline", *_accs(self.baseline, "val_acc", "test_acc")),
+                                (self.student_role or "student", *_accs(student, "val_acc_best", "test_acc_best"))):
+            acc, split = (val, "val") if val is not None else (test, "test")
+            if acc is not None and acc <= chance + 2.0:
+                out.append(f"{role}: {split} accuracy {acc:.2f}% is at chance level ({chance:.2f}% for {num_classes} "
+                           f"classes): it learned nothing; check the learning rate, epochs and the data")
+        return out
+
     def delta_vs_baseline(self) -> Optional[float]:
         """Test accuracy of the best student minus the baseline's (None without either)."""
         if self.baseline is None or self.student is None or self.student.test_acc_best is None:
             return None
         return round(self.student.test_acc_best - self.baseline.test_acc, 4)
+
+
+def _accs(stage: Any, val: str, test: str) -> tuple[Optional[float], Optional[float]]:
+    return (getattr(stage, val, None), getattr(stage, test, None)) if stage is not None else (None, None)

@@ -1,11 +1,12 @@
 """``run(cfg, out_dir) -> summary``: the whole pipeline, top to bottom. No Hydra, no cwd assumptions.
 
-1. validate the config (one-line errors naming the key) and refuse a run dir that already holds results;
+1. validate the config (one-line errors naming the key), claim the run dir (:mod:`kdrun.rundir`: refused
+   when another live run holds it or it already holds results);
 2. write the resolved ``config.yaml``, log the loss formula and the config;
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
-4. write ``summary.json`` once (``status: completed``, or ``failed`` with the error and the stages that
-   finished, re-raised) and print a table.
+4. write ``summary.json`` once (``status: completed`` with any ``warnings``, or ``failed`` with the error and
+   the stages that finished, re-raised; a diverged loss as :class:`kdrun.errors.RunFailed`) and print a table.
 """
 from __future__ import annotations
 
@@ -18,18 +19,19 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.errors import RunFailed
 from kdrun.records import (
     JsonlWriter,
     Progress,
     atomic_write_text,
     attach_file_log,
     git_sha,
-    refuse_existing,
     show,
     versions,
     write_json,
 )
 from kdrun.results import RunResult
+from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
 
 log = logging.getLogger("kdrun")
@@ -37,9 +39,8 @@ log = logging.getLogger("kdrun")
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict."""
-    out_dir = Path(out_dir)
-    refuse_existing(out_dir)
     conf: Config = to_object(cfg)
+    out_dir = claim(Path(out_dir))  # refuses a dir another live run holds, or one that holds results
     handler = attach_file_log(out_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg_dict))
@@ -50,12 +51,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         _execute(conf, cfg_dict, out_dir, summary, started)
         summary["status"] = "completed"
-    except BaseException as exc:
+    except BaseException as caught:
+        exc = caught
+        if isinstance(caught, FloatingPointError):  # the loss diverged (engine.fit): one line, exit 1
+            exc = RunFailed(f"{caught}; the stages that finished are kept in {out_dir / 'summary.json'}")
         if started:  # failed in (or after) the mode: keep the stages that finished
             summary.update(_serialise(started[0], summary["loss"]))
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
-        _write_traceback(out_dir, exc)
+        _write_traceback(out_dir, caught)
+        if exc is not caught:
+            raise exc from caught
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
@@ -97,6 +103,9 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
         preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
     summary.update(_serialise(ctx.result, summary["loss"]))
+    summary["warnings"] = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
+    for warning in summary["warnings"]:
+        log.warning(warning)
     student = ctx.result.student
     summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
     if (delta := ctx.result.delta_vs_baseline()) is not None:

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, InputError, KdrunError
 from kdrun.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def check_fits(nbytes: int, device: torch.device, name: str) -> None:
     else:
         limit, where = MAX_IN_MEMORY_BYTES, f"memory (kdrun's limit {MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB)"
     if nbytes > limit:
-        raise KdrunError(f"dataset={name}: {nbytes / 2**30:.1f} GiB of images do not fit in {where}; "
+        raise InputError(f"dataset={name}: {nbytes / 2**30:.1f} GiB of images do not fit in {where}; "
                          f"use trainer.device=cpu, a smaller dataset.image_size or dataset.train_subset")
 
 
@@ -146,7 +146,7 @@ def _mnist_family(name: str, root: Optional[str], idx_dir: Optional[str], downlo
         files = _find_idx(idx_dir)
         if files is None:
             hint = f"; or `apt-get install {debian_pkg}` (IDX files in {idx_dir})" if debian_pkg else ""
-            raise KdrunError(
+            raise InputError(
                 f"dataset={name}: no {cls_name} files under dataset.root={root} (torchvision layout "
                 f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(idx_dir) if idx_dir else ''}. "
                 f"Pass dataset.download=true to fetch them with torchvision{hint}") from None
@@ -185,7 +185,7 @@ def _cifar(name: str, root: Optional[str], download: bool, cls_name: str) -> dic
         train = getattr(tvd, cls_name)(str(root), train=True, download=download)
         test = getattr(tvd, cls_name)(str(root), train=False, download=download)
     except RuntimeError as exc:
-        raise KdrunError(
+        raise InputError(
             f"dataset={name}: no {cls_name} files under dataset.root={root} ({exc}). "
             f"Pass dataset.download=true to fetch them with torchvision, or copy the extracted "
             f"python-version archive into {root}") from None

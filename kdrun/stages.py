@@ -17,6 +17,7 @@ from torch import nn
 
 from kdrun.data import Data
 from kdrun.engine import FitResult, Recipe, accuracy, fit
+from kdrun.errors import KdrunError, keyed
 from kdrun.losses import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
@@ -177,7 +178,10 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
     params = n_params(model)
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)
-        checkpoint = read_checkpoint(path, what="teacher.ckpt")
+        try:
+            checkpoint = read_checkpoint(path, what="teacher.ckpt")
+        except KdrunError as exc:  # unreadable input: exit 2, like every other teacher.ckpt error
+            raise keyed("teacher.ckpt", exc) from None
         load_weights(model, checkpoint, key="teacher.ckpt", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=str(path))
         where = dict(source="ckpt", ckpt=str(path.resolve()), ckpt_sha256=file_sha256(path), store_dir=None,

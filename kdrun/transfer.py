@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, KdrunError, keyed
 from kdrun.teacher_store import file_sha256, read_checkpoint, state_dict_of
 
 log = logging.getLogger("kdrun")
@@ -75,6 +75,8 @@ def check_config(model_cfg, role: str = "student") -> None:
         imagenet_file(model_cfg.name if not model_cfg.target else model_cfg.target, role)
     elif spec == "teacher" and role != "student":
         raise ConfigError(f"{role}.init", f"{role} cannot start from the teacher; expected {sources}")
+    elif spec not in (None, "teacher") and Path(spec).is_dir():
+        raise ConfigError(f"{role}.init", f"{spec} is a directory, not a checkpoint file (expected {sources})")
     elif spec not in (None, "teacher") and not Path(spec).is_file():
         raise ConfigError(f"{role}.init", f"{spec} does not exist (expected {sources})")
     # freeze prefixes need the model: checked by kdrun.stages.preflight, before any training (no model is built
@@ -113,7 +115,10 @@ def read_source(spec: str, model_name: str, teacher: Optional[TeacherProvider],
         path, source = imagenet_file(model_name, role), "imagenet"
     else:
         path, source = Path(spec), "checkpoint"
-    state = state_dict_of(read_checkpoint(path, what=f"{role}.init"))
+    try:
+        state = state_dict_of(read_checkpoint(path, what=f"{role}.init"))
+    except KdrunError as exc:  # unreadable input: exit 2
+        raise keyed(f"{role}.init", exc) from None
     if not state:
         raise ConfigError(f"{role}.init", f"{path} holds no weights (no tensors found)")
     return state, {"source": source, "path": str(path.resolve()), "sha256": file_sha256(path)}

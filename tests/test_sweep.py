@@ -146,32 +146,32 @@ def test_kdrun_summarize_reproduces_the_summary(seed_sweep, tmp_path):
 # --- failed, crashed and interrupted jobs ---------------------------------------------------------------
 
 def test_summary_after_failed_and_crashed_jobs_and_after_interruption(tmp_path):
-    """alpha=1.5 is refused (config error); store.baselines=<a file> crashes the job with an OSError, so
-    Hydra skips its end-of-multirun callback. The summary is written anyway, and again later, after a job's
-    summary.json is lost (as if interrupted)."""
-    a_file = tmp_path / "not_a_dir"
-    a_file.write_text("")
-    result = sweep(tmp_path, "loss.alpha=0.5,1.5", f"store.baselines={tmp_path / 'b'},{a_file}",
-                   f"store.teachers={tmp_path / 't'}", stores=False)
+    """alpha=1.5 is refused (config error); a user's loss whose forward does not take kdrun's arguments
+    (``_target_: torch.nn.Identity``) crashes the job with a TypeError, so Hydra skips its end-of-multirun
+    callback. The summary is written anyway, and again later, after a job's summary.json is lost (as if
+    interrupted)."""
+    (tmp_path / "conf" / "loss").mkdir(parents=True)
+    (tmp_path / "conf" / "loss" / "broken.yaml").write_text("_target_: torch.nn.Identity\nT: 4.0\nalpha: 0.9\n")
+    result = sweep(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "loss.alpha=0.5,1.5", "loss=kd,broken")
     assert result.returncode == 1, result.describe()
-    assert "FileExistsError" in result.stderr  # a crash keeps its traceback
+    assert "TypeError" in result.stderr  # a crash keeps its traceback
     out = tmp_path / "sweep"
     for name in SWEEP_FILES:
         assert (out / name).is_file(), f"{name} missing after a failed sweep"
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC  # a heat map: two swept keys
-    rows = {(r["loss.alpha"], Path(r["store.baselines"]).name): r for r in read_csv(out / "results.csv")}
-    assert rows[("0.5", "b")]["status"] == "completed"
-    assert rows[("0.5", "not_a_dir")]["status"] == "failed"
-    assert "FileExistsError" in rows[("0.5", "not_a_dir")]["error"]
-    for store in ("b", "not_a_dir"):
-        assert rows[("1.5", store)]["status"] == "failed"
-        assert "loss.alpha: must be in [0.0, 1.0], got 1.5" in rows[("1.5", store)]["error"]
+    rows = {(r["loss.alpha"], r["loss"]): r for r in read_csv(out / "results.csv")}
+    assert rows[("0.5", "kd")]["status"] == "completed"
+    assert rows[("0.5", "broken")]["status"] == "failed"
+    assert "TypeError" in rows[("0.5", "broken")]["error"]
+    for loss in ("kd", "broken"):
+        assert rows[("1.5", loss)]["status"] == "failed"
+        assert "loss.alpha: must be in [0.0, 1.0], got 1.5" in rows[("1.5", loss)]["error"]
     text = (out / "summary.md").read_text()
     assert "4 jobs: 1 completed, 3 failed or missing" in text and "## Failed or missing jobs" in text
-    assert "## Grid: mean student test % (loss.alpha × store.baselines)" in text
+    assert "## Grid: mean student test % (loss.alpha × loss)" in text
     assert "failed or missing jobs" in result.stdout
 
-    completed = Path(rows[("0.5", "b")]["run_dir"])
+    completed = Path(rows[("0.5", "kd")]["run_dir"])
     (completed / "summary.json").unlink()  # as if the sweep had been interrupted during this job
     again = summarize(out, "--quiet", cwd=tmp_path)
     assert again.returncode == 0, again.describe()

@@ -118,9 +118,19 @@ def model_args(name: str, key: str = "model") -> dict[str, Any]:
     return get("model", name, f"{key}.name").params(skip=SHAPE_ARGS)
 
 
+# ranges of the built-in models' args, checked with the config (before any run dir or training)
+_ARG_RANGES = {"hidden": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+               "channels": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+               "dropout": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
+               "width_mult": ("a finite number > 0", lambda v: _is_num(v) and 0 < v < float("inf"))}
+_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_int = lambda v: _is_num(v) and float(v).is_integer()
+
+
 def check_args(name: str, args: dict, key: str) -> None:
-    """Refuse an arg the factory of ``name`` does not take (no model is built)."""
+    """Refuse an arg the factory of ``name`` does not take, or a built-in's arg out of range (no model is built)."""
     valid = model_args(name, key)
+    builtin = get("model", name, f"{key}.name").source == "kdrun"
     for arg, value in (args or {}).items():
         if arg not in valid:
             listed = ", ".join(sorted(valid)) or "(none)"
@@ -133,6 +143,8 @@ def check_args(name: str, args: dict, key: str) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}.args.{arg}", f"must be {kind.__name__} (default {default}), got {value!r}")
+        if builtin and arg in _ARG_RANGES and not _ARG_RANGES[arg][1](value):
+            raise ConfigError(f"{key}.args.{arg}", f"must be {_ARG_RANGES[arg][0]}, got {value!r}")
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from kdrun.errors import ConfigError, unknown_choice
 
@@ -12,7 +14,7 @@ def check_positive(key: str, value: float) -> None:
 
 
 def check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
-    if value is None or math.isnan(value) or (math.isinf(value) and not math.isinf(hi)):
+    if value is None or not math.isfinite(value):  # NaN and inf pass no comparison meaningfully: refuse both
         raise ConfigError(key, f"must be a finite number, got {value}")
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi
@@ -24,3 +26,31 @@ def check_range(key: str, value: float, lo: float, hi: float, lo_open=False, hi_
 def check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise unknown_choice(key, value, choices)
+
+
+def check_min(key: str, value: int, lo: int) -> None:
+    """An integer key that must be ``>= lo``."""
+    if value is None or value < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {value}")
+
+
+def check_dir_path(key: str, value: str) -> None:
+    """A directory kdrun will create and write into: no component over the file system's name limit, no
+    component that is an existing regular file, and its nearest existing ancestor writable (nothing is created)."""
+    path = Path(os.path.expanduser(str(value)))
+    limit = 255
+    for part in path.parts:
+        if len(part.encode()) > limit:
+            raise ConfigError(key, f"a path component is {len(part.encode())} bytes long (the limit is {limit}): "
+                                   f"{part[:40]}...")
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(key, f"{value} cannot be created: {probe} is a broken symbolic link")
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"{value} cannot be a directory: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{value} cannot be created or written: {probe} is not writable")

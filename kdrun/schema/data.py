@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_choice, check_range
+from kdrun.schema.checks import check_choice, check_positive, check_range
 
 
 @dataclass
@@ -47,6 +47,8 @@ class DatasetConfig:
             raise ConfigError("dataset.root", "dataset=imagefolder needs dataset.root=/path with train/ and val/ folders")
         check_range("dataset.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
         check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.split_seed < 0:
+            raise ConfigError("dataset.split_seed", f"must be >= 0, got {self.split_seed}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("dataset.train_subset", f"must be >= 1 or null, got {self.train_subset}")
         check_choice("dataset.stream", str(self.stream).lower(), ("auto", "true", "false"))
@@ -54,8 +56,10 @@ class DatasetConfig:
             raise ConfigError("dataset.num_workers", f"must be >= 0, got {self.num_workers}")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("dataset.mean", "set both dataset.mean and dataset.std, or neither")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ConfigError("dataset.std", f"must be > 0, got {self.std}")
+        for i, m in enumerate(self.mean or []):
+            check_range(f"dataset.mean[{i}]", m, float("-inf"), float("inf"))
+        for i, s in enumerate(self.std or []):
+            check_positive(f"dataset.std[{i}]", s)
 
     def _check_source(self):
         """A registered name or a ``_target_``; extra keys must be arguments the callable accepts."""

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_choice, check_range
+from kdrun.schema.checks import check_choice, check_dir_path, check_positive, check_range
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -40,6 +40,7 @@ class SchedConfig:
             raise ConfigError(f"{key}.step_size", f"must be >= 1, got {self.step_size}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        check_positive(f"{key}.gamma", self.gamma)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TrainerConfig:
     eval_batch_size: int = 1024
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     precision: str = "fp32"    # fp32 | bf16 | fp16
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = None  # torch CPU threads (>= 1); null = torch's default
     progress: str = "auto"     # auto | true | false
     compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
     channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
@@ -60,6 +61,8 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError("trainer.device", f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("trainer.num_threads", f"must be >= 1 or null (torch's default), got {self.num_threads}")
         check_choice("trainer.precision", self.precision, PRECISIONS)
         check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))
         check_choice("trainer.channels_last", str(self.channels_last).lower(), ("auto", "true", "false"))
@@ -69,3 +72,7 @@ class TrainerConfig:
 class StoreConfig:
     teachers: str = "outputs/teachers"    # content-addressed store of trained teachers
     baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
+
+    def __post_init__(self):
+        check_dir_path("store.teachers", self.teachers)
+        check_dir_path("store.baselines", self.baselines)

@@ -6,6 +6,7 @@ Input is a :class:`kdrun.sweep.jobs.SweepSummary`; nothing here reads job dirs o
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +49,10 @@ def write_cells_csv(summary: SweepSummary, path: Path) -> None:
 
 
 def _csv(value: Any) -> Any:
-    return "" if value is None else round(value, 4) if isinstance(value, float) else value
+    """A CSV cell: empty for a missing or non-finite number (never ``nan`` / ``inf``, as in summary.json)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def ms(mean: Optional[float], std: Optional[float], sign: str = "") -> str:

@@ -1,0 +1,135 @@
+"""Claiming a run dir, so that two runs never write into one dir.
+
+A run claims its dir by creating ``.kdrun-claim`` (pid, host, start time) with ``O_CREAT | O_EXCL``: of two
+processes, exactly one gets it. A claim whose process is gone (same host, pid not running) is stale and may be
+taken over, unless the dir already holds results (:func:`kdrun.records.refuse_existing`).
+
+The CLI claims the dir before Hydra writes ``.hydra/`` and the log into it (:class:`kdrun.cli.ClaimRunDir`);
+a timestamped dir (the default ``outputs/<date>/<time>``) that another run holds is not refused but replaced by
+the next free ``<dir>-1``, ``<dir>-2``, ... ; a dir the user chose is refused with one line (exit 2). A
+timestamped sweep dir is made fresh the same way (:func:`fresh_dir`; its jobs' dirs are then new).
+:func:`kdrun.run.run` claims again (its own claim passes), so Python callers are covered too.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from kdrun.errors import InputError
+from kdrun.records import refuse_existing
+
+CLAIM = ".kdrun-claim"
+MAX_SUFFIX = 100
+
+
+class RunDirTaken(InputError):
+    """The run dir is held by another live run, or holds results."""
+
+
+def claim(out_dir: Path, fresh: bool = False) -> Path:
+    """Claim ``out_dir`` for this process and return it; with ``fresh`` (a timestamped default dir), the first
+    free one of ``out_dir``, ``out_dir-1``, ``out_dir-2``, ... Raises :class:`InputError` (one line) otherwise."""
+    out_dir = Path(out_dir)
+    for i in range(MAX_SUFFIX if fresh else 1):
+        path = out_dir if i == 0 else out_dir.with_name(f"{out_dir.name}-{i}")
+        try:
+            _claim(path)
+            return path
+        except RunDirTaken:
+            if not fresh:
+                raise
+    raise InputError(f"run dirs {out_dir} to {out_dir.name}-{MAX_SUFFIX - 1} are all taken; choose another "
+                     f"hydra.run.dir")
+
+
+def fresh_dir(path: Path) -> Path:
+    """Create and return the first of ``path``, ``path-1``, ``path-2``, ... that did not exist (``mkdir`` is
+    atomic: of two processes, one gets each name). For timestamped sweep dirs; None-safe errors as one line."""
+    path = Path(path)
+    for i in range(MAX_SUFFIX):
+        candidate = path if i == 0 else path.with_name(f"{path.name}-{i}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise InputError(f"cannot create sweep dir {candidate} ({exc.strerror or exc}); choose another "
+                             f"hydra.sweep.dir") from None
+    raise InputError(f"sweep dirs {path} to {path.name}-{MAX_SUFFIX - 1} are all taken; choose another "
+                     f"hydra.sweep.dir")
+
+
+def _claim(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a component is a regular file or too long, no permission, read-only disk...
+        raise InputError(f"cannot create run dir {path} ({exc.strerror or exc}); choose another "
+                         f"hydra.run.dir") from None
+    refuse_existing_taken(path)
+    claim_file = path / CLAIM
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(claim_file)
+            if holder is not None and (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
+                break  # claimed earlier by this process (the CLI, then run())
+            if _alive(holder, claim_file):
+                who = f"pid {holder['pid']} on {holder['host']} since {holder.get('started_at')}" if holder else \
+                    "a run that is starting"
+                raise RunDirTaken(f"run dir {path} is in use by another kdrun run ({who}); choose another "
+                                  f"hydra.run.dir (or delete {claim_file} if that run is gone)") from None
+            claim_file.unlink(missing_ok=True)  # stale: its process is gone and left no results
+            continue
+        except OSError as exc:
+            raise InputError(f"cannot write into run dir {path} ({exc.strerror or exc}); choose another "
+                             f"hydra.run.dir") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(me) + "\n")
+        break
+    else:
+        raise RunDirTaken(f"run dir {path} is being claimed by other runs; choose another hydra.run.dir")
+    refuse_existing_taken(path)
+
+
+def refuse_existing_taken(path: Path) -> None:
+    """:func:`refuse_existing` raising :class:`RunDirTaken` (so a timestamped dir moves on to the next)."""
+    try:
+        refuse_existing(path)
+    except InputError as exc:
+        raise RunDirTaken(str(exc)) from None
+
+
+def _holder(claim_file: Path):
+    try:
+        holder = json.loads(claim_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def _alive(holder, claim_file: Path) -> bool:
+    """Whether the claim's process may still be running: another host's always counts as alive; an unreadable
+    claim (being written) counts as alive for a minute."""
+    if holder is None:
+        try:
+            return time.time() - claim_file.stat().st_mtime < 60
+        except OSError:
+            return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
