@@ -18,6 +18,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.errors import Interrupted
 from kdrun.records import (
     JsonlWriter,
     Progress,
@@ -30,15 +31,22 @@ from kdrun.records import (
     write_json,
 )
 from kdrun.results import RunResult
+from kdrun.resume import check_resumable
 from kdrun.schema import Config, to_object
 
 log = logging.getLogger("kdrun")
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict."""
+def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
+    """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict.
+
+    ``resume``: continue the run in ``out_dir`` (same config): finished student stages are taken from their
+    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.engine.fit`)."""
     out_dir = Path(out_dir)
-    refuse_existing(out_dir)
+    if resume:
+        check_resumable(out_dir, cfg)
+    else:
+        refuse_existing(out_dir)
     conf: Config = to_object(cfg)
     handler = attach_file_log(out_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -46,6 +54,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
     summary: dict = {"status": "running", "out_dir": str(out_dir.resolve()), "mode": conf.mode.name,
                      "seed": conf.seed, "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha()}
+    if resume:
+        summary["resumed"] = True
     started: list[RunResult] = []  # the mode's result, from the moment the mode starts
     try:
         _execute(conf, cfg_dict, out_dir, summary, started)
@@ -54,6 +64,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if started:  # failed in (or after) the mode: keep the stages that finished
             summary.update(_serialise(started[0], summary["loss"]))
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, Interrupted):  # SIGINT / SIGTERM: stopped at a safe point, resumable
+            summary.update(status="interrupted", interrupted=exc.to_json())
         logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
         _write_traceback(out_dir, exc)
         raise
