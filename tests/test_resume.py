@@ -207,3 +207,18 @@ def test_sweep_run_again_skips_completed_jobs(tmp_path):
     assert second["student"] == stopped["student"]  # finished stage taken from its checkpoint
     third = read_json(jobs[2] / "summary.json")
     assert third["status"] == "completed" and "resumed" not in third
+
+
+def test_signal_while_the_teacher_trains_leaves_the_store_clean(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, run_dir, "experiment=smoke", "teacher.epochs=400", "trainer.num_threads=1")
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not any(p.stat().st_size for p in (tmp_path / "teachers").glob(".*.tmp-*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM after teacher epoch " in stderr.strip().splitlines()[-1]
+    assert read_json(run_dir / "summary.json")["interrupted"]["stage"] == "teacher"
+    assert sorted(p.name for p in (tmp_path / "teachers").iterdir() if not p.name.endswith(".lock")) == []
