@@ -86,7 +86,7 @@ def _resume_argv(argv: list[str]) -> list[str]:
             value, rest = (arg.partition("=")[2], argv[i + 1:]) if arg.startswith("resume=") else \
                 (argv[i + 1], argv[i + 2:])
             _RESUME.append(True)
-            return [*resume_overrides(Path(value).resolve()), *argv[:i], *rest]
+            return [*argv[:i], *rest, *resume_overrides(Path(value).resolve())]  # its overrides win
     return argv
 
 

@@ -211,7 +211,7 @@ def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher,
     save_torch(path, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                       "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
                       "torch_rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                      "cuda_rng": torch.cuda.get_rng_state_all() if _device(model).type == "cuda" else [],
                       "teacher": teacher.state_dict() if teacher is not None else {}, "best_state": best.best_state,
                       "best_epoch": best.best_epoch, "best_val_acc": best.best_val_acc, "history": best.history})
 
@@ -219,7 +219,7 @@ def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher,
 def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: FitResult, hooks) -> int:
     """Load :func:`_save`'s state into the training objects; return the epoch it was taken after."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    device = next(iter(model.state_dict().values())).device
+    device = _device(model)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -235,6 +235,10 @@ def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: Fi
     for hook in hooks:
         hook.after_resume(state["epoch"])
     return state["epoch"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.state_dict().values())).device
 
 
 def _memory_format(setting: str, device: torch.device) -> torch.memory_format:
