@@ -85,7 +85,6 @@ def _resume_argv(argv: list[str]) -> list[str]:
         if arg.startswith("resume=") or (arg == "--resume" and i + 1 < len(argv)):
             value, rest = (arg.partition("=")[2], argv[i + 1:]) if arg.startswith("resume=") else \
                 (argv[i + 1], argv[i + 2:])
-            _RESUME.append(True)
             return [*argv[:i], *rest, *resume_overrides(Path(value).resolve())]  # its overrides win
     return argv
 
@@ -251,7 +250,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     sweep = "-m" in argv or "--multirun" in argv
     try:
-        sys.argv[1:] = argv = _resume_argv(argv)
+        if argv != (resumed := _resume_argv(argv)):
+            _RESUME.append(True)
+            sys.argv[1:] = argv = resumed
         _job()
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()

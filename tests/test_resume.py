@@ -136,6 +136,18 @@ def test_resume_refuses_another_config_and_a_non_run_dir(tmp_path):
                                                          "trainer.epochs=2"))
 
 
+def test_resume_argv(tmp_path):
+    from kdrun.cli import _resume_argv
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- loss.T=2\n")
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    own = ["experiment=smoke", "loss.T=2", f"hydra.run.dir={tmp_path}"]
+    assert _resume_argv([f"resume={tmp_path}"]) == own
+    assert _resume_argv(["--config-dir", "my", "--resume", str(tmp_path)]) == ["--config-dir", "my", *own]
+    assert _resume_argv(["loss.T=3"]) == ["loss.T=3"]
+
+
 # --- in-process: every mode's stages resume -----------------------------------------------------------------
 
 def stop_after(monkeypatch, stage: str, epoch: int) -> None:
