@@ -44,14 +44,17 @@ def _job(cfg: DictConfig) -> float:
 
     A user error (:class:`KdrunError`) is recorded in ``summary.json`` by ``run`` and reported by :func:`main`
     as one line; the other jobs of a sweep still run. Anything else propagates with its traceback.
+    SIGINT / SIGTERM stop the job at a safe point (:mod:`kdrun.interrupt`) and the sweep with it. In a sweep run
+    again into its dir, a job completed with the same config is skipped and an unfinished one resumed.
     """
     from kdrun import interrupt
+    from kdrun.resume import earlier_attempt
     from kdrun.run import run
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = _RESUME[0] if _RESUME else False
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep run again into its dir: finish what is not done
-        earlier = _earlier_attempt(out_dir, cfg)
+        earlier = earlier_attempt(out_dir, cfg)
         if earlier is not None and earlier.get("status") == "completed":
             logging.getLogger("kdrun").info(f"job {out_dir}: completed by an earlier run of this sweep; skipped")
             return earlier.get("objective", float("nan"))
@@ -69,12 +72,6 @@ def _job(cfg: DictConfig) -> float:
         if not (out_dir / "summary.json").exists():  # refused before it started: say why in the job's log
             logging.getLogger("kdrun.file").error(f"job refused: {exc}")
         return float("nan")
-
-
-def _earlier_attempt(out_dir: Path, cfg: DictConfig):
-    from kdrun.resume import earlier_attempt
-
-    return earlier_attempt(out_dir, cfg)
 
 
 def _resume_argv(argv: list[str]) -> list[str]:

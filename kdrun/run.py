@@ -5,7 +5,7 @@
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
 4. write ``summary.json`` once (``status: completed``, or ``failed`` with the error and the stages that
-   finished, re-raised) and print a table.
+   finished, re-raised; ``interrupted`` when a signal stopped it, :mod:`kdrun.interrupt`) and print a table.
 """
 from __future__ import annotations
 
