@@ -15,9 +15,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdrun.errors import InputError, KdrunError
+from kdrun.errors import InputError, Interrupted, KdrunError
 from kdrun.schema import keys_at, register_configs
 
 _FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
@@ -42,7 +43,8 @@ class ClaimRunDir(Callback):
 
         unresolved = str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", ""))
         try:
-            path = claim(Path(str(config.hydra.run.dir)), fresh="${now:" in unresolved)
+            path = claim(Path(str(config.hydra.run.dir)), fresh="${now:" in unresolved,
+                         resume=bool(_RESUME and _RESUME[0]))
         except KdrunError as exc:
             _REFUSED.append(exc)
             with read_write(config.hydra):
@@ -50,6 +52,10 @@ class ClaimRunDir(Callback):
             return
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
+
+
+_RESUME: list[bool] = []  # [True] for `kdrun resume=DIR`
+_INTERRUPTED: list[tuple[Path, Interrupted]] = []  # the job a signal stopped, reported by main()
 
 
 class RecordSweepDir(Callback):
@@ -88,20 +94,58 @@ def _job(cfg: DictConfig) -> float:
 
     A user error (:class:`KdrunError`) is recorded in ``summary.json`` by ``run`` and reported by :func:`main`
     as one line; the other jobs of a sweep still run. Anything else propagates with its traceback.
+    SIGINT / SIGTERM stop the job at a safe point (:mod:`kdrun.interrupt`) and the sweep with it. In a sweep run
+    again into its dir, a job completed with the same config is skipped and an unfinished one resumed.
     """
+    from kdrun import interrupt
+    from kdrun.resume import earlier_attempt
     from kdrun.run import run
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if _REFUSED:  # the run dir is another run's (ClaimRunDir): write nothing into it
         _FAILED_JOBS.append((out_dir, _REFUSED.pop()))
         return float("nan")
+    resume = _RESUME[0] if _RESUME else False
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep run again into its dir: finish what is not done
+        earlier = earlier_attempt(out_dir, cfg)
+        if earlier is not None and earlier.get("status") == "completed":
+            logging.getLogger("kdrun").info(f"job {out_dir}: completed by an earlier run of this sweep; skipped")
+            return earlier.get("objective", float("nan"))
+        resume = resume or earlier is not None
+    if interrupt.requested():  # an interrupted sweep starts no further job
+        return float("nan")
     try:
-        return run(cfg, out_dir)["objective"]
+        with interrupt.stop_on_signals():
+            return run(cfg, out_dir, resume=resume)["objective"]
+    except Interrupted as exc:  # recorded in summary.json; main() reports it (not raised: Hydra would add a line)
+        _INTERRUPTED.append((out_dir, exc))
+        return float("nan")
     except KdrunError as exc:
         _FAILED_JOBS.append((out_dir, exc))
         if not (out_dir / "summary.json").exists():  # refused before it started: say why in the job's log
             logging.getLogger("kdrun.file").error(f"job refused: {exc}")
         return float("nan")
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    """``kdrun resume=DIR [more]`` (or ``--resume DIR``): the run's own overrides, its run dir, then ``more``."""
+    from kdrun.resume import resume_overrides
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("resume=") or (arg == "--resume" and i + 1 < len(argv)):
+            value, rest = (arg.partition("=")[2], argv[i + 1:]) if arg.startswith("resume=") else \
+                (argv[i + 1], argv[i + 2:])
+            return [*argv[:i], *rest, *resume_overrides(Path(value).resolve())]  # its overrides win
+    return argv
+
+
+def _report_interrupted(sweep: bool) -> None:
+    """One line on stderr, exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    _summarize_sweeps()
+    out_dir, exc = _INTERRUPTED[0]
+    hint = "the same command again (completed jobs are skipped)" if sweep else f"kdrun resume={out_dir}"
+    print(f"kdrun: {exc}; resume with: {hint}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 
 
 def explain(exc: BaseException) -> str | None:
@@ -254,7 +298,11 @@ def main() -> None:
             sys.exit(2)
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    sweep = "-m" in argv or "--multirun" in argv
     try:
+        if argv != (resumed := _resume_argv(argv)):
+            _RESUME.append(True)
+            sys.argv[1:] = argv = resumed
         _job()
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()
@@ -265,13 +313,15 @@ def main() -> None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
         sys.exit(2)
+    if _INTERRUPTED:
+        _report_interrupted(sweep)
     failed_in_sweeps = _summarize_sweeps()
     if failed_in_sweeps and not _FAILED_JOBS:  # jobs of other processes (parallel launchers) failed
         print(f"kdrun: error: {failed_in_sweeps} sweep job(s) failed; see summary.md in the sweep dir",
               file=sys.stderr)
         sys.exit(1)
     if _FAILED_JOBS:
-        sweep = len(_FAILED_JOBS) > 1 or "-m" in argv or "--multirun" in argv
+        sweep = sweep or len(_FAILED_JOBS) > 1
         for out_dir, exc in _FAILED_JOBS:
             print(f"kdrun: error: {f'job {out_dir}: ' if sweep else ''}{exc}", file=sys.stderr)
         sys.exit(2 if all(isinstance(e, InputError) for _, e in _FAILED_JOBS) else 1)  # kdrun.errors: the rule

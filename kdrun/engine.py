@@ -10,11 +10,13 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from kdrun import interrupt
 from kdrun.data import Data
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, cross_entropy
@@ -44,6 +46,15 @@ class FitResult:
     best_epoch: int        # 1-based; the last epoch when there is no val split
     best_val_acc: Optional[float]
     history: list = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    """Where :func:`fit` keeps the state a stage resumes from (``trainer.checkpoint_every``): written after every
+    ``every``-th epoch, the last one, and the one a signal stopped; read when it exists as training starts."""
+
+    path: Path
+    every: int = 1
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -113,7 +124,7 @@ def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
         teacher: Optional[TeacherSource] = None, hooks: Sequence[Hook] = (), progress=None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", checkpoint: Optional[Checkpoint] = None) -> FitResult:
     """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
 
     Consumes ``recipe`` (epochs, batch size, optimizer, schedule, seed, precision, speed settings).
@@ -121,7 +132,11 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     logits, or a snapshot of the student); None: ``loss_fn`` gets no teacher logits. In an epoch where the
     source has no teacher yet, plain CE replaces ``loss_fn``. ``hooks`` see each epoch before it trains and
     its record after (``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr, time_s``).
-    ``progress`` is a :class:`kdrun.records.Progress` (or None).
+    ``progress`` is a :class:`kdrun.records.Progress` (or None). With ``checkpoint``, training continues from its
+    file when there is one (model, optimizer, schedule, RNG states, best epoch, history, teacher snapshot: the
+    weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
+    A stop requested by a signal (:mod:`kdrun.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
+    current optimizer step; a part-trained epoch is dropped, a finished one is checkpointed first.
     """
     device = data.train.y.device
     torch.manual_seed(recipe.seed)
@@ -137,7 +152,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     ce_loss = cross_entropy()
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
-    for epoch in range(1, recipe.epochs + 1):
+    state = (model, opt, sched, scaler, generator, teacher, best)
+    saved = _restore(checkpoint.path, *state, hooks) if checkpoint is not None and checkpoint.path.exists() else 0
+    for epoch in range(saved + 1, recipe.epochs + 1):
         model.train()
         start = time.perf_counter()
         sums = torch.zeros(3, device=device)
@@ -160,6 +177,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach()]) * len(y)
             if bar is not None:
                 bar.advance()
+            if interrupt.requested():  # the part-trained epoch is dropped: resume repeats it
+                raise interrupt.interrupted(desc, saved if checkpoint is not None else epoch - 1, recipe.epochs)
         sched.step()
         train_time = time.perf_counter() - start
         val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision)
@@ -175,8 +194,51 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             raise FloatingPointError(f"{desc}: training loss is {loss_mean[0]} at epoch {epoch}; lower the learning rate")
         if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
             best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
+        stop = interrupt.requested()
+        if checkpoint is not None and (epoch % checkpoint.every == 0 or epoch == recipe.epochs or stop):
+            _save(checkpoint.path, epoch, *state)
+            saved = epoch
+        if stop:
+            raise interrupt.interrupted(desc, epoch, recipe.epochs)
     best.last_state = _copy_state(model)
     return best
+
+
+def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher, best: FitResult) -> None:
+    """The resume state after ``epoch``, written atomically (a plain dict of tensors: ``weights_only`` loads it)."""
+    from kdrun.records import save_torch
+
+    save_torch(path, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
+                      "torch_rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state_all() if _device(model).type == "cuda" else [],
+                      "teacher": teacher.state_dict() if teacher is not None else {}, "best_state": best.best_state,
+                      "best_epoch": best.best_epoch, "best_val_acc": best.best_val_acc, "history": best.history})
+
+
+def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: FitResult, hooks) -> int:
+    """Load :func:`_save`'s state into the training objects; return the epoch it was taken after."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    device = _device(model)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if teacher is not None:
+        teacher.load_state_dict(state["teacher"], model)
+    best.best_state = {k: v.to(device) for k, v in state["best_state"].items()}
+    best.best_epoch, best.best_val_acc, best.history = state["best_epoch"], state["best_val_acc"], state["history"]
+    for hook in hooks:
+        hook.after_resume(state["epoch"])
+    return state["epoch"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.state_dict().values())).device
 
 
 def _memory_format(setting: str, device: torch.device) -> torch.memory_format:

@@ -36,3 +36,17 @@ def keyed(key: str, exc: KdrunError) -> ConfigError:
     """``exc`` (e.g. an unreadable checkpoint) as a :class:`ConfigError` of ``key``, its message kept."""
     message = str(exc)
     return ConfigError(key, message.removeprefix(f"{key}: "))
+
+
+class Interrupted(KdrunError):
+    """The run stopped at a safe point on SIGINT or SIGTERM. ``stage``/``epoch``/``epochs``: where (``epoch``: the
+    last completed epoch, None when no training was under way); ``exit_code``: 128 + the signal's number."""
+
+    def __init__(self, signame: str, exit_code: int, stage: str | None = None, epoch: int | None = None,
+                 epochs: int | None = None):
+        self.signame, self.exit_code, self.stage, self.epoch, self.epochs = signame, exit_code, stage, epoch, epochs
+        where = f" after {stage} epoch {epoch}/{epochs}" if stage is not None and epoch is not None else ""
+        super().__init__(f"interrupted by {signame}{where}")
+
+    def to_json(self) -> dict:
+        return {"signal": self.signame, "stage": self.stage, "epoch": self.epoch, "epochs": self.epochs}

@@ -5,8 +5,9 @@
 2. write the resolved ``config.yaml``, log the loss formula and the config;
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
-4. write ``summary.json`` once (``status: completed`` with any ``warnings``, or ``failed`` with the error and
-   the stages that finished, re-raised; a diverged loss as :class:`kdrun.errors.RunFailed`) and print a table.
+4. write ``summary.json`` once (``status: completed`` with any ``warnings``, ``failed`` with the error and
+   the stages that finished, re-raised, a diverged loss as :class:`kdrun.errors.RunFailed`; ``interrupted``
+   when a signal stopped it, :mod:`kdrun.interrupt`) and print a table.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.errors import RunFailed
+from kdrun.errors import Interrupted, RunFailed
 from kdrun.records import (
     JsonlWriter,
     Progress,
@@ -31,22 +32,30 @@ from kdrun.records import (
     write_json,
 )
 from kdrun.results import RunResult
+from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
 
 log = logging.getLogger("kdrun")
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict."""
+def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
+    """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict.
+
+    ``resume``: continue the run in ``out_dir`` (same config): finished student stages are taken from their
+    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.engine.fit`)."""
+    if resume:
+        check_resumable(Path(out_dir), cfg)
     conf: Config = to_object(cfg)
-    out_dir = claim(Path(out_dir))  # refuses a dir another live run holds, or one that holds results
+    out_dir = claim(Path(out_dir), resume=resume)  # refuses a dir another live run holds, or one with results
     handler = attach_file_log(out_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg_dict))
     started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
     summary: dict = {"status": "running", "out_dir": str(out_dir.resolve()), "mode": conf.mode.name,
                      "seed": conf.seed, "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha()}
+    if resume:
+        summary["resumed"] = True
     started: list[RunResult] = []  # the mode's result, from the moment the mode starts
     try:
         _execute(conf, cfg_dict, out_dir, summary, started)
@@ -58,6 +67,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if started:  # failed in (or after) the mode: keep the stages that finished
             summary.update(_serialise(started[0], summary["loss"]))
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, Interrupted):  # SIGINT / SIGTERM: stopped at a safe point, resumable
+            summary.update(status="interrupted", interrupted=exc.to_json())
         logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
         _write_traceback(out_dir, caught)
         if exc is not caught:

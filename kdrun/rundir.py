@@ -30,14 +30,15 @@ class RunDirTaken(InputError):
     """The run dir is held by another live run, or holds results."""
 
 
-def claim(out_dir: Path, fresh: bool = False) -> Path:
+def claim(out_dir: Path, fresh: bool = False, resume: bool = False) -> Path:
     """Claim ``out_dir`` for this process and return it; with ``fresh`` (a timestamped default dir), the first
-    free one of ``out_dir``, ``out_dir-1``, ``out_dir-2``, ... Raises :class:`InputError` (one line) otherwise."""
+    free one of ``out_dir``, ``out_dir-1``, ``out_dir-2``, ... Raises :class:`InputError` (one line) otherwise.
+    ``resume``: the dir's earlier results are the run's own (``kdrun resume=DIR``): they do not refuse it."""
     out_dir = Path(out_dir)
     for i in range(MAX_SUFFIX if fresh else 1):
         path = out_dir if i == 0 else out_dir.with_name(f"{out_dir.name}-{i}")
         try:
-            _claim(path)
+            _claim(path, resume)
             return path
         except RunDirTaken:
             if not fresh:
@@ -65,13 +66,14 @@ def fresh_dir(path: Path) -> Path:
                      f"hydra.sweep.dir")
 
 
-def _claim(path: Path) -> None:
+def _claim(path: Path, resume: bool = False) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a component is a regular file or too long, no permission, read-only disk...
         raise InputError(f"cannot create run dir {path} ({exc.strerror or exc}); choose another "
                          f"hydra.run.dir") from None
-    refuse_existing_taken(path)
+    if not resume:
+        refuse_existing_taken(path)
     claim_file = path / CLAIM
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -97,7 +99,8 @@ def _claim(path: Path) -> None:
         break
     else:
         raise RunDirTaken(f"run dir {path} is being claimed by other runs; choose another hydra.run.dir")
-    refuse_existing_taken(path)
+    if not resume:
+        refuse_existing_taken(path)
 
 
 def refuse_existing_taken(path: Path) -> None:

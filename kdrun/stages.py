@@ -7,6 +7,7 @@ typed result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 
 from kdrun.data import Data
-from kdrun.engine import FitResult, Recipe, accuracy, fit
+from kdrun.engine import Checkpoint, FitResult, Recipe, accuracy, fit
 from kdrun.errors import KdrunError, keyed
 from kdrun.losses import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
-from kdrun.records import JsonlWriter, Progress, save_torch
+from kdrun.records import JsonlWriter, Progress, atomic_write_text, save_torch
 from kdrun.results import BaselineResult, MergedTeacherResult, RunResult, StudentResult, TeacherResult
 from kdrun.schema import Config, ModelConfig
 from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
@@ -123,6 +124,29 @@ class EpochLogger(Hook):
                  f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
         for write in self.writers:
             write(record)
+
+
+class TrimMetrics(Hook):
+    """On resume: drop ``stage``'s lines of ``metrics.jsonl`` after the checkpointed epoch (a killed run may have
+    logged an epoch it did not checkpoint), so each epoch is listed once."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage = path, stage
+
+    def after_resume(self, epoch: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines(keepends=True)
+                if not _later(line, self.stage, epoch)]
+        atomic_write_text(self.path, "".join(keep))
+
+
+def _later(line: str, stage: str, epoch: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short by a kill
+        return True
+    return record.get("stage") == stage and record.get("epoch", 0) > epoch
 
 
 def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, init: Optional[dict] = None) -> dict:
@@ -280,10 +304,13 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     model, init = prepare_student(ctx, data, seed=recipe.seed)
     log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
     writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
+    every = cfg.trainer.checkpoint_every
+    checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{stage}_resume.pt", every) if every else None
     result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=stage,
-                            hooks=[EpochLogger(stage, recipe.epochs, writer)])
+                            hooks=[EpochLogger(stage, recipe.epochs, writer), TrimMetrics(writer.path, stage)],
+                            checkpoint=checkpoint)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
-            "in_channels": data.channels, "image_size": data.image_size}
+            "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}
     scores = {}
     for which, state in (("last", result.last_state), ("best", result.best_state)):
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",

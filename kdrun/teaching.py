@@ -32,6 +32,9 @@ class Hook:
         """Called with the epoch's record: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr,
         time_s``."""
 
+    def after_resume(self, epoch: int) -> None:
+        """Called once when training continues from a resume checkpoint taken after epoch ``epoch``."""
+
 
 class TeacherSource:
     """The teacher side of distillation, as :func:`kdrun.engine.fit` uses it. The base teaches nothing."""
@@ -48,6 +51,13 @@ class TeacherSource:
         """The teacher's logits for batch ``x`` (train indices ``idx``), run under the loop's autocast; None
         when the loss does not read them."""
         return None
+
+    def state_dict(self) -> dict:
+        """What a resumed training needs to teach as before (tensors only); stateless sources: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Restore :meth:`state_dict` (``model``: the student, restored already)."""
 
 
 class LiveTeacher(TeacherSource):
@@ -104,3 +114,12 @@ class SnapshotTeacher(TeacherSource):
             return None
         with torch.no_grad():
             return self.model(x)
+
+    def state_dict(self) -> dict:
+        return {"snapshot": self.model.state_dict()} if self.model is not None else {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        if "snapshot" in state:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.model.load_state_dict(state["snapshot"])
+            self.on_snapshot(self.model)

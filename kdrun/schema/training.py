@@ -54,11 +54,15 @@ class TrainerConfig:
     progress: str = "auto"     # auto | true | false
     compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
     channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
+    checkpoint_every: int = 1  # epochs between a student stage's resume checkpoints (checkpoints/<stage>_resume.pt,
+    #                            also after the last epoch and on SIGINT/SIGTERM); 0: none, `kdrun resume=` restarts it
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError("trainer.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError("trainer.device", f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         if self.num_threads is not None and self.num_threads < 1:

@@ -1,0 +1,64 @@
+"""Continuing a run dir: ``kdrun resume=DIR`` (:func:`resume_overrides`), and re-running a sweep into its dir.
+
+A run dir is resumable when its resolved ``config.yaml`` is the config composed now: the same overrides, the
+same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.engine.fit`);
+the teacher and the CE baseline come from their stores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.errors import InputError
+
+
+def resume_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides ``run_dir`` was made with (``.hydra/overrides.yaml``), plus its run dir."""
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not (run_dir / "config.yaml").exists() or not saved.exists():
+        raise InputError(f"resume: {run_dir} is not a kdrun run dir (no config.yaml or .hydra/overrides.yaml)")
+    return [str(o) for o in OmegaConf.load(saved)] + [f"hydra.run.dir={run_dir}"]
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def config_differences(run_dir: Path, cfg: DictConfig) -> Optional[list[str]]:
+    """The dotted keys whose value differs between ``run_dir/config.yaml`` and ``cfg``; None: no config.yaml."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    now = OmegaConf.to_container(cfg, resolve=True)
+    if OmegaConf.to_yaml(now) == path.read_text():
+        return []
+    old, new = _flat(OmegaConf.to_container(OmegaConf.load(path))), _flat(now)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")) or ["?"]
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to resume into ``run_dir`` with a config other than its own."""
+    differences = config_differences(run_dir, cfg)
+    if differences is None:
+        raise InputError(f"resume: {run_dir} holds no config.yaml; nothing to resume")
+    if differences:
+        raise InputError(f"resume: the config composed now differs from {run_dir}/config.yaml in "
+                         f"{', '.join(differences[:5])}; resume with the overrides the run was started with")
+
+
+def earlier_attempt(run_dir: Path, cfg: DictConfig) -> Optional[dict]:
+    """A sweep job's earlier attempt in ``run_dir`` with the same config: its summary (``{}`` when it left none,
+    e.g. killed), or None when there is none to continue (no results, or another config's)."""
+    if not (run_dir / "config.yaml").exists() or config_differences(run_dir, cfg):
+        return None
+    if not any((run_dir / name).exists() for name in ("summary.json", "metrics.jsonl", "checkpoints")):
+        return None
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,236 @@
+"""Signals and resume: SIGINT / SIGTERM stop a run at a safe point (summary.json ``interrupted``, a resume
+checkpoint, one line, exit 130 / 143); ``kdrun resume=DIR`` continues a killed run to the same weights, bit for
+bit, as an uninterrupted one; a sweep run again into its dir skips its completed jobs.
+
+Real processes for what only they show (signals, SIGKILL, exit codes, the one line); the per-mode resume paths
+(snapshot teacher, born-again generations, semi rounds) in-process, with a stop requested after a given epoch."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    CLI_TIMEOUT_S,
+    PYTHON,
+    cli_env,
+    compose_config,
+    read_json,
+    read_jsonl,
+    run_kdrun,
+    run_sweep,
+    smoke_inproc,
+    store_overrides,
+    working_dir,
+)
+
+LONG = ("experiment=smoke", "trainer.epochs=400", "trainer.num_threads=1")  # far longer than any test waits
+
+
+def start(base: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """``kdrun OVERRIDES`` in the background (stores under ``base``), its output in ``run_dir``'s sibling files."""
+    cmd = [PYTHON, "-m", "kdrun", *overrides, f"hydra.run.dir={run_dir}", *store_overrides(base)]
+    return subprocess.Popen(cmd, cwd=base, env=cli_env(), stdin=subprocess.DEVNULL, text=True,
+                            stdout=open(base / f"{run_dir.name}.out", "w"), stderr=subprocess.PIPE)
+
+
+def wait_for_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, stage: str = "student") -> None:
+    """Poll ``metrics.jsonl`` until ``stage`` logged ``epoch`` (the process must still be running)."""
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"kdrun ended early (exit {proc.returncode}): {proc.stderr.read()}"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(r.get("stage") == stage and r["epoch"] >= epoch for r in _records(path)):
+            return
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"{stage} epoch {epoch} never logged")
+
+
+def _records(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # being written
+            pass
+    return records
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_at_a_safe_point(tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, run_dir, *LONG)
+    wait_for_epoch(proc, run_dir, 1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"kdrun: interrupted by {sig.name} after student epoch "), lines[0]
+    assert lines[0].endswith(f"/400; resume with: kdrun resume={run_dir}"), lines[0]
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "interrupted"
+    stopped = summary["interrupted"]
+    assert stopped["signal"] == sig.name and stopped["stage"] == "student" and stopped["epochs"] == 400
+    assert summary["teacher"]["test_acc"] is not None  # the stages that finished are kept
+    state = torch.load(run_dir / "checkpoints" / "student_resume.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == stopped["epoch"] >= 1
+    assert len(state["history"]) == state["epoch"]
+    logged = [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "student"]
+    assert logged == list(range(1, stopped["epoch"] + 1))
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    """Killed (SIGKILL, no chance to clean up) during student epoch 4+, resumed: the final weights, best and last,
+    are those of an uninterrupted run with the same teacher (shared store), and every epoch is logged once."""
+    config = ("experiment=smoke", "trainer.epochs=12", "trainer.num_threads=1")
+    killed = tmp_path / "killed"
+    proc = start(tmp_path, killed, *config)
+    wait_for_epoch(proc, killed, 3)
+    proc.kill()
+    proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert not (killed / "checkpoints" / "student_last.pt").exists()  # killed before the end
+
+    resumed = run_kdrun(f"resume={killed}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.describe()
+    whole = run_kdrun(*config, f"hydra.run.dir={tmp_path / 'whole'}", *store_overrides(tmp_path), cwd=tmp_path)
+    assert whole.returncode == 0, whole.describe()
+
+    for which in ("last", "best"):
+        assert_same_weights(killed / "checkpoints" / f"student_{which}.pt",
+                            tmp_path / "whole" / "checkpoints" / f"student_{which}.pt")
+    a, b = read_json(killed / "summary.json"), read_json(tmp_path / "whole" / "summary.json")
+    assert a["status"] == "completed" and a["resumed"] is True
+    assert a["teacher"]["reused"] is True
+    assert a["student"] == b["student"]
+    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 13))
+
+
+def test_resume_refuses_another_config_and_a_non_run_dir(tmp_path):
+    result = run_kdrun(f"resume={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and result.last_err_line.startswith("kdrun: error: resume: "), result.describe()
+    assert "not a kdrun run dir" in result.last_err_line
+    from kdrun.errors import KdrunError
+    from kdrun.resume import check_resumable
+
+    smoke_inproc(tmp_path, tmp_path / "run", "trainer.epochs=1")
+    with working_dir(tmp_path), pytest.raises(KdrunError, match=r"differs .* in trainer\.epochs"):
+        check_resumable(tmp_path / "run", compose_config("experiment=smoke", *store_overrides(tmp_path),
+                                                         "trainer.epochs=2"))
+
+
+def test_resume_argv(tmp_path):
+    from kdrun.cli import _resume_argv
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- loss.T=2\n")
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    own = ["experiment=smoke", "loss.T=2", f"hydra.run.dir={tmp_path}"]
+    assert _resume_argv([f"resume={tmp_path}"]) == own
+    assert _resume_argv(["--config-dir", "my", "--resume", str(tmp_path)]) == ["--config-dir", "my", *own]
+    assert _resume_argv(["loss.T=3"]) == ["loss.T=3"]
+
+
+# --- in-process: every mode's stages resume -----------------------------------------------------------------
+
+def stop_after(monkeypatch, stage: str, epoch: int) -> None:
+    """Request a stop (as SIGTERM would) when ``stage`` has logged ``epoch``."""
+    from kdrun import interrupt
+    from kdrun.stages import EpochLogger
+
+    logged = EpochLogger.after_epoch
+
+    def after_epoch(self, record):
+        logged(self, record)
+        if self.desc == stage and record["epoch"] == epoch:
+            interrupt._received.append(signal.SIGTERM)
+    monkeypatch.setattr(EpochLogger, "after_epoch", after_epoch)
+
+
+MODES = {
+    "snapshot": (("mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5"), "student", 3),
+    "born_again": (("mode=self", "mode.generations=2", "mode.ensemble=false", "trainer.epochs=3"), "student", 1),
+    "semi": (("mode=semi", "mode.labeled_fraction=0.2", "mode.iterations=2", "trainer.epochs=3"), "round1", 2),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
+    from kdrun import interrupt
+    from kdrun.errors import Interrupted
+    from kdrun.run import run
+
+    overrides, stage, epoch = MODES[mode]
+    whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
+    with monkeypatch.context() as patch:
+        stop_after(patch, stage, epoch)
+        with pytest.raises(Interrupted, match=f"after {stage} epoch {epoch}/"):
+            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
+    interrupt.reset()
+    assert read_json(tmp_path / "stopped" / "summary.json")["status"] == "interrupted"
+    cfg = compose_config("experiment=smoke", *store_overrides(tmp_path), *overrides)
+    with working_dir(tmp_path):
+        resumed = run(cfg, tmp_path / "stopped", resume=True)
+    assert resumed["status"] == "completed"
+    assert resumed["student"] == whole["student"]
+    if mode == "snapshot":  # the restored snapshot teacher is evaluated again
+        assert resumed["teacher"] == whole["teacher"]
+    epochs = lambda run_dir: [(r["stage"], r["epoch"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert epochs(tmp_path / "stopped") == epochs(tmp_path / "whole")  # each epoch trained and logged once
+    for path in sorted((tmp_path / "whole" / "checkpoints").glob("*_last.pt")):
+        assert_same_weights(path, tmp_path / "stopped" / "checkpoints" / path.name)
+
+
+# --- sweeps -------------------------------------------------------------------------------------------------
+
+def test_sweep_run_again_skips_completed_jobs(tmp_path):
+    first = run_sweep(tmp_path, "seed=0,1,2")
+    assert first.returncode == 0, first.describe()
+    jobs = [tmp_path / "sweep" / str(i) for i in range(3)]
+    kept = (jobs[0] / "summary.json").read_text()
+    stopped = read_json(jobs[1] / "summary.json")
+    (jobs[1] / "summary.json").write_text(json.dumps({**stopped, "status": "interrupted"}))
+    for name in ("summary.json", "metrics.jsonl", "checkpoints", "config.yaml"):  # job 2: never ran
+        path = jobs[2] / name
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    again = run_sweep(tmp_path, "seed=0,1,2")
+    assert again.returncode == 0, again.describe()
+    assert (jobs[0] / "summary.json").read_text() == kept  # completed: skipped
+    second = read_json(jobs[1] / "summary.json")
+    assert second["status"] == "completed" and second["resumed"] is True
+    assert second["student"] == stopped["student"]  # finished stage taken from its checkpoint
+    third = read_json(jobs[2] / "summary.json")
+    assert third["status"] == "completed" and "resumed" not in third
+
+
+def test_signal_while_the_teacher_trains_leaves_the_store_clean(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, run_dir, "experiment=smoke", "teacher.epochs=400", "trainer.num_threads=1")
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not any(p.stat().st_size for p in (tmp_path / "teachers").glob(".*.tmp-*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM after teacher epoch " in stderr.strip().splitlines()[-1]
+    assert read_json(run_dir / "summary.json")["interrupted"]["stage"] == "teacher"
+    assert sorted(p.name for p in (tmp_path / "teachers").iterdir() if not p.name.endswith(".lock")) == []
