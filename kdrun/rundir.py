@@ -79,7 +79,7 @@ def _claim(path: Path, resume: bool = False) -> None:
           "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     for _ in range(3):
         try:
-            fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies
         except FileExistsError:
             holder = _holder(claim_file)
             if holder is not None and (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):

@@ -50,7 +50,7 @@ def test_nonfinite_normalisation_is_refused(key):
     ("trainer.num_threads=0", "trainer.num_threads", ">= 1"),
     ("dataset.split_seed=-1", "dataset.split_seed", ">= 0"),
     ("student.args.hidden=-1", "student.args.hidden", "integer >= 1"),
-    ("student.args.hidden=0.5", "student.args.hidden", "integer >= 1"),
+    ("student.args.hidden=0.5", "student.args.hidden", "must be int"),
     ("teacher.args.dropout=2", "teacher.args.dropout", "[0, 1)"),
     ("teacher.args.channels=0", "teacher.args.channels", "integer >= 1"),
     ("teacher.args.dropout=nan", "teacher.args.dropout", "[0, 1)"),
