@@ -164,7 +164,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             hook.before_epoch(epoch, model)
         teaches = teacher is None or teacher.before_epoch(epoch, model)
         epoch_loss = loss_fn if teaches else ce_loss
-        for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, generator=generator, augment=True):
+        step_losses = torch.zeros(steps, device=device)  # no sync per step; read only if the epoch diverged
+        for step, (x, y, idx) in enumerate(data.batches("train", recipe.batch_size, shuffle=True, generator=generator,
+                                                        augment=True)):
             x = x.contiguous(memory_format=memory_format)
             with autocast(device, recipe.precision):
                 logits = forward(x)
@@ -175,6 +177,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             scaler.step(opt)
             scaler.update()
             sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach()]) * len(y)
+            step_losses[step] = loss.detach().float()
             if bar is not None:
                 bar.advance()
             if interrupt.requested():  # the part-trained epoch is dropped: resume repeats it
@@ -191,7 +194,10 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         if bar is not None:
             bar.done()
         if not math.isfinite(loss_mean[0]):
-            raise FloatingPointError(f"{desc}: training loss is {loss_mean[0]} at epoch {epoch}; lower the learning rate")
+            first = int((~torch.isfinite(step_losses)).nonzero()[0]) + 1 if not torch.isfinite(step_losses).all() else 0
+            where = f" (first at step {first}/{steps})" if first else ""
+            raise FloatingPointError(f"{desc}: training loss is {loss_mean[0]} at epoch {epoch}{where}; lower the "
+                                     f"learning rate (the last checkpointed epoch is kept)")
         if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
             best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
         stop = interrupt.requested()
