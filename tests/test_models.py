@@ -43,10 +43,43 @@ class FmnistMlp(nn.Module):
 
 def test_registry_lists_expected_models():
     expected = {"resnet18", "resnet34", "resnet50", "mobilenet", "mobilenet_v3_small", "cnn",
-                "mlp", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2"}
+                "mlp", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2"} | set(CIFAR_PARAMS)
     assert expected <= set(NAMES)
     assert NAMES == sorted(NAMES)
     assert all(desc and "\n" not in desc for _, desc in list_models())
+
+
+# Parameter counts with num_classes=100, in_channels=3, image_size=32 of the reference implementations in
+# HobbitLong/RepDistiller (the same definitions as megvii-research/mdistiller mdistiller/models/cifar/),
+# counted on the reference code itself: models/resnet.py (resnet20/32/56/110/8x4/32x4), models/wrn.py
+# (wrn_16_2, wrn_40_1, wrn_40_2), models/vgg.py (vgg8_bn, vgg11_bn, vgg13_bn), models/ShuffleNetv1.py (ShuffleV1),
+# models/ShuffleNetv2.py (ShuffleV2) and models/mobilenetv2.py (mobile_half).
+CIFAR_PARAMS = {
+    "resnet20": 278_324,  # models/resnet.py resnet20
+    "resnet32": 472_756,  # models/resnet.py resnet32
+    "resnet56": 861_620,  # models/resnet.py resnet56
+    "resnet110": 1_736_564,  # models/resnet.py resnet110
+    "resnet8x4": 1_233_540,  # models/resnet.py resnet8x4
+    "resnet32x4": 7_433_860,  # models/resnet.py resnet32x4
+    "wrn_16_2": 703_284,  # models/wrn.py wrn_16_2
+    "wrn_40_1": 569_780,  # models/wrn.py wrn_40_1
+    "wrn_40_2": 2_255_156,  # models/wrn.py wrn_40_2
+    "vgg8": 3_965_028,  # models/vgg.py vgg8_bn
+    "vgg11": 9_277_284,  # models/vgg.py vgg11_bn
+    "vgg13": 9_462_180,  # models/vgg.py vgg13_bn
+    "shufflenet_v1": 949_258,  # models/ShuffleNetv1.py ShuffleV1
+    "shufflenet_v2": 1_355_528,  # models/ShuffleNetv2.py ShuffleV2
+    "mobilenet_v2_cifar": 812_836,  # models/mobilenetv2.py mobile_half
+}
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_PARAMS))
+def test_cifar_models_match_reference_parameter_counts(name):
+    # one build per model (forward on 1x28x28 and other shapes: test_output_shape)
+    model = build_model(name, num_classes=100, in_channels=3, image_size=32).eval()
+    assert sum(p.numel() for p in model.parameters()) == CIFAR_PARAMS[name]
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
 @pytest.mark.parametrize("c,s,k", SHAPES, ids=[f"c{c}-s{s}-k{k}" for c, s, k in SHAPES])

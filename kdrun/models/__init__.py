@@ -106,6 +106,73 @@ def wrn_40_2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return WideResNet(40, 2, num_classes, in_channels)
 
 
+@register_model("wrn_40_1", "WideResNet-40-1 (RepDistiller): pre-activation, channels 16/16/32/64")
+def wrn_40_1(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.nets import WideResNet
+    return WideResNet(40, 1, num_classes, in_channels)
+
+
+@register_model("resnet20", "CIFAR ResNet-20 (RepDistiller): filters 16/16/32/64, 3x3 stem")
+def resnet20(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.nets import CifarResNet
+    return CifarResNet(20, [16, 16, 32, 64], num_classes, in_channels)
+
+
+@register_model("resnet32", "CIFAR ResNet-32 (RepDistiller): filters 16/16/32/64, 3x3 stem")
+def resnet32(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.nets import CifarResNet
+    return CifarResNet(32, [16, 16, 32, 64], num_classes, in_channels)
+
+
+@register_model("resnet56", "CIFAR ResNet-56 (RepDistiller): filters 16/16/32/64, 3x3 stem")
+def resnet56(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.nets import CifarResNet
+    return CifarResNet(56, [16, 16, 32, 64], num_classes, in_channels)
+
+
+@register_model("resnet110", "CIFAR ResNet-110 (RepDistiller): filters 16/16/32/64, 3x3 stem")
+def resnet110(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.nets import CifarResNet
+    return CifarResNet(110, [16, 16, 32, 64], num_classes, in_channels)
+
+
+@register_model("vgg8", "CIFAR VGG-8 with BN (RepDistiller vgg8_bn, cfg S): 64/128/256/512/512, one fc")
+def vgg8(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import VGG_CFGS, CifarVgg
+    return CifarVgg(VGG_CFGS["S"], num_classes, in_channels)
+
+
+@register_model("vgg11", "CIFAR VGG-11 with BN (RepDistiller vgg11_bn, cfg A), one fc")
+def vgg11(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import VGG_CFGS, CifarVgg
+    return CifarVgg(VGG_CFGS["A"], num_classes, in_channels)
+
+
+@register_model("vgg13", "CIFAR VGG-13 with BN (RepDistiller vgg13_bn, cfg B), one fc")
+def vgg13(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import VGG_CFGS, CifarVgg
+    return CifarVgg(VGG_CFGS["B"], num_classes, in_channels)
+
+
+@register_model("shufflenet_v1", "ShuffleNet V1 for CIFAR (RepDistiller ShuffleV1): groups 3, 240/480/960")
+def shufflenet_v1(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import ShuffleNetV1
+    return ShuffleNetV1(num_classes, in_channels)
+
+
+@register_model("shufflenet_v2", "ShuffleNet V2 1x for CIFAR (RepDistiller ShuffleV2): 116/232/464/1024")
+def shufflenet_v2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import ShuffleNetV2
+    return ShuffleNetV2(num_classes, in_channels)
+
+
+@register_model("mobilenet_v2_cifar",
+                "MobileNetV2 for CIFAR (RepDistiller mobile_half): expansion 6, width 0.5, stride-2 stem")
+def mobilenet_v2_cifar(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from kdrun.models.cifar import CifarMobileNetV2
+    return CifarMobileNetV2(num_classes, in_channels)
+
+
 # --- the catalog's API -----------------------------------------------------------------------------
 
 def list_models() -> list[tuple[str, str]]:
