@@ -2,8 +2,8 @@
 
 Module layouts and parameter counts follow HobbitLong/RepDistiller ``models/vgg.py`` (the ``*_bn`` variants),
 ``models/ShuffleNetv1.py``, ``models/ShuffleNetv2.py`` and ``models/mobilenetv2.py``; the first convolution takes
-``in_channels`` and the final pooling is adaptive, so any image size of at least 8 px works (on 32 px inputs the
-forward is the reference's). The CIFAR ResNets and WideResNets live in :mod:`kdrun.models.nets`.
+``in_channels`` and the final pooling is global, so any image size of at least 8 px works (on 32 px inputs the
+forward is the reference's, bit for bit). The CIFAR ResNets and WideResNets live in :mod:`kdrun.models.nets`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def _init_like_repdistiller(model: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             m.weight.data.normal_(0, 0.01)
             m.bias.data.zero_()
+
+
+def _global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Average over the whole feature map; ``F.avg_pool2d(x, 4)`` of the ShuffleNet references on 32 px inputs
+    (bit-identical, which ``nn.AdaptiveAvgPool2d`` is not), and any other image size."""
+    return F.avg_pool2d(x, tuple(x.shape[2:]))
 
 
 class ChannelShuffle(nn.Module):
@@ -134,7 +140,6 @@ class ShuffleNetV1(nn.Module):
         self.layer1 = self._make_layer(out_planes[0], num_blocks[0], groups, stem)
         self.layer2 = self._make_layer(out_planes[1], num_blocks[1], groups, stem)
         self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups, stem)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_planes[2], num_classes)
 
     def _make_layer(self, out_planes: int, num_blocks: int, groups: int, stem: int) -> nn.Sequential:
@@ -148,7 +153,7 @@ class ShuffleNetV1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(torch.flatten(self.avgpool(out), 1))
+        return self.linear(torch.flatten(_global_avg_pool(out), 1))
 
 
 # --- ShuffleNet V2 (RepDistiller ShuffleV2: net_size 1, 116/232/464/1024, 3/7/3 blocks) ----------
@@ -217,7 +222,6 @@ class ShuffleNetV2(nn.Module):
         self.layer3 = self._make_layer(out_channels[2], num_blocks[2])
         self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_channels[3], num_classes)
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
@@ -230,7 +234,7 @@ class ShuffleNetV2(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.relu(self.bn2(self.conv2(out)))
-        return self.linear(torch.flatten(self.avgpool(out), 1))
+        return self.linear(torch.flatten(_global_avg_pool(out), 1))
 
 
 # --- MobileNetV2 for CIFAR (RepDistiller mobile_half: expansion 6, width 0.5) ---------------------
