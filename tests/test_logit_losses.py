@@ -176,7 +176,6 @@ def test_semi_refuses_other_losses(loss):
     assert err.value.key == "loss" and "mode=semi" in str(err.value)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
 def test_each_loss_runs_end_to_end(tmp_path, name):
     extra = ["loss.warmup=2"] if name == "dkd" else []
