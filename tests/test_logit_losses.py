@@ -179,10 +179,11 @@ def test_semi_refuses_other_losses(loss):
 @pytest.mark.parametrize("name", NEW)
 def test_each_loss_runs_end_to_end(tmp_path, name):
     extra = ["loss.warmup=2"] if name == "dkd" else []
-    summary = smoke_inproc(tmp_path, tmp_path / "run", f"loss={name}", *extra)
+    summary = smoke_inproc(tmp_path, tmp_path / "run", f"loss={name}", "teacher.cache=on", *extra)
     assert summary["status"] == "completed" and summary["loss"]["name"] == name
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("stage") == "student"]
     assert records and all(math.isfinite(r["train/loss"]) for r in records)
+    assert summary["teacher"]["cache"]["used"]  # the logit cache serves every logit loss
 
 
 def test_dkd_in_self_mode(tmp_path):
