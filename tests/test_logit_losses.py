@@ -190,3 +190,14 @@ def test_dkd_in_self_mode(tmp_path):
     summary = smoke_inproc(tmp_path, tmp_path / "run", "mode=self", "mode.generations=1", "loss=dkd",
                            "loss.standardize=true")
     assert summary["status"] == "completed" and read_json(tmp_path / "run" / "summary.json")["loss"]["name"] == "dkd"
+
+
+def test_fit_tells_the_loss_each_epoch(tmp_path, monkeypatch):
+    """engine.fit calls ``set_epoch`` at the start of each epoch of the stage whose loss has it (dkd's warm-up)."""
+    from kdrun.logit_losses import DKDLoss
+
+    seen = []
+    original = DKDLoss.set_epoch
+    monkeypatch.setattr(DKDLoss, "set_epoch", lambda self, epoch: (seen.append(epoch), original(self, epoch)))
+    smoke_inproc(tmp_path, tmp_path / "run", "loss=dkd", "loss.warmup=2")
+    assert seen == [1, 2]
