@@ -164,6 +164,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             hook.before_epoch(epoch, model)
         teaches = teacher is None or teacher.before_epoch(epoch, model)
         epoch_loss = loss_fn if teaches else ce_loss
+        if hasattr(epoch_loss, "set_epoch"):  # e.g. dkd's warm-up
+            epoch_loss.set_epoch(epoch)
         step_losses = torch.zeros(steps, device=device)  # no sync per step; read only if the epoch diverged
         for step, (x, y, idx) in enumerate(data.batches("train", recipe.batch_size, shuffle=True, generator=generator,
                                                         augment=True)):

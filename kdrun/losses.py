@@ -19,6 +19,7 @@ reported, 0 when a loss has no such term). ``teacher_logits`` is None when ``nee
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -37,6 +38,13 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): each row z-scored, ``(z - mean(z)) / (std(z) + eps)``
+    (unbiased std, as in their code), before the temperature softmax."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
 
 
 def _num(v: float) -> str:
@@ -69,12 +77,19 @@ class KDLoss(DistillationLoss):
 
     name = "kd"
 
+    def __init__(self, T: float = 4.0, alpha: float = 0.9, standardize: bool = False):
+        super().__init__(T=T, alpha=alpha)
+        self.standardize = bool(standardize)  # z-score each sample's logits first (Sun et al. 2024)
+
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
                 student_features: Any = None, teacher_features: Any = None) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(student_logits.float(), labels)
         if not self.needs_teacher:
             return ce, {"ce": ce, "kd": torch.zeros_like(ce)}
-        kd = kd_term(student_logits, teacher_logits, self.T)
+        if self.standardize:
+            kd = kd_term(standardize(student_logits), standardize(teacher_logits), self.T)
+        else:
+            kd = kd_term(student_logits, teacher_logits, self.T)
         return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce, "kd": kd}
 
     def formula(self) -> str:
@@ -82,7 +97,8 @@ class KDLoss(DistillationLoss):
         if not self.needs_teacher:
             return "L = CE (no teacher term)"
         ce = f"{_num(round(1 - self.alpha, 6))}·CE + " if self.alpha < 1 else ""
-        return f"L = {ce}{_num(self.alpha)}·{_num(self.T * self.T)}·KL(T={_num(self.T)})"
+        z = "z-scored, " if self.standardize else ""
+        return f"L = {ce}{_num(self.alpha)}·{_num(self.T * self.T)}·KL({z}T={_num(self.T)})"
 
 
 @register_loss("ce", "Cross-entropy on the labels only: the no-KD baseline (no teacher)")
@@ -106,7 +122,10 @@ def build(name: str, key: str = "loss", **params) -> DistillationLoss:
 def from_config(cfg) -> nn.Module:
     """The loss of a validated ``loss`` config node: a registered name or a ``_target_`` class, built with
     ``T``, ``alpha`` and the node's other keys."""
-    params = {"T": cfg.T, "alpha": cfg.alpha, **getattr(cfg, "kwargs", {})}
+    if dataclasses.is_dataclass(cfg) and not hasattr(cfg, "kwargs"):  # a built-in's schema: its fields
+        params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
+    else:
+        params = {"T": cfg.T, "alpha": cfg.alpha, **getattr(cfg, "kwargs", {})}
     target = getattr(cfg, "target", None)
     if target:
         return instantiate(import_target(target, "loss._target_"), params, key="loss", what=target, name=cfg.name)

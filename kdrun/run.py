@@ -94,7 +94,8 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
 
     loss = losses.from_config(conf.loss)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
-    log.info(f"loss: {loss.formula()}   (alpha weighs the soft KD term; KL batchmean)")
+    note = "alpha weighs TCKD, beta NCKD" if loss.name == "dkd" else "alpha weighs the soft KD term; KL batchmean"
+    log.info(f"loss: {loss.formula()}   ({note})")
     show(_config_tree(cfg_dict), "config:")
     if conf.trainer.num_threads:
         torch.set_num_threads(conf.trainer.num_threads)

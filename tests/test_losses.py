@@ -186,5 +186,5 @@ def test_schema_rejects_ce_with_teacher_weight_and_unknown_loss():
     with pytest.raises(ConfigError, match="loss.alpha"):
         CELossConfig(alpha=0.5)
     with pytest.raises(ConfigError) as err:
-        build("dkd", T=4.0, alpha=0.9)
+        build("nope", T=4.0, alpha=0.9)
     assert err.value.key == "loss" and "kd" in str(err.value) and "ce" in str(err.value)

@@ -67,6 +67,10 @@ class Config:
         self.sched.check("sched")
         if self.mode.name != "offline" and self.loss.name == "ce":
             raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
+        if self.mode.name == "semi" and self.loss.name in LOSS_SCHEMAS and (
+                self.loss.name != "kd" or self.loss.standardize):  # its unlabelled stream is built on kd_term
+            raise ConfigError("loss", f"mode=semi supports loss=kd only (standardize=false), got loss={self.loss.name}"
+                                      f"{' with standardize=true' if self.loss.name == 'kd' else ''}")
         at = getattr(self.mode, "teacher_epoch", None)
         if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
             raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")

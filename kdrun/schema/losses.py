@@ -1,12 +1,13 @@
 """One structured config per loss (``schema/loss/<name>``), plus the open node of a user's loss."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_positive, check_range
+from kdrun.schema.checks import check_min, check_positive, check_range
 
 
 @dataclass
@@ -23,6 +24,70 @@ class LossBase:
 @dataclass
 class KDLossConfig(LossBase):
     """loss=kd: L = (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)), KL batchmean."""
+
+    standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
+
+
+@dataclass
+class SoftCELossConfig(LossBase):
+    """loss=soft_ce: L = (1-alpha)·CE(y, s) + alpha·T²·CE(softmax(t/T), softmax(s/T))."""
+
+    name: str = "soft_ce"
+    standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
+
+
+@dataclass
+class MSELossConfig(LossBase):
+    """loss=mse: L = (1-alpha)·CE(y, s) + alpha·MSE(s, t), MSE averaged over batch and classes; T unused."""
+
+    name: str = "mse"
+    T: float = 1.0       # unused by mse (kept for the common loss keys)
+    alpha: float = 0.5   # weight of the MSE term in [0, 1]
+
+
+@dataclass
+class HardLossConfig(LossBase):
+    """loss=hard: L = (1-alpha)·CE(y, s) + alpha·CE(argmax t, s); T unused."""
+
+    name: str = "hard"
+    T: float = 1.0       # unused by hard
+    alpha: float = 0.5   # weight of the teacher's argmax labels in [0, 1]; 1 = teacher labels only
+
+
+@dataclass
+class DISTLossConfig(LossBase):
+    """loss=dist: L = (1-alpha)·CE + alpha·T²·(beta·inter + gamma·intra), Pearson relations (Huang et al. 2022)."""
+
+    name: str = "dist"
+    alpha: float = 0.5   # weight of the DIST term in [0, 1]; 0.5 weighs CE and DIST equally, as the paper's 1:1
+    beta: float = 1.0    # weight of the inter-class relation (>= 0)
+    gamma: float = 1.0   # weight of the intra-class relation (>= 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("loss.beta", self.beta, 0.0, math.inf, hi_open=True)
+        check_range("loss.gamma", self.gamma, 0.0, math.inf, hi_open=True)
+
+
+@dataclass
+class DKDLossConfig(LossBase):
+    """loss=dkd: L = ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD), each T²·KL (Zhao et al. 2022).
+
+    Here ``alpha`` is the TCKD weight and ``beta`` the NCKD weight (not the CE/KD mix of the other losses)."""
+
+    name: str = "dkd"
+    T: float = 4.0            # temperature (> 0); TCKD and NCKD are each scaled by T²
+    alpha: float = 1.0        # weight of TCKD, the target-vs-rest binary KL (>= 0)
+    beta: float = 8.0         # weight of NCKD, the KL among the non-target classes (>= 0)
+    warmup: int = 20          # epochs over which the KD part ramps linearly from 1/warmup to 1 (0 = no warm-up)
+    ce_weight: float = 1.0    # weight of CE on the labels (>= 0)
+    standardize: bool = False  # z-score each sample's logits before the softmax (Sun et al. 2024)
+
+    def __post_init__(self):
+        check_positive("loss.T", self.T)
+        for key in ("alpha", "beta", "ce_weight"):
+            check_range(f"loss.{key}", getattr(self, key), 0.0, math.inf, hi_open=True)
+        check_min("loss.warmup", self.warmup, 0)
 
 
 @dataclass
@@ -56,4 +121,5 @@ class LossConfig(LossBase):
             raise ConfigError("loss.name", "set a loss name (`kdrun --list losses`) or a _target_")
 
 
-LOSS_SCHEMAS = {"kd": KDLossConfig, "ce": CELossConfig}
+LOSS_SCHEMAS = {"kd": KDLossConfig, "ce": CELossConfig, "soft_ce": SoftCELossConfig, "mse": MSELossConfig,
+                "hard": HardLossConfig, "dist": DISTLossConfig, "dkd": DKDLossConfig}
