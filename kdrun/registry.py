@@ -59,6 +59,7 @@ class Entry:
 _REGISTRY: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 _LOADED: set[str] = set()  # kinds whose built-in modules were imported
 _PLUGINS: dict[str, str] = {}  # entry-point name -> "ok" | error text
+_SCANNED: list[bool] = []  # [True] once the entry points were scanned
 _CURRENT_SOURCE: list[str] = []  # while a plugin loads: its name, so its entries are labelled
 
 
@@ -127,9 +128,14 @@ def get(kind: str, name: str, key: str) -> Entry:
 
 
 def load_plugins() -> dict[str, str]:
-    """Import every ``kdrun.plugins`` entry point once; a broken plugin is a warning, not a failed run."""
+    """Import every ``kdrun.plugins`` entry point once; a broken plugin is a warning, not a failed run.
+
+    The installed distributions are scanned once per process (every registry look-up calls this)."""
     from importlib.metadata import entry_points
 
+    if _SCANNED:
+        return dict(_PLUGINS)
+    _SCANNED.append(True)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _PLUGINS:
             continue

@@ -66,8 +66,9 @@ def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
     from kdrun.transfer import frozen_names
 
     roles = [("teacher", ctx.cfg.teacher)] if teacher else []
+    checked = [(key, c) for key, c in [*roles, ("student", ctx.cfg.student)] if c.target or c.freeze]
     with torch.random.fork_rng(devices=[]):
-        for key, model_cfg in [*roles, ("student", ctx.cfg.student)]:
+        for key, model_cfg in checked:  # built-ins without freeze have nothing to check: not built here
             model = build(model_cfg, data, key, ctx.device, 0)
             if model_cfg.freeze:
                 frozen_names(model, model_cfg.freeze, key)

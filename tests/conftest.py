@@ -153,27 +153,24 @@ def store_entries(root: Path) -> list[Path]:
                   and ".incomplete-" not in p.name and ".corrupt-" not in p.name and (p / "model.pt").is_file())
 
 
-def _stored_options() -> dict:
-    """Options kdrun puts in Hydra's ConfigStore (generated from the registries): group -> names."""
-    from hydra.core.config_store import ConfigStore
-
+def _groups() -> dict[str, list[str]]:
+    """Every user-facing config group with its options: YAMLs under conf/ and the options kdrun generates from
+    its registries, as `kdrun --help` lists them (:func:`kdrun.cli.config_groups`)."""
+    from kdrun.cli import config_groups as cli_groups
     from kdrun.schema import register_configs
 
     register_configs()
-    return {group: sorted(name.removesuffix(".yaml") for name in node)
-            for group, node in ConfigStore.instance().repo.items() if isinstance(node, dict)}
+    return cli_groups()
 
 
 def group_options(group: str) -> list[str]:
-    """The options of config group ``group``: YAML files under conf/<group>/ and generated ones."""
-    yaml = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
-    return sorted(yaml | set(_stored_options().get(group, [])))
+    """The options of config group ``group``."""
+    return _groups().get(group, [])
 
 
 def config_groups() -> list[str]:
-    """Every user-facing config group (YAML dirs of conf/ and generated groups; Hydra's and schemas excluded)."""
-    yaml = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
-    return sorted(g for g in yaml | set(_stored_options()) if g not in ("hydra", "schema"))
+    """Every user-facing config group (Hydra's own groups and kdrun's schemas excluded)."""
+    return list(_groups())
 
 
 @pytest.fixture
