@@ -38,9 +38,8 @@ def call_dataset(cfg) -> dict:
         entry = registry.get("dataset", cfg.name, "dataset")
         fn, what, key, source = entry.obj, f"dataset={cfg.name}", "dataset", entry.source
     params = registry.signature_defaults(fn)
-    kwargs = {name: cfg.kwargs[name] if name in cfg.kwargs else getattr(cfg, name)
-              for name in params if name in cfg.kwargs or hasattr(cfg, name)}
-    kwargs.update({k: v for k, v in cfg.kwargs.items() if k not in kwargs})
+    kwargs = {name: getattr(cfg, name) for name in params if hasattr(cfg, name)}  # dataset.* keys it names
+    kwargs.update(cfg.kwargs)  # the node's own keys (checked against the signature at validation)
     out = fn(**kwargs)
     splits = check_splits(out, what, key, stream=str(cfg.stream).lower(), workers=cfg.num_workers)
     if "test" not in splits:
