@@ -84,13 +84,16 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int):
-    """Per-epoch LR multiplier: linear warm-up, then cosine to 0, step decay, or constant."""
+    """Per-epoch LR multiplier: linear warm-up, then cosine to 0, step decay (every ``step_size`` epochs or at
+    ``milestones``: epoch m + 1 is the first at the decayed rate, as in RepDistiller), or constant."""
     def factor(epoch: int) -> float:
         if epoch < cfg.warmup_epochs:
             return (epoch + 1) / (cfg.warmup_epochs + 1)
         e = epoch - cfg.warmup_epochs
         if cfg.name == "cosine":
             return 0.5 * (1 + math.cos(math.pi * e / max(1, epochs - cfg.warmup_epochs)))
+        if cfg.name == "step" and cfg.milestones:
+            return cfg.gamma ** sum(m <= epoch for m in cfg.milestones)
         if cfg.name == "step":
             return cfg.gamma ** (e // cfg.step_size)
         return 1.0

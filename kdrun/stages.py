@@ -154,6 +154,8 @@ def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, in
     recipe_dict = dataclasses.asdict(recipe)
     for speed_only in ("eval_batch_size", "compile", "channels_last"):
         recipe_dict.pop(speed_only)
+    if recipe_dict["sched"]["milestones"] is None:  # keys written before milestones existed stay valid
+        del recipe_dict["sched"]["milestones"]
     return {"format": STORE_FORMAT, "role": role, "model": identity(model_cfg),
             "data": data.identity, "recipe": recipe_dict, **store_key_part(init or {})}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from kdrun.errors import ConfigError
 from kdrun.schema.checks import check_choice, check_dir_path, check_positive, check_range
@@ -32,6 +32,8 @@ class SchedConfig:
     name: str = "cosine"
     step_size: int = 10        # step: epochs between decays
     gamma: float = 0.1         # step: decay factor
+    milestones: Optional[List[int]] = None  # step: decay at these epochs (e.g. [150, 180, 210]) instead of every
+    #                                         step_size epochs: the lr is lr·gamma^k from epoch m_k + 1 on
     warmup_epochs: int = 0     # linear warm-up epochs (any schedule)
 
     def check(self, key: str) -> None:
@@ -41,6 +43,12 @@ class SchedConfig:
         if self.warmup_epochs < 0:
             raise ConfigError(f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         check_positive(f"{key}.gamma", self.gamma)
+        if self.milestones is not None:
+            ms = list(self.milestones)
+            if any(m < 1 for m in ms) or ms != sorted(set(ms)):
+                raise ConfigError(f"{key}.milestones", f"must be increasing epochs >= 1, got {ms}")
+            if self.name != "step":
+                raise ConfigError(f"{key}.milestones", f"only sched=step decays at milestones, got sched={self.name}")
 
 
 @dataclass
