@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import math
 import statistics
 import subprocess
@@ -91,6 +92,11 @@ def test_seed_aggregation_matches_the_job_summaries(seed_sweep):
         assert float(row["delta_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-3)
         gap = 100 * statistics.mean(diffs) / (teacher - statistics.mean(baseline))
         assert float(row["gap_closed_pct"]) == pytest.approx(gap, abs=1e-2)
+        epoch_s = [statistics.mean(r["time_s"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                                   if r["stage"] == "student")
+                   for d in (p.parent for p in (base / "sweep").glob("*/summary.json"))
+                   if read_json(d / "summary.json")["loss"]["T"] == float(T)]
+        assert float(row["epoch_s_mean"]) == pytest.approx(statistics.mean(epoch_s), abs=1e-3)
         if statistics.stdev(diffs) > 0:  # paired t-test by hand: t = mean(d) / (sd(d) / sqrt(n)), 1 dof
             t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2))
             p = 2 * stats.t.sf(abs(t), df=1)

@@ -8,7 +8,8 @@ the combinations of swept keys other than ``seed``, and each cell aggregates its
 * mean ± std (sample std, ddof=1) of the student's val and test accuracy (best-on-val checkpoint), n;
 * Δ = KD − baseline on test, paired by seed: mean, 95 % CI (t distribution) and the p-value of a paired
   t-test (``scipy.stats.ttest_rel``); the gain is *within noise* when p ≥ 0.05 or fewer than 2 pairs;
-* % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies.
+* % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies;
+* the student's training seconds per epoch (``time_s`` of its ``metrics.jsonl`` epochs, validation excluded).
 
 The best cell is the one with the highest mean **val** accuracy (selection on val, like every run; its test
 accuracy is the figure to report). Nothing here writes files or prints: that is :mod:`kdrun.sweep.report`
@@ -64,6 +65,19 @@ class Job:
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
         return node
+
+    def epoch_seconds(self) -> Optional[float]:
+        """Mean training seconds per epoch of the ``student`` stage (its ``metrics.jsonl``); None if not logged."""
+        path = self.dir / "metrics.jsonl"
+        times = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if record.get("stage") == "student" and isinstance(record.get("time_s"), (int, float)):
+                times.append(record["time_s"])
+        return sum(times) / len(times) if times else None
 
 
 @dataclass
@@ -188,6 +202,7 @@ def cell_stats(cell: Cell) -> dict[str, Any]:
         gap = 100 * stats["delta_mean"] / (stats["teacher_mean"] - stats["baseline_mean"])
     stats["gap_closed_pct"] = gap
     stats["within_noise"] = not (stats["p_value"] is not None and stats["p_value"] < NOISE_P)
+    stats.update(_mean_std("epoch_s", [e for e in (j.epoch_seconds() for j in done) if e is not None]))
     return stats
 
 

@@ -22,10 +22,11 @@ JOB_FIGURES = {  # results.csv column -> path in summary.json
 }
 CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
                 "baseline_std", "teacher_mean", "delta_mean", "delta_std", "ci_low", "ci_high", "p_value",
-                "gap_closed_pct", "within_noise")
+                "gap_closed_pct", "within_noise", "epoch_s_mean")
 LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
           f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
-          f"n < 2); gap closed = Δ / (teacher − baseline); best = highest mean val accuracy")
+          f"n < 2); gap closed = Δ / (teacher − baseline); s/epoch = the student's training seconds per epoch; "
+          f"best = highest mean val accuracy")
 
 
 def write_results_csv(summary: SweepSummary, path: Path) -> None:
@@ -87,7 +88,12 @@ def cell_row(cell: Cell) -> list[str]:
     gap = "-" if s["gap_closed_pct"] is None else f"{s['gap_closed_pct']:.0f} %"
     return [*(param(v) for v in cell.params.values()), str(s["n"]), ms(s["val_mean"], s["val_std"]),
             ms(s["test_mean"], s["test_std"]), ms(s["baseline_mean"], s["baseline_std"]),
-            ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), gap, _note(cell)]
+            ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), gap, _secs(s["epoch_s_mean"]),
+            _note(cell)]
+
+
+def _secs(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def param(value: Any) -> str:
@@ -95,7 +101,8 @@ def param(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "gap closed", "note"]
+CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "gap closed", "s/epoch",
+                "note"]
 
 
 def grid(summary: SweepSummary) -> Optional[tuple[list, list, dict]]:
