@@ -16,7 +16,7 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
         result.student = train_student(ctx, data, loss)
         return
     teacher, result.teacher = obtain_teacher(ctx, data)
-    source = teacher_targets(ctx, data, teacher, result.teacher)
+    source = teacher_targets(ctx, data, teacher, result.teacher, loss)
     if ctx.cfg.baseline:
         result.baseline = obtain_baseline(ctx, data)
     result.student = train_student(ctx, data, loss, source)
