@@ -35,6 +35,7 @@ Used outside kdrun's loop::
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +45,8 @@ from torch import nn
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, _num, kd_term
 from kdrun.registry import register_loss
+
+log = logging.getLogger("kdrun")
 
 # stage outputs, shallow to deep, of each built-in architecture (class -> module names); see default_feature_layers
 _STAGES = {
@@ -281,4 +284,23 @@ class FitNetLoss(FeatureLoss):
         return text
 
 
-__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "default_feature_layers", "regressor"]
+def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
+    """Before any training: resolve ``loss``'s layer pairs on freshly built models (the student config and
+    ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
+    batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
+    (random state restored; the loss's adapters are built again when its student trains)."""
+    from kdrun.stages import build
+
+    x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
+    with torch.random.fork_rng(devices=[]):
+        student = build(ctx.cfg.student, data, "student", ctx.device, 0)
+        teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
+        from kdrun.features import FeaturePairs
+
+        pairs = FeaturePairs(loss, student, teacher, x)
+    log.info(f"loss={loss.name} layer pairs (student <- teacher): " + ", ".join(
+        f"{s} <- {t}" for s, t in zip(pairs.student_names, pairs.teacher_names)))
+
+
+__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "check_layers", "default_feature_layers",
+           "regressor"]
