@@ -241,9 +241,9 @@ def _feature_pairs(loss_fn, model: nn.Module, teacher: Optional[TeacherSource], 
 
     teacher_model = teacher.feature_model(model) if teacher is not None else None
     if teacher_model is None:
-        source = type(teacher).__name__ if teacher is not None else "no teacher"
-        raise ConfigError("loss", f"loss={loss_fn.name} reads the teacher's features, which {source} cannot give "
-                                  f"(it needs a live teacher model)")
+        source = f"the teacher source {type(teacher).__name__} runs no model" if teacher is not None else \
+            "this stage has no teacher"
+        raise ConfigError("loss", f"loss={loss_fn.name} reads a live teacher's features, but {source}")
     x = data.inputs("train", torch.arange(min(2, len(data.train)), device=data.train.y.device))
     return FeaturePairs(loss_fn, model, teacher_model, x)
 

@@ -216,6 +216,21 @@ def test_feature_pairs_hook_only_while_attached():
     assert hooks() == 0
 
 
+def test_fit_refuses_a_feature_loss_without_a_teacher_model():
+    from types import SimpleNamespace
+
+    from kdrun.engine import _feature_pairs
+    from kdrun.teaching import CachedLogits
+
+    data = SimpleNamespace(train=SimpleNamespace(y=torch.zeros(2)), inputs=lambda split, idx: torch.randn(2, 1, 8, 8))
+    cached = CachedLogits(torch.zeros(2, 10), check=lambda epoch: 0.0)
+    with pytest.raises(ConfigError, match="^loss: loss=at reads a live teacher's features, but the teacher source "
+                                          "CachedLogits runs no model$"):
+        _feature_pairs(ATLoss(), tiny("cnn"), cached, data)
+    with pytest.raises(ConfigError, match="but this stage has no teacher$"):
+        _feature_pairs(ATLoss(), tiny("cnn"), None, data)
+
+
 # --- config ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, key", [
