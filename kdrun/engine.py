@@ -46,6 +46,8 @@ class FitResult:
     best_epoch: int        # 1-based; the last epoch when there is no val split
     best_val_acc: Optional[float]
     history: list = field(default_factory=list)
+    best_loss_state: dict = field(default_factory=dict)  # a feature loss's adapters at the best / last epoch
+    last_loss_state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -134,7 +136,12 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     ``teacher`` gives the teacher's logits for each batch (:mod:`kdrun.teaching`: a live frozen model, cached
     logits, or a snapshot of the student); None: ``loss_fn`` gets no teacher logits. In an epoch where the
     source has no teacher yet, plain CE replaces ``loss_fn``. ``hooks`` see each epoch before it trains and
-    its record after (``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr, time_s``).
+    its record after (``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr, time_s``, plus
+    ``train/loss_<part>`` for the loss's ``extra_parts``).
+    A loss with ``needs_features`` (:mod:`kdrun.feature_losses`) gets the outputs of its layer pairs, hooked on
+    the student and on the teacher source's model (:class:`kdrun.features.FeaturePairs`); its adapters are
+    built from one batch before the optimizer, trained with the student, and kept in ``best_loss_state`` /
+    ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before.
     ``progress`` is a :class:`kdrun.records.Progress` (or None). With ``checkpoint``, training continues from its
     file when there is one (model, optimizer, schedule, RNG states, best epoch, history, teacher snapshot: the
     weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
@@ -144,7 +151,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     device = data.train.y.device
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)  # frozen ones: out
+    pairs = _feature_pairs(loss_fn, model, teacher, data) if getattr(loss_fn, "needs_features", False) else None
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones: out
+    opt = make_optimizer(params + [p for p in loss_fn.parameters() if p.requires_grad], recipe.optim)
     sched = make_scheduler(opt, recipe.sched, recipe.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     memory_format = _memory_format(recipe.channels_last, device)
@@ -155,12 +164,14 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     ce_loss = cross_entropy()
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
-    state = (model, opt, sched, scaler, generator, teacher, best)
+    part_names = ("ce", "kd", *getattr(loss_fn, "extra_parts", ()))  # logged as train/loss_<name>
+    zero = torch.zeros((), device=device)  # a part an epoch's loss lacks (plain CE before a snapshot teaches)
+    state = (model, opt, sched, scaler, generator, teacher, best, loss_fn)
     saved = _restore(checkpoint.path, *state, hooks) if checkpoint is not None and checkpoint.path.exists() else 0
     for epoch in range(saved + 1, recipe.epochs + 1):
         model.train()
         start = time.perf_counter()
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(1 + len(part_names), device=device)
         lr = opt.param_groups[0]["lr"]
         bar = progress.task(f"{desc} epoch {epoch}/{recipe.epochs}", steps) if progress else None
         for hook in hooks:
@@ -170,29 +181,37 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         if hasattr(epoch_loss, "set_epoch"):  # e.g. dkd's warm-up
             epoch_loss.set_epoch(epoch)
         step_losses = torch.zeros(steps, device=device)  # no sync per step; read only if the epoch diverged
-        for step, (x, y, idx) in enumerate(data.batches("train", recipe.batch_size, shuffle=True, generator=generator,
-                                                        augment=True)):
-            x = x.contiguous(memory_format=memory_format)
-            with autocast(device, recipe.precision):
-                logits = forward(x)
-                t_logits = teacher.logits(x, idx) if teacher is not None else None
-            loss, parts = epoch_loss(logits, t_logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach()]) * len(y)
-            step_losses[step] = loss.detach().float()
-            if bar is not None:
-                bar.advance()
-            if interrupt.requested():  # the part-trained epoch is dropped: resume repeats it
-                raise interrupt.interrupted(desc, saved if checkpoint is not None else epoch - 1, recipe.epochs)
+        feats = pairs if pairs is not None and epoch_loss is loss_fn else None
+        with feats.attach(model, teacher.feature_model(model)) if feats is not None else contextlib.nullcontext():
+            for step, (x, y, idx) in enumerate(data.batches("train", recipe.batch_size, shuffle=True,
+                                                            generator=generator, augment=True)):
+                x = x.contiguous(memory_format=memory_format)
+                with autocast(device, recipe.precision):
+                    logits = forward(x)
+                    t_logits = teacher.logits(x, idx) if teacher is not None else None
+                if feats is None:
+                    loss, parts = epoch_loss(logits, t_logits, y)
+                else:
+                    loss, parts = epoch_loss(logits, t_logits, y, student_features=feats.student(),
+                                             teacher_features=feats.teacher())
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach(),
+                                     *(parts[n].detach() if n in parts else zero for n in part_names[2:])]) * len(y)
+                step_losses[step] = loss.detach().float()
+                if bar is not None:
+                    bar.advance()
+                if interrupt.requested():  # the part-trained epoch is dropped: resume repeats it
+                    raise interrupt.interrupted(desc, saved if checkpoint is not None else epoch - 1, recipe.epochs)
         sched.step()
         train_time = time.perf_counter() - start
         val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision)
         loss_mean = (sums / len(data.train)).tolist()
         record = {"epoch": epoch, "train/loss": loss_mean[0], "train/loss_ce": loss_mean[1],
-                  "train/loss_kd": loss_mean[2], "val/acc": val_acc, "lr": lr, "time_s": round(train_time, 4)}
+                  "train/loss_kd": loss_mean[2], **{f"train/loss_{n}": v for n, v in zip(part_names[2:], loss_mean[3:])},
+                  "val/acc": val_acc, "lr": lr, "time_s": round(train_time, 4)}
         best.history.append(record)
         for hook in hooks:
             hook.after_epoch(record)
@@ -205,6 +224,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                                      f"learning rate (the last checkpointed epoch is kept)")
         if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
             best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
+            if pairs is not None:
+                best.best_loss_state = _copy_state(loss_fn)
         stop = interrupt.requested()
         if checkpoint is not None and (epoch % checkpoint.every == 0 or epoch == recipe.epochs or stop):
             _save(checkpoint.path, epoch, *state)
@@ -212,10 +233,26 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         if stop:
             raise interrupt.interrupted(desc, epoch, recipe.epochs)
     best.last_state = _copy_state(model)
+    if pairs is not None:
+        best.last_loss_state = _copy_state(loss_fn)
     return best
 
 
-def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher, best: FitResult) -> None:
+def _feature_pairs(loss_fn, model: nn.Module, teacher: Optional[TeacherSource], data: Data):
+    """The layer pairs of a feature loss, its adapters built from one dry forward on two train images."""
+    from kdrun.features import FeaturePairs
+
+    teacher_model = teacher.feature_model(model) if teacher is not None else None
+    if teacher_model is None:
+        source = f"the teacher source {type(teacher).__name__} runs no model" if teacher is not None else \
+            "this stage has no teacher"
+        raise ConfigError("loss", f"loss={loss_fn.name} reads a live teacher's features, but {source}")
+    x = data.inputs("train", torch.arange(min(2, len(data.train)), device=data.train.y.device))
+    return FeaturePairs(loss_fn, model, teacher_model, x)
+
+
+def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher, best: FitResult,
+          loss_fn: nn.Module) -> None:
     """The resume state after ``epoch``, written atomically (a plain dict of tensors: ``weights_only`` loads it)."""
     from kdrun.records import save_torch
 
@@ -224,10 +261,12 @@ def _save(path: Path, epoch: int, model, opt, sched, scaler, generator, teacher,
                       "torch_rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state_all() if _device(model).type == "cuda" else [],
                       "teacher": teacher.state_dict() if teacher is not None else {}, "best_state": best.best_state,
-                      "best_epoch": best.best_epoch, "best_val_acc": best.best_val_acc, "history": best.history})
+                      "best_epoch": best.best_epoch, "best_val_acc": best.best_val_acc, "history": best.history,
+                      "loss": loss_fn.state_dict(), "best_loss_state": best.best_loss_state})
 
 
-def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: FitResult, hooks) -> int:
+def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: FitResult, loss_fn: nn.Module,
+             hooks) -> int:
     """Load :func:`_save`'s state into the training objects; return the epoch it was taken after."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     device = _device(model)
@@ -243,6 +282,9 @@ def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: Fi
         teacher.load_state_dict(state["teacher"], model)
     best.best_state = {k: v.to(device) for k, v in state["best_state"].items()}
     best.best_epoch, best.best_val_acc, best.history = state["best_epoch"], state["best_val_acc"], state["history"]
+    if state.get("loss"):  # a feature loss's adapters (absent from checkpoints of older versions)
+        loss_fn.load_state_dict(state["loss"])
+        best.best_loss_state = {k: v.to(device) for k, v in state["best_loss_state"].items()}
     for hook in hooks:
         hook.after_resume(state["epoch"])
     return state["epoch"]

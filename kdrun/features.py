@@ -8,12 +8,16 @@ Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them)
 :class:`ConfigError` listing every valid one. Outputs are cloned by
 default, because a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, say) would otherwise
 overwrite the captured tensor; the clone keeps the autograd graph, so feature losses can backpropagate.
-Not wired into training yet: a feature-based loss receives these as ``student_features`` /
-``teacher_features`` (see :mod:`kdrun.losses`).
+
+:class:`FeaturePairs` is what :func:`kdrun.engine.fit` uses for a loss with ``needs_features``
+(:mod:`kdrun.feature_losses`): it resolves the layer pairs, learns their shapes on one batch (which builds the
+loss's adapters), and hooks student and teacher for each epoch; the loss receives the captured outputs as
+``student_features`` / ``teacher_features``, lists in pair order.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+import contextlib
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -66,3 +70,49 @@ class FeatureHooks(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._outputs)
+
+
+class FeaturePairs:
+    """The layer pairs of a feature loss: ``student_names[i]`` of the student is matched with
+    ``teacher_names[i]`` of the teacher."""
+
+    def __init__(self, loss: nn.Module, student: nn.Module, teacher: nn.Module, x: torch.Tensor):
+        """Resolve ``loss.layer_names(student, teacher)`` and call ``loss.setup`` on the features of one dry
+        forward of each model on ``x`` (eval mode, no grad: no weight, buffer or random state changes)."""
+        self.student_names, self.teacher_names = loss.layer_names(student, teacher)
+        feats_s = _probe(student, self.student_names, x, "loss.student_layers")
+        feats_t = _probe(teacher, self.teacher_names, x, "loss.teacher_layers")
+        loss.setup(feats_s, feats_t, (self.student_names, self.teacher_names))
+        self._student: Optional[FeatureHooks] = None
+        self._teacher: Optional[FeatureHooks] = None
+
+    @contextlib.contextmanager
+    def attach(self, student: nn.Module, teacher: nn.Module) -> Iterator["FeaturePairs"]:
+        """Hook both models while the block runs (one epoch); the hooks are gone afterwards, so a copy of the
+        student (a snapshot teacher) or the next stage never carries them."""
+        with FeatureHooks(student, self.student_names, key="loss.student_layers") as hs, \
+                FeatureHooks(teacher, self.teacher_names, key="loss.teacher_layers") as ht:
+            self._student, self._teacher = hs, ht
+            try:
+                yield self
+            finally:
+                self._student = self._teacher = None
+
+    def student(self) -> list[torch.Tensor]:
+        """The student's features of the last forward, in pair order."""
+        return [self._student[n] for n in self.student_names]
+
+    def teacher(self) -> list[torch.Tensor]:
+        """The teacher's features of the last forward, in pair order."""
+        return [self._teacher[n] for n in self.teacher_names]
+
+
+def _probe(model: nn.Module, names: list, x: torch.Tensor, key: str) -> list:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FeatureHooks(model, names, key=key) as hooks:
+            model(x)
+        return [hooks[n] for n in names]
+    finally:
+        model.train(was_training)

@@ -38,7 +38,7 @@ KINDS = ("model", "dataset", "loss", "mode")
 ENTRY_POINT_GROUP = "kdrun.plugins"
 # the modules that hold the built-ins of each kind (imported on first use of that kind)
 BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.sources",),
-                   "loss": ("kdrun.losses", "kdrun.logit_losses"), "mode": ("kdrun.modes",)}
+                   "loss": ("kdrun.losses", "kdrun.logit_losses", "kdrun.feature_losses"), "mode": ("kdrun.modes",)}
 
 
 @dataclass(frozen=True)

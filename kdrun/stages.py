@@ -265,15 +265,21 @@ def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResu
 
 
 def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
-                    teacher_info: TeacherResult | MergedTeacherResult) -> TeacherSource:
+                    teacher_info: TeacherResult | MergedTeacherResult, loss=None) -> TeacherSource:
     """The teacher's side of distillation: cached train logits plus their per-epoch guard, or live.
 
     Returns the :class:`kdrun.teaching.TeacherSource` for :func:`distil`; records the cache decision in
     ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``seed``.
+    A ``loss`` that reads the teacher's features (``needs_features``) always gets the live teacher.
     """
     from kdrun.logit_cache import make_check, teacher_logits
 
     cfg = ctx.cfg
+    if getattr(loss, "needs_features", False):
+        why = f"feature loss {loss.name} reads the teacher's features: live teacher"
+        teacher_info.cache = {"mode": str(cfg.teacher.cache), "used": False, "why": why}
+        log.info(f"teacher logits: live ({why})")
+        return LiveTeacher(teacher)
     logits, info = teacher_logits(teacher, data, mode=str(cfg.teacher.cache), dtype=cfg.teacher.cache_dtype,
                                   precision=cfg.trainer.precision, root=Path(cfg.store.teachers),
                                   batch_size=cfg.trainer.eval_batch_size,
@@ -316,8 +322,10 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
             "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}
     scores = {}
     for which, state in (("last", result.last_state), ("best", result.best_state)):
+        loss_state = result.last_loss_state if which == "last" else result.best_loss_state  # a feature loss's adapters
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
-                   {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict})
+                   {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict,
+                    **({"loss_state": loss_state} if loss_state else {})})
         model.load_state_dict(state)
         scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx).items()})
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),

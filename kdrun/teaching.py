@@ -10,6 +10,9 @@ logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun'
 * :class:`SnapshotTeacher`: no teacher (plain CE) up to epoch ``at``, then a frozen copy of the student as it
   is after that epoch, run live (self-distillation from a snapshot).
 
+A feature loss (:mod:`kdrun.feature_losses`) also reads the teacher's intermediate features: the loop hooks
+the source's :meth:`TeacherSource.feature_model`, so it needs a source that runs a model (live or snapshot).
+
 A :class:`Hook` (detectron2 ``HookBase`` style) sees every epoch: ``before_epoch(epoch, model)`` and
 ``after_epoch(record)`` with the epoch's metrics record.
 """
@@ -52,6 +55,11 @@ class TeacherSource:
         when the loss does not read them."""
         return None
 
+    def feature_model(self, student: nn.Module) -> Optional[nn.Module]:
+        """The model whose forward :meth:`logits` runs, hooked for a feature loss's teacher features (its
+        architecture, for their shapes, before training); None: this source runs no model (cached logits)."""
+        return None
+
     def state_dict(self) -> dict:
         """What a resumed training needs to teach as before (tensors only); stateless sources: nothing."""
         return {}
@@ -77,6 +85,9 @@ class LiveTeacher(TeacherSource):
             return None
         with torch.no_grad():
             return self.forward(x)
+
+    def feature_model(self, student: nn.Module) -> nn.Module:
+        return self.model
 
 
 class CachedLogits(TeacherSource):
@@ -114,6 +125,10 @@ class SnapshotTeacher(TeacherSource):
             return None
         with torch.no_grad():
             return self.model(x)
+
+    def feature_model(self, student: nn.Module) -> nn.Module:
+        """The snapshot once taken; before that the student itself, whose architecture it will have."""
+        return self.model if self.model is not None else student
 
     def state_dict(self) -> dict:
         return {"snapshot": self.model.state_dict()} if self.model is not None else {}

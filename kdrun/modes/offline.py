@@ -3,6 +3,7 @@ the same student trained with CE only is the baseline (``baseline=true``)."""
 from __future__ import annotations
 
 from kdrun.data import Data
+from kdrun.feature_losses import check_layers
 from kdrun.losses import DistillationLoss
 from kdrun.registry import register_mode
 from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
@@ -15,8 +16,10 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
         result.student = train_student(ctx, data, loss)
         return
+    if getattr(loss, "needs_features", False):  # layer names and shapes checked before the teacher trains
+        check_layers(ctx, data, loss, ctx.cfg.teacher)
     teacher, result.teacher = obtain_teacher(ctx, data)
-    source = teacher_targets(ctx, data, teacher, result.teacher)
+    source = teacher_targets(ctx, data, teacher, result.teacher, loss)
     if ctx.cfg.baseline:
         result.baseline = obtain_baseline(ctx, data)
     result.student = train_student(ctx, data, loss, source)

@@ -20,6 +20,7 @@ from torch import nn
 
 from kdrun.data import Data
 from kdrun.engine import predict, top1
+from kdrun.feature_losses import check_layers
 from kdrun.losses import DistillationLoss
 from kdrun.registry import register_mode
 from kdrun.results import Row, SnapshotTeacherResult
@@ -83,6 +84,8 @@ def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
 @register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher")
 def self_distill(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """``mode.method``: ``born_again`` or ``snapshot``."""
+    if getattr(loss, "needs_features", False):  # the teacher has the student's architecture
+        check_layers(ctx, data, loss, ctx.cfg.student)
     {"born_again": born_again, "snapshot": snapshot}[ctx.cfg.mode.method](ctx, data, loss)
 
 

@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.schema.data import AugmentConfig, DatasetConfig
-from kdrun.schema.losses import LOSS_SCHEMAS, CELossConfig, KDLossConfig, LossBase, LossConfig
+from kdrun.schema.losses import LOSS_SCHEMAS, CELossConfig, FeatureLossConfig, KDLossConfig, LossBase, LossConfig
 from kdrun.schema.models import ModelConfig, StudentConfig, TeacherConfig
 from kdrun.schema.modes import MODE_SCHEMAS, MergeMode, ModeConfig, OfflineMode, SelfMode, SemiMode
 from kdrun.schema.training import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimConfig, SchedConfig, StoreConfig, TrainerConfig
@@ -71,6 +71,12 @@ class Config:
                 self.loss.name != "kd" or self.loss.standardize):  # its unlabelled stream is built on kd_term
             raise ConfigError("loss", f"mode=semi supports loss=kd only (standardize=false), got loss={self.loss.name}"
                                       f"{' with standardize=true' if self.loss.name == 'kd' else ''}")
+        if self.mode.name == "merge" and isinstance(self.loss, FeatureLossConfig):
+            raise ConfigError("loss", f"mode=merge distils from the merged teachers' logits: loss={self.loss.name} "
+                                      f"reads one teacher's features; use a logit loss (kd, dkd, dist, ...)")
+        hint_epochs = getattr(self.loss, "hint_epochs", 0)
+        if isinstance(self.loss, FeatureLossConfig) and hint_epochs >= self.trainer.epochs:
+            raise ConfigError("loss.hint_epochs", f"must be < trainer.epochs ({self.trainer.epochs}), got {hint_epochs}")
         at = getattr(self.mode, "teacher_epoch", None)
         if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
             raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")

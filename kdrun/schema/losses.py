@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
@@ -91,6 +91,55 @@ class DKDLossConfig(LossBase):
 
 
 @dataclass
+class FeatureLossConfig(LossBase):
+    """Keys shared by the feature losses (fitnet, at): L = (1-alpha)·CE + alpha·T²·KL + beta·feature term."""
+
+    alpha: float = 0.0   # weight of the soft KD term in [0, 1]; (1 - alpha) weighs CE. 0: CE + beta·feature term
+    beta: float = 1.0    # weight of the feature term (>= 0)
+    student_layers: Optional[List[str]] = None  # student module names, one per pair; null: the model's defaults
+    teacher_layers: Optional[List[str]] = None  # teacher module names, same length; null: the model's defaults
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("loss.beta", self.beta, 0.0, math.inf, hi_open=True)
+        for key in ("student_layers", "teacher_layers"):
+            names = getattr(self, key)
+            if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
+                raise ConfigError(f"loss.{key}", f"must be null (the model's defaults) or a non-empty list of "
+                                                 f"module names, got {names!r}")
+        if self.student_layers and self.teacher_layers and len(self.student_layers) != len(self.teacher_layers):
+            raise ConfigError("loss.teacher_layers", f"has {len(self.teacher_layers)} names, loss.student_layers "
+                                                     f"{len(self.student_layers)}: give one teacher layer per "
+                                                     f"student layer")
+
+
+@dataclass
+class FitNetLossConfig(FeatureLossConfig):
+    """loss=fitnet: L = (1-alpha)·CE + alpha·T²·KL + beta·Σ_pairs MSE(regressor(f_s), f_t) (Romero et al. 2015)."""
+
+    name: str = "fitnet"
+    beta: float = 100.0  # weight of the hint term (>= 0); RepDistiller and mdistiller use 100 on CIFAR-100
+    hint_epochs: int = 0  # first epochs trained on beta·hint alone (student up to the hint + regressor); 0 = none
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_min("loss.hint_epochs", self.hint_epochs, 0)
+
+
+@dataclass
+class ATLossConfig(FeatureLossConfig):
+    """loss=at: L = (1-alpha)·CE + alpha·T²·KL + beta·Σ_pairs mean((a_s - a_t)²) (Zagoruyko & Komodakis 2017)."""
+
+    name: str = "at"
+    beta: float = 1000.0  # weight of the attention term (>= 0); RepDistiller and mdistiller use 1000 on CIFAR-100
+    p: float = 2.0        # exponent of the attention map a(f) = normalize(mean_c |f|^p) (> 0); the paper uses 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("loss.p", self.p)
+
+
+@dataclass
 class CELossConfig(LossBase):
     """loss=ce: CE on the labels only, the no-KD baseline (no teacher)."""
 
@@ -122,4 +171,5 @@ class LossConfig(LossBase):
 
 
 LOSS_SCHEMAS = {"kd": KDLossConfig, "ce": CELossConfig, "soft_ce": SoftCELossConfig, "mse": MSELossConfig,
-                "hard": HardLossConfig, "dist": DISTLossConfig, "dkd": DKDLossConfig}
+                "hard": HardLossConfig, "dist": DISTLossConfig, "dkd": DKDLossConfig, "fitnet": FitNetLossConfig,
+                "at": ATLossConfig}

@@ -1,0 +1,306 @@
+"""Feature distillation losses: ``fitnet`` (Romero et al. 2015) and ``at`` (Zagoruyko & Komodakis 2017).
+
+Both read intermediate features of the student and the teacher, captured by forward hooks on named modules
+(:class:`kdrun.features.FeatureHooks`, no model surgery), and add a feature term to our KD convention::
+
+    L = (1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + beta * feature_term
+
+``alpha = 0`` (the default) gives ``CE + beta * feature_term``, the form of RepDistiller and mdistiller.
+
+* ``fitnet``: ``feature_term = sum over layer pairs of MSE(regressor(f_s), f_t)``, mean over all elements. The
+  regressor is learned with the student: a 1x1 convolution + BatchNorm for (N, C, H, W) maps (no ReLU, so it
+  can also match pre-activation features), a Linear for (N, D) features. ``hint_epochs = k``: the first k
+  epochs train on ``beta * feature_term`` alone, so only the student's layers up to the hint and the
+  regressor learn (FitNets' stage 1, inside the run's epochs rather than before them).
+* ``at``: ``feature_term = sum over layer pairs of mean((a(f_s) - a(f_t))^2)`` with the attention map
+  ``a(f) = normalize(mean over channels of |f|^p, flattened)`` (L2 per sample; ``|f|^p = f^p`` for p = 2).
+  Channel counts may differ.
+
+Where the two maps of a pair differ in height or width, both are average-pooled to the smaller size
+(``adaptive_avg_pool2d``). A pair that cannot be matched is a :class:`ConfigError` naming both layers and
+their shapes.
+
+Layers: ``student_layers`` / ``teacher_layers`` (module names, one per pair), or None for the model's default
+(:func:`default_feature_layers`): ``fitnet`` pairs the middle stage outputs ("hint" and "guided" layers),
+``at`` the outputs of every stage (the deepest ones when the two models have different numbers of stages).
+
+Used outside kdrun's loop::
+
+    loss = kdrun.losses.build("at", beta=1000)
+    with FeatureHooks(student, names_s) as fs, FeatureHooks(teacher, names_t) as ft:
+        s, t = student(x), teacher(x)
+    feats_s, feats_t = [fs[n] for n in names_s], [ft[n] for n in names_t]
+    loss.setup(feats_s, feats_t)       # once, before the optimizer: builds fitnet's regressors
+    value, parts = loss(s, t, y, student_features=feats_s, teacher_features=feats_t)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.losses import DistillationLoss, _num, kd_term
+from kdrun.registry import register_loss
+
+log = logging.getLogger("kdrun")
+
+# stage outputs, shallow to deep, of each built-in architecture (class -> module names); see default_feature_layers
+_STAGES = {
+    "kdrun.models.nets.SimpleCnn": ["features.3", "features.7"],  # after each conv-BN-ReLU-pool block
+    "kdrun.models.nets.Mlp": [],  # no spatial maps; fitnet's hint: the hidden layer (below)
+    "kdrun.models.nets.CifarResNet": ["layer1", "layer2", "layer3"],
+    "kdrun.models.nets.WideResNet": ["block1", "block2", "block3"],
+    "kdrun.models.cifar.CifarVgg": ["block1", "block2", "block3", "block4"],  # before the ReLU applied in forward
+    "kdrun.models.cifar.ShuffleNetV1": ["layer1", "layer2", "layer3"],
+    "kdrun.models.cifar.ShuffleNetV2": ["layer1", "layer2", "layer3"],
+    "kdrun.models.cifar.CifarMobileNetV2": ["blocks.1", "blocks.2", "blocks.4", "blocks.6"],  # as RepDistiller
+    "torchvision.models.resnet.ResNet": ["layer1", "layer2", "layer3", "layer4"],
+    "torchvision.models.mobilenetv2.MobileNetV2": ["features.3", "features.6", "features.13", "features.17"],
+    "torchvision.models.mobilenetv3.MobileNetV3": ["features.1", "features.3", "features.8", "features.11"],
+}
+_HINTS = {"kdrun.models.nets.Mlp": "net.2"}  # where the middle stage is not the hint
+
+
+def default_feature_layers(model: nn.Module, key: str = "loss.student_layers") -> dict:
+    """``{"hint": name or None, "stages": [names]}`` of ``model``: its stage outputs, shallow to deep, and the
+    hint (fitnet's layer: the middle stage, ``stages[(n - 1) // 2]``).
+
+    Known: every built-in architecture (by class), and any model whose class declares
+    ``kdrun_feature_layers = {"stages": [...], "hint": ...}``. Otherwise a :class:`ConfigError` on ``key``
+    listing the model's module names."""
+    declared = getattr(model, "kdrun_feature_layers", None)
+    cls = f"{type(model).__module__}.{type(model).__qualname__}"
+    if isinstance(declared, dict):
+        stages = list(declared.get("stages", []))
+        hint = declared.get("hint")
+    elif cls in _STAGES:
+        stages, hint = list(_STAGES[cls]), _HINTS.get(cls)
+    else:
+        modules = ", ".join(n for n, _ in model.named_modules() if n)
+        raise ConfigError(key, f"no default feature layers for {type(model).__name__}: set loss.student_layers and "
+                               f"loss.teacher_layers to module names (print(model) shows them); its modules: "
+                               f"{modules}")
+    if hint is None and stages:
+        hint = stages[(len(stages) - 1) // 2]
+    return {"hint": hint, "stages": stages}
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _pool_pair(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both (N, C, H, W) maps average-pooled to the smaller height and width (no-op when they agree)."""
+    size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))
+    if tuple(fs.shape[2:]) != size:
+        fs = F.adaptive_avg_pool2d(fs, size)
+    if tuple(ft.shape[2:]) != size:
+        ft = F.adaptive_avg_pool2d(ft, size)
+    return fs, ft
+
+
+def attention(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """AT's attention map of (N, C, H, W) features: ``normalize(mean_c |f|^p)`` as an (N, H*W) unit vector."""
+    f = f.float()
+    a = f.pow(2) if p == 2 else f.abs().pow(p)
+    return F.normalize(a.mean(dim=1).flatten(1), dim=1)
+
+
+def at_term(fs: torch.Tensor, ft: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``mean((a(f_s) - a(f_t))^2)`` over batch and positions, maps pooled to the smaller size first."""
+    fs, ft = _pool_pair(fs, ft.detach())
+    return (attention(fs, p) - attention(ft, p)).pow(2).mean()
+
+
+class FeatureLoss(DistillationLoss):
+    """Base of the feature losses: CE, the KD term (``alpha``, ``T``) and ``beta`` times a feature term over
+    layer pairs. ``forward`` takes ``student_features`` / ``teacher_features``: lists of tensors in pair order.
+
+    ``needs_features`` tells the training loop to hook ``layer_names(student, teacher)`` and call
+    :meth:`setup` on one batch's features before the optimizer is built. Parts: ``ce``, ``kd``, ``feat``."""
+
+    needs_features = True
+    extra_parts = ("feat",)
+    role = "stages"        # which default layers the loss pairs: "stages" or "hint"
+    term_name = "feature"
+
+    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 1.0,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(T=T, alpha=alpha)
+        self.beta = float(beta)
+        self.student_layers = list(student_layers) if student_layers else None
+        self.teacher_layers = list(teacher_layers) if teacher_layers else None
+        self.pairs: list[tuple[str, str]] = []  # resolved names, for messages
+        self.epoch = 1
+
+    @property
+    def needs_teacher(self) -> bool:
+        return True  # its features are read whatever the weights
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def layer_names(self, student: nn.Module, teacher: nn.Module) -> tuple[list[str], list[str]]:
+        """The (student, teacher) module names of the layer pairs: the configured ones, else the defaults."""
+        s = self.student_layers or self._defaults(student, "loss.student_layers")
+        t = self.teacher_layers or self._defaults(teacher, "loss.teacher_layers")
+        if len(s) != len(t):
+            if self.student_layers or self.teacher_layers:
+                key = "loss.teacher_layers" if self.student_layers else "loss.student_layers"
+                raise ConfigError(key, f"{len(s)} student layers {s} and {len(t)} teacher layers {t} do not pair "
+                                       f"up: give loss.student_layers and loss.teacher_layers one name per pair")
+            k = min(len(s), len(t))  # both defaults: pair the deepest k stages
+            s, t = s[len(s) - k:], t[len(t) - k:]
+        return s, t
+
+    def _defaults(self, model: nn.Module, key: str) -> list[str]:
+        found = default_feature_layers(model, key)
+        names = [found["hint"]] if self.role == "hint" and found["hint"] else found["stages"]
+        if not names:
+            raise ConfigError("loss", f"loss={self.name} needs (N, C, H, W) feature maps and "
+                                      f"{type(model).__name__} has none (no conv stages): use a conv model, or "
+                                      f"loss=fitnet, which also matches flat features")
+        return names
+
+    def setup(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+              names: Optional[tuple[Sequence[str], Sequence[str]]] = None) -> None:
+        """Check the pairs' shapes (and build any adapters) from one batch's features; ``names``: the layers'
+        names for error messages (default: "student 0", "teacher 0", ...)."""
+        s_names, t_names = names or ([f"student {i}" for i in range(len(student_features))],
+                                     [f"teacher {i}" for i in range(len(teacher_features))])
+        if len(student_features) != len(teacher_features):
+            raise ConfigError("loss.student_layers", f"{len(student_features)} student and {len(teacher_features)} "
+                                                     f"teacher features: give one of each per pair")
+        self.pairs = list(zip(s_names, t_names))
+        for (sn, tn), fs, ft in zip(self.pairs, student_features, teacher_features):
+            self.check_pair(sn, tn, fs, ft)
+        self.train()
+
+    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
+        if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == 4 and ft.dim() == 4):
+            raise self.mismatch(sn, tn, fs, ft, "needs (N, C, H, W) feature maps on both sides")
+
+    def mismatch(self, sn: str, tn: str, fs, ft, why: str) -> ConfigError:
+        return ConfigError("loss.student_layers", f"loss={self.name} cannot pair student layer {sn!r} {_shape(fs)} "
+                                                  f"with teacher layer {tn!r} {_shape(ft)}: {why}")
+
+    def feature_term(self, student_features, teacher_features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                student_features: Optional[Sequence[torch.Tensor]] = None,
+                teacher_features: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, dict]:
+        if student_features is None or teacher_features is None:
+            raise ValueError(f"loss={self.name} needs student_features and teacher_features (lists of tensors, one "
+                             f"per layer pair; kdrun.features.FeatureHooks captures them)")
+        ce = F.cross_entropy(student_logits.float(), labels)
+        kd = kd_term(student_logits, teacher_logits, self.T) if self.alpha > 0 else torch.zeros_like(ce)
+        feat = self.feature_term(student_features, teacher_features)
+        if self.epoch <= getattr(self, "hint_epochs", 0):  # fitnet's hint-only first stage
+            return self.beta * feat, {"ce": ce, "kd": kd, "feat": feat}
+        return (1 - self.alpha) * ce + self.alpha * kd + self.beta * feat, {"ce": ce, "kd": kd, "feat": feat}
+
+    def formula(self) -> str:
+        ce = ("CE" if self.alpha == 0 else f"{_num(round(1 - self.alpha, 6))}·CE") if self.alpha < 1 else ""
+        kd = f"{_num(self.alpha)}·{_num(self.T * self.T)}·KL(T={_num(self.T)})" if self.alpha > 0 else ""
+        feat = f"{_num(self.beta)}·{self.term_name}"
+        return "L = " + " + ".join(p for p in (ce, kd, feat) if p)
+
+
+@register_loss("at", "Attention transfer (Zagoruyko & Komodakis 2017): (1-alpha)·CE + alpha·T²·KL + beta·Σ AT")
+class ATLoss(FeatureLoss):
+    """Attention transfer over one or more layer pairs (default: every stage's output), plus the KD term."""
+
+    name = "at"
+
+    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 1000.0, p: float = 2.0,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
+        self.p = float(p)
+        self.term_name = f"Σ_pairs mean((a_s - a_t)²)(p={_num(self.p)})"
+
+    def feature_term(self, student_features, teacher_features) -> torch.Tensor:
+        return sum(at_term(fs, ft, self.p) for fs, ft in zip(student_features, teacher_features))
+
+
+def regressor(sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor, loss: FeatureLoss) -> nn.Module:
+    """FitNets' regressor from the student's hint to the teacher's guided layer: 1x1 conv + BN for maps, Linear
+    for flat features (built on the features' device)."""
+    if fs.dim() == 4 and ft.dim() == 4:
+        return nn.Sequential(nn.Conv2d(fs.shape[1], ft.shape[1], 1, bias=False),
+                             nn.BatchNorm2d(ft.shape[1])).to(fs.device)
+    if fs.dim() == 2 and ft.dim() == 2:
+        return nn.Linear(fs.shape[1], ft.shape[1]).to(fs.device)
+    raise loss.mismatch(sn, tn, fs, ft, "needs two (N, C, H, W) maps or two (N, D) vectors")
+
+
+@register_loss("fitnet", "FitNets hint (Romero et al. 2015): (1-alpha)·CE + alpha·T²·KL + beta·MSE(regressor(s), t)")
+class FitNetLoss(FeatureLoss):
+    """Hint loss through a learned regressor per layer pair (default: the middle stage), plus the KD term;
+    ``hint_epochs``: a hint-only first stage."""
+
+    name = "fitnet"
+    role = "hint"
+
+    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 100.0, hint_epochs: int = 0,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
+        self.hint_epochs = int(hint_epochs)
+        self.regressors = nn.ModuleList()
+        self.term_name = "Σ_pairs MSE(regressor(f_s), f_t)"
+
+    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
+        if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor)):
+            raise self.mismatch(sn, tn, fs, ft, "needs tensors")
+
+    def setup(self, student_features, teacher_features, names=None) -> None:
+        """Check the pairs and build one fresh regressor per pair (a new student gets new regressors)."""
+        super().setup(student_features, teacher_features, names)
+        self.regressors = nn.ModuleList(regressor(sn, tn, fs, ft, self) for (sn, tn), fs, ft
+                                        in zip(self.pairs, student_features, teacher_features))
+        self.train()
+
+    def feature_term(self, student_features, teacher_features) -> torch.Tensor:
+        if len(self.regressors) != len(student_features):
+            raise RuntimeError(f"loss=fitnet has {len(self.regressors)} regressors for {len(student_features)} "
+                               f"layer pairs: call loss.setup(student_features, teacher_features) first")
+        total = 0
+        for reg, fs, ft in zip(self.regressors, student_features, teacher_features):
+            ft = ft.detach().float()
+            if fs.dim() == 4:
+                fs, ft = _pool_pair(fs, ft)
+            total = total + F.mse_loss(reg(fs.float()), ft)
+        return total
+
+    def formula(self) -> str:
+        text = super().formula()
+        if self.hint_epochs:
+            span = "epoch 1" if self.hint_epochs == 1 else f"epochs 1-{self.hint_epochs}"
+            text += f"; {span}: {_num(self.beta)}·{self.term_name} only"
+        return text
+
+
+def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
+    """Before any training: resolve ``loss``'s layer pairs on freshly built models (the student config and
+    ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
+    batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
+    (random state restored; the loss's adapters are built again when its student trains)."""
+    from kdrun.stages import build
+
+    x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
+    with torch.random.fork_rng(devices=[]):
+        student = build(ctx.cfg.student, data, "student", ctx.device, 0)
+        teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
+        from kdrun.features import FeaturePairs
+
+        pairs = FeaturePairs(loss, student, teacher, x)
+    log.info(f"loss={loss.name} layer pairs (student <- teacher): " + ", ".join(
+        f"{s} <- {t}" for s, t in zip(pairs.student_names, pairs.teacher_names)))
+
+
+__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "check_layers", "default_feature_layers",
+           "regressor"]
