@@ -47,6 +47,7 @@ class RunInfo:
     name: str                 # the run's name: its dir's name (in a sweep: <sweep dir name>/<job subdir>)
     group: Optional[str]      # logger_options.group, or the sweep dir
     options: LoggerOptions
+    sweep: Optional[Path] = None  # the sweep dir of a multirun's job
 
 
 class Tracker:
@@ -116,10 +117,11 @@ class TensorBoardTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    """``logger_options.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the run dir
-    (``<run dir>/mlflow/mlflow.db``, artifacts in ``<run dir>/mlflow/artifacts``; MLflow 3 no longer accepts a
-    plain directory as store). Experiment: ``logger_options.mlflow.experiment``, else the group, else
-    ``logger_options.project``; the run is tagged ``kdrun.group`` and ``kdrun.run_dir``."""
+    """``logger_options.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the run dir,
+    or for a sweep's job in the sweep dir, shared by its jobs: ``<dir>/mlflow/mlflow.db``, artifacts in
+    ``<dir>/mlflow/artifacts`` (MLflow 3 no longer takes a plain directory as store). Experiment:
+    ``logger_options.mlflow.experiment``, else the group, else ``logger_options.project``; the run is tagged
+    ``kdrun.group`` and ``kdrun.run_dir``."""
     name = "mlflow"
 
     def start(self, run: RunInfo) -> str:
@@ -130,10 +132,16 @@ class MlflowTracker(Tracker):
         uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         artifacts = None
         if not uri:
-            root = (run.out_dir / "mlflow").resolve()
+            from filelock import FileLock
+
+            root = ((run.sweep or run.out_dir) / "mlflow").resolve()
             root.mkdir(parents=True, exist_ok=True)
             uri, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
-        self.client, self.root = MlflowClient(tracking_uri=uri), run.out_dir
+            with FileLock(str(root / ".create.lock")):  # parallel jobs of a sweep: one creates the tables
+                self.client = MlflowClient(tracking_uri=uri)
+        else:
+            self.client = MlflowClient(tracking_uri=uri)
+        self.root = run.out_dir
         experiment = options.experiment or run.group or run.options.project
         tags = {"kdrun.run_dir": str(run.out_dir.resolve()), **({"kdrun.group": run.group} if run.group else {})}
         self.run_id = self.client.create_run(self._experiment(experiment, artifacts), run_name=run.name,
@@ -239,7 +247,7 @@ class Trackers:
         sweep = sweep_dir(out_dir)
         group = options.group or (str(sweep) if sweep else None)
         name = f"{sweep.name}/{out_dir.relative_to(sweep)}" if sweep else out_dir.name
-        run = RunInfo(out_dir, cfg_dict, flatten(cfg_dict, "."), name, group, options)
+        run = RunInfo(out_dir, cfg_dict, flatten(cfg_dict, "."), name, group, options, sweep)
         for tracker in (BACKENDS[n]() for n in names):
             trackers.active.append(tracker)
             where = trackers._call(tracker, "start", run)

@@ -164,14 +164,15 @@ def test_wandb_offline_run_holds_config_history_summary_and_artifacts(tracked):
 def test_failing_trackers_give_one_warning_each_and_the_run_completes(tmp_path, monkeypatch, caplog):
     _quiet_env(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError: as if not installed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")  # a store MLflow cannot open
     with caplog.at_level(logging.WARNING, logger="kdrun"):
-        summary = smoke_inproc(tmp_path, tmp_path / "run", "logger=[wandb,mlflow]", "baseline=false",
-                               "logger_options.mlflow.tracking_uri=nosuchscheme://nowhere", *SMOKE)
+        summary = smoke_inproc(tmp_path, tmp_path / "run", "logger=[wandb,mlflow]", "baseline=false", *SMOKE)
     assert summary["status"] == "completed"
     warnings = [r.getMessage() for r in caplog.records if r.name == "kdrun" and r.levelno == logging.WARNING
                 and r.getMessage().startswith("logger ")]
     assert len(warnings) == 2 and all("\n" not in w for w in warnings), warnings
     assert "pip install 'kdrun[wandb]'" in warnings[0] and warnings[1].startswith("logger mlflow: start failed")
+    assert "nosuchscheme" in warnings[1]
     assert set(summary["trackers"]) == {"wandb", "mlflow"}
     assert all(v.startswith("off: ") for v in summary["trackers"].values())
 
@@ -238,8 +239,8 @@ def test_a_sweep_job_is_found_by_the_sweep_dirs_multirun_yaml(tmp_path):
 
 
 def test_sweep_jobs_are_grouped_in_every_tracker(tracked, tmp_path, monkeypatch):
-    """Two jobs of one sweep dir, MLflow at a shared store from $MLFLOW_TRACKING_URI: one experiment named after the
-    sweep, one W&B group, and `tensorboard --logdir <sweep dir>` finds both jobs."""
+    """Two jobs of one sweep dir: one MLflow store in the sweep dir with one experiment named after the sweep, one
+    W&B group, and `tensorboard --logdir <sweep dir>` finds both jobs."""
     import shutil
 
     from mlflow.tracking import MlflowClient
@@ -249,18 +250,20 @@ def test_sweep_jobs_are_grouped_in_every_tracker(tracked, tmp_path, monkeypatch)
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra writes into a sweep dir before its jobs
-    shutil.copy(tracked[0] / "mlflow" / "mlflow.db", tmp_path / "mlflow.db")  # a store with its tables: no set-up
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (sweep / "mlflow").mkdir()
+    shutil.copy(tracked[0] / "mlflow" / "mlflow.db", sweep / "mlflow")  # a store with its tables: spares the set-up
     for job, seed in (("0", 0), ("1", 1)):
         summary = smoke_inproc(tmp_path, sweep / job, "logger=[tensorboard,mlflow,wandb]", "baseline=false",
                                f"seed={seed}", *SMOKE)
         assert summary["status"] == "completed"
     group = str(sweep.resolve())
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(group).experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["sweep/0", "sweep/1"]
     assert {r.data.tags["kdrun.group"] for r in runs} == {group}
+    assert not (sweep / "0" / "mlflow").exists()
+    assert sorted(f.path for r in runs for f in client.list_artifacts(r.info.run_id, "checkpoints")) == \
+        ["checkpoints/student_best.pt"] * 2
     for job in ("0", "1"):
         (run,) = [r for r in wandb_records(_wandb_run_file(sweep / job)) if r.WhichOneof("record_type") == "run"]
         assert (run.run.run_group, run.run.display_name) == (group, f"sweep/{job}")

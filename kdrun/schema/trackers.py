@@ -14,6 +14,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 @dataclass
 class MlflowOptions:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a SQLite store <run dir>/mlflow/mlflow.db
+                                        # (a sweep's jobs share <sweep dir>/mlflow/mlflow.db)
     experiment: Optional[str] = None    # None: the group (the sweep dir in a multirun), else logger_options.project
 
 
