@@ -98,7 +98,7 @@ class TensorBoardTracker(Tracker):
         params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.run.params.items()
                   if v is not None}
         for event in hparams(params, summary):  # the HParams tab: one row per run, compared across a sweep
-            self.writer._get_file_writer().add_summary(event)
+            self.writer.file_writer.add_summary(event)
 
     def log_artifacts(self, paths: list[Path]) -> None:
         import numpy as np
@@ -198,7 +198,7 @@ class WandbTracker(Tracker):
                               group=run.group, name=run.name, dir=str(run.out_dir), config=run.config,
                               mode=options.mode, job_type="kdrun",
                               settings=wandb.Settings(silent=True, console="off"))
-        return f"{self.run.dir} ({self.run.settings.mode})"
+        return f"{Path(self.run.dir).parent} ({self.run.settings.mode})"  # run.dir is its files/ folder
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stages = {key.split("/", 1)[0] for key in metrics}

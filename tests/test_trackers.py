@@ -208,6 +208,47 @@ def test_a_tracker_raising_mid_run_is_dropped_after_one_warning(tmp_path, monkey
     assert group.status() == {"trackers": {"tensorboard": "off: log_metrics failed: ConnectionError: server went away"}}
 
 
+class Recorder(trackers.Tracker):
+    """A tracker that records what it is given."""
+    name = "tensorboard"
+    calls: list = []
+
+    def start(self, run):
+        Recorder.calls.append(("start", run.name))
+        return "recorder://"
+
+    def log_metrics(self, metrics, step):
+        Recorder.calls.append(("metrics", step, sorted(metrics)))
+
+    def log_summary(self, summary):
+        Recorder.calls.append(("summary", summary))
+
+    def log_artifacts(self, paths):
+        Recorder.calls.append(("artifacts", [p.name for p in paths]))
+
+    def finish(self, status):
+        Recorder.calls.append(("finish", status))
+
+
+def test_a_failed_run_still_sends_its_summary_so_far_and_ends_the_tracker_run(tmp_path, monkeypatch):
+    import kdrun.stages
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the student stage broke")
+    monkeypatch.setitem(trackers.BACKENDS, "tensorboard", Recorder)
+    monkeypatch.setattr(kdrun.stages, "distil", broken)
+    Recorder.calls = []
+    with pytest.raises(RuntimeError, match="the student stage broke"):
+        smoke_inproc(tmp_path, tmp_path / "run", "logger=[tensorboard]", *SMOKE)
+    kinds = [call[0] for call in Recorder.calls]
+    assert kinds == ["start"] + ["metrics"] * 4 + ["summary", "artifacts", "finish"]  # teacher, baseline: 2 epochs
+    assert Recorder.calls[1] == ("metrics", 1, ["teacher/lr", "teacher/time_s", "teacher/train/loss",
+                                                "teacher/train/loss_ce", "teacher/train/loss_kd", "teacher/val/acc"])
+    summary = Recorder.calls[5][1]
+    assert summary["summary/teacher/test_acc"] == read_json(tmp_path / "run" / "summary.json")["teacher"]["test_acc"]
+    assert Recorder.calls[-2:] == [("artifacts", []), ("finish", "failed")]  # no checkpoint: the student never ran
+
+
 def test_unknown_logger_is_a_config_error_naming_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         to_object(compose_config("logger=[tensorboard,neptune]"))
