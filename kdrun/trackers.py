@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,17 +294,20 @@ class Trackers:
                 why = f"{what} failed: {type(exc).__name__}: {_first_line(exc)}"
             self.where[tracker.name] = f"off: {why}"
             log.warning(f"logger {tracker.name}: {why}; the run goes on without it")
-            if what != "start":
-                _close_quietly(tracker)
+            _close_quietly(tracker)
             return None
 
 
 def sweep_dir(out_dir: Path) -> Optional[Path]:
-    """The sweep dir ``out_dir`` is a job of (a parent holding Hydra's ``multirun.yaml``), else None."""
+    """The sweep dir ``out_dir`` is a job of: a parent holding Hydra's ``multirun.yaml``; for a sweeper that
+    writes none (Optuna's), the parent of a job whose ``.hydra/hydra.yaml`` says ``mode: MULTIRUN``. Else None."""
     out_dir = Path(out_dir).resolve()
     for parent in list(out_dir.parents)[:SWEEP_DEPTH]:
         if (parent / SWEEP_MARKER).is_file():
             return parent
+    saved = out_dir / ".hydra" / "hydra.yaml"
+    if saved.is_file() and re.search(r"^\s+mode: MULTIRUN\s*$", saved.read_text(errors="replace"), re.MULTILINE):
+        return out_dir.parent
     return None
 
 
@@ -341,7 +345,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _close_quietly(tracker: Tracker) -> None:
-    """Close a tracker that failed mid-run (W&B keeps a service process until its run is finished)."""
+    """Close a tracker that failed, as far as it got (W&B keeps a service process until its run is finished)."""
     try:
         tracker.finish("failed")
     except Exception:  # noqa: BLE001 - already reported once

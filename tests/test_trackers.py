@@ -272,11 +272,17 @@ def test_metrics_and_summary_are_flattened_to_numbers():
     assert trackers.flatten({"a": {"b": [1, 2], "c": {}}}, ".") == {"a.b": [1, 2]}
 
 
-def test_a_sweep_job_is_found_by_the_sweep_dirs_multirun_yaml(tmp_path):
+def test_a_sweep_job_is_found_by_multirun_yaml_or_its_hydra_yaml(tmp_path):
     (tmp_path / "sweep" / "3").mkdir(parents=True)
     assert trackers.sweep_dir(tmp_path / "sweep" / "3") is None
     (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
     assert trackers.sweep_dir(tmp_path / "sweep" / "3") == (tmp_path / "sweep").resolve()
+    job = tmp_path / "optuna" / "0"  # Optuna's sweeper writes no multirun.yaml: the job's own hydra.yaml tells
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: RUN\n  runtime:\n    choices:\n      mode: offline\n")
+    assert trackers.sweep_dir(job) is None
+    (job / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    assert trackers.sweep_dir(job) == job.parent.resolve()
 
 
 def test_sweep_jobs_are_grouped_in_every_tracker(tracked, tmp_path, monkeypatch):
