@@ -35,6 +35,7 @@ from kdrun.results import RunResult
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
+from kdrun.trackers import Trackers
 
 log = logging.getLogger("kdrun")
 
@@ -57,8 +58,9 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
     if resume:
         summary["resumed"] = True
     started: list[RunResult] = []  # the mode's result, from the moment the mode starts
+    trackers = Trackers.start(conf.logger, conf.logger_options, cfg_dict, out_dir)  # none: nothing imported
     try:
-        _execute(conf, cfg_dict, out_dir, summary, started)
+        _execute(conf, cfg_dict, out_dir, summary, started, trackers)
         summary["status"] = "completed"
     except BaseException as caught:
         exc = caught
@@ -76,15 +78,18 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        summary.update(trackers.status())
         write_json(out_dir / "summary.json", summary)
+        trackers.finish(summary, out_dir)  # also for a failed run: its summary so far, its artifacts
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
     return summary
 
 
-def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started: list) -> None:
-    """Load the data, run the mode, add its result to ``summary`` (``started`` receives it as the mode starts)."""
+def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started: list, trackers: Trackers) -> None:
+    """Load the data, run the mode, add its result to ``summary`` (``started`` receives it as the mode starts);
+    ``trackers`` receive every stage's epochs."""
     import torch
 
     from kdrun import losses, registry
@@ -110,7 +115,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     mode = registry.get("mode", conf.mode.name, "mode").obj
     with Progress(conf.trainer.progress) as progress:
         ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
-                         JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult())
+                         JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult(), trackers=trackers)
         started.append(ctx.result)
         preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done

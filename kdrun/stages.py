@@ -27,6 +27,7 @@ from kdrun.results import BaselineResult, MergedTeacherResult, RunResult, Studen
 from kdrun.schema import Config, ModelConfig
 from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
 from kdrun.teaching import CachedLogits, Hook, LiveTeacher, TeacherSource
+from kdrun.trackers import Trackers
 from kdrun.transfer import initialise, store_key_part
 
 log = logging.getLogger("kdrun")
@@ -45,6 +46,11 @@ class RunContext:
     metrics: JsonlWriter
     result: RunResult  # filled in by the mode as each stage finishes (a later failure keeps them)
     memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
+    trackers: Optional[Trackers] = None  # logger=[...] (kdrun.trackers): every stage's epochs go to them too
+
+    def writers(self, stage: str) -> list:
+        """The per-epoch writers besides ``metrics.jsonl``: the trackers', for ``stage``."""
+        return [self.trackers.writer(stage)] if self.trackers is not None else []
 
 
 def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:
@@ -168,7 +174,7 @@ def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recip
         log.info(f"training {role} {model_cfg.name} ({n_params(net):,} params) for {recipe.epochs} epochs")
         writer = JsonlWriter(tmp_dir / "metrics.jsonl", stage=role)
         result = fit(net, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
-                     hooks=[EpochLogger(role, recipe.epochs, writer)])
+                     hooks=[EpochLogger(role, recipe.epochs, writer, *ctx.writers(role))])
         meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
                 "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
                 "best_val_acc": result.best_val_acc}
@@ -316,7 +322,8 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     every = cfg.trainer.checkpoint_every
     checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{stage}_resume.pt", every) if every else None
     result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=stage,
-                            hooks=[EpochLogger(stage, recipe.epochs, writer), TrimMetrics(writer.path, stage)],
+                            hooks=[EpochLogger(stage, recipe.epochs, writer, *ctx.writers(stage)),
+                                   TrimMetrics(writer.path, stage)],
                             checkpoint=checkpoint)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}

@@ -26,6 +26,7 @@ from kdrun.schema.data import AugmentConfig, DatasetConfig
 from kdrun.schema.losses import LOSS_SCHEMAS, CELossConfig, FeatureLossConfig, KDLossConfig, LossBase, LossConfig
 from kdrun.schema.models import ModelConfig, StudentConfig, TeacherConfig
 from kdrun.schema.modes import MODE_SCHEMAS, MergeMode, ModeConfig, OfflineMode, SelfMode, SemiMode
+from kdrun.schema.trackers import LoggerOptions, check_loggers
 from kdrun.schema.training import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimConfig, SchedConfig, StoreConfig, TrainerConfig
 
 __all__ = ["AugmentConfig", "CELossConfig", "Config", "DatasetConfig", "KDLossConfig", "LOSS_SCHEMAS", "LossBase",
@@ -56,8 +57,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     baseline: bool = True
+    logger: Any = field(default_factory=list)  # experiment trackers: a list of tensorboard, mlflow, wandb (kdrun.trackers)
+    logger_options: LoggerOptions = field(default_factory=LoggerOptions)
 
     def __post_init__(self):
+        self.logger = check_loggers(self.logger)
         self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
         self.teacher = open_node(TeacherConfig, self.teacher, "teacher")
         self.student = open_node(StudentConfig, self.student, "student")
