@@ -1,11 +1,12 @@
 """``mode=offline``: a frozen, pre-trained teacher (from the store or ``teacher.ckpt``) teaches the student;
-the same student trained with CE only is the baseline (``baseline=true``)."""
+the same student trained with CE only is the baseline (``baseline=true``); ``student.prune.amount > 0`` adds a
+pruned student (:mod:`kdrun.pruning`)."""
 from __future__ import annotations
 
 from kdrun.data import Data
 from kdrun.losses import DistillationLoss
 from kdrun.registry import register_mode
-from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
+from kdrun.stages import RunContext, distil, obtain_baseline, obtain_teacher, teacher_targets
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")
@@ -13,10 +14,20 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teacher, CE baseline, KD student; each goes into ``ctx.result`` as soon as it is done."""
     result = ctx.result
     if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
-        result.student = train_student(ctx, data, loss)
+        student, result.student = distil(ctx, data, loss)
+        _prune(ctx, data, loss, None, student)
         return
     teacher, result.teacher = obtain_teacher(ctx, data)
     source = teacher_targets(ctx, data, teacher, result.teacher)
     if ctx.cfg.baseline:
         result.baseline = obtain_baseline(ctx, data)
-    result.student = train_student(ctx, data, loss, source)
+    student, result.student = distil(ctx, data, loss, teacher=source)
+    _prune(ctx, data, loss, source, student)
+
+
+def _prune(ctx: RunContext, data: Data, loss: DistillationLoss, source, student) -> None:
+    """``student.prune.amount > 0``: the pruned student, as ``student_pruned`` of the summary and the table."""
+    if ctx.cfg.student.prune.amount > 0:
+        from kdrun.pruning import pruned_student
+
+        ctx.result.extra["student_pruned"] = pruned_student(ctx, data, loss, source, student)

@@ -56,6 +56,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     baseline: bool = True
+    export: List[str] = field(default_factory=list)  # write the best student as: torchscript, onnx (kdrun.export)
+    compression: bool = True  # teacher vs student: params, weight bytes, CPU latency at batch 1 and 64 (kdrun.compression)
 
     def __post_init__(self):
         self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
@@ -65,6 +67,10 @@ class Config:
         self.mode = _mode(self.mode if self.mode is not None else OfflineMode())
         self.optim.check("optim")
         self.sched.check("sched")
+        self.student.prune.check(self.trainer.epochs, self.mode.name)
+        from kdrun.export import check_formats  # no torch at import
+
+        check_formats("export", self.export)
         if self.mode.name != "offline" and self.loss.name == "ce":
             raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
         if self.mode.name == "semi" and self.loss.name in LOSS_SCHEMAS and (
