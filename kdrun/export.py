@@ -201,6 +201,17 @@ def finished_run(run_dir: Path) -> dict:
     return summary
 
 
+def _merged(old, new: dict) -> dict:
+    """``new`` export records over the run's earlier ones: formats not exported now keep their record."""
+    if not isinstance(old, dict):
+        return new
+    out = {**old, **new, "formats": list(dict.fromkeys([*old.get("formats", []), *new["formats"]]))}
+    for stage, _ in MODELS:
+        if isinstance(old.get(stage), dict) and stage in new:
+            out[stage] = {**old[stage], **new[stage]}
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``kdrun-export RUN_DIR [--formats torchscript,onnx]``."""
     parser = argparse.ArgumentParser(prog="kdrun-export", description=(
@@ -215,14 +226,17 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     try:
         formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
+        if not formats:
+            raise ConfigError("--formats", f"name at least one of: {', '.join(EXPORT_FORMATS)}")
         check_formats("--formats", formats)
         summary = finished_run(args.run_dir)
-        summary["export"] = export_run(args.run_dir, formats)
+        result = export_run(args.run_dir, formats)
     except KdrunError as exc:
         print(f"kdrun-export: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, InputError) else 1)
+    summary["export"] = _merged(summary.get("export"), result)
     write_json(args.run_dir / "summary.json", summary)
-    entries = [(f"{stage} {fmt}", entry) for stage, _ in MODELS for fmt, entry in summary["export"].get(stage, {}).items()]
+    entries = [(f"{stage} {fmt}", entry) for stage, _ in MODELS for fmt, entry in result.get(stage, {}).items()]
     written = [entry["file"] for _, entry in entries if "error" not in entry]
     print(f"kdrun-export: wrote {', '.join(written) or 'nothing'} in {args.run_dir}; recorded in summary.json (export)")
     if len(written) < len(entries):
