@@ -152,14 +152,15 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
 
     Consumes ``student.prune.*`` and what :func:`kdrun.stages.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``
-    (stage ``student_pruned``)."""
+    (stage ``student_pruned``). It keeps no resume checkpoint: a resumed run trains this stage again."""
     from kdrun.engine import fit
     from kdrun.records import JsonlWriter
-    from kdrun.stages import EpochLogger, evaluate, n_params, prepare_student, recipe_student
+    from kdrun.stages import EpochLogger, TrimMetrics, evaluate, n_params, prepare_student, recipe_student
 
     cfg, spec = ctx.cfg, ctx.cfg.student.prune
     recipe = recipe_student(cfg)
     writer = JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=STAGE)
+    TrimMetrics(writer.path, STAGE).after_resume(0)  # a resumed run trains this stage again: one line per epoch
     extra: dict = {}
     if spec.schedule == "gradual":
         model, _ = prepare_student(ctx, data, seed=recipe.seed)  # the KD student's initial weights

@@ -128,19 +128,24 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
 def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[str]:
     """``export``: the student as TorchScript / ONNX (:mod:`kdrun.export`); ``compression``: the report
     (:mod:`kdrun.compression`). Adds them to ``summary``; returns the report's lines for the table."""
-    if conf.export:
-        from kdrun.export import export_run
-
-        summary["export"] = export_run(out_dir, conf.export, data)
-    if not conf.compression:
-        return None
     from kdrun.compression import from_run
+    from kdrun.export import export_run
 
-    report = from_run(ctx, data)
-    if report is None:
-        return None
-    summary["compression"] = report
-    return "\n".join(report["lines"]) or None
+    wanted = {"export": conf.export and (lambda: export_run(out_dir, conf.export, data)),
+              "compression": conf.compression and (lambda: from_run(ctx, data))}
+    for key, make in wanted.items():
+        if not make:
+            continue
+        try:  # the students are trained and saved by now: a model that does not export or time is a warning
+            value = make()
+        except Exception as exc:  # noqa: BLE001
+            summary["warnings"].append(f"{key} failed: {type(exc).__name__}: {exc}")
+            log.warning(summary["warnings"][-1])
+            continue
+        if value is not None:
+            summary[key] = value
+    lines = summary.get("compression", {}).get("lines")
+    return "\n".join(lines) if lines else None
 
 
 def _serialise(result: RunResult, loss: dict) -> dict:

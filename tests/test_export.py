@@ -227,13 +227,17 @@ def test_gradually_pruned_student_in_a_run(smoke_run):
     assert "student, KD, pruned" in log and "gradual, sparsity 50.0%" in log  # the results table's row
 
 
-def test_oneshot_pruning_then_fine_tuning(smoke_run, tmp_path):
+def test_oneshot_pruning_then_fine_tuning(smoke_run, tmp_path, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(compression, "from_run", boom)  # a report that fails is a warning, not a failed run
     base = smoke_run[0].parent  # its stores: teacher and baseline are reused
     summary = smoke_inproc(base, tmp_path / "oneshot", "student.prune.amount=0.25", "student.prune.schedule=oneshot",
-                           "student.prune.finetune_epochs=1", "compression=false", "trainer.num_threads=1")
+                           "student.prune.finetune_epochs=1", "trainer.num_threads=1")
     pruned = summary["student_pruned"]
     assert pruned["schedule"] == "oneshot" and pruned["epochs"] == 1 and pruned["finetune_lr"] == pytest.approx(0.005)
     assert pruned["zeros"] == round(0.25 * pruned["prunable"]) and pruned["test_acc_before_finetune"] is not None
+    assert summary["status"] == "completed" and "compression failed: RuntimeError: boom" in summary["warnings"]
     assert "compression" not in summary and "export" not in summary
     state = torch.load(tmp_path / "oneshot" / "checkpoints" / "student_pruned_best.pt", weights_only=True)["model"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)
