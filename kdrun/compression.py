@@ -3,8 +3,10 @@
 For the teacher, the best student (``checkpoints/student_best.pt``) and a pruned student (if any), on the CPU in
 fp32: parameters, weight bytes (``torch.save`` of the state_dict), and latency per image at batch 1 and batch
 64: one warm-up call, then timed calls (at least :data:`MIN_REPEATS`, more while within :data:`BUDGET_S` per
-model and batch size, at most :data:`MAX_REPEATS`), their median divided by the batch size, with
-``torch.get_num_threads()`` threads (``trainer.num_threads``) recorded. Random inputs of the data's shape.
+model and batch size, at most :data:`MAX_REPEATS`), their median divided by the batch size, on :data:`THREADS`
+thread (recorded): per-image cost as on a small device, and robust to other processes on the CPU (with two
+threads on two busy cores a call can wait for a descheduled thread: timings 1000× too slow were seen).
+Random inputs of the data's shape.
 Then per student, against the teacher: parameter ratio (pruned: against its nonzero parameters), size and
 speed ratios, and the accuracy given up (test accuracy, percentage points), as one line:
 ``student: 9.8× fewer params, 6.1× faster at batch 1, −0.9 pt``.
@@ -14,6 +16,7 @@ Unstructured pruning zeroes weights but keeps dense tensors, so it changes neith
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import statistics
@@ -27,6 +30,18 @@ from torch import nn
 BATCHES = (1, 64)
 BUDGET_S = 0.05   # timing budget per model and batch size (seconds), after the minimum repeats
 MIN_REPEATS, MAX_REPEATS = 3, 30
+THREADS = 1       # intra-op threads while timing (torch.set_num_threads; restored after)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """``torch.set_num_threads(n)`` inside the block, the previous count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -90,10 +105,11 @@ def line(role: str, entry: dict) -> str:
 def report(models: dict, shape: tuple) -> dict:
     """The report over ``models``: ``{role: (model, test_acc, nonzero_params or None)}``, the teacher (if any)
     under ``"teacher"``; every other role is compared with it."""
-    out: dict = {"device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(), "warmup_calls": 1,
+    out: dict = {"device": "cpu", "dtype": "float32", "threads": THREADS, "warmup_calls": 1,
                  "statistic": "median", "inputs": "random", "shape": list(shape)}
-    for role, (model, acc, nonzero) in models.items():
-        out[role] = profile(model, shape, acc, nonzero)
+    with threads(THREADS):
+        for role, (model, acc, nonzero) in models.items():
+            out[role] = profile(model, shape, acc, nonzero)
     lines = []
     if "teacher" in out:
         for role in models:

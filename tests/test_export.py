@@ -141,7 +141,7 @@ def test_compression_report_counts_by_hand(smoke_run):
     assert pruned["vs_teacher"]["params_ratio"] == round(teacher_params / pruned["nonzero_params"], 3)
     student, _ = export.load_student(run_dir / "checkpoints" / "student_best.pt")
     assert report["student"]["weight_bytes"] == compression.weight_bytes(student)
-    assert report["threads"] == 1 and report["device"] == "cpu"
+    assert report["threads"] == compression.THREADS == 1 and report["device"] == "cpu"
     for role in ("teacher", "student", "student_pruned"):
         for batch in ("batch_1", "batch_64"):
             timing = report[role]["latency"][batch]
