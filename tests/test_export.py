@@ -127,6 +127,26 @@ def test_onnx_without_onnxruntime_is_written_and_its_check_skipped(tmp_path, mon
     assert len(warnings) == 1 and "not checked: onnxruntime is not installed" in warnings[0]
 
 
+def test_a_format_that_fails_is_a_warning_and_an_error_record(tmp_path, monkeypatch, caplog):
+    def broken(model, example, path):
+        raise RuntimeError("cannot trace this\nsecond line")
+    monkeypatch.setitem(export._WRITERS, "torchscript", broken)
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        out = export.export_model(digits_model("mlp").eval(), tmp_path / "student", ["torchscript"],
+                                  torch.randn(4, 1, 8, 8))
+    assert out == {"torchscript": {"file": str(tmp_path / "student.ts"), "error": "RuntimeError: cannot trace this"}}
+    assert [r.getMessage() for r in caplog.records] == ["export torchscript of student failed: RuntimeError: "
+                                                        "cannot trace this"]
+
+
+def test_check_images_fall_back_to_random_when_the_data_is_gone(caplog):
+    checkpoint = {"meta": {"in_channels": 1, "image_size": 8}, "config": {"dataset": {"name": "no_such_dataset"}}}
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        inputs, record = export._check_inputs(checkpoint)
+    assert inputs.shape == (export.CHECK_IMAGES, 1, 8, 8) and record["checked_on"] == "random"
+    assert len(caplog.records) == 1 and "checking on random inputs" in caplog.records[0].getMessage()
+
+
 # --- compression -------------------------------------------------------------------------------------------------
 
 def test_compression_report_counts_by_hand(smoke_run):
