@@ -131,11 +131,12 @@ def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[s
     from kdrun.compression import from_run
     from kdrun.export import export_run
 
-    wanted = {"export": conf.export and (lambda: export_run(out_dir, conf.export, data)),
-              "compression": conf.compression and (lambda: from_run(ctx, data))}
-    for key, make in wanted.items():
-        if not make:
-            continue
+    steps = []
+    if conf.export:
+        steps.append(("export", lambda: export_run(out_dir, conf.export, data)))
+    if conf.compression:
+        steps.append(("compression", lambda: from_run(ctx, data)))
+    for key, make in steps:
         try:  # the students are trained and saved by now: a model that does not export or time is a warning
             value = make()
         except Exception as exc:  # noqa: BLE001

@@ -23,6 +23,7 @@ from kdrun.errors import ConfigError
 from kdrun.models import build_model
 from kdrun.schema import to_object
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
 FORMATS = ["torchscript", "onnx"] if HAS_ONNX else ["torchscript"]
 AMOUNT = 0.5
