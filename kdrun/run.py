@@ -127,7 +127,31 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
     if (delta := ctx.result.delta_vs_baseline()) is not None:
         summary["delta_vs_baseline"] = delta
-    show(results_table(ctx.result, delta), "results:")
+    show(results_table(ctx.result, delta, _deploy(conf, ctx, data, out_dir, summary)), "results:")
+
+
+def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[str]:
+    """``export``: the student as TorchScript / ONNX (:mod:`kdrun.export`); ``compression``: the report
+    (:mod:`kdrun.compression`). Adds them to ``summary``; returns the report's lines for the table."""
+    from kdrun.compression import from_run
+    from kdrun.export import export_run
+
+    steps = []
+    if conf.export:
+        steps.append(("export", lambda: export_run(out_dir, conf.export, data)))
+    if conf.compression:
+        steps.append(("compression", lambda: from_run(ctx, data)))
+    for key, make in steps:
+        try:  # the students are trained and saved by now: a model that does not export or time is a warning
+            value = make()
+        except Exception as exc:  # noqa: BLE001
+            summary["warnings"].append(f"{key} failed: {type(exc).__name__}: {exc}")
+            log.warning(summary["warnings"][-1])
+            continue
+        if value is not None:
+            summary[key] = value
+    lines = summary.get("compression", {}).get("lines")
+    return "\n".join(lines) if lines else None
 
 
 def _serialise(result: RunResult, loss: dict) -> dict:
@@ -135,11 +159,12 @@ def _serialise(result: RunResult, loss: dict) -> dict:
     return {"loss": {**loss, **result.loss}, **result.to_json()}
 
 
-def results_table(result: RunResult, delta: Optional[float] = None):
-    """The final rich table: teacher, CE baseline, KD student; test accuracy of best-on-val checkpoints."""
+def results_table(result: RunResult, delta: Optional[float] = None, caption: Optional[str] = None):
+    """The final rich table: teacher, CE baseline, KD student (and a pruned one); test accuracy of best-on-val
+    checkpoints; ``caption``: the compression line(s) under it."""
     from rich.table import Table
 
-    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)")
+    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption)
     for col in ("role", "model", "val acc", "test acc", "note"):
         table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
@@ -156,6 +181,11 @@ def results_table(result: RunResult, delta: Optional[float] = None):
         note += f"; Δ vs baseline {delta:+.2f}"
     label = result.student_role or ("student, KD" if teacher else "student")
     table.add_row(label, student.name, fmt(student.val_acc_best), fmt(student.test_acc_best), note)
+    if (pruned := result.extra.get("student_pruned")) is not None:  # student.prune (kdrun.pruning)
+        gap = "" if None in (pruned.test_acc_best, student.test_acc_best) else \
+            f"; Δ vs student {pruned.test_acc_best - student.test_acc_best:+.2f}"
+        table.add_row(f"{label}, pruned", pruned.name, fmt(pruned.val_acc_best), fmt(pruned.test_acc_best),
+                      pruned.note + gap)
     return table
 
 

@@ -1,12 +1,13 @@
 """``mode=offline``: a frozen, pre-trained teacher (from the store or ``teacher.ckpt``) teaches the student;
-the same student trained with CE only is the baseline (``baseline=true``)."""
+the same student trained with CE only is the baseline (``baseline=true``); ``student.prune.amount > 0`` adds a
+pruned student (:mod:`kdrun.pruning`)."""
 from __future__ import annotations
 
 from kdrun.data import Data
 from kdrun.feature_losses import check_layers
 from kdrun.losses import DistillationLoss
 from kdrun.registry import register_mode
-from kdrun.stages import RunContext, obtain_baseline, obtain_teacher, teacher_targets, train_student
+from kdrun.stages import RunContext, distil, obtain_baseline, obtain_teacher, teacher_targets
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")
@@ -14,7 +15,8 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teacher, CE baseline, KD student; each goes into ``ctx.result`` as soon as it is done."""
     result = ctx.result
     if not loss.needs_teacher:  # loss=ce: the student alone is the baseline
-        result.student = train_student(ctx, data, loss)
+        student, result.student = distil(ctx, data, loss)
+        _prune(ctx, data, loss, None, student)
         return
     if getattr(loss, "needs_features", False):  # layer names and shapes checked before the teacher trains
         check_layers(ctx, data, loss, ctx.cfg.teacher)
@@ -22,4 +24,13 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     source = teacher_targets(ctx, data, teacher, result.teacher, loss)
     if ctx.cfg.baseline:
         result.baseline = obtain_baseline(ctx, data)
-    result.student = train_student(ctx, data, loss, source)
+    student, result.student = distil(ctx, data, loss, teacher=source)
+    _prune(ctx, data, loss, source, student)
+
+
+def _prune(ctx: RunContext, data: Data, loss: DistillationLoss, source, student) -> None:
+    """``student.prune.amount > 0``: the pruned student, as ``student_pruned`` of the summary and the table."""
+    if ctx.cfg.student.prune.amount > 0:
+        from kdrun.pruning import pruned_student
+
+        ctx.result.extra["student_pruned"] = pruned_student(ctx, data, loss, source, student)

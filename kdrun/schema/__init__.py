@@ -59,6 +59,8 @@ class Config:
     baseline: bool = True
     logger: Any = field(default_factory=list)  # experiment trackers: a list of tensorboard, mlflow, wandb (kdrun.trackers)
     logger_options: LoggerOptions = field(default_factory=LoggerOptions)
+    export: List[str] = field(default_factory=list)  # write the best student as: torchscript, onnx (kdrun.export)
+    compression: bool = True  # teacher vs student: params, weight bytes, CPU latency at batch 1 and 64 (kdrun.compression)
 
     def __post_init__(self):
         self.logger = check_loggers(self.logger)
@@ -69,6 +71,10 @@ class Config:
         self.mode = _mode(self.mode if self.mode is not None else OfflineMode())
         self.optim.check("optim")
         self.sched.check("sched")
+        self.student.prune.check(self.trainer.epochs, self.mode.name)
+        from kdrun.export import check_formats  # no torch at import
+
+        check_formats("export", self.export)
         if self.mode.name != "offline" and self.loss.name == "ce":
             raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
         if self.mode.name == "semi" and self.loss.name in LOSS_SCHEMAS and (

@@ -1,12 +1,13 @@
 """Schemas of the ``teacher`` and ``student`` nodes: a registry name with its ``args``, or a ``_target_``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_choice
+from kdrun.schema.checks import check_choice, check_min, check_positive, check_range
 from kdrun.schema.training import OptimConfig, SchedConfig
 
 
@@ -75,6 +76,43 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class PruneConfig:
+    """``student.prune``: global magnitude (L1 unstructured) pruning of the KD student's conv and linear weights
+    (:mod:`kdrun.pruning`; mode=offline). Reported as a second student beside the unpruned one."""
+
+    amount: float = 0.0         # final sparsity: fraction of conv/linear weights set to 0, in [0, 1); 0 = off
+    schedule: str = "gradual"   # gradual: a second student distilled while sparsity rises (Zhu & Gupta 2017 cubic
+    #                             ramp, once per epoch); oneshot: the distilled student pruned once, then fine-tuned
+    start: Optional[int] = None  # gradual: first epoch (1-based) trained pruned; null = ceil(trainer.epochs / 4) + 1
+    #                              (at most trainer.epochs): the weights' magnitudes mean little before some training
+    end: Optional[int] = None    # gradual: first epoch trained at the full amount; null = ceil(3/4 · trainer.epochs)
+    finetune_epochs: int = 5    # oneshot: epochs of KD fine-tuning after pruning (0: none)
+    finetune_lr: Optional[float] = None  # oneshot: learning rate of the fine-tuning; null = optim.lr / 10
+
+    def check(self, epochs: int, mode: str) -> None:
+        """Range checks; ``epochs``: ``trainer.epochs`` (the ramp must end within training), ``mode``: ``mode.name``."""
+        check_range("student.prune.amount", self.amount, 0.0, 1.0, hi_open=True)
+        check_choice("student.prune.schedule", self.schedule, ("gradual", "oneshot"))
+        check_min("student.prune.finetune_epochs", self.finetune_epochs, 0)
+        if self.finetune_lr is not None:
+            check_positive("student.prune.finetune_lr", self.finetune_lr)
+        if self.start is not None and not 1 <= self.start <= epochs:
+            raise ConfigError("student.prune.start", f"must be in [1, trainer.epochs] = [1, {epochs}], got {self.start}")
+        if self.end is not None and not self.ramp(epochs)[0] <= self.end <= epochs:
+            raise ConfigError("student.prune.end", f"must be in [student.prune.start, trainer.epochs] = "
+                                                   f"[{self.ramp(epochs)[0]}, {epochs}], got {self.end}")
+        if self.amount > 0 and mode != "offline":
+            raise ConfigError("student.prune.amount", f"pruning is supported with mode=offline only, got mode={mode}")
+
+    def ramp(self, epochs: int) -> tuple[int, int]:
+        """``(start, end)`` of the gradual schedule for ``epochs`` of training, defaults filled in."""
+        start = self.start if self.start is not None else min(epochs, math.ceil(epochs / 4) + 1)
+        end = self.end if self.end is not None else max(start, math.ceil(0.75 * epochs))
+        return start, end
+
+
+@dataclass
 class StudentConfig(ModelConfig):
     KEY: ClassVar[str] = "student"
     name: Optional[str] = "mlp"
+    prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the KD student (off by default)
