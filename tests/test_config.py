@@ -60,6 +60,8 @@ def test_every_group_option_composes_and_validates(hydra_ctx, group, option):
     if group == "experiment":  # a preset's group overrides take effect
         chosen = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
         for entry in chosen.get("defaults", []):
+            if isinstance(entry, str):  # another preset it builds on (cifar100_recipe): checked on its own
+                continue
             for key, value in dict(entry).items():
                 if key.startswith("override /"):
                     assert getattr(obj, key.removeprefix("override /")).name == value
