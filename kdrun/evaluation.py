@@ -116,5 +116,5 @@ def describe_trails(rows: list[dict], ahead: str = "teacher", behind: str = "stu
     """One line naming the classes of :func:`trails`, e.g. ``student trails teacher most on: 8 (F1 -12.3 pt, ...)``."""
     if not rows:
         return None
-    parts = [f"{r['name']} (F1 -{r['f1_gap_pt']:.1f} pt, recall {-r['recall_gap_pt']:+.1f} pt)" for r in rows]
+    parts = [f"{r['name']} (F1 -{r['f1_gap_pt']:.1f} pt, recall {0.0 - r['recall_gap_pt']:+.1f} pt)" for r in rows]
     return f"{behind} trails {ahead} most on: " + ", ".join(parts)

@@ -254,7 +254,7 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
                       "Δ recall (pt) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             lines += [f"| {w['name']} | {w['support']} | {_f(w['f1_ahead'])} | {_f(w['f1_behind'])} | "
                       f"{-w['f1_gap_pt']:+.1f} | {_f(w['recall_ahead'])} | {_f(w['recall_behind'])} | "
-                      f"{-w['recall_gap_pt']:+.1f} |" for w in worst]
+                      f"{0.0 - w['recall_gap_pt']:+.1f} |" for w in worst]
         else:
             lines.append("The student's F1 is at least the teacher's on every class.")
         lines.append("")

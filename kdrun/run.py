@@ -138,6 +138,8 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: dict, note:
     written is a warning, never a failed run."""
     from kdrun.report import write_report
 
+    if not conf.report:
+        return None
     try:
         written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note)
     except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
@@ -156,7 +158,7 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
     ``caption``: a line under it (the classes where the student trails the teacher most)."""
     from rich.table import Table
 
-    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption)
+    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption, caption_justify="left")
     for col in ("role", "model", "val acc", "test acc", "note"):
         table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"

@@ -195,3 +195,19 @@ def test_sweep_summary_links_each_jobs_report(seed_sweep):
     assert len(links) == len(jobs) == 4
     assert sorted(sweep_dir / link for link in links) == sorted(job / "report.md" for job in jobs)
     assert all((sweep_dir / link).is_file() for link in links)
+
+
+def test_report_false_writes_no_report(tmp_path):
+    from types import SimpleNamespace
+
+    from kdrun.run import _report
+
+    result = RunResult()
+    result.predictions["student"] = Prediction("test", torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64))
+    conf = SimpleNamespace(report=False, dataset=SimpleNamespace(name="digits"), mode=SimpleNamespace(name="offline"))
+    summary: dict = {}
+    assert _report(conf, result, tmp_path, summary) is None
+    assert summary == {} and not (tmp_path / "report.json").exists()
+    conf.report = True
+    assert _report(conf, result, tmp_path, summary) is None  # no teacher: nothing to compare the student with
+    assert list(summary["report"]["models"]) == ["student"] and (tmp_path / "report.md").is_file()

@@ -56,6 +56,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     baseline: bool = True
+    report: bool = True  # report.json, report.md and figures/ (kdrun.report)
 
     def __post_init__(self):
         self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
