@@ -188,15 +188,16 @@ def reliability_png(out_dir: Path, models: dict) -> str:
         cal = model["calibration"]
         full = [b for b in cal["bins"] if b["count"]]
         colour = COLOURS.get(role)
-        top.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], marker="o", ms=4, color=colour,
-                 label=f"{label(role)} (ECE {cal['ece']:.3f})")
         n = max(1, model["n"])
-        bottom.plot([(b["lower"] + b["upper"]) / 2 for b in cal["bins"]], [b["count"] / n for b in cal["bins"]],
-                    marker=".", color=colour, label=label(role))
-    top.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean top-1 confidence in bin", ylabel="accuracy in bin",
-            title=f"reliability ({ECE_BINS} equal-width confidence bins)")
+        conf, acc, share = ([b[k] for b in full] for k in ("confidence", "accuracy", "count"))
+        top.plot(conf, acc, color=colour, lw=1, alpha=0.6, label=f"{label(role)} (ECE {cal['ece']:.3f})")
+        top.scatter(conf, acc, s=[8 + 150 * c / n for c in share], color=colour)  # area: the bin's share
+        bottom.plot([(b["lower"] + b["upper"]) / 2 for b in full], [c / n for c in share], marker=".", color=colour)
+    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean top-1 confidence in bin", ylabel="accuracy in bin",
+            title=f"reliability ({ECE_BINS} equal-width confidence bins; marker area: share of samples)")
+    top.title.set_fontsize(9)
     top.legend(fontsize=8, loc="upper left")
-    bottom.set(xlim=(0, 1), xlabel="top-1 confidence", ylabel="share of samples")
+    bottom.set(xlim=(0, 1), yscale="log", xlabel="top-1 confidence", ylabel="share of samples (log)")
     return _save(fig, out_dir, "reliability")
 
 
