@@ -16,9 +16,12 @@ confidence. A fraction in [0, 1]; 0 is perfectly calibrated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ECE_BINS = 15
 
@@ -28,8 +31,8 @@ class Prediction:
     """A model's logits on one split (``test``, else ``val`` when there is no test split) and its true labels."""
 
     split: str
-    logits: "object"  # torch.Tensor [N, K] float32, on the CPU
-    labels: "object"  # torch.Tensor [N] int64, on the CPU
+    logits: "torch.Tensor"  # [N, K] float32, on the CPU
+    labels: "torch.Tensor"  # [N] int64, on the CPU
 
     @property
     def num_classes(self) -> int:
