@@ -164,6 +164,8 @@ class RunResult(Result):
     student_role: Optional[str] = None
     extra: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
+    # role -> kdrun.evaluation.Prediction (test logits of each evaluated model) for the report; not in summary.json
+    predictions: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         out = {"teacher": jsonable(self.teacher), "baseline": jsonable(self.baseline), **jsonable(self.extra)}

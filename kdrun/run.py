@@ -68,6 +68,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
             exc = RunFailed(f"{caught}; the stages that finished are kept in {out_dir / 'summary.json'}")
         if started:  # failed in (or after) the mode: keep the stages that finished
             summary.update(_serialise(started[0], summary["loss"]))
+            _report(conf, started[0], out_dir, summary, note="The run did not complete: the models that finished.")
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, Interrupted):  # SIGINT / SIGTERM: stopped at a safe point, resumable
             summary.update(status="interrupted", interrupted=exc.to_json())
@@ -127,7 +128,9 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
     if (delta := ctx.result.delta_vs_baseline()) is not None:
         summary["delta_vs_baseline"] = delta
-    show(results_table(ctx.result, delta, _deploy(conf, ctx, data, out_dir, summary)), "results:")
+    trails_line = _report(conf, ctx.result, out_dir, summary)
+    lines = [line for line in (trails_line, _deploy(conf, ctx, data, out_dir, summary)) if line]
+    show(results_table(ctx.result, delta, "\n".join(lines) or None), "results:")
 
 
 def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[str]:
@@ -159,12 +162,34 @@ def _serialise(result: RunResult, loss: dict) -> dict:
     return {"loss": {**loss, **result.loss}, **result.to_json()}
 
 
+def _report(conf: Config, result: RunResult, out_dir: Path, summary: dict, note: str = "") -> Optional[str]:
+    """``report.json``, ``report.md`` and figures (:mod:`kdrun.report`), pointed to by ``summary["report"]``;
+    returns the line naming the classes where the student trails the teacher most. A report that cannot be
+    written is a warning, never a failed run."""
+    from kdrun.report import write_report
+
+    if not conf.report:
+        return None
+    try:
+        written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note)
+    except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
+        warning = f"report: not written ({type(exc).__name__}: {exc})"
+        log.warning(warning)
+        summary.setdefault("warnings", []).append(warning)
+        return None
+    if written is None:
+        return None
+    summary["report"] = written.summary
+    return written.trails_line
+
+
 def results_table(result: RunResult, delta: Optional[float] = None, caption: Optional[str] = None):
     """The final rich table: teacher, CE baseline, KD student (and a pruned one); test accuracy of best-on-val
-    checkpoints; ``caption``: the compression line(s) under it."""
+    checkpoints; ``caption``: lines under it (the classes where the student trails the teacher most, the
+    compression report)."""
     from rich.table import Table
 
-    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption)
+    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption, caption_justify="left")
     for col in ("role", "model", "val acc", "test acc", "note"):
         table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from kdrun.data import Data
-from kdrun.engine import Checkpoint, FitResult, Recipe, accuracy, fit
+from kdrun.engine import Checkpoint, FitResult, Recipe, fit, predict, top1
 from kdrun.errors import KdrunError, keyed
+from kdrun.evaluation import Prediction
 from kdrun.losses import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
@@ -112,10 +113,18 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def evaluate(model: nn.Module, data: Data, ctx: RunContext) -> dict:
-    """Val and test accuracy (percent) of ``model``."""
+def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] = None) -> dict:
+    """Val and test accuracy (percent) of ``model``. With ``role``, its logits on test (on val when test is empty)
+    are kept as ``ctx.result.predictions[role]`` for the run's report (:mod:`kdrun.report`)."""
     bs, precision = ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision
-    return {"val_acc": accuracy(model, data, "val", bs, precision), "test_acc": accuracy(model, data, "test", bs, precision)}
+    scores = {}
+    for split in ("val", "test"):
+        part = data.split(split)
+        logits = predict(model, data, split, bs, precision) if len(part) else None
+        scores[f"{split}_acc"] = None if logits is None else top1(logits, part.y)
+        if role and logits is not None:  # test overwrites val
+            ctx.result.predictions[role] = Prediction(split, logits.cpu(), part.y.cpu())
+    return scores
 
 
 class EpochLogger(Hook):
@@ -233,7 +242,7 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
         where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs, init=init)
     model.eval().requires_grad_(False)
     info = TeacherResult(name=cfg.teacher.name, args=dict(cfg.teacher.args), params=params, **where,
-                         **evaluate(model, data, ctx))
+                         **evaluate(model, data, ctx, role="teacher"))
     log.info(f"teacher {cfg.teacher.name}: {'reused' if info.reused else 'trained'} ({info.source}), "
              f"val {_pct(info.val_acc)}  test {_pct(info.test_acc)}")
     chance = 100.0 / data.num_classes
@@ -264,7 +273,7 @@ def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResu
     load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
     info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,
-                          **evaluate(model, data, ctx))
+                          **evaluate(model, data, ctx, role="baseline"))
     log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
              f"val {_pct(info.val_acc)}  test {_pct(info.test_acc)}")
     return model.eval(), info
@@ -334,7 +343,8 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict,
                     **({"loss_state": loss_state} if loss_state else {})})
         model.load_state_dict(state)
-        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx).items()})
+        role = stage if which == "best" else None  # the best checkpoint is the one reported
+        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
                          epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
     return model.eval(), info

@@ -203,7 +203,7 @@ def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     weights = None if prior is None else [round(w, 4) for w in merged.log_prior.exp().tolist()]
     info = MergedTeacherResult(name=f"merged {len(teachers)}x{cfg.teacher.name} ({combine})", combine=combine,
                                class_splits=splits, weights=weights, source="store",
-                               reused=all(t.teacher.reused for t in subsets), **evaluate(merged, data, ctx))
+                               reused=all(t.teacher.reused for t in subsets), **evaluate(merged, data, ctx, "teacher"))
     log.info(f"merged teacher ({combine}, {len(teachers)} teachers) on all {data.num_classes} classes: "
              f"val {_fmt(info.val_acc)}  test {_fmt(info.test_acc)}")
     result.teacher, result.student_role = info, "student, merged KD"

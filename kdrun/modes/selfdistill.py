@@ -73,7 +73,7 @@ def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     def record(frozen: nn.Module) -> None:
         result.teacher = SnapshotTeacherResult(name=cfg.student.name, source=f"snapshot after epoch {at}",
                                                reused=False, epoch=at, note=f"the student after epoch {at}",
-                                               **evaluate(frozen, data, ctx))
+                                               **evaluate(frozen, data, ctx, "teacher"))
         log.info(f"snapshot teacher (student after epoch {at}): val {result.teacher.val_acc}%; "
                  f"KD from it for epochs {at + 1}-{cfg.trainer.epochs}")
 

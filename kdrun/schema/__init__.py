@@ -61,6 +61,7 @@ class Config:
     logger_options: LoggerOptions = field(default_factory=LoggerOptions)
     export: List[str] = field(default_factory=list)  # write the best student as: torchscript, onnx (kdrun.export)
     compression: bool = True  # teacher vs student: params, weight bytes, CPU latency at batch 1 and 64 (kdrun.compression)
+    report: bool = True  # report.json, report.md and figures/ (kdrun.report)
 
     def __post_init__(self):
         self.logger = check_loggers(self.logger)

@@ -155,7 +155,22 @@ def markdown(summary: SweepSummary) -> str:
         lines.append("")
     if (summary.sweep_dir / "results.png").is_file():
         lines += ["![results](results.png)", ""]
+    lines += _job_reports(summary)
     return "\n".join(lines)
+
+
+def _job_reports(summary: SweepSummary) -> list[str]:
+    """A table linking each job's ``report.md`` (per-class report, calibration, learning curves): kdrun.report."""
+    header = ["job", *summary.keys, "status", "student test %", "report"]
+    lines = ["## Jobs", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for job in summary.jobs:
+        path = job.dir / "report.md"
+        link = f"[report.md]({path.relative_to(summary.sweep_dir).as_posix()})" if path.is_file() else "-"
+        acc = job.get("student", "test_acc_best")
+        row = [job.name, *(param(job.overrides.get(k, "")) for k in summary.keys), job.status,
+               "-" if acc is None else f"{acc:.2f}", link]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def _overrides(job: Job, summary: SweepSummary) -> str:

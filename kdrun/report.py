@@ -1,0 +1,279 @@
+"""The run's report: ``report.json``, ``report.md`` and the figures under ``figures/``, from the predictions of
+every evaluated model (:attr:`kdrun.results.RunResult.predictions`) and the per-epoch metrics.
+
+``report.json``: per model (teacher, CE baseline, earlier stages such as generations or rounds, student), the
+accuracy, scikit-learn's per-class report with macro and weighted averages, the confusion matrix and the
+calibration bins (:mod:`kdrun.evaluation`), plus the classes where the student trails the teacher most.
+Figures (matplotlib, Agg, no pyplot): ``confusion_<role>.png`` per model, ``reliability.png`` (all models),
+``learning_curves.png`` (train loss and val accuracy per epoch; the teacher's and baseline's epochs come
+from their store entries' ``metrics.jsonl``). ``report.md`` puts the tables and figures together (relative
+links: it reads on GitHub and in any Markdown viewer).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from kdrun.evaluation import ECE_BINS, describe_trails, evaluate_logits, trails
+from kdrun.records import atomic_write_text, write_json
+from kdrun.results import RunResult
+
+log = logging.getLogger("kdrun")
+FIGURES = "figures"
+CLASS_NAMES = {  # built-in datasets whose classes have names other than their index
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+COLOURS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:red"}
+
+
+@dataclass
+class Written:
+    """What :func:`write_report` wrote: ``summary`` (the pointer for ``summary.json``) and the line naming the
+    classes where the student trails the teacher most (None without both)."""
+
+    summary: dict
+    trails_line: Optional[str]
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    names = CLASS_NAMES.get(dataset)
+    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def label(role: str) -> str:
+    return {"baseline": "baseline (CE)"}.get(role, role)
+
+
+def _ordered(predictions: dict) -> list[str]:
+    """Teacher, baseline, the mode's other stages in the order they finished, student last."""
+    first = [r for r in ("teacher", "baseline") if r in predictions]
+    return first + [r for r in predictions if r not in (*first, "student")] + ["student"] * ("student" in predictions)
+
+
+def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note: str = "") -> Optional[Written]:
+    """Write ``report.json``, ``report.md`` and ``figures/*.png`` into ``out_dir`` for the models in
+    ``result.predictions`` (None, nothing written, when there are none). ``note``: a line for the top of
+    ``report.md`` (e.g. that the run failed and only the finished stages are shown)."""
+    t0 = time.perf_counter()
+    preds = result.predictions
+    if not preds:
+        return None
+    num_classes = max(p.num_classes for p in preds.values())  # a class-subset teacher (mode=merge) is left out
+    roles = [r for r in _ordered(preds) if preds[r].num_classes == num_classes]
+    names = class_names(dataset, num_classes)
+    models = {}
+    for role in roles:
+        p = preds[role]
+        models[role] = {"split": p.split, **evaluate_logits(p.logits.numpy(), p.labels.numpy(), names)}
+    worst = trails(models["teacher"], models["student"]) if {"teacher", "student"} <= set(models) else None
+    curves = learning_curves(out_dir, result, roles)
+    (out_dir / FIGURES).mkdir(exist_ok=True)
+    figures = {f"confusion_{role}": confusion_png(out_dir, role, models[role], names) for role in roles}
+    figures["reliability"] = reliability_png(out_dir, models)
+    if curves:
+        figures["learning_curves"] = curves_png(out_dir, curves)
+    report = {"dataset": dataset, "mode": mode, "split": preds[roles[0]].split, "num_classes": num_classes,
+              "class_names": names, "ece_bins": ECE_BINS, "models": models, "student_trails_teacher": worst,
+              "figures": figures}
+    write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown(report, result, note))
+    line = describe_trails(worst) if worst is not None else None
+    log.info(f"report: report.md, report.json and {len(figures)} figures in {time.perf_counter() - t0:.2f}s")
+    summary = {"md": "report.md", "json": "report.json", "split": report["split"],
+               "models": {r: {"accuracy": m["accuracy"], "macro_f1": round(m["macro_avg"]["f1"], 4),
+                              "ece": _round(m["calibration"]["ece"])} for r, m in models.items()}}
+    if worst is not None:
+        summary["student_trails_teacher"] = [{"class": w["name"], "f1_gap_pt": w["f1_gap_pt"]} for w in worst]
+    return Written(summary, line)
+
+
+def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def learning_curves(out_dir: Path, result: RunResult, roles: list[str]) -> dict:
+    """role -> the per-epoch records of its training (deduplicated by epoch, the last line wins): the teacher's
+    and baseline's from their store entries, the others' from the run's ``metrics.jsonl`` (by ``stage``)."""
+    sources = {"teacher": getattr(result.teacher, "store_dir", None),
+               "baseline": getattr(result.baseline, "store_dir", None)}
+    curves = {}
+    for role in roles:
+        if role in sources and not sources[role]:  # a teacher from teacher.ckpt, a snapshot or merged one: no epochs
+            continue
+        path = Path(sources[role]) / "metrics.jsonl" if role in sources else out_dir / "metrics.jsonl"
+        records = {}
+        for record in _jsonl(path):
+            if record.get("stage") == role and "epoch" in record:
+                records[record["epoch"]] = record
+        if records:
+            curves[role] = [records[e] for e in sorted(records)]
+    return curves
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    return out
+
+
+def _figure(width: float, height: float, margins: dict, cols: int = 1, rows: int = 1):
+    """A figure without pyplot (no global state, Agg when saved) and fixed margins (a layout engine would
+    double the time a report takes)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(**margins)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    """Save ``fig`` as ``figures/<name>.png`` atomically; return its path relative to ``out_dir``."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    path = out_dir / FIGURES / f"{name}.png"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return f"{FIGURES}/{name}.png"
+
+
+def confusion_png(out_dir: Path, role: str, model: dict, names: list[str]) -> str:
+    """Counts, coloured by the fraction of the true class (row); numbers and class names up to 20 classes."""
+    import numpy as np
+
+    cm = np.asarray(model["confusion_matrix"], dtype=float)
+    k = len(names)
+    size, long = min(12.0, max(3.5, 0.35 * k + 1.5)), max(map(len, names)) > 2 and k <= 20
+    margin = 1.1 if long else 0.6  # inches for the tick labels
+    fig, axes = _figure(size + margin, size + margin, dict(left=(margin + 0.2) / (size + margin), bottom=(margin + 0.2) /
+                                                          (size + margin), right=0.97, top=1 - 0.45 / (size + margin)))
+    ax = axes[0][0]
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if rows[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), names, rotation=45 if long else 0, ha="right" if long else "center", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{label(role)}: {model['split']} accuracy {model['accuracy']:.2f}%", fontsize=10)
+    return _save(fig, out_dir, f"confusion_{role}")
+
+
+def reliability_png(out_dir: Path, models: dict) -> str:
+    """Accuracy against mean confidence per bin (the diagonal is perfect calibration) and the share of samples
+    per bin, one line per model."""
+    fig, axes = _figure(5.5, 7, dict(left=0.13, right=0.97, bottom=0.07, top=0.95, hspace=0.3), rows=2)
+    top, bottom = axes[0][0], axes[1][0]
+    top.plot([0, 1], [0, 1], ls="--", color="black", lw=0.8, label="perfect calibration")
+    for role, model in models.items():
+        cal = model["calibration"]
+        full = [b for b in cal["bins"] if b["count"]]
+        colour = COLOURS.get(role)
+        n = max(1, model["n"])
+        conf, acc, share = ([b[k] for b in full] for k in ("confidence", "accuracy", "count"))
+        top.plot(conf, acc, color=colour, lw=1, alpha=0.6, label=f"{label(role)} (ECE {cal['ece']:.3f})")
+        top.scatter(conf, acc, s=[8 + 150 * c / n for c in share], color=colour)  # area: the bin's share
+        bottom.plot([(b["lower"] + b["upper"]) / 2 for b in full], [c / n for c in share], marker=".", color=colour)
+    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean top-1 confidence in bin", ylabel="accuracy in bin",
+            title=f"reliability ({ECE_BINS} equal-width confidence bins; marker area: share of samples)")
+    top.title.set_fontsize(9)
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set(xlim=(0, 1), yscale="log", xlabel="top-1 confidence", ylabel="share of samples (log)")
+    return _save(fig, out_dir, "reliability")
+
+
+def curves_png(out_dir: Path, curves: dict) -> str:
+    """Train loss (left) and val accuracy (right) per epoch, one line per model."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(10, 4, dict(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22), cols=2)
+    loss_ax, acc_ax = axes[0]
+    for role, records in curves.items():
+        epochs = [r["epoch"] for r in records]
+        colour = COLOURS.get(role)
+        loss_ax.plot(epochs, [r.get("train/loss") for r in records], marker=".", color=colour, label=label(role))
+        if any(r.get("train/loss_kd") for r in records):  # a KD stage: its CE part compares with the CE stages
+            loss_ax.plot(epochs, [r.get("train/loss_ce") for r in records], ls="--", color=colour,
+                         label=f"{label(role)}: its CE part")
+        if any(r.get("val/acc") is not None for r in records):
+            acc_ax.plot(epochs, [r.get("val/acc") for r in records], marker=".", color=colour, label=label(role))
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss (each stage's own; dashed: the CE part)")
+    acc_ax.set(xlabel="epoch", ylabel="val accuracy %", title="val accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "learning_curves")
+
+
+def _f(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict, result: RunResult, note: str = "") -> str:
+    """``report.md``: accuracy summary, the student's worst classes, calibration, per-class table, figures."""
+    models, figures = report["models"], report["figures"]
+    names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
+             "student": getattr(result.student, "name", "")}
+    split, n = report["split"], next(iter(models.values()))["n"]
+    lines = ["# kdrun run report", "", f"mode `{report['mode']}`, dataset `{report['dataset']}` "
+             f"({report['num_classes']} classes); every number is on the **{split}** split ({n} images), "
+             "of the best-on-val checkpoint.", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += ["## Summary", "", "| model | role | accuracy % | macro F1 | weighted F1 | ECE |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for role, m in models.items():
+        lines.append(f"| {names.get(role, '')} | {label(role)} | {_f(m['accuracy'], 2)} | {_f(m['macro_avg']['f1'])} | "
+                     f"{_f(m['weighted_avg']['f1'])} | {_f(m['calibration']['ece'])} |")
+    lines += ["", "Precision, recall and F1 are fractions (scikit-learn's `classification_report`); macro: the mean "
+              "over classes, weighted: by support.", ""]
+    worst = report["student_trails_teacher"]
+    if worst is not None:
+        lines += ["## Where the student trails the teacher", ""]
+        if worst:
+            lines += ["| class | support | teacher F1 | student F1 | Δ F1 (pt) | teacher recall | student recall | "
+                      "Δ recall (pt) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {w['name']} | {w['support']} | {_f(w['f1_ahead'])} | {_f(w['f1_behind'])} | "
+                      f"{-w['f1_gap_pt']:+.1f} | {_f(w['recall_ahead'])} | {_f(w['recall_behind'])} | "
+                      f"{0.0 - w['recall_gap_pt']:+.1f} |" for w in worst]
+        else:
+            lines.append("The student's F1 is at least the teacher's on every class.")
+        lines.append("")
+    lines += ["## Calibration", "", f"Expected calibration error: ECE = Σ_b (|B_b| / n) · |acc(B_b) − conf(B_b)| over "
+              f"{report['ece_bins']} equal-width bins of the top-1 softmax confidence (bin b holds "
+              f"b/{report['ece_bins']} < confidence ≤ (b+1)/{report['ece_bins']}); 0 is perfectly calibrated.", "",
+              f"![reliability diagram]({figures['reliability']})", ""]
+    if "learning_curves" in figures:
+        lines += ["## Learning curves", "", f"![learning curves]({figures['learning_curves']})", ""]
+    lines += ["## Per-class precision / recall / F1", ""]
+    header = ["class", "support", *(label(r) for r in models)]
+    lines += ["| " + " | ".join(header) + " |", "| --- | ---: |" + " --- |" * len(models)]
+    first = next(iter(models.values()))
+    for i, cls in enumerate(first["classes"]):
+        cells = [f"{_f(m['classes'][i]['precision'], 2)} / {_f(m['classes'][i]['recall'], 2)} / "
+                 f"{_f(m['classes'][i]['f1'], 2)}" for m in models.values()]
+        lines.append(f"| {cls['name']} | {cls['support']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Confusion matrices", "", "Rows: true class, columns: predicted class; colour: share of the "
+              "true class.", ""]
+    lines += [f"![{label(role)}]({figures[f'confusion_{role}']})" for role in models]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,213 @@
+"""The run report: per-class metrics and ECE against hand computations, report.json / report.md / figures of
+an in-process smoke run, a failed run's report of the stages that finished, and the sweep summary's links."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_json, smoke_inproc
+from PIL import Image
+
+from kdrun.evaluation import Prediction, calibration, describe_trails, evaluate_logits, per_class, trails
+from kdrun.report import write_report
+from kdrun.results import BaselineResult, RunResult, TeacherResult
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def logits_of(probs) -> np.ndarray:
+    """Logits whose softmax is ``probs`` (rows summing to 1)."""
+    return np.log(np.asarray(probs, dtype=np.float64))
+
+
+# --- expected calibration error ----------------------------------------------------------------------------------
+
+def test_ece_by_hand():
+    # confidences 0.9 (right), 0.9 (wrong), 0.7 (right), 0.55 (right); 15 bins of width 1/15:
+    # 0.9 in bin 13 (0.867, 0.933]: 2 samples, acc 0.5, conf 0.9 -> 2/4 * 0.4  = 0.2
+    # 0.7 in bin 10 (0.667, 0.733]: 1 sample,  acc 1,   conf 0.7 -> 1/4 * 0.3  = 0.075
+    # 0.55 in bin 8 (0.533, 0.6]:   1 sample,  acc 1,   conf .55 -> 1/4 * 0.45 = 0.1125
+    probs = [[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.55, 0.45]]
+    cal = calibration(logits_of(probs), np.array([0, 1, 1, 0]))
+    assert cal["ece"] == pytest.approx(0.2 + 0.075 + 0.1125)
+    assert cal["n_bins"] == 15 and len(cal["bins"]) == 15
+    counts = {b: row["count"] for b, row in enumerate(cal["bins"]) if row["count"]}
+    assert counts == {8: 1, 10: 1, 13: 2}
+    assert cal["bins"][13]["accuracy"] == pytest.approx(0.5) and cal["bins"][13]["confidence"] == pytest.approx(0.9)
+    assert cal["bins"][0]["accuracy"] is None and cal["bins"][0]["lower"] == 0.0
+    assert cal["bins"][14]["upper"] == 1.0
+
+
+def test_ece_extremes_and_bin_count():
+    confident_right = np.array([[20.0, 0.0], [0.0, 20.0]])
+    assert calibration(confident_right, np.array([0, 1]))["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert calibration(confident_right, np.array([1, 0]))["ece"] == pytest.approx(1.0, abs=1e-6)
+    # 2 bins: confidences 0.6 and 0.8 share bin (0.5, 1]: |mean acc 0.5 - mean conf 0.7| = 0.2
+    cal = calibration(logits_of([[0.6, 0.4], [0.2, 0.8]]), np.array([0, 0]), n_bins=2)
+    assert cal["ece"] == pytest.approx(0.2) and [b["count"] for b in cal["bins"]] == [0, 2]
+
+
+def test_ece_matches_a_reference_loop_on_random_logits():
+    """Guo et al.'s reference form: for each bin, ``lower < conf <= upper``."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 7, generator=gen) * 2
+    labels = torch.randint(0, 7, (500,), generator=gen)
+    conf, pred = logits.double().softmax(1).max(1)
+    right = (pred == labels).double()
+    edges = torch.linspace(0, 1, 16, dtype=torch.float64)
+    ref = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ref += inside.double().mean() * (right[inside].mean() - conf[inside].mean()).abs()
+    assert calibration(logits.numpy(), labels.numpy())["ece"] == pytest.approx(float(ref), abs=1e-9)
+
+
+# --- per-class report ----------------------------------------------------------------------------------------------
+
+def test_per_class_report_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0, 2])
+    rep = per_class(np.eye(4)[pred], labels, ["a", "b", "c", "d"])  # class d: never true, never predicted
+    assert rep["confusion_matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    a, b, c, d = rep["classes"]
+    assert (a["name"], a["class"], a["support"]) == ("a", 0, 2)
+    assert (a["precision"], a["recall"], a["f1"]) == pytest.approx((1 / 2, 1 / 2, 1 / 2))
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx((1.0, 2 / 3, 0.8, 3))
+    assert (d["precision"], d["recall"], d["f1"], d["support"]) == (0, 0, 0, 0)
+    # macro over all 4 classes (d counts as 0); weighted by support 2, 2, 3, 0
+    assert rep["macro_avg"]["f1"] == pytest.approx((0.5 + 0.8 + 0.8 + 0) / 4)
+    assert rep["weighted_avg"]["f1"] == pytest.approx((2 * 0.5 + 2 * 0.8 + 3 * 0.8) / 7)
+    assert rep["weighted_avg"]["support"] == 7
+    full = evaluate_logits(np.eye(4)[pred], labels, ["a", "b", "c", "d"])
+    assert full["accuracy"] == pytest.approx(100 * 5 / 7, abs=1e-3) and full["n"] == 7
+
+
+def test_trails_names_the_worst_classes_by_f1_gap():
+    def model(f1s, recalls):
+        return {"classes": [{"class": i, "name": f"c{i}", "support": 10, "f1": f, "recall": r, "precision": f}
+                            for i, (f, r) in enumerate(zip(f1s, recalls))]}
+    teacher = model([0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, 0.5])
+    student = model([0.95, 0.5, 0.6, 0.2, 0.5], [0.9, 0.6, 0.7, 0.1, 0.5])
+    worst = trails(teacher, student)
+    assert [w["name"] for w in worst] == ["c3", "c1", "c2"]
+    assert [w["f1_gap_pt"] for w in worst] == pytest.approx([40.0, 30.0, 10.0])
+    assert [w["recall_gap_pt"] for w in worst] == pytest.approx([50.0, 20.0, 0.0])
+    assert describe_trails(worst).startswith("student trails teacher most on: c3 (F1 -40.0 pt, recall -50.0 pt)")
+    assert trails(student, student) == [] and describe_trails([]) is None
+
+
+# --- the report of a run ---------------------------------------------------------------------------------------
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_smoke_run_writes_the_report(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1")
+    report = read_json(run_dir / "report.json")
+    assert list(report["models"]) == ["teacher", "baseline", "student"]
+    assert report["split"] == "test" and report["num_classes"] == 10 and report["ece_bins"] == 15
+    for role, model in report["models"].items():
+        assert len(model["classes"]) == 10 and model["n"] == summary["dataset"]["test"]
+        assert {"precision", "recall", "f1", "support"} <= set(model["classes"][0])
+        assert sum(c["support"] for c in model["classes"]) == model["n"]
+        assert np.asarray(model["confusion_matrix"]).sum() == model["n"]
+        assert 0 <= model["calibration"]["ece"] <= 1
+        acc = summary[role]["test_acc_best" if role == "student" else "test_acc"]
+        assert model["accuracy"] == pytest.approx(acc, abs=1e-3)  # the same logits as the summary's accuracy
+        assert summary["report"]["models"][role]["ece"] == pytest.approx(model["calibration"]["ece"], abs=1e-4)
+        assert summary["report"]["models"][role]["macro_f1"] == pytest.approx(model["macro_avg"]["f1"], abs=1e-4)
+    assert set(report["figures"]) == {"confusion_teacher", "confusion_baseline", "confusion_student", "reliability",
+                                      "learning_curves"}
+    text = (run_dir / "report.md").read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == sorted(report["figures"].values())
+    for link in links:
+        assert_png(run_dir / link)
+    assert "## Where the student trails the teacher" in text and "ECE = Σ_b (|B_b| / n)" in text
+    worst = report["student_trails_teacher"]
+    assert len(worst) <= 3 and all(w["f1_gap_pt"] > 0 for w in worst)
+    if worst:  # named under the final table, which is also in the log
+        assert f"student trails teacher most on: {worst[0]['name']} " in (run_dir / "kdrun.log").read_text()
+
+
+def test_failed_run_reports_the_models_that_finished(tmp_path):
+    """The baseline diverges (optim.lr is the student's): the report shows the teacher, which finished."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(Exception):
+        smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1", "optim.lr=1e12")
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "failed" and list(summary["report"]["models"]) == ["teacher"]
+    assert "did not complete" in (run_dir / "report.md").read_text()
+    assert_png(run_dir / "figures" / "confusion_teacher.png")
+
+
+def test_report_of_a_mode_with_more_stages(tmp_path):
+    """Generations / rounds are reported between baseline and student; a class-subset teacher (fewer classes) is
+    left out; the teacher's and baseline's curves come from their store entries' metrics.jsonl."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    result = RunResult()
+    for role, classes in (("teacher", 2), ("student", 3), ("gen1", 3), ("baseline", 3)):
+        result.predictions[role] = Prediction("test", torch.randn(40, classes, generator=gen), labels)
+    store = tmp_path / "entry"
+    store.mkdir()
+    (store / "metrics.jsonl").write_text('{"stage": "baseline", "epoch": 1, "train/loss": 1.0, "val/acc": 50.0}\n')
+    result.baseline = BaselineResult(name="mlp", store_dir=str(store), reused=True, init={})
+    result.teacher = TeacherResult(name="cnn", args={}, params=1, source="ckpt")  # no epochs to plot
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(
+        f'{{"stage": "{s}", "epoch": {e}, "train/loss": 1.0, "train/loss_kd": 0.5, "train/loss_ce": 0.9, '
+        f'"val/acc": null}}\n' for s in ("gen1", "student") for e in (1, 2)))
+    written = write_report(run_dir, result, "fashion_mnist", "self")
+    report = read_json(run_dir / "report.json")
+    assert list(report["models"]) == ["baseline", "gen1", "student"]
+    assert report["student_trails_teacher"] is None and written.trails_line is None
+    assert report["class_names"] == [str(i) for i in range(3)]  # fashion_mnist's names only fit 10 classes
+    assert_png(run_dir / report["figures"]["learning_curves"])
+    assert "## Where the student trails" not in (run_dir / "report.md").read_text()
+    assert math.isclose(written.summary["models"]["gen1"]["accuracy"], report["models"]["gen1"]["accuracy"])
+
+
+def test_class_names_of_builtin_datasets():
+    from kdrun.report import class_names
+
+    assert class_names("fashion_mnist", 10)[9] == "Ankle boot"
+    assert class_names("cifar10", 10)[0] == "airplane"
+    assert class_names("digits", 10) == [str(i) for i in range(10)]
+
+
+def test_sweep_summary_links_each_jobs_report(seed_sweep):
+    base, _ = seed_sweep
+    sweep_dir = base / "sweep"
+    text = (sweep_dir / "summary.md").read_text()
+    links = re.findall(r"\[report\.md\]\(([^)]+)\)", text)
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    assert len(links) == len(jobs) == 4
+    assert sorted(sweep_dir / link for link in links) == sorted(job / "report.md" for job in jobs)
+    assert all((sweep_dir / link).is_file() for link in links)
+
+
+def test_report_false_writes_no_report(tmp_path):
+    from types import SimpleNamespace
+
+    from kdrun.run import _report
+
+    result = RunResult()
+    result.predictions["student"] = Prediction("test", torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64))
+    conf = SimpleNamespace(report=False, dataset=SimpleNamespace(name="digits"), mode=SimpleNamespace(name="offline"))
+    summary: dict = {}
+    assert _report(conf, result, tmp_path, summary) is None
+    assert summary == {} and not (tmp_path / "report.json").exists()
+    conf.report = True
+    assert _report(conf, result, tmp_path, summary) is None  # no teacher: nothing to compare the student with
+    assert list(summary["report"]["models"]) == ["student"] and (tmp_path / "report.md").is_file()
