@@ -287,14 +287,16 @@ def _wait_ready(store, workers, world: int) -> None:
 
 def _worker_error(workers, exc: BaseException) -> Optional[BaseException]:
     """When rank 0 failed in a collective (a RuntimeError) because a worker died, that worker's error."""
-    if not isinstance(exc, RuntimeError) or isinstance(exc, torch.multiprocessing.ProcessException):
+    from torch.multiprocessing.spawn import ProcessException
+
+    if not isinstance(exc, RuntimeError) or isinstance(exc, ProcessException):
         return None
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
             if workers.join(timeout=0.1, grace_period=0):
                 return None
-        except torch.multiprocessing.ProcessException as failed:
+        except ProcessException as failed:
             return failed
     return None
 
