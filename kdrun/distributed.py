@@ -3,9 +3,9 @@
 :func:`kdrun.engine.fit` with ``recipe.devices > 1`` enters :func:`ranks`: the calling process becomes rank 0
 and N - 1 worker processes are spawned (``torch.multiprocessing``, start method ``spawn``) that run the same
 ``fit`` on copies of the model, the loss and the teacher source; the data tensors and the teacher's cached
-logits are shared with them read-only (shared memory on CPU, CUDA IPC on GPUs), cached logits indexed by each
-rank's own sample indices. The ranks live inside the task, so ``kdrun -m`` sweeps and the SLURM launcher work
-unchanged (never ``torchrun`` with ``-m``).
+logits are shared with them read-only (shared memory; on GPUs each rank copies them to its own device once),
+cached logits indexed by each rank's own sample indices. The ranks live inside the task, so ``kdrun -m``
+sweeps and the SLURM launcher work unchanged (never ``torchrun`` with ``-m``).
 
 Rank 0 is the calling process: hooks (``metrics.jsonl``, the log), the progress bar, validation, best-epoch
 selection, resume checkpoints and the returned ``FitResult`` are those of the single-device loop, written once.
@@ -132,6 +132,8 @@ def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str
     world, device = recipe.devices, data.train.y.device
     _check(world, device)
     spec, logits = _spec(model, recipe, loss_fn, teacher, desc, checkpoint)
+    if device.type == "cuda":  # sent through host memory: CUDA IPC would open a context on this GPU in every rank
+        data, logits = _on(data, torch.device("cpu")), logits.cpu() if logits is not None else None
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     try:
         workers = mp.start_processes(_worker, args=(world, store.port, spec, data, logits, torch.get_num_threads(),
@@ -212,8 +214,6 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, logits, thread
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     dev = rank_device(torch.device(device), rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
     state = torch.load(io.BytesIO(spec), map_location=dev, weights_only=False)
     teacher = _source(state["teacher"], logits, dev)
@@ -264,6 +264,8 @@ def _init(rank: int, world: int, store, device: torch.device) -> Rank:
 
     global _CURRENT
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     _CURRENT = Rank(rank, world, device)
     return _CURRENT
