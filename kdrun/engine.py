@@ -148,6 +148,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
     A stop requested by a signal (:mod:`kdrun.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
     current optimizer step; a part-trained epoch is dropped, a finished one is checkpointed first.
+    With ``recipe.devices > 1`` (``trainer.devices``) the same loop runs data-parallel, this process being rank 0
+    (:mod:`kdrun.distributed`): each rank trains its slice of every batch; hooks, progress, validation, the best
+    epoch and checkpoints are rank 0's alone.
     """
     # --- trainer.devices > 1 (kdrun.distributed): this process is rank 0, ranks 1.. are spawned and run this fit
     dp = distributed.current()

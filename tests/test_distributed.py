@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, read_json, read_jsonl, smoke_inproc, store_overrides, working_dir
+from conftest import compose_config, read_json, read_jsonl, run_sweep, smoke_inproc, store_overrides, working_dir
 from torch import nn
 
 from kdrun.data import load_data
@@ -166,3 +166,14 @@ def test_snapshot_mode_stops_and_resumes_on_two_ranks(tmp_path, monkeypatch):
     assert resumed["student"] == whole["student"] and resumed["teacher"] == whole["teacher"]
     assert_same_weights(tmp_path / "whole" / "checkpoints" / "student_last.pt",
                         tmp_path / "stopped" / "checkpoints" / "student_last.pt")
+
+
+@pytest.mark.slow
+def test_a_multirun_of_the_real_cli_spawns_its_ranks_in_each_job(tmp_path):
+    """``kdrun -m ... trainer.devices=2``: every job of the sweep spawns (and ends) its own ranks."""
+    result = run_sweep(tmp_path, "trainer.devices=2", "trainer.epochs=2", "baseline=false", "loss.T=1,4")
+    assert result.returncode == 0, result.describe()
+    for job in ("0", "1"):
+        assert read_json(tmp_path / "sweep" / job / "summary.json")["status"] == "completed"
+        records = read_jsonl(tmp_path / "sweep" / job / "metrics.jsonl")
+        assert [(r["stage"], r["epoch"]) for r in records] == [("student", 1), ("student", 2)]
