@@ -156,6 +156,9 @@ def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str
         raise
     finally:
         _teardown()
+        for path in workers.error_files:  # a failed worker's traceback, read by now
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _check(world: int, device: torch.device) -> None:

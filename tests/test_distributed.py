@@ -118,6 +118,7 @@ def test_a_worker_error_reaches_rank_0_and_no_rank_is_left(data):
     from kdrun import distributed
 
     assert distributed.current() is None and not torch.distributed.is_initialized()
+    assert not torch.multiprocessing.active_children()
 
 
 def test_bad_values_give_one_line(data, monkeypatch):
