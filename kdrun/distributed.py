@@ -287,7 +287,8 @@ def _wait_ready(store, workers, world: int) -> None:
     """Wait until every worker has loaded its copy; a worker that fails meanwhile raises its error here."""
     keys = [f"ready/{r}" for r in range(1, world)]
     while not store.check(keys):
-        workers.join(timeout=0.05, grace_period=0)  # raises if a worker died
+        if workers.join(timeout=0.05, grace_period=0):  # raises if a worker died
+            raise RuntimeError("the spawned ranks exited before training started")
 
 
 def _worker_error(workers, exc: BaseException) -> Optional[BaseException]:
