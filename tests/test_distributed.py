@@ -9,6 +9,7 @@ the accuracies are equal). Rank 0 alone writes the run dir; bad values give one 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from kdrun.engine import Recipe, fit
 from kdrun.errors import ConfigError
 from kdrun.losses import build, cross_entropy
 from kdrun.models import build_model
-from kdrun.schema import DatasetConfig, OptimConfig, SchedConfig, TrainerConfig
+from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig, TrainerConfig
 from kdrun.teaching import LiveTeacher
 
 WEIGHT_TOL = 1e-4  # measured: 7.5e-8 after 3 smoke epochs
@@ -83,7 +84,9 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def test_uneven_slices_and_a_live_teacher_on_two_ranks(data):
     """72 train images in batches of 23: three full batches cut 12/11 (loss weights 24/23 and 22/23), then a
-    batch of 3 that rank 0 trains alone (rank 1 takes part in the step with weight 0)."""
+    batch of 3 that rank 0 trains alone (rank 1 takes part in the step with weight 0). Random crop and flip:
+    every rank draws the whole batch's augmentation, as one process does, and keeps its slice."""
+    data = dataclasses.replace(data, augment=AugmentConfig(crop_padding=1, hflip=True))
     torch.manual_seed(1)
     teacher = build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16}).eval()
     recipe = Recipe(epochs=2, batch_size=23, optim=OptimConfig(), sched=SchedConfig(), seed=3)
