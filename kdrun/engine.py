@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from kdrun import interrupt
+from kdrun import distributed, interrupt
 from kdrun.data import Data
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss, cross_entropy
@@ -37,6 +37,7 @@ class Recipe:
     eval_batch_size: int = 1024
     compile: bool = False        # speed only: not part of store keys
     channels_last: str = "auto"  # speed only: not part of store keys
+    devices: int = 1             # data-parallel ranks (kdrun.distributed); not part of store keys
 
 
 @dataclass
@@ -147,18 +148,31 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
     A stop requested by a signal (:mod:`kdrun.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
     current optimizer step; a part-trained epoch is dropped, a finished one is checkpointed first.
+    With ``recipe.devices > 1`` (``trainer.devices``) the same loop runs data-parallel, this process being rank 0
+    (:mod:`kdrun.distributed`): each rank trains its slice of every batch; hooks, progress, validation, the best
+    epoch and checkpoints are rank 0's alone.
     """
+    # --- trainer.devices > 1 (kdrun.distributed): this process is rank 0, ranks 1.. are spawned and run this fit
+    dp = distributed.current()
+    if recipe.devices > 1 and dp is None:
+        with distributed.ranks(model, data, recipe, loss_fn, teacher, desc, checkpoint):
+            return fit(model, data, recipe, loss_fn, teacher=teacher, hooks=hooks, progress=progress, desc=desc,
+                       checkpoint=checkpoint)
+    main = dp is None or dp.main  # only rank 0 validates, keeps the best epoch and writes checkpoints
+    # --- end trainer.devices
     device = data.train.y.device
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     pairs = _feature_pairs(loss_fn, model, teacher, data) if getattr(loss_fn, "needs_features", False) else None
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones: out
-    opt = make_optimizer(params + [p for p in loss_fn.parameters() if p.requires_grad], recipe.optim)
+    extra_params = [p for p in loss_fn.parameters() if p.requires_grad]  # a feature loss's adapters
+    opt = make_optimizer(params + extra_params, recipe.optim)
     sched = make_scheduler(opt, recipe.sched, recipe.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     memory_format = _memory_format(recipe.channels_last, device)
     model.to(memory_format=memory_format)
-    forward = torch.compile(model) if recipe.compile else model
+    forward = dp.wrap(model) if dp is not None else model  # trainer.devices: DistributedDataParallel
+    forward = torch.compile(forward) if recipe.compile else forward
     if teacher is not None:
         teacher.prepare(loss_fn.needs_teacher, memory_format, recipe.compile)
     ce_loss = cross_entropy()
@@ -185,6 +199,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         with feats.attach(model, teacher.feature_model(model)) if feats is not None else contextlib.nullcontext():
             for step, (x, y, idx) in enumerate(data.batches("train", recipe.batch_size, shuffle=True,
                                                             generator=generator, augment=True)):
+                count = len(y)
+                if dp is not None:  # trainer.devices: this rank's slice of the batch, its loss weight (see Rank.shard)
+                    x, y, idx, weight, count = dp.shard(x, y, idx)
                 x = x.contiguous(memory_format=memory_format)
                 with autocast(device, recipe.precision):
                     logits = forward(x)
@@ -195,11 +212,13 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                     loss, parts = epoch_loss(logits, t_logits, y, student_features=feats.student(),
                                              teacher_features=feats.teacher())
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss if dp is None else loss * weight).backward()
+                if dp is not None:  # trainer.devices: a feature loss's adapters are not in DDP
+                    dp.sync_grads(extra_params)
                 scaler.step(opt)
                 scaler.update()
                 sums += torch.stack([loss.detach(), parts["ce"].detach(), parts["kd"].detach(),
-                                     *(parts[n].detach() if n in parts else zero for n in part_names[2:])]) * len(y)
+                                     *(parts[n].detach() if n in parts else zero for n in part_names[2:])]) * count
                 step_losses[step] = loss.detach().float()
                 if bar is not None:
                     bar.advance()
@@ -207,7 +226,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                     raise interrupt.interrupted(desc, saved if checkpoint is not None else epoch - 1, recipe.epochs)
         sched.step()
         train_time = time.perf_counter() - start
-        val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision)
+        if dp is not None:  # trainer.devices: the epoch's loss sums over all ranks
+            dp.sum(sums)
+        val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision) if main else None
         loss_mean = (sums / len(data.train)).tolist()
         record = {"epoch": epoch, "train/loss": loss_mean[0], "train/loss_ce": loss_mean[1],
                   "train/loss_kd": loss_mean[2], **{f"train/loss_{n}": v for n, v in zip(part_names[2:], loss_mean[3:])},
@@ -222,12 +243,12 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             where = f" (first at step {first}/{steps})" if first else ""
             raise FloatingPointError(f"{desc}: training loss is {loss_mean[0]} at epoch {epoch}{where}; lower the "
                                      f"learning rate (the last checkpointed epoch is kept)")
-        if val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc:
+        if main and (val_acc is None or best.best_val_acc is None or val_acc > best.best_val_acc):
             best.best_state, best.best_epoch, best.best_val_acc = _copy_state(model), epoch, val_acc
             if pairs is not None:
                 best.best_loss_state = _copy_state(loss_fn)
         stop = interrupt.requested()
-        if checkpoint is not None and (epoch % checkpoint.every == 0 or epoch == recipe.epochs or stop):
+        if main and checkpoint is not None and (epoch % checkpoint.every == 0 or epoch == recipe.epochs or stop):
             _save(checkpoint.path, epoch, *state)
             saved = epoch
         if stop:

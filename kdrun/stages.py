@@ -167,7 +167,7 @@ def _later(line: str, stage: str, epoch: int) -> bool:
 
 def _store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, init: Optional[dict] = None) -> dict:
     recipe_dict = dataclasses.asdict(recipe)
-    for speed_only in ("eval_batch_size", "compile", "channels_last"):
+    for speed_only in ("eval_batch_size", "compile", "channels_last", "devices"):
         recipe_dict.pop(speed_only)
     if recipe_dict["sched"]["milestones"] is None:  # keys written before milestones existed stay valid
         del recipe_dict["sched"]["milestones"]
@@ -196,14 +196,14 @@ def _recipe_teacher(cfg: Config) -> Recipe:
     return Recipe(epochs=t.epochs, batch_size=t.batch_size or cfg.trainer.batch_size, optim=t.optim,
                   sched=t.sched, seed=t.seed, precision=cfg.trainer.precision,
                   eval_batch_size=cfg.trainer.eval_batch_size, compile=cfg.trainer.compile,
-                  channels_last=cfg.trainer.channels_last)
+                  channels_last=cfg.trainer.channels_last, devices=cfg.trainer.devices)
 
 
 def recipe_student(cfg: Config) -> Recipe:
     tr = cfg.trainer
     return Recipe(epochs=tr.epochs, batch_size=tr.batch_size, optim=cfg.optim, sched=cfg.sched, seed=cfg.seed,
                   precision=tr.precision, eval_batch_size=tr.eval_batch_size, compile=tr.compile,
-                  channels_last=tr.channels_last)
+                  channels_last=tr.channels_last, devices=tr.devices)
 
 
 def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResult]:

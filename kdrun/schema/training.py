@@ -64,11 +64,16 @@ class TrainerConfig:
     channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
     checkpoint_every: int = 1  # epochs between a student stage's resume checkpoints (checkpoints/<stage>_resume.pt,
     #                            also after the last epoch and on SIGINT/SIGTERM); 0: none, `kdrun resume=` restarts it
+    devices: int = 1           # data-parallel ranks for one training (DDP, spawned inside the job; kdrun.distributed):
+    #                            the batch_size is the global batch, split over the ranks; one GPU per rank on CUDA
+    #                            (nccl), processes on CPU (gloo); not part of store keys
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.devices < 1:
+            raise ConfigError("trainer.devices", f"must be >= 1, got {self.devices}")
         if self.checkpoint_every < 0:
             raise ConfigError("trainer.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -76,8 +81,24 @@ class TrainerConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("trainer.num_threads", f"must be >= 1 or null (torch's default), got {self.num_threads}")
         check_choice("trainer.precision", self.precision, PRECISIONS)
+        if self.devices > 1 and self.device != "cpu":
+            check_gpus(self.device, self.devices)
         check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))
         check_choice("trainer.channels_last", str(self.channels_last).lower(), ("auto", "true", "false"))
+
+
+def check_gpus(device: str, devices: int) -> None:
+    """``trainer.devices`` GPUs from ``trainer.device`` on must exist (auto without CUDA: CPU ranks)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # auto: CPU ranks; cuda: trainer.device's own error when the run starts
+    suffix = device.partition(":")[2]
+    first = int(suffix) if suffix.isdigit() else 0
+    if first + devices > torch.cuda.device_count():
+        raise ConfigError("trainer.devices", f"{devices} ranks from cuda:{first} need {first + devices} GPUs, found "
+                                             f"{torch.cuda.device_count()}; use at most "
+                                             f"{max(1, torch.cuda.device_count() - first)}")
 
 
 @dataclass
