@@ -156,19 +156,17 @@ def decode_views(aug: AugmentConfig, views: torch.Tensor) -> tuple[torch.Tensor,
 
 def apply_views(x: torch.Tensor, aug: AugmentConfig, views: torch.Tensor) -> torch.Tensor:
     """View ``views[i]`` of image ``x[i]``: the ``h x w`` window at offset ``(dy, dx)`` of the image zero-padded by
-    ``p`` on each side, then mirrored left-right if its flip bit is set. One batched op each, no per-sample loop."""
-    n, _, h, w = x.shape
+    ``p`` on each side, mirrored left-right if its flip bit is set. One gather for the whole batch: each output
+    pixel's position in its padded image, with the flip folded into the column index."""
+    n, c, h, w = x.shape
     p = aug.crop_padding
     dy, dx, flip = decode_views(aug, views.to(x.device))
-    if p > 0:
-        padded = F.pad(x, (p, p, p, p))
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [n, h, 1]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [n, 1, w]
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    if aug.hflip:
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
+    padded = F.pad(x, (p, p, p, p)) if p > 0 else x
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # [n, w]
+    rows = (dy[:, None] + torch.arange(h, device=x.device)) * (w + 2 * p)  # [n, h]: row starts in the padded image
+    index = (rows[:, :, None] + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
 
 
 _LAST: dict = {}  # the last dataset loaded in this process: jobs of a Hydra sweep share one process
