@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--cache-dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--teacher-ckpt", default=None, help="a plain state_dict of the harness teacher")
     p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="trainer.num_threads (default: torch's)")
     p.add_argument("--work-dir", default=None, help="default: a fresh temp dir (cold store and caches)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -49,6 +50,8 @@ def main() -> None:
         common.append(f"teacher.ckpt={args.teacher_ckpt}")
     if args.train_subset:
         common.append(f"dataset.train_subset={args.train_subset}")
+    if args.threads:
+        common.append(f"trainer.num_threads={args.threads}")
     runs: dict[str, list] = {}
 
     def bench(kind: str, name: str, overrides: list[str]) -> dict:
@@ -79,7 +82,7 @@ def main() -> None:
 
     unaug, warm = median("unaug_cached", warm_only=True), median("aug_view_warm")
     result = {
-        "framework": "kdrun", "epochs": args.epochs, "cache_dtype": args.cache_dtype,
+        "framework": "kdrun", "epochs": args.epochs, "cache_dtype": args.cache_dtype, "threads": args.threads,
         "unaug_cached_epoch_s": unaug, "aug_live_epoch_s": median("aug_live"),
         "aug_view_cold_epoch_s": median("aug_view_cold"), "aug_view_warm_epoch_s": warm,
         "ratio_warm_view_over_unaug": round(warm / unaug, 2),

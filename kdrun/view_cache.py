@@ -157,11 +157,11 @@ class ViewCache(TeacherSource):
         out = self.table[idx, views]
         miss = torch.nonzero(~self.filled[idx, views]).flatten()
         if len(miss):
-            fresh = self._teacher_rows(x, miss)
-            out[miss] = fresh.to(out.dtype)
+            fresh = self._teacher_rows(x, miss).to(self.table.dtype)
+            out[miss] = fresh
             good = torch.isfinite(fresh).all(dim=1)  # a non-finite row is served (the loss then reports it), not kept
             rows, cols = idx[miss][good], views[miss][good]
-            self.table[rows, cols] = fresh[good].to(self.table.dtype)
+            self.table[rows, cols] = fresh[good]
             self.filled[rows, cols] = True
             self.added += int(good.sum())
         self.misses += len(miss)

@@ -230,3 +230,14 @@ def test_parallel_writers_merge_their_entries(teacher, data, tmp_path):
     for mask, table in own:
         assert torch.equal(merged.table[mask], table[mask])
     assert not list(Path(info["path"]).parent.glob(".*"))  # no temp files left behind
+
+
+def test_non_finite_teacher_logits_are_served_but_never_cached(teacher, data, tmp_path):
+    with torch.no_grad():
+        teacher.classifier[-1].bias[0] = float("inf")
+    cache, _ = source(teacher, data, tmp_path)
+    cache.prepare(True, torch.contiguous_format, False)
+    x, _, idx = next(data.batches("train", 20, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True))
+    served = cache.logits(x, idx)
+    assert torch.equal(served, teacher(x)) and not torch.isfinite(served).all()
+    assert cache.filled_count() == 0
