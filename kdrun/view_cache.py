@@ -20,7 +20,8 @@ a save merges the entries other jobs wrote meanwhile (theirs are kept where both
 jobs (joblib, SLURM) each add their own. A file that is unreadable (torn), for another key, of the wrong
 shape, fails its checksum or holds non-finite logits is set aside (``*.bad-<time>``), never used. Saves
 happen at the end of training and every ``SAVE_EVERY_S`` seconds (at an epoch's end) in between; at the start
-of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` cached entries, as the logit cache does.
+of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` entries read from the file, as the logit cache
+does (a stale or misaligned cache stops the run).
 
 Before anything is filled the dense size ``N * V * (C * bytes + 1)`` is estimated; above
 ``teacher.cache_budget_mb`` the teacher runs live, with the reason logged and put in the summary.
@@ -124,9 +125,10 @@ class ViewCache(TeacherSource):
         self.epoch, self.hits, self.misses, self.served, self.added = 0, 0, 0, 0, 0
         self.last_save = time.monotonic()
         self.warned = False
+        self.from_disk = torch.empty(0, dtype=torch.int64)  # positions read from the file at the start: checked
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            self._merge_from_disk()
+            self.from_disk = self._merge_from_disk()
 
     # -- TeacherSource ---------------------------------------------------------------------------------------
 
@@ -155,8 +157,9 @@ class ViewCache(TeacherSource):
             return self.forward(x)
         views = last[1].to(idx.device)
         out = self.table[idx, views]
-        miss = torch.nonzero(~self.filled[idx, views]).flatten()
-        if len(miss):
+        hit = self.filled[idx, views]
+        miss = torch.nonzero(~hit).flatten() if not bool(hit.all()) else None
+        if miss is not None:
             fresh = self._teacher_rows(x, miss).to(self.table.dtype)
             out[miss] = fresh
             good = torch.isfinite(fresh).all(dim=1)  # a non-finite row is served (the loss then reports it), not kept
@@ -164,8 +167,9 @@ class ViewCache(TeacherSource):
             self.table[rows, cols] = fresh[good]
             self.filled[rows, cols] = True
             self.added += int(good.sum())
-        self.misses += len(miss)
-        self.hits += len(idx) - len(miss)
+        misses = 0 if miss is None else len(miss)
+        self.misses += misses
+        self.hits += len(idx) - misses
         self.served += len(idx)
         if self.served >= len(self.data.train):
             self._end_epoch()
@@ -202,11 +206,13 @@ class ViewCache(TeacherSource):
 
     @torch.no_grad()
     def check(self, epoch: int) -> float:
-        """Recompute the teacher on ``CHECK_SAMPLES`` random filled entries; stop the run when they disagree."""
-        flat = torch.nonzero(self.filled.flatten().cpu()).flatten()
+        """Recompute the teacher on ``CHECK_SAMPLES`` random entries read from the file (those filled by this run
+        come from the live teacher already); stop the run when they disagree."""
+        flat = self.from_disk
         if not len(flat):
             return 0.0
-        pick = flat[torch.randperm(len(flat), generator=self.generator)[:CHECK_SAMPLES]].to(self.filled.device)
+        pick = flat[torch.randint(len(flat), (min(CHECK_SAMPLES, len(flat)),), generator=self.generator)]
+        pick = pick.to(self.filled.device)
         idx, views = pick.div(self.views, rounding_mode="floor"), pick.remainder(self.views)
         self.model.eval()
         with autocast(self.data.train.y.device, self.precision):
@@ -237,21 +243,24 @@ class ViewCache(TeacherSource):
     def _lock(self) -> FileLock:
         return FileLock(str(self.path.with_suffix(".lock")))
 
-    def _merge_from_disk(self) -> None:
-        """Copy the file's entries into memory (theirs win where both have one). Call under the lock."""
+    def _merge_from_disk(self) -> torch.Tensor:
+        """Copy the file's entries into memory (theirs win where both have one); return their positions. Call
+        under the lock."""
         remove_partial_writes(self.path)
         if not self.path.exists():
-            return
+            return torch.empty(0, dtype=torch.int64)
         loaded, problem = _load(self.path, self.key, self.shape)
         if problem:
             aside = self.path.with_name(self.path.name + f".bad-{int(time.time())}")
             os.replace(self.path, aside)
             log.warning(f"teacher view cache {self.path} rejected ({problem}); moved to {aside.name}, not used")
             self.added = max(self.added, 1)  # what this job has must be written again
-            return
-        index, values = (t.to(self.filled.device) for t in loaded)
-        self.table.flatten(0, 1)[index] = values.to(self.table.dtype)
-        self.filled.flatten()[index] = True
+            return torch.empty(0, dtype=torch.int64)
+        index, values = loaded
+        device = self.filled.device
+        self.table.flatten(0, 1)[index.to(device)] = values.to(device, self.table.dtype)
+        self.filled.flatten()[index.to(device)] = True
+        return index
 
 
 def _checksum(index: torch.Tensor, values: torch.Tensor) -> str:

@@ -12,13 +12,13 @@ from conftest import run_inproc, store_overrides
 
 from kdrun.data import apply_views, augment_batch, decode_views, draw_views, finite_views, load_data, num_views
 from kdrun.engine import Recipe, fit
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.losses import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
 from kdrun.schema.models import TeacherConfig
 from kdrun.teaching import LiveTeacher
-from kdrun.view_cache import ViewCache, estimate_mb, view_cache
+from kdrun.view_cache import ViewCache, _checksum, estimate_mb, view_cache
 
 AUG = AugmentConfig(crop_padding=1, hflip=True)
 
@@ -141,7 +141,20 @@ def test_fp16_view_cache_serves_the_live_logits_rounded(teacher, data, tmp_path)
         served = cache.logits(x, idx)
         assert served.dtype == torch.float16
         assert torch.equal(served, teacher(x).to(torch.float16))
-    assert cache.check(2) < 1e-2
+    cache.save()
+    again, _ = source(teacher, data, tmp_path, dtype="fp16")
+    assert again.filled_count() == cache.filled_count() and 0 < again.check(1) < 1e-2
+
+
+def test_a_stale_cache_is_caught_by_the_per_epoch_check(teacher, data, tmp_path):
+    _, info = filled(teacher, data, tmp_path)
+    obj = torch.load(info["path"], weights_only=True)
+    obj["logits"] = obj["logits"].roll(1, dims=0)  # logits of other entries, with a matching checksum
+    obj["checksum"] = _checksum(obj["index"], obj["logits"])
+    torch.save(obj, info["path"])
+    cache, _ = source(teacher, data, tmp_path)
+    with pytest.raises(KdrunError, match="stale or misaligned"):
+        cache.before_epoch(1, None)
 
 
 def test_a_batch_without_view_ids_runs_the_teacher_live(teacher, data, tmp_path, caplog):
