@@ -46,7 +46,7 @@ from torch import nn
 from kdrun.data import Data, finite_views
 from kdrun.engine import autocast
 from kdrun.errors import KdrunError
-from kdrun.logit_cache import CHECK_SAMPLES, DTYPES, TOLERANCE, remove_partial_writes, weights_hash
+from kdrun.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
 from kdrun.records import save_torch
 from kdrun.teaching import TeacherSource
 
@@ -54,6 +54,7 @@ log = logging.getLogger("kdrun")
 FORMAT = 1          # bump when the file layout or the view encoding changes
 MIN_ROWS = 16       # a teacher pass on misses covers at least this many rows of the batch (see the docstring)
 SAVE_EVERY_S = 120  # between saves at epoch ends; the last epoch always saves
+CHECK_SAMPLES = 16  # entries read from the file that are recomputed at the start of every epoch
 
 
 def estimate_mb(n: int, views: int, classes: int, dtype: str) -> float:
