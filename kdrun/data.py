@@ -108,7 +108,8 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Random crop after zero padding, then random horizontal flip, per sample, in one batched op each."""
+    """Random crop after zero padding, then random horizontal flip, per sample: :func:`draw_views` from
+    ``generator``, then :func:`apply_views` (one batched op)."""
     return apply_views(x, aug, draw_views(aug, len(x), generator).to(x.device))
 
 
