@@ -98,8 +98,7 @@ def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precis
     path = Path(root) / "view-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     cache = ViewCache(teacher, data, path, key, facts["views"], dtype=dtype, precision=precision, seed=seed,
                       epochs=epochs, info=info)
-    info.update(path=str(path.resolve()), dtype=dtype, filled_at_start=cache.filled_count(), epochs=[],
-                hits=0, misses=0)
+    info.update(path=str(path.resolve()), dtype=dtype)
     log.info(f"teacher view cache: {why}; {info['filled_at_start']} entries filled at start ({path})")
     return cache
 
@@ -130,6 +129,7 @@ class ViewCache(TeacherSource):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock():
             self.from_disk = self._merge_from_disk()
+        info.update(filled_at_start=self.filled_count(), epochs=[], hits=0, misses=0)
 
     # -- TeacherSource ---------------------------------------------------------------------------------------
 
