@@ -31,11 +31,15 @@ def main() -> None:
     p.add_argument("--alphas", default="0.5,0.7,0.9")
     p.add_argument("--td-json", default=None, help="the harness's results JSON (default: newest in /tmp/td_bench/results)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--augment", action="store_true",
+                   help="the augmented workload (crop padding 2 + flip): the teacher's logits per (image, view)")
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdrun_sweep_"))
     cmd = [sys.executable, "-m", "kdrun", "-m", f"loss.T={args.temperatures}", f"loss.alpha={args.alphas}",
            *[o for o in WORKLOAD if not o.startswith(("loss.T=", "loss.alpha="))], f"trainer.epochs={args.epochs}", f"store.teachers={work / 'teachers'}",  # noqa: E501
            f"store.baselines={work / 'baselines'}", f"hydra.sweep.dir={work / 'sweep'}"]
+    if args.augment:
+        cmd += ["dataset.augment.crop_padding=2", "dataset.augment.hflip=true"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
     wall = time.perf_counter() - start
@@ -43,7 +47,8 @@ def main() -> None:
         sys.exit(f"sweep failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summaries = [json.loads(f.read_text()) for f in sorted((work / "sweep").glob("*/summary.json"))]
     trained = sum(not s["teacher"]["reused"] for s in summaries)
-    result = {"framework": "kdrun", "jobs": len(summaries), "teachers_trained": trained,
+    result = {"framework": "kdrun", "augment": args.augment, "jobs": len(summaries), "teachers_trained": trained,
+              "teacher_cache_misses": [s["teacher"].get("cache", {}).get("misses") for s in summaries],
               "sweep_wall_s": round(wall, 1), "student_test_acc": {f"T={s['loss']['T']:g},alpha={s['loss']['alpha']:g}":
                                                                    s["student"]["test_acc_last"] for s in summaries}}
     td_json = args.td_json or max(glob.glob("/tmp/td_bench/results/*.json"), default=None, key=os.path.getmtime)

@@ -3,6 +3,10 @@
 A dataset that fits in memory is decoded once into ``[N, C, H, W]`` tensors (uint8 for 8-bit images,
 float32 in [0, 1] otherwise) on the run's device. Batches are index slices of a seeded permutation;
 normalisation, random crop and flip are batched tensor ops: no per-sample Python in the training loop.
+Random crop and flip form a finite set of views of each image: a batch's augmentation is drawn as one view
+id per sample (:func:`draw_views`) and applied from those ids (:func:`apply_views`), and the ids of the last
+augmented training batch are kept (``Data.last_views``) for teacher sources that cache per view
+(:mod:`kdrun.view_cache`).
 Image folders too large for memory are streamed (:class:`kdrun.sources.LazyImages`) and then go through
 the same batched normalisation and augmentation. Where images come from is :mod:`kdrun.sources`.
 
@@ -46,6 +50,8 @@ class Data:
     std: torch.Tensor
     augment: AugmentConfig
     identity: dict = field(default_factory=dict)  # what makes this data this data (store keys)
+    # (idx, view ids) of the last augmented batch :meth:`batches` yielded (None: no views drawn yet)
+    last_views: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> int:
@@ -72,19 +78,27 @@ class Data:
         else:
             raws = (part.x[idx] for idx in chunks)
         for idx, raw in zip(chunks, raws):
-            yield self._prepare(raw, augment, generator), part.y[idx], idx
+            views = self._draw(augment, len(idx), generator)
+            if views is not None and split == "train":
+                self.last_views = (idx, views)
+            yield self._prepare(raw, views), part.y[idx], idx
 
     def inputs(self, split: str, idx: torch.Tensor, *, augment: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The normalised float images ``idx`` of ``split`` (augmented in one batched op if asked)."""
+               generator: Optional[torch.Generator] = None, views: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The normalised float images ``idx`` of ``split`` (augmented in one batched op if asked, or shown as the
+        given view ids ``views``, one per image: :func:`apply_views`)."""
         x = self.split(split).x
         raw = x.fetch(idx.cpu()).to(idx.device) if isinstance(x, LazyImages) else x[idx]
-        return self._prepare(raw, augment, generator)
+        return self._prepare(raw, views if views is not None else self._draw(augment, len(idx), generator))
 
-    def _prepare(self, raw: torch.Tensor, augment: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _draw(self, augment: bool, n: int, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """View ids of a batch of ``n`` (:func:`draw_views`), or None when it is not augmented."""
+        return draw_views(self.augment, n, generator) if augment and num_views(self.augment) > 1 else None
+
+    def _prepare(self, raw: torch.Tensor, views: Optional[torch.Tensor]) -> torch.Tensor:
         x = to_unit_float(raw)
-        if augment:
-            x = augment_batch(x, self.augment, generator)
+        if views is not None:
+            x = apply_views(x, self.augment, views)
         return (x - self.mean) / self.std
 
 
@@ -94,21 +108,66 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Random crop after zero padding, then random horizontal flip, per sample, in one batched op each."""
-    n, _, h, w = x.shape
+    """Random crop after zero padding, then random horizontal flip, per sample: :func:`draw_views` from
+    ``generator``, then :func:`apply_views` (one batched op)."""
+    return apply_views(x, aug, draw_views(aug, len(x), generator).to(x.device))
+
+
+def num_views(aug: AugmentConfig) -> int:
+    """How many distinct views of an image the augmentation draws from: (2p+1)^2 crop offsets x 2 flips."""
+    return (2 * aug.crop_padding + 1) ** 2 * (2 if aug.hflip else 1)
+
+
+def finite_views(aug: AugmentConfig) -> Optional[int]:
+    """:func:`num_views` when every random choice of ``aug`` is one of those finite views, else None.
+
+    An augmentation option other than crop and flip set away from its default (one this module does not
+    enumerate) makes the set of views unknown: None, so no cache is keyed by view ids that do not name them."""
+    known = {"crop_padding", "hflip"}
+    for f in dataclasses.fields(aug):
+        if f.name not in known and getattr(aug, f.name) != _default(f):
+            return None
+    return num_views(aug)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def draw_views(aug: AugmentConfig, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One view id per sample, int64 ``[n]`` on the CPU: crop offsets ``dy``, ``dx`` in ``[0, 2p]`` and a flip bit,
+    encoded as ``(dy * (2p+1) + dx) * F + flip`` (``F`` = 2 with ``hflip``, else 1).
+
+    Draws the random numbers in a fixed order (``dy``, then ``dx``, then the flips), the order augmentation has
+    always used, so a seeded run augments exactly as before."""
+    side = 2 * aug.crop_padding + 1
+    zeros = torch.zeros(n, dtype=torch.int64)
+    dy = torch.randint(0, side, (n,), generator=generator) if aug.crop_padding > 0 else zeros
+    dx = torch.randint(0, side, (n,), generator=generator) if aug.crop_padding > 0 else zeros
+    flip = (torch.rand(n, generator=generator) < 0.5).long() if aug.hflip else zeros
+    return (dy * side + dx) * (2 if aug.hflip else 1) + flip
+
+
+def decode_views(aug: AugmentConfig, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dy, dx, flip)`` of view ids (:func:`draw_views`' encoding)."""
+    side, flips = 2 * aug.crop_padding + 1, 2 if aug.hflip else 1
+    crop, flip = views.div(flips, rounding_mode="floor"), views.remainder(flips).bool()
+    return crop.div(side, rounding_mode="floor"), crop.remainder(side), flip
+
+
+def apply_views(x: torch.Tensor, aug: AugmentConfig, views: torch.Tensor) -> torch.Tensor:
+    """View ``views[i]`` of image ``x[i]``: the ``h x w`` window at offset ``(dy, dx)`` of the image zero-padded by
+    ``p`` on each side, mirrored left-right if its flip bit is set. One gather for the whole batch: each output
+    pixel's position in its padded image, with the flip folded into the column index."""
+    n, c, h, w = x.shape
     p = aug.crop_padding
-    if p > 0:
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [n, h, 1]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [n, 1, w]
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    if aug.hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
+    dy, dx, flip = decode_views(aug, views.to(x.device))
+    padded = F.pad(x, (p, p, p, p)) if p > 0 else x
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # [n, w]
+    rows = (dy[:, None] + torch.arange(h, device=x.device)) * (w + 2 * p)  # [n, h]: row starts in the padded image
+    index = (rows[:, :, None] + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
 
 
 _LAST: dict = {}  # the last dataset loaded in this process: jobs of a Hydra sweep share one process

@@ -13,7 +13,8 @@ carries a checksum of its logits. It is guarded three ways:
 * every epoch: the teacher is recomputed on a random sample of cached indices and must agree within
   tolerance, else the run stops (a stale or misaligned cache must not silently teach wrong targets);
 * ``teacher.cache=auto`` uses the cache only when augmentation is off; with random augmentation the
-  teacher runs live on the very batch the student sees (``teacher.cache=on`` forces the cache anyway).
+  teacher's logits are cached per (image, view) instead (:mod:`kdrun.view_cache`), or run live on the very
+  batch the student sees when that cache does not apply (``teacher.cache=on`` forces this cache anyway).
 
 Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``trainer.precision``.
 """
@@ -65,7 +66,7 @@ def decide(mode: str, data: Data) -> tuple[bool, str]:
         why = "teacher.cache=on"
         return True, why + (" (augmentation is random: the teacher sees un-augmented images)" if random_aug else "")
     if random_aug:
-        return False, "augmentation is random: teacher run live on the student's augmented batch"
+        return False, "augmentation is random: teacher logits per (image, view) or live on the student's batch"
     return True, "no random augmentation: the teacher's logits are a pure function of the sample"
 
 
@@ -76,7 +77,7 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
     ``teacher_entry`` is the teacher's store entry (None for ``teacher.ckpt`` or merged teachers): it is set
     aside when the teacher's logits are not finite."""
     use, why = decide(mode, data)
-    info = {"mode": mode, "used": use, "why": why}
+    info = {"mode": mode, "kind": "train", "used": use, "why": why}
     if not use:
         return None, info
     key = json.dumps({"teacher": weights_hash(teacher), "data": data.identity, "precision": precision,
@@ -89,7 +90,7 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
             aside = path.with_name(path.name + f".bad-{int(time.time())}")
             os.replace(path, aside)
             log.warning(f"teacher logit cache {path} rejected ({problem}); moved to {aside.name}, rebuilding")
-        _remove_partial_writes(path)
+        remove_partial_writes(path)
         built, seconds = logits is None, 0.0
         if built:
             start = time.perf_counter()
@@ -118,11 +119,11 @@ def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional
                      f"recipe: teacher.optim, trainer.precision)")
 
 
-def _remove_partial_writes(path: Path) -> None:
+def remove_partial_writes(path: Path) -> None:
     """Remove temp files of ``path`` left by a process killed while writing it (call under its lock)."""
     for tmp in path.parent.glob(f".{path.name}.*"):
         tmp.unlink(missing_ok=True)
-        log.warning(f"removed {tmp}: a partial write of the logit cache by a killed process")
+        log.warning(f"removed {tmp}: a partial write of a teacher cache by a killed process")
 
 
 def _load(path: Path, key: str, n: int, num_classes: int) -> tuple[Optional[torch.Tensor], Optional[str]]:

@@ -283,8 +283,10 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
                     teacher_info: TeacherResult | MergedTeacherResult, loss=None) -> TeacherSource:
     """The teacher's side of distillation: cached train logits plus their per-epoch guard, or live.
 
-    Returns the :class:`kdrun.teaching.TeacherSource` for :func:`distil`; records the cache decision in
-    ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``seed``.
+    Under finite random augmentation (``teacher.cache=auto``) the logits are cached per (image, view) instead
+    (:mod:`kdrun.view_cache`). Returns the :class:`kdrun.teaching.TeacherSource` for :func:`distil`; records the
+    cache decision in ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``,
+    ``teacher.cache_budget_mb``, ``store.teachers``, ``seed``.
     A ``loss`` that reads the teacher's features (``needs_features``) always gets the live teacher.
     """
     from kdrun.logit_cache import make_check, teacher_logits
@@ -300,6 +302,16 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
                                   batch_size=cfg.trainer.eval_batch_size,
                                   teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
+    if logits is None and info["mode"] == "auto" and cfg.trainer.devices > 1:  # ranks see slices of the batch
+        info["why"] += "; the view cache serves one process only (trainer.devices > 1)"
+    elif logits is None and info["mode"] == "auto":  # random augmentation: logits per (image, view), if it fits
+        from kdrun.view_cache import view_cache
+
+        views = view_cache(teacher, data, info, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,
+                           root=Path(cfg.store.teachers), budget_mb=cfg.teacher.cache_budget_mb, seed=cfg.seed,
+                           epochs=cfg.trainer.epochs)
+        if views is not None:
+            return views
     if logits is None:
         log.info(f"teacher logits: live ({info['why']})")
         return LiveTeacher(teacher)

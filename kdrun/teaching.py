@@ -7,6 +7,8 @@ logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun'
 * :class:`LiveTeacher`: a frozen model (``eval()``, no gradients) run on the very batch the student sees;
 * :class:`CachedLogits`: logits of the whole train split computed once (:mod:`kdrun.logit_cache`), indexed
   by the batch's sample indices, with a per-epoch check against the live teacher;
+* :class:`kdrun.view_cache.ViewCache`: under random crop/flip, logits per (sample, view), filled lazily
+  from the live teacher on the batch's misses;
 * :class:`SnapshotTeacher`: no teacher (plain CE) up to epoch ``at``, then a frozen copy of the student as it
   is after that epoch, run live (self-distillation from a snapshot).
 

@@ -57,8 +57,9 @@ class TeacherConfig(ModelConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     seed: int = 0               # fixed by default so a seed sweep of students shares one teacher
-    cache: str = "auto"         # teacher-logit cache: auto (on when augmentation is off) | on | off
-    cache_dtype: str = "fp32"   # storage of cached logits: fp32 | fp16
+    cache: str = "auto"         # teacher-logit cache: auto (per image; per (image, view) under crop/flip) | on | off
+    cache_dtype: str = "fp32"   # storage of cached logits: fp32 (exact) | fp16
+    cache_budget_mb: float = 2048  # largest per-(image, view) cache, MB (N x views x classes x bytes); above: live
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -67,6 +68,8 @@ class TeacherConfig(ModelConfig):
             raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
         check_choice("teacher.cache", str(self.cache), ("auto", "on", "off"))
         check_choice("teacher.cache_dtype", self.cache_dtype, ("fp32", "fp16"))
+        if not self.cache_budget_mb >= 0:  # also rejects nan
+            raise ConfigError("teacher.cache_budget_mb", f"must be >= 0 (MB), got {self.cache_budget_mb}")
         self.optim.check("teacher.optim")
         self.sched.check("teacher.sched")
         if self.ckpt and (self.init is not None or self.freeze):

@@ -1,0 +1,291 @@
+"""Exact teacher logits under augmentation: the frozen teacher's logits cached per (image, view).
+
+Random crop after zero padding ``p`` and a horizontal flip give each training image ``(2p+1)^2 x 2`` possible
+views (:func:`kdrun.data.num_views`), and training draws one view id per sample (:func:`kdrun.data.draw_views`).
+The teacher's logits are then a pure function of (image index, view id), so :class:`ViewCache` keeps them in a
+dense ``[N, V, C]`` tensor with a filled mask ``[N, V]``, filled lazily: for each batch it looks the batch's
+(index, view) pairs up and runs the teacher only on the misses. The student's inputs are exactly those of
+the live path (same random numbers, same ops), and with ``teacher.cache_dtype=fp32`` the teacher's targets
+are bit-identical to the live teacher's on CPU: a miss is computed in a batch of at least ``MIN_ROWS`` rows
+(the whole batch when it is that small), where CPU kernels give each row the bits it gets in the full batch.
+With ``fp16`` storage the targets are the live logits rounded to half precision (relative error <= 2^-11,
+the same approximation as the train-split logit cache's fp16).
+
+The cache lives in ``<store.teachers>/view-cache/<hash>.pt``, keyed by the teacher's weights, the data
+identity (split, normalisation, fingerprint, augmentation), the view encoding, the precision and the storage
+dtype, so it serves every epoch, ``T``, ``alpha``, seed, loss and job of a sweep; with the same seed a later
+job draws the same views and never runs the teacher. On disk it holds the filled entries only (flat
+positions ``n * V + v`` and their logits) with a checksum. It is read and written under a file lock;
+a save merges the entries other jobs wrote meanwhile (theirs are kept where both have one), so parallel
+jobs (joblib, SLURM) each add their own. A file that is unreadable (torn), for another key, of the wrong
+shape, fails its checksum or holds non-finite logits is set aside (``*.bad-<time>``), never used. Saves
+happen at the end of training and every ``SAVE_EVERY_S`` seconds (at an epoch's end) in between; at the start
+of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` entries read from the file, as the logit cache
+does (a stale or misaligned cache stops the run).
+
+Before anything is filled the dense size ``N * V * (C * bytes + 1)`` is estimated; above
+``teacher.cache_budget_mb`` the teacher runs live, with the reason logged and put in the summary.
+
+Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``teacher.cache_budget_mb``, ``store.teachers``,
+``trainer.precision``, ``dataset.augment.*``, ``seed``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from kdrun.data import Data, finite_views
+from kdrun.engine import autocast
+from kdrun.errors import KdrunError
+from kdrun.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
+from kdrun.records import save_torch
+from kdrun.teaching import TeacherSource
+
+log = logging.getLogger("kdrun")
+FORMAT = 1          # bump when the file layout or the view encoding changes
+MIN_ROWS = 16       # a teacher pass on misses covers at least this many rows of the batch (see the docstring)
+SAVE_EVERY_S = 120  # between saves at epoch ends; the last epoch always saves
+CHECK_SAMPLES = 16  # entries read from the file that are recomputed at the start of every epoch
+
+
+def estimate_mb(n: int, views: int, classes: int, dtype: str) -> float:
+    """Memory of the dense cache: logits ``[n, views, classes]`` in ``dtype`` plus a one-byte filled mask."""
+    per_entry = classes * torch.tensor([], dtype=DTYPES[dtype]).element_size() + 1
+    return n * views * per_entry / 2 ** 20
+
+
+def plan(data: Data, dtype: str, budget_mb: float) -> tuple[bool, str, dict]:
+    """Whether a view cache applies to ``data``'s augmentation and fits ``budget_mb``; why; its size."""
+    aug = data.augment
+    views = finite_views(aug)
+    if views is None:
+        return False, "augmentation is not a finite set of views: teacher run live on the student's batch", {}
+    size = estimate_mb(len(data.train), views, data.num_classes, dtype)
+    facts = {"views": views, "size_mb": round(size, 3), "budget_mb": budget_mb}
+    what = f"{views} views per image (crop padding {aug.crop_padding}, flip {'on' if aug.hflip else 'off'})"
+    if size > budget_mb:
+        return False, (f"augmentation has {what}; a view cache of {len(data.train)} x {views} x {data.num_classes} "
+                       f"{dtype} logits needs {size:.4g} MB > teacher.cache_budget_mb={budget_mb:g}: teacher run "
+                       f"live on the student's batch"), facts
+    return True, f"augmentation has {what}: teacher logits cached per (image, view), {size:.3g} MB", facts
+
+
+def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precision: str, root: Path,
+               budget_mb: float, seed: int, epochs: int) -> Optional["ViewCache"]:
+    """A :class:`ViewCache` for ``teacher`` on ``data`` (loaded from the store), or None: run the teacher live.
+
+    ``info`` is the run's teacher-cache record (:func:`kdrun.logit_cache.teacher_logits`'s, for
+    ``teacher.cache=auto`` under augmentation): updated with the decision and, during training, the hits and
+    misses of every epoch. ``epochs`` is the training's last epoch (the cache is saved when it ends)."""
+    use, why, facts = plan(data, dtype, budget_mb)
+    info.update(kind="views", used=use, why=why, **facts)
+    if not use:
+        log.info(f"teacher view cache not used: {why}")
+        return None
+    key = json.dumps({"format": FORMAT, "teacher": weights_hash(teacher), "data": data.identity,
+                      "augment": {"crop_padding": data.augment.crop_padding, "hflip": data.augment.hflip,
+                                  "views": facts["views"]},
+                      "precision": precision, "dtype": dtype}, sort_keys=True)
+    path = Path(root) / "view-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    cache = ViewCache(teacher, data, path, key, facts["views"], dtype=dtype, precision=precision, seed=seed,
+                      epochs=epochs, info=info)
+    info.update(path=str(path.resolve()), dtype=dtype)
+    log.info(f"teacher view cache: {why}; {info['filled_at_start']} entries filled at start ({path})")
+    return cache
+
+
+class ViewCache(TeacherSource):
+    """The teacher's logits per (train index, view id), filled lazily from the live ``teacher``.
+
+    Reads the batch's view ids from ``data.last_views`` (recorded by :meth:`kdrun.data.Data.batches` for the
+    batch whose indices it yielded); a batch it has no view ids for (it never happens in :func:`kdrun.engine.fit`)
+    runs the teacher live."""
+
+    def __init__(self, teacher: nn.Module, data: Data, path: Path, key: str, views: int, *, dtype: str,
+                 precision: str, seed: int, epochs: int, info: dict):
+        self.model = teacher.eval().requires_grad_(False)
+        self.data, self.path, self.key, self.views, self.dtype = data, Path(path), key, views, dtype
+        self.precision, self.epochs, self.info = precision, epochs, info
+        self.forward: Optional[nn.Module] = None
+        self.memory_format = torch.contiguous_format
+        n, classes, device = len(data.train), data.num_classes, data.train.y.device
+        self.shape = (n, views, classes)
+        self.table = torch.zeros(self.shape, dtype=DTYPES[dtype], device=device)
+        self.filled = torch.zeros((n, views), dtype=torch.bool, device=device)
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+        self.epoch, self.hits, self.misses, self.served, self.added = 0, 0, 0, 0, 0
+        self.last_save = time.monotonic()
+        self.warned = False
+        self.from_disk = torch.empty(0, dtype=torch.int64)  # positions read from the file at the start: checked
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            self.from_disk = self._merge_from_disk()
+        info.update(filled_at_start=self.filled_count(), epochs=[], hits=0, misses=0)
+
+    # -- TeacherSource ---------------------------------------------------------------------------------------
+
+    def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        if needs_teacher:
+            self.model.to(memory_format=memory_format)
+            self.memory_format = memory_format
+            self.forward = torch.compile(self.model) if compile else self.model
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
+        if self.epoch:  # the previous epoch did not close itself (it served fewer rows than the train split)
+            self._end_epoch()
+        self.epoch = epoch
+        self.check(epoch)
+        return True
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.forward is None:
+            return None
+        last = self.data.last_views
+        if last is None or last[0] is not idx:
+            if not self.warned:
+                log.warning("teacher view cache: a batch came without its view ids; the teacher runs live on it")
+                self.warned = True
+            return self.forward(x)
+        views = last[1].to(idx.device)
+        out = self.table[idx, views]
+        hit = self.filled[idx, views]
+        miss = torch.nonzero(~hit).flatten() if not bool(hit.all()) else None
+        if miss is not None:
+            fresh = self._teacher_rows(x, miss).to(self.table.dtype)
+            out[miss] = fresh
+            good = torch.isfinite(fresh).all(dim=1)  # a non-finite row is served (the loss then reports it), not kept
+            rows, cols = idx[miss][good], views[miss][good]
+            self.table[rows, cols] = fresh[good]
+            self.filled[rows, cols] = True
+            self.added += int(good.sum())
+        misses = 0 if miss is None else len(miss)
+        self.misses += misses
+        self.hits += len(idx) - misses
+        self.served += len(idx)
+        if self.served >= len(self.data.train):
+            self._end_epoch()
+        return out
+
+    # -- filling, checking, saving ---------------------------------------------------------------------------
+
+    def _teacher_rows(self, x: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (float32) on rows ``miss`` of ``x``, computed as in a batch of >= MIN_ROWS rows."""
+        n = len(x)
+        if len(miss) == n or n <= MIN_ROWS:
+            return self.forward(x).float()[miss]
+        rows = miss
+        if len(miss) < MIN_ROWS:  # pad with hit rows: tiny batches take other kernel paths (other rounding)
+            hit = torch.ones(n, dtype=torch.bool, device=x.device)
+            hit[miss] = False
+            rows = torch.cat([miss, torch.nonzero(hit).flatten()[:MIN_ROWS - len(miss)]])
+        return self.forward(x[rows].contiguous(memory_format=self.memory_format)).float()[:len(miss)]
+
+    def filled_count(self) -> int:
+        return int(self.filled.sum())
+
+    def _end_epoch(self) -> None:
+        record = {"epoch": self.epoch, "hits": self.hits, "misses": self.misses}
+        self.info["epochs"].append(record)
+        self.info["hits"] += self.hits
+        self.info["misses"] += self.misses
+        log.info(f"teacher view cache epoch {self.epoch}: {self.hits} hits, {self.misses} misses (teacher run on "
+                 f"{self.misses} images), {self.filled_count()} of {self.filled.numel()} entries filled")
+        final = self.epoch >= self.epochs
+        self.epoch, self.hits, self.misses, self.served = 0, 0, 0, 0
+        if final or time.monotonic() - self.last_save >= SAVE_EVERY_S:
+            self.save()
+
+    @torch.no_grad()
+    def check(self, epoch: int) -> float:
+        """Recompute the teacher on ``CHECK_SAMPLES`` random entries read from the file (those filled by this run
+        come from the live teacher already); stop the run when they disagree."""
+        flat = self.from_disk
+        if not len(flat):
+            return 0.0
+        pick = flat[torch.randint(len(flat), (min(CHECK_SAMPLES, len(flat)),), generator=self.generator)]
+        pick = pick.to(self.filled.device)
+        idx, views = pick.div(self.views, rounding_mode="floor"), pick.remainder(self.views)
+        self.model.eval()
+        with autocast(self.data.train.y.device, self.precision):
+            live = self.model(self.data.inputs("train", idx, views=views)).float()
+        want = self.table[idx, views].float()
+        err = (live - want).abs()
+        atol, rtol = TOLERANCE[self.dtype]
+        if not torch.all(err <= atol + rtol * want.abs()):
+            raise KdrunError(f"teacher view cache disagrees with the live teacher at epoch {epoch} (max |diff| "
+                             f"{err.max().item():.3g} on {len(pick)} sampled views): the cache is stale or "
+                             f"misaligned; delete {self.path} (the next run refills it) or run with teacher.cache=off")
+        return err.max().item()
+
+    def save(self) -> None:
+        """Write the filled entries, merged with those other jobs saved meanwhile, under the file's lock."""
+        if not self.added:
+            return
+        with self._lock():
+            self._merge_from_disk()
+            flat = torch.nonzero(self.filled.flatten()).flatten()
+            values = self.table.flatten(0, 1)[flat].cpu()
+            index = flat.cpu()
+            save_torch(self.path, {"format": FORMAT, "key": self.key, "shape": list(self.shape), "index": index,
+                                   "logits": values, "checksum": _checksum(index, values)})
+        self.added, self.last_save = 0, time.monotonic()
+        log.info(f"teacher view cache saved: {len(index)} entries ({self.path})")
+
+    def _lock(self) -> FileLock:
+        return FileLock(str(self.path.with_suffix(".lock")))
+
+    def _merge_from_disk(self) -> torch.Tensor:
+        """Copy the file's entries into memory (theirs win where both have one); return their positions. Call
+        under the lock."""
+        remove_partial_writes(self.path)
+        if not self.path.exists():
+            return torch.empty(0, dtype=torch.int64)
+        loaded, problem = _load(self.path, self.key, self.shape)
+        if problem:
+            aside = self.path.with_name(self.path.name + f".bad-{int(time.time())}")
+            os.replace(self.path, aside)
+            log.warning(f"teacher view cache {self.path} rejected ({problem}); moved to {aside.name}, not used")
+            self.added = max(self.added, 1)  # what this job has must be written again
+            return torch.empty(0, dtype=torch.int64)
+        index, values = loaded
+        device = self.filled.device
+        self.table.flatten(0, 1)[index.to(device)] = values.to(device, self.table.dtype)
+        self.filled.flatten()[index.to(device)] = True
+        return index
+
+
+def _checksum(index: torch.Tensor, values: torch.Tensor) -> str:
+    digest = hashlib.sha256(index.contiguous().numpy().tobytes())
+    digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load(path: Path, key: str, shape: tuple) -> tuple[Optional[tuple], Optional[str]]:
+    """``(index, logits)`` of a cache file, or ``(None, reason)`` when it must not be used."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        index, values, stored_key, checksum = obj["index"], obj["logits"], obj["key"], obj["checksum"]
+        stored_shape = tuple(obj["shape"])
+    except Exception as exc:  # noqa: BLE001 - torn, truncated or foreign files are all rejected the same way
+        return None, f"unreadable: {type(exc).__name__}"
+    if stored_key != key:
+        return None, "its key does not match this teacher, data and augmentation"
+    if stored_shape != tuple(shape) or values.dim() != 2 or values.shape != (len(index), shape[2]):
+        return None, f"shape {stored_shape} / {tuple(values.shape)} does not match {tuple(shape)}"
+    if index.dtype != torch.int64 or (len(index) and (index.min() < 0 or index.max() >= shape[0] * shape[1])):
+        return None, "entry positions out of range"
+    if _checksum(index, values) != checksum:
+        return None, "checksum mismatch: the file was modified"
+    if not bool(torch.isfinite(values).all()):
+        return None, "it holds non-finite logits"
+    return (index, values), None
