@@ -156,7 +156,9 @@ def test_wandb_offline_run_holds_config_history_summary_and_artifacts(tracked):
     final = {u.key: json.loads(u.value_json) for s in by_kind("summary") for u in s.update if u.key}
     assert final["summary/objective"] == pytest.approx(summary["objective"])
     artifacts = {a.type: sorted(c.path for c in a.manifest.contents) for a in by_kind("artifact")}
-    assert artifacts == {"model": ["checkpoints/student_best.pt"], "plots": ["plots/probe.png"]}
+    pngs = sorted(["plots/probe.png", *(f"figures/{f.name}" for f in (run_dir / "figures").glob("*.png"))])
+    assert "figures/reliability.png" in pngs  # the run report's figures go too
+    assert artifacts == {"model": ["checkpoints/student_best.pt"], "plots": pngs}
     (exit_record,) = by_kind("exit")
     assert exit_record.exit_code == 0
 
@@ -246,7 +248,9 @@ def test_a_failed_run_still_sends_its_summary_so_far_and_ends_the_tracker_run(tm
                                                 "teacher/train/loss_ce", "teacher/train/loss_kd", "teacher/val/acc"])
     summary = Recorder.calls[5][1]
     assert summary["summary/teacher/test_acc"] == read_json(tmp_path / "run" / "summary.json")["teacher"]["test_acc"]
-    assert Recorder.calls[-2:] == [("artifacts", []), ("finish", "failed")]  # no checkpoint: the student never ran
+    figures = sorted(f.name for f in (tmp_path / "run" / "figures").glob("*.png"))  # the report of what finished
+    assert "confusion_student.png" not in figures  # no checkpoint either: the student never ran
+    assert Recorder.calls[-2:] == [("artifacts", figures), ("finish", "failed")]
 
 
 def test_unknown_logger_is_a_config_error_naming_the_valid_ones():
