@@ -220,7 +220,8 @@ def curves_png(out_dir: Path, curves: dict) -> str:
     acc_ax.set(xlabel="epoch", ylabel="val accuracy %", title="val accuracy")
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[1]:  # no val split: the accuracy panel has no curve
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out_dir, "learning_curves")
 
