@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="trainer.num_threads (default: torch's)")
     p.add_argument("--work-dir", default=None, help="default: a fresh temp dir (the teacher is trained once there)")
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdrun_loss_bench_"))
@@ -36,6 +37,9 @@ def main() -> None:
         f"store.baselines={work / 'baselines'}"]
     if args.train_subset:
         common.append(f"dataset.train_subset={args.train_subset}")
+    if args.threads:
+        common.append(f"trainer.num_threads={args.threads}")
+    common += ["report=false", "compression=false"]  # per-run extras, not the epoch: out of the way
     epochs: dict[str, list[float]] = {name: [] for name in LOSSES}
     for r in range(args.rounds):
         for name, overrides in LOSSES.items():
