@@ -90,6 +90,19 @@ class JsonlWriter:
             handle.write(strict_json({**self.constant, **record}) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a :class:`JsonlWriter` file (empty if there is none); a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:
     """Log to ``out_dir/kdrun.log`` unless a handler already does (Hydra's job logging does)."""
     path = (out_dir / "kdrun.log").resolve()

@@ -12,7 +12,6 @@ links: it reads on GitHub and in any Markdown viewer).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdrun.evaluation import ECE_BINS, describe_trails, evaluate_logits, trails
-from kdrun.records import atomic_write_text, write_json
+from kdrun.records import atomic_write_text, read_jsonl, write_json
 from kdrun.results import RunResult
 
 log = logging.getLogger("kdrun")
@@ -110,24 +109,12 @@ def learning_curves(out_dir: Path, result: RunResult, roles: list[str]) -> dict:
             continue
         path = Path(sources[role]) / "metrics.jsonl" if role in sources else out_dir / "metrics.jsonl"
         records = {}
-        for record in _jsonl(path):
+        for record in read_jsonl(path):
             if record.get("stage") == role and "epoch" in record:
                 records[record["epoch"]] = record
         if records:
             curves[role] = [records[e] for e in sorted(records)]
     return curves
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut short by a kill
-            continue
-    return out
 
 
 def _figure(width: float, height: float, margins: dict, cols: int = 1, rows: int = 1):

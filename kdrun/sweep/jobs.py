@@ -68,15 +68,10 @@ class Job:
 
     def epoch_seconds(self) -> Optional[float]:
         """Mean training seconds per epoch of the ``student`` stage (its ``metrics.jsonl``); None if not logged."""
-        path = self.dir / "metrics.jsonl"
-        times = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if record.get("stage") == "student" and isinstance(record.get("time_s"), (int, float)):
-                times.append(record["time_s"])
+        from kdrun.records import read_jsonl
+
+        times = [r["time_s"] for r in read_jsonl(self.dir / "metrics.jsonl")
+                 if r.get("stage") == "student" and isinstance(r.get("time_s"), (int, float))]
         return sum(times) / len(times) if times else None
 
 
