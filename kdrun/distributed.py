@@ -32,6 +32,7 @@ import io
 import os
 import pickle
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -146,6 +147,7 @@ def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str
         _wait_ready(store, workers, world)
         rank = _init(0, world, store, device)
         yield rank
+        _leave()
         while not workers.join(grace_period=0):
             pass
     except BaseException as exc:
@@ -225,8 +227,15 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, logits, thread
     try:
         fit(state["model"].to(dev), _on(data, dev), state["recipe"], state["loss"].to(dev), teacher=teacher,
             desc=state["desc"], checkpoint=state["checkpoint"])
-    finally:
+    except BaseException:
         _teardown()
+        raise
+    _leave()
+    # Skip the interpreter's shutdown: destructors of gloo's and the store's threads running then can abort the
+    # process ("terminate called without an active exception") after a run that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _no_check(epoch: int) -> float:
@@ -281,6 +290,16 @@ def _teardown() -> None:
     _CURRENT = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _leave() -> None:
+    """A finished fit's orderly end, on every rank: wait for all (no rank tears down while another still
+    talks to it), then leave the process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    _teardown()
 
 
 def _wait_ready(store, workers, world: int) -> None:
