@@ -105,22 +105,53 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32") -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) on a whole split, as float32."""
+def predict(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32",
+            channels_last: str = "auto") -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on a whole split, as float32. ``channels_last`` (``trainer.*``): a conv
+    net is put in NHWC first (:func:`model_format`)."""
     model.eval()
     device = data.train.y.device
-    outs = []
+    model.to(memory_format=model_format(model, preferred_format(channels_last, device)))
+    outs, chunk = [], None
     with autocast(device, precision):
         for x, _, _ in data.batches(split, batch_size):
-            outs.append(model(x).float())
+            chunk = chunk or (cpu_chunk(model, x[:1], batch_size) if device.type == "cpu" else batch_size)
+            outs.extend(model(part).float() for part in x.split(chunk))
     return torch.cat(outs) if outs else torch.empty(0, data.num_classes, device=device)
 
 
-def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32") -> Optional[float]:
+CPU_CHUNK_BYTES = 8 * 2 ** 20  # the largest activation of a CPU inference chunk stays within this (cache-sized)
+
+
+@torch.no_grad()
+def cpu_chunk(model: nn.Module, sample: torch.Tensor, cap: int) -> int:
+    """Rows per forward pass for inference on CPU, at most ``cap`` (``trainer.eval_batch_size``).
+
+    A conv net's big batches are slower per image on CPU once its activations outgrow the caches (on 2 cores:
+    cnn on 28x28 3 s per 60k images at 128 rows, 9.5 s at 512; resnet8x4 on 32x32 1.7x slower at 1024 rows than
+    at 64; ``benchmarks/memory_format.py``). The chunk is the largest power of two whose largest single
+    activation (measured on one ``sample`` row) fits ``CPU_CHUNK_BYTES``, at least 16. Speed only: rows get
+    the same logits up to float rounding."""
+    sizes = []
+    hook = lambda module, inputs, out: sizes.append(out.numel() * out.element_size()) \
+        if isinstance(out, torch.Tensor) else None
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
+    try:
+        model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_row = max(sizes, default=1)
+    rows = 1 << max(4, int(math.log2(max(1, CPU_CHUNK_BYTES // per_row))))
+    return max(1, min(cap, rows))
+
+
+def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32",
+             channels_last: str = "auto") -> Optional[float]:
     """Top-1 accuracy in percent on ``split``; None when the split is empty."""
     if len(data.split(split)) == 0:
         return None
-    return top1(predict(model, data, split, batch_size, precision), data.split(split).y)
+    return top1(predict(model, data, split, batch_size, precision, channels_last), data.split(split).y)
 
 
 def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -169,12 +200,13 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     opt = make_optimizer(params + extra_params, recipe.optim)
     sched = make_scheduler(opt, recipe.sched, recipe.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
-    memory_format = _memory_format(recipe.channels_last, device)
+    preferred = preferred_format(recipe.channels_last, device)
+    memory_format = model_format(model, preferred)
     model.to(memory_format=memory_format)
     forward = dp.wrap(model) if dp is not None else model  # trainer.devices: DistributedDataParallel
     forward = torch.compile(forward) if recipe.compile else forward
     if teacher is not None:
-        teacher.prepare(loss_fn.needs_teacher, memory_format, recipe.compile)
+        teacher.prepare(loss_fn.needs_teacher, preferred, recipe.compile)
     ce_loss = cross_entropy()
     best = FitResult(best_state={}, last_state={}, best_epoch=0, best_val_acc=None)
     steps = math.ceil(len(data.train) / recipe.batch_size)
@@ -228,7 +260,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
         train_time = time.perf_counter() - start
         if dp is not None:  # trainer.devices: the epoch's loss sums over all ranks
             dp.sum(sums)
-        val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision) if main else None
+        val_acc = accuracy(model, data, "val", recipe.eval_batch_size, recipe.precision,
+                           recipe.channels_last) if main else None
         loss_mean = (sums / len(data.train)).tolist()
         record = {"epoch": epoch, "train/loss": loss_mean[0], "train/loss_ce": loss_mean[1],
                   "train/loss_kd": loss_mean[2], **{f"train/loss_{n}": v for n, v in zip(part_names[2:], loss_mean[3:])},
@@ -315,10 +348,22 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.state_dict().values())).device
 
 
-def _memory_format(setting: str, device: torch.device) -> torch.memory_format:
-    """``trainer.channels_last``: NHWC for conv nets on CUDA by default; contiguous NCHW on CPU."""
-    on = str(setting).lower() == "true" or (str(setting).lower() == "auto" and device.type == "cuda")
+def preferred_format(setting: str, device: torch.device) -> torch.memory_format:
+    """``trainer.channels_last``: NHWC (``torch.channels_last``) for conv nets with ``true``, and with ``auto`` on
+    CPU and CUDA, where oneDNN's and cuDNN's NHWC kernels are the faster ones (on 2 CPU cores 1.2-3x for the
+    registry's conv nets, ``benchmarks/memory_format.py``); contiguous NCHW with ``false`` (and ``auto``
+    elsewhere). Apply it to a model through :func:`model_format`."""
+    setting = str(setting).lower()
+    on = setting == "true" or (setting == "auto" and device.type in ("cpu", "cuda"))
     return torch.channels_last if on else torch.contiguous_format
+
+
+def model_format(model: nn.Module, preferred: torch.memory_format) -> torch.memory_format:
+    """``preferred`` for a model with 2-d convolutions, contiguous otherwise (NHWC buys an mlp nothing and would
+    cost its input a copy). Speed only: a conv net's outputs differ by float rounding between the two."""
+    if preferred == torch.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _copy_state(model: nn.Module) -> dict:

@@ -71,7 +71,8 @@ def decide(mode: str, data: Data) -> tuple[bool, str]:
 
 
 def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, precision: str, root: Path,
-                   batch_size: int, teacher_entry: Optional[Path] = None) -> tuple[Optional[torch.Tensor], dict]:
+                   batch_size: int, teacher_entry: Optional[Path] = None,
+                   channels_last: str = "auto") -> tuple[Optional[torch.Tensor], dict]:
     """Cached train-split logits of ``teacher`` (built on a miss), or None when the cache is not used.
 
     ``teacher_entry`` is the teacher's store entry (None for ``teacher.ckpt`` or merged teachers): it is set
@@ -94,7 +95,7 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
         built, seconds = logits is None, 0.0
         if built:
             start = time.perf_counter()
-            logits = predict(teacher, data, "train", batch_size, precision).cpu().to(DTYPES[dtype])
+            logits = predict(teacher, data, "train", batch_size, precision, channels_last).cpu().to(DTYPES[dtype])
             seconds = time.perf_counter() - start
             if not bool(torch.isfinite(logits).all()):
                 _refuse_non_finite(logits, path, teacher_entry)

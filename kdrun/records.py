@@ -119,12 +119,17 @@ def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:
 
 
 def versions(device: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import torchvision
 
     from kdrun import __version__
 
-    return {"kdrun": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:  # its metadata, not an import: importing torchvision costs a run that never uses it 1.5 s
+        tv = version("torchvision")
+    except PackageNotFoundError:
+        tv = None
+    return {"kdrun": __version__, "torch": torch.__version__, "torchvision": tv,
             "python": platform.python_version(), "device": device,
             "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"}
 

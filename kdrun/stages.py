@@ -116,11 +116,12 @@ def n_params(model: nn.Module) -> int:
 def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] = None) -> dict:
     """Val and test accuracy (percent) of ``model``. With ``role``, its logits on test (on val when test is empty)
     are kept as ``ctx.result.predictions[role]`` for the run's report (:mod:`kdrun.report`)."""
-    bs, precision = ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision
+    bs, precision, channels_last = (ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision,
+                                    ctx.cfg.trainer.channels_last)
     scores = {}
     for split in ("val", "test"):
         part = data.split(split)
-        logits = predict(model, data, split, bs, precision) if len(part) else None
+        logits = predict(model, data, split, bs, precision, channels_last) if len(part) else None
         scores[f"{split}_acc"] = None if logits is None else top1(logits, part.y)
         if role and logits is not None:  # test overwrites val
             ctx.result.predictions[role] = Prediction(split, logits.cpu(), part.y.cpu())
@@ -191,6 +192,20 @@ def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recip
     return train
 
 
+def teacher_data(cfg: Config, data: Data) -> Data:
+    """``data`` with the teacher's training augmentation (``teacher.augment.*``; null keys: the dataset's), which
+    is then part of its identity (the store key). Unchanged when it equals ``dataset.augment``."""
+    from kdrun.schema.data import AugmentConfig
+
+    own = cfg.teacher.augment
+    aug = AugmentConfig(crop_padding=data.augment.crop_padding if own.crop_padding is None else own.crop_padding,
+                        hflip=data.augment.hflip if own.hflip is None else own.hflip)
+    if aug == data.augment:
+        return data
+    return dataclasses.replace(data, augment=aug, identity={
+        **data.identity, "augment": {"crop_padding": aug.crop_padding, "hflip": aug.hflip}})
+
+
 def _recipe_teacher(cfg: Config) -> Recipe:
     t = cfg.teacher
     return Recipe(epochs=t.epochs, batch_size=t.batch_size or cfg.trainer.batch_size, optim=t.optim,
@@ -230,12 +245,13 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
                      reused=True)
     else:
         recipe = _recipe_teacher(cfg)
+        own = teacher_data(cfg, data)  # what it trains on: its own augmentation, if set
         start, init = None, None
         if cfg.teacher.init is not None or cfg.teacher.freeze:  # fine-tune from pretrained weights
-            start = build(cfg.teacher, data, "teacher", ctx.device, recipe.seed)
-            init = initialise(start, cfg.teacher, data.num_classes, role="teacher")
-        key = _store_key("teacher", cfg.teacher, data, recipe, init)
-        train = _train_ce_entry("teacher", cfg.teacher, data, recipe, ctx, "teacher", start)
+            start = build(cfg.teacher, own, "teacher", ctx.device, recipe.seed)
+            init = initialise(start, cfg.teacher, own.num_classes, role="teacher")
+        key = _store_key("teacher", cfg.teacher, own, recipe, init)
+        train = _train_ce_entry("teacher", cfg.teacher, own, recipe, ctx, "teacher", start)
         checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key, train)
         load_weights(model, checkpoint, key="teacher", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=f"store entry {entry}")
@@ -299,7 +315,7 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
         return LiveTeacher(teacher)
     logits, info = teacher_logits(teacher, data, mode=str(cfg.teacher.cache), dtype=cfg.teacher.cache_dtype,
                                   precision=cfg.trainer.precision, root=Path(cfg.store.teachers),
-                                  batch_size=cfg.trainer.eval_batch_size,
+                                  batch_size=cfg.trainer.eval_batch_size, channels_last=cfg.trainer.channels_last,
                                   teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
     if logits is None and info["mode"] == "auto" and cfg.trainer.devices > 1:  # ranks see slices of the batch

@@ -45,8 +45,8 @@ class TeacherSource:
     """The teacher side of distillation, as :func:`kdrun.engine.fit` uses it. The base teaches nothing."""
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
-        """Called once before training: whether the loss reads a teacher, the student's memory format, and
-        ``trainer.compile``."""
+        """Called once before training: whether the loss reads a teacher, the preferred memory format for conv
+        nets (:func:`kdrun.engine.model_format` applies it to a model), and ``trainer.compile``."""
 
     def before_epoch(self, epoch: int, model: nn.Module) -> bool:
         """Called at the start of every epoch; False: no teacher yet, train this epoch with plain CE."""
@@ -78,8 +78,10 @@ class LiveTeacher(TeacherSource):
         self.forward: Optional[nn.Module] = None
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        from kdrun.engine import model_format
+
         if needs_teacher:
-            self.model.to(memory_format=memory_format)
+            self.model.to(memory_format=model_format(self.model, memory_format))
             self.forward = torch.compile(self.model) if compile else self.model
 
     def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:

@@ -134,9 +134,11 @@ class ViewCache(TeacherSource):
     # -- TeacherSource ---------------------------------------------------------------------------------------
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        from kdrun.engine import model_format
+
         if needs_teacher:
-            self.model.to(memory_format=memory_format)
-            self.memory_format = memory_format
+            self.memory_format = model_format(self.model, memory_format)
+            self.model.to(memory_format=self.memory_format)
             self.forward = torch.compile(self.model) if compile else self.model
 
     def before_epoch(self, epoch: int, model: nn.Module) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_inproc, store_overrides
+from conftest import read_json, run_inproc, store_overrides
 
 from kdrun.data import apply_views, augment_batch, decode_views, draw_views, finite_views, load_data, num_views
 from kdrun.engine import Recipe, fit
@@ -16,7 +16,7 @@ from kdrun.errors import ConfigError, KdrunError
 from kdrun.losses import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
-from kdrun.schema.models import TeacherConfig
+from kdrun.schema.models import TeacherAugment, TeacherConfig
 from kdrun.teaching import LiveTeacher
 from kdrun.view_cache import ViewCache, _checksum, estimate_mb, view_cache
 
@@ -254,3 +254,25 @@ def test_non_finite_teacher_logits_are_served_but_never_cached(teacher, data, tm
     served = cache.logits(x, idx)
     assert torch.equal(served, teacher(x)) and not torch.isfinite(served).all()
     assert cache.filled_count() == 0
+
+
+def test_teacher_trains_with_its_own_augmentation_and_teaches_the_students_views(tmp_path):
+    """``teacher.augment.*`` trains the teacher on another augmentation (here none) than the student's; it is
+    part of the teacher's store key, and the student's views still come from the view cache. Unset keys take
+    the dataset's: the same store entry as a run that sets them to the dataset's values."""
+    base = ["experiment=smoke", "trainer.num_threads=1", "baseline=false", "trainer.epochs=1",
+            "dataset.augment.crop_padding=1", "dataset.augment.hflip=true", *store_overrides(tmp_path)]
+    plain = run_inproc(tmp_path / "plain", *base, "teacher.augment.crop_padding=0", "teacher.augment.hflip=false")
+    entry = Path(plain["teacher"]["store_dir"])
+    assert read_json(entry / "key.json")["data"]["augment"] == {"crop_padding": 0, "hflip": False}
+    assert plain["teacher"]["reused"] is False and plain["teacher"]["cache"]["kind"] == "views"
+    assert plain["teacher"]["cache"]["used"] and plain["teacher"]["cache"]["misses"] > 0
+
+    inherited = run_inproc(tmp_path / "inherited", *base)["teacher"]
+    assert inherited["reused"] is False and Path(inherited["store_dir"]) != entry  # trained on the student's views
+    assert read_json(Path(inherited["store_dir"]) / "key.json")["data"]["augment"] == {"crop_padding": 1,
+                                                                                        "hflip": True}
+    explicit = run_inproc(tmp_path / "explicit", *base, "teacher.augment.crop_padding=1")["teacher"]
+    assert explicit["reused"] is True and explicit["store_dir"] == inherited["store_dir"]
+    with pytest.raises(ConfigError, match="^teacher.augment.crop_padding: must be >= 0, got -1$"):
+        TeacherAugment(crop_padding=-1)

@@ -97,7 +97,8 @@ def ensemble_accuracy(models: list[nn.Module], data: Data, ctx: RunContext) -> d
         if len(data.split(split)) == 0:
             out[f"{split}_acc"] = None
             continue
-        probs = sum(predict(m, data, split, ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision).softmax(1)
+        probs = sum(predict(m, data, split, ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision,
+                            ctx.cfg.trainer.channels_last).softmax(1)
                     for m in models)
         out[f"{split}_acc"] = top1(probs, data.split(split).y)
     return out

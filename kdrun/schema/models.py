@@ -48,6 +48,18 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherAugment:
+    """The teacher's own training augmentation; a null key takes ``dataset.augment``'s value."""
+
+    crop_padding: Optional[int] = None
+    hflip: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ConfigError("teacher.augment.crop_padding", f"must be >= 0, got {self.crop_padding}")
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     KEY: ClassVar[str] = "teacher"
     name: Optional[str] = "cnn"
@@ -60,6 +72,8 @@ class TeacherConfig(ModelConfig):
     cache: str = "auto"         # teacher-logit cache: auto (per image; per (image, view) under crop/flip) | on | off
     cache_dtype: str = "fp32"   # storage of cached logits: fp32 (exact) | fp16
     cache_budget_mb: float = 2048  # largest per-(image, view) cache, MB (N x views x classes x bytes); above: live
+    augment: TeacherAugment = field(default_factory=TeacherAugment)  # null keys: dataset.augment's (part of the
+    #                                                                  store key when set)
 
     def __post_init__(self):
         if self.epochs < 1:

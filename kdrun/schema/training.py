@@ -61,7 +61,7 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch CPU threads (>= 1); null = torch's default
     progress: str = "auto"     # auto | true | false
     compile: bool = False      # torch.compile the student's and live teacher's forward (pays off on GPUs)
-    channels_last: str = "auto"  # auto (on for CUDA) | true | false: NHWC memory format for conv nets
+    channels_last: str = "auto"  # auto (on for CPU and CUDA) | true | false: NHWC memory format for conv nets
     checkpoint_every: int = 1  # epochs between a student stage's resume checkpoints (checkpoints/<stage>_resume.pt,
     #                            also after the last epoch and on SIGINT/SIGTERM); 0: none, `kdrun resume=` restarts it
     devices: int = 1           # data-parallel ranks for one training (DDP, spawned inside the job; kdrun.distributed):
