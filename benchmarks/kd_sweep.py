@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--teacher-augmented", action="store_true",
                    help="with --augment: train the teacher on the augmented images too (kdrun's default); without "
                         "it the teacher trains on plain images, as the harness's augmented config does")
+    p.add_argument("overrides", nargs="*", help="more kdrun overrides for every job, e.g. trainer.precision=bf16")
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdrun_sweep_"))
     cmd = [sys.executable, "-m", "kdrun", "-m", f"loss.T={args.temperatures}", f"loss.alpha={args.alphas}",
@@ -46,6 +47,7 @@ def main() -> None:
         cmd += ["dataset.augment.crop_padding=2", "dataset.augment.hflip=true"]
         if not args.teacher_augmented:
             cmd += ["teacher.augment.crop_padding=0", "teacher.augment.hflip=false"]
+    cmd += args.overrides
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
     wall = time.perf_counter() - start

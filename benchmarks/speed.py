@@ -70,7 +70,7 @@ def main() -> None:
     rows = []
 
     def row(figure: str, td_value, kd_value, unit: str = "s") -> None:
-        ratio = f"{td_value / kd_value:.1f}x" if td_value and kd_value else ""
+        ratio = f"{td_value / kd_value:.1f}x" if td_value and kd_value and unit == "s" else ""
         fmt = lambda v: "-" if v is None else (f"{v:.2f}" if unit == "s" else f"{v:.2f} %")
         rows.append((figure, fmt(td_value), fmt(kd_value), ratio))
 

@@ -128,6 +128,26 @@ def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] 
     return scores
 
 
+_FROZEN_SCORES: dict = {}  # the last frozen model evaluated in this process: the jobs of a sweep share a teacher
+
+
+def evaluate_frozen(model: nn.Module, data: Data, ctx: RunContext, role: str) -> dict:
+    """:func:`evaluate` for a frozen model, remembered for the next job of a sweep in this process: the same
+    weights on the same data with the same precision give the same logits, so they are computed once."""
+    from kdrun.logit_cache import weights_hash
+
+    key = (weights_hash(model), json.dumps(data.identity, sort_keys=True, default=str), str(data.train.y.device),
+           ctx.cfg.trainer.precision, len(data.val), len(data.test))
+    if key not in _FROZEN_SCORES:
+        _FROZEN_SCORES.clear()
+        scores = evaluate(model, data, ctx, role)
+        _FROZEN_SCORES[key] = (scores, ctx.result.predictions.get(role))
+    scores, prediction = _FROZEN_SCORES[key]
+    if prediction is not None:
+        ctx.result.predictions[role] = prediction
+    return dict(scores)
+
+
 class EpochLogger(Hook):
     """Logs one line per epoch and forwards the record to ``writers`` (e.g. a ``metrics.jsonl`` writer)."""
 
@@ -258,7 +278,7 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
         where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs, init=init)
     model.eval().requires_grad_(False)
     info = TeacherResult(name=cfg.teacher.name, args=dict(cfg.teacher.args), params=params, **where,
-                         **evaluate(model, data, ctx, role="teacher"))
+                         **evaluate_frozen(model, data, ctx, role="teacher"))
     log.info(f"teacher {cfg.teacher.name}: {'reused' if info.reused else 'trained'} ({info.source}), "
              f"val {_pct(info.val_acc)}  test {_pct(info.test_acc)}")
     chance = 100.0 / data.num_classes

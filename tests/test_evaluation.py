@@ -211,3 +211,20 @@ def test_report_false_writes_no_report(tmp_path):
     conf.report = True
     assert _report(conf, result, tmp_path, summary) is None  # no teacher: nothing to compare the student with
     assert list(summary["report"]["models"]) == ["student"] and (tmp_path / "report.md").is_file()
+
+
+def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
+    """The jobs of a sweep share one process and one teacher: its logits on val and test are computed by the
+    first job only, and every job reports the same teacher figures."""
+    from kdrun import stages
+
+    calls = []
+    evaluate = stages.evaluate
+    monkeypatch.setattr(stages, "evaluate", lambda model, data, ctx, role=None:
+                        calls.append(role) or evaluate(model, data, ctx, role))
+    first = smoke_inproc(tmp_path, tmp_path / "a", "baseline=false", "loss.T=2")
+    second = smoke_inproc(tmp_path, tmp_path / "b", "baseline=false", "loss.T=3")
+    assert calls.count("teacher") == 1 and second["teacher"]["reused"] is True
+    assert first["teacher"]["test_acc"] == second["teacher"]["test_acc"]
+    a, b = read_json(tmp_path / "a" / "report.json"), read_json(tmp_path / "b" / "report.json")
+    assert a["models"]["teacher"] == b["models"]["teacher"]
