@@ -4,7 +4,9 @@
 and N - 1 worker processes are spawned (``torch.multiprocessing``, start method ``spawn``) that run the same
 ``fit`` on copies of the model, the loss and the teacher source; the data tensors and the teacher's cached
 logits are shared with them read-only (shared memory; on GPUs each rank copies them to its own device once),
-cached logits indexed by each rank's own sample indices. The ranks live inside the task, so ``kdrun -m``
+cached logits indexed by each rank's own sample indices. The view cache (:mod:`kdrun.view_cache`) is one table in
+shared memory on CPU that every rank looks its slice up in and fills with its own misses; rank 0 saves it (on
+GPUs each rank fills its own copy and rank 0 saves its own entries). The ranks live inside the task, so ``kdrun -m``
 sweeps and the SLURM launcher work unchanged (never ``torchrun`` with ``-m``).
 
 Rank 0 is the calling process: hooks (``metrics.jsonl``, the log), the progress bar, validation, best-epoch
@@ -79,13 +81,24 @@ class Rank:
         no samples (``count``, for the epoch's mean losses).
         """
         b = len(y)
+        bounds = self._bounds(b)
+        if bounds is None:
+            return x, y, idx, 0.0, 0
+        lo, n = bounds
+        return x[lo:lo + n], y[lo:lo + n], idx[lo:lo + n], self.world * n / b, n
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a per-sample tensor of the batch (its view ids), cut as :meth:`shard` cuts."""
+        bounds = self._bounds(len(t))
+        return t if bounds is None else t[bounds[0]:bounds[0] + bounds[1]]
+
+    def _bounds(self, b: int) -> Optional[tuple[int, int]]:
+        """``(first row, rows)`` of this rank's slice of a batch of ``b``; None: the whole batch, weight 0."""
         k = min(self.world, max(1, b // 2))
         if self.rank >= k:
-            return x, y, idx, 0.0, 0
+            return None
         q, r = divmod(b, k)
-        lo = self.rank * q + min(self.rank, r)
-        n = q + (self.rank < r)
-        return x[lo:lo + n], y[lo:lo + n], idx[lo:lo + n], self.world * n / b, n
+        return self.rank * q + min(self.rank, r), q + (self.rank < r)
 
     def sync_grads(self, params) -> None:
         """Average the gradients of ``params`` that DDP does not own (a feature loss's adapters) over the ranks."""
@@ -132,12 +145,12 @@ def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str
 
     world, device = recipe.devices, data.train.y.device
     _check(world, device)
-    spec, logits = _spec(model, recipe, loss_fn, teacher, desc, checkpoint)
+    spec, shared = _spec(model, recipe, loss_fn, teacher, desc, checkpoint)
     if device.type == "cuda":  # sent through host memory: CUDA IPC would open a context on this GPU in every rank
-        data, logits = _on(data, torch.device("cpu")), logits.cpu() if logits is not None else None
+        data, shared = _on(data, torch.device("cpu")), tuple(t.cpu() for t in shared)
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     try:
-        workers = mp.start_processes(_worker, args=(world, store.port, spec, data, logits, torch.get_num_threads(),
+        workers = mp.start_processes(_worker, args=(world, store.port, spec, data, shared, torch.get_num_threads(),
                                                     str(device), os.getpid()),
                                      nprocs=world - 1, join=False, start_method="spawn")
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -176,16 +189,20 @@ def _check(world: int, device: torch.device) -> None:
                                              f"found {torch.cuda.device_count()}")
 
 
-def _spec(model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, Optional[torch.Tensor]]:
+def _spec(model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, tuple]:
     """What a worker rebuilds its fit from, pickled (copies: each rank updates its own weights), and the
-    teacher's cached logits (shared, read-only)."""
+    tensors shared with it: the teacher's cached logits (read-only), or the view cache's table and filled mask
+    (on CPU one shared copy that every rank fills with its misses)."""
     from kdrun.teaching import CachedLogits, LiveTeacher, SnapshotTeacher
+    from kdrun.view_cache import ViewCache
 
-    logits = None
+    shared = ()
     if teacher is None:
         source = None
     elif type(teacher) is CachedLogits:  # rank 0 alone runs the per-epoch check against the live teacher
-        source, logits = ("cached",), teacher.cached
+        source, shared = ("cached",), (teacher.cached,)
+    elif type(teacher) is ViewCache:  # rank 0 alone checks against the file and saves it
+        source, shared = ("views", teacher.model, teacher.worker_args()), (teacher.table, teacher.filled)
     elif type(teacher) is LiveTeacher:
         source = ("live", teacher.model)
     elif type(teacher) is SnapshotTeacher:  # rank 0 alone records the snapshot (on_snapshot)
@@ -202,10 +219,10 @@ def _spec(model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, Opt
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise ConfigError("trainer.devices", f"the model, loss or teacher cannot be sent to the other ranks "
                                              f"({exc}); use trainer.devices=1") from None
-    return buffer.getvalue(), logits
+    return buffer.getvalue(), shared
 
 
-def _worker(index: int, world: int, port: int, spec: bytes, data, logits, threads: int, device: str,
+def _worker(index: int, world: int, port: int, spec: bytes, data, shared: tuple, threads: int, device: str,
             parent: int) -> None:
     """Rank ``index + 1``: rebuild the fit from ``spec`` on this rank's device, train, return nothing."""
     import torch.distributed as dist
@@ -221,11 +238,12 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, logits, thread
     dev = rank_device(torch.device(device), rank)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
     state = torch.load(io.BytesIO(spec), map_location=dev, weights_only=False)
-    teacher = _source(state["teacher"], logits, dev)
+    data = _on(data, dev)
+    teacher = _source(state["teacher"], shared, dev, data)
     store.set(f"ready/{rank}", "1")
     _init(rank, world, store, dev)
     try:
-        fit(state["model"].to(dev), _on(data, dev), state["recipe"], state["loss"].to(dev), teacher=teacher,
+        fit(state["model"].to(dev), data, state["recipe"], state["loss"].to(dev), teacher=teacher,
             desc=state["desc"], checkpoint=state["checkpoint"])
     except BaseException:
         _teardown()
@@ -242,13 +260,16 @@ def _no_check(epoch: int) -> float:
     return 0.0
 
 
-def _source(spec, logits, device: torch.device):
+def _source(spec, shared: tuple, device: torch.device, data):
     from kdrun.teaching import CachedLogits, LiveTeacher, SnapshotTeacher
+    from kdrun.view_cache import ViewCache
 
     if spec is None:
         return None
     if spec[0] == "cached":
-        return CachedLogits(logits.to(device), _no_check)
+        return CachedLogits(shared[0].to(device), _no_check)
+    if spec[0] == "views":
+        return ViewCache.for_rank(spec[1], data, *(t.to(device) for t in shared), **spec[2])
     if spec[0] == "live":
         return LiveTeacher(spec[1])
     if spec[0] == "snapshot":

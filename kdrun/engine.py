@@ -233,7 +233,10 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
                                                             generator=generator, augment=True)):
                 count = len(y)
                 if dp is not None:  # trainer.devices: this rank's slice of the batch, its loss weight (see Rank.shard)
+                    whole = idx
                     x, y, idx, weight, count = dp.shard(x, y, idx)
+                    if data.last_views is not None and data.last_views[0] is whole:  # a view cache's lookup
+                        data.last_views = (idx, dp.part(data.last_views[1]))
                 x = x.contiguous(memory_format=memory_format)
                 with autocast(device, recipe.precision):
                     logits = forward(x)
@@ -286,6 +289,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             saved = epoch
         if stop:
             raise interrupt.interrupted(desc, epoch, recipe.epochs)
+    if teacher is not None:
+        teacher.after_fit()
     best.last_state = _copy_state(model)
     if pairs is not None:
         best.last_loss_state = _copy_state(loss_fn)

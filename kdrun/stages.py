@@ -338,9 +338,7 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
                                   batch_size=cfg.trainer.eval_batch_size, channels_last=cfg.trainer.channels_last,
                                   teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
-    if logits is None and info["mode"] == "auto" and cfg.trainer.devices > 1:  # ranks see slices of the batch
-        info["why"] += "; the view cache serves one process only (trainer.devices > 1)"
-    elif logits is None and info["mode"] == "auto":  # random augmentation: logits per (image, view), if it fits
+    if logits is None and info["mode"] == "auto":  # random augmentation: logits per (image, view), if it fits
         from kdrun.view_cache import view_cache
 
         views = view_cache(teacher, data, info, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,

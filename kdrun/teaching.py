@@ -57,6 +57,9 @@ class TeacherSource:
         when the loss does not read them."""
         return None
 
+    def after_fit(self) -> None:
+        """Called once when the last epoch has been trained (on every rank of a data-parallel fit)."""
+
     def feature_model(self, student: nn.Module) -> Optional[nn.Module]:
         """The model whose forward :meth:`logits` runs, hooked for a feature loss's teacher features (its
         architecture, for their shapes, before training); None: this source runs no model (cached logits)."""

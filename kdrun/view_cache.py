@@ -23,6 +23,11 @@ happen at the end of training and every ``SAVE_EVERY_S`` seconds (at an epoch's 
 of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` entries read from the file, as the logit cache
 does (a stale or misaligned cache stops the run).
 
+In a data-parallel fit (``trainer.devices=N``, :mod:`kdrun.distributed`) every rank looks up the slice of the
+batch it trains (:meth:`ViewCache.for_rank` on ranks 1..N-1, over rank 0's table and mask: shared memory on
+CPU) and fills it with its own misses; epochs are closed on every rank together (their hits, misses and new
+entries summed), and rank 0 alone checks against the file and saves.
+
 Before anything is filled the dense size ``N * V * (C * bytes + 1)`` is estimated; above
 ``teacher.cache_budget_mb`` the teacher runs live, with the reason logged and put in the summary.
 
@@ -130,12 +135,37 @@ class ViewCache(TeacherSource):
         with self._lock():
             self.from_disk = self._merge_from_disk()
         info.update(filled_at_start=self.filled_count(), epochs=[], hits=0, misses=0)
+        self.rank = None  # this process's place in a data-parallel fit (set by prepare), else None
+
+    def worker_args(self) -> dict:
+        """What :meth:`for_rank` needs besides the teacher, the data and the shared tensors."""
+        return {"path": str(self.path), "key": self.key, "views": self.views, "dtype": self.dtype,
+                "precision": self.precision, "epochs": self.epochs}
+
+    @classmethod
+    def for_rank(cls, teacher: nn.Module, data: Data, table: torch.Tensor, filled: torch.Tensor, *, path: str,
+                 key: str, views: int, dtype: str, precision: str, epochs: int) -> "ViewCache":
+        """Rank r > 0 of a data-parallel fit (:mod:`kdrun.distributed`): rank 0's ``table`` and ``filled`` (on CPU
+        the same shared memory), looked up and filled with this rank's misses; rank 0 checks and saves."""
+        self = cls.__new__(cls)
+        self.model = teacher.eval().requires_grad_(False)
+        self.data, self.path, self.key, self.views, self.dtype = data, Path(path), key, views, dtype
+        self.precision, self.epochs, self.info = precision, epochs, {"epochs": [], "hits": 0, "misses": 0}
+        self.forward, self.memory_format = None, torch.contiguous_format
+        self.shape, self.table, self.filled = tuple(table.shape), table, filled
+        self.generator = torch.Generator().manual_seed(0)
+        self.epoch, self.hits, self.misses, self.served, self.added = 0, 0, 0, 0, 0
+        self.last_save, self.warned, self.rank = time.monotonic(), False, None
+        self.from_disk = torch.empty(0, dtype=torch.int64)  # nothing to check: rank 0 does
+        return self
 
     # -- TeacherSource ---------------------------------------------------------------------------------------
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
+        from kdrun import distributed
         from kdrun.engine import model_format
 
+        self.rank = distributed.current()
         if needs_teacher:
             self.memory_format = model_format(self.model, memory_format)
             self.model.to(memory_format=self.memory_format)
@@ -174,9 +204,14 @@ class ViewCache(TeacherSource):
         self.misses += misses
         self.hits += len(idx) - misses
         self.served += len(idx)
-        if self.served >= len(self.data.train):
+        if self.served >= len(self.data.train) and self.rank is None:  # data-parallel: closed on every rank at once
             self._end_epoch()
         return out
+
+    def after_fit(self) -> None:
+        if self.epoch:  # the last epoch of a data-parallel fit (one process closes it as it serves its last row)
+            self._end_epoch()
+        self.rank = None
 
     # -- filling, checking, saving ---------------------------------------------------------------------------
 
@@ -196,6 +231,14 @@ class ViewCache(TeacherSource):
         return int(self.filled.sum())
 
     def _end_epoch(self) -> None:
+        if self.rank is not None:  # every rank's hits, misses and new entries: rank 0 reports and saves them
+            counts = self.rank.sum(torch.tensor([self.hits, self.misses, self.added], dtype=torch.float64,
+                                                device=self.filled.device))
+            self.hits, self.misses, added = (int(v) for v in counts.tolist())
+            self.added = added if self.rank.main else 0
+            if not self.rank.main:
+                self.epoch, self.hits, self.misses, self.served = 0, 0, 0, 0
+                return
         record = {"epoch": self.epoch, "hits": self.hits, "misses": self.misses}
         self.info["epochs"].append(record)
         self.info["hits"] += self.hits

@@ -181,3 +181,38 @@ def test_a_multirun_of_the_real_cli_spawns_its_ranks_in_each_job(tmp_path):
         assert read_json(tmp_path / "sweep" / job / "summary.json")["status"] == "completed"
         records = read_jsonl(tmp_path / "sweep" / job / "metrics.jsonl")
         assert [(r["stage"], r["epoch"]) for r in records] == [("student", 1), ("student", 2)]
+
+
+def test_two_ranks_share_one_view_cache(tmp_path):
+    """Under crop + flip, two ranks look their slices up in one view cache (shared memory on CPU) and fill it
+    with their own misses: the student equals the one-process run with the live teacher, the saved cache holds
+    every rank's entries, and a second two-rank run never runs the teacher. 72 train images in batches of 24:
+    every batch is cut 12 / 12."""
+    from kdrun.view_cache import view_cache
+
+    aug = load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=96,
+                                  val_fraction=0.25, mean=[0.5], std=[0.25],
+                                  augment=AugmentConfig(crop_padding=1, hflip=True)), torch.device("cpu"))
+    torch.manual_seed(1)
+    teacher = build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16}).eval()
+    recipe = Recipe(epochs=2, batch_size=24, optim=OptimConfig(), sched=SchedConfig(), seed=3)
+    two_ranks = Recipe(**{**recipe.__dict__, "devices": 2})
+    loss = build("kd", T=4.0, alpha=0.9)
+
+    def cache():
+        info = {"mode": "auto"}
+        return view_cache(teacher, aug, info, dtype="fp32", precision="fp32", root=tmp_path, budget_mb=100.0,
+                          seed=3, epochs=2), info
+
+    live = fit(mlp(), aug, recipe, loss, teacher=LiveTeacher(teacher))
+    first, info = cache()
+    cold = fit(mlp(), aug, two_ranks, loss, teacher=first)
+    assert max_diff(live.last_state, cold.last_state) <= WEIGHT_TOL
+    assert [e["hits"] + e["misses"] for e in info["epochs"]] == [72, 72]  # both ranks' rows, counted once
+    assert info["misses"] > 72 // 2  # rank 1's misses are in the count (rank 0 served only half the rows)
+
+    second, again = cache()  # reads the file rank 0 saved: every rank's entries
+    assert again["filled_at_start"] == info["misses"] == first.filled_count()
+    warm = fit(mlp(), aug, two_ranks, loss, teacher=second)
+    assert again["misses"] == 0 and again["hits"] == 2 * 72
+    assert max_diff(cold.last_state, warm.last_state) <= WEIGHT_TOL
