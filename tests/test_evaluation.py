@@ -220,6 +220,7 @@ def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
 
     calls = []
     evaluate = stages.evaluate
+    monkeypatch.setattr(stages, "_FROZEN_SCORES", {})  # an earlier test's run may have evaluated the same teacher
     monkeypatch.setattr(stages, "evaluate", lambda model, data, ctx, role=None:
                         calls.append(role) or evaluate(model, data, ctx, role))
     first = smoke_inproc(tmp_path, tmp_path / "a", "baseline=false", "loss.T=2")
