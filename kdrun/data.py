@@ -102,6 +102,11 @@ class Data:
         return (x - self.mean) / self.std
 
 
+def augment_identity(aug: AugmentConfig) -> dict:
+    """The augmentation's part of a data identity (store and cache keys)."""
+    return {"crop_padding": aug.crop_padding, "hflip": aug.hflip}
+
+
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images to float in [0, 1] exactly as torchvision's ToTensor does; floats unchanged."""
     return x.float().div(255) if x.dtype == torch.uint8 else x.float()
@@ -214,7 +219,7 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
         "num_classes": num_classes, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
         "train_subset": cfg.train_subset, "mean": [round(v, 6) for v in mean.flatten().tolist()],
         "std": [round(v, 6) for v in std.flatten().tolist()],
-        "augment": {"crop_padding": cfg.augment.crop_padding, "hflip": cfg.augment.hflip},
+        "augment": augment_identity(cfg.augment),
         "fingerprint": _fingerprint(train_x[train_idx], train_y[train_idx], test_x, test_y,
                                     *((val_x, val_y) if "val" in splits else ())),
     }

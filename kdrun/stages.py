@@ -136,8 +136,8 @@ def evaluate_frozen(model: nn.Module, data: Data, ctx: RunContext, role: str) ->
     weights on the same data with the same precision give the same logits, so they are computed once."""
     from kdrun.logit_cache import weights_hash
 
-    key = (weights_hash(model), json.dumps(data.identity, sort_keys=True, default=str), str(data.train.y.device),
-           ctx.cfg.trainer.precision, len(data.val), len(data.test))
+    key = key_hash({"weights": weights_hash(model), "data": data.identity, "device": str(data.train.y.device),
+                    "precision": ctx.cfg.trainer.precision, "sizes": [len(data.val), len(data.test)]})
     if key not in _FROZEN_SCORES:
         _FROZEN_SCORES.clear()
         scores = evaluate(model, data, ctx, role)
@@ -215,6 +215,7 @@ def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recip
 def teacher_data(cfg: Config, data: Data) -> Data:
     """``data`` with the teacher's training augmentation (``teacher.augment.*``; null keys: the dataset's), which
     is then part of its identity (the store key). Unchanged when it equals ``dataset.augment``."""
+    from kdrun.data import augment_identity
     from kdrun.schema.data import AugmentConfig
 
     own = cfg.teacher.augment
@@ -222,8 +223,7 @@ def teacher_data(cfg: Config, data: Data) -> Data:
                         hflip=data.augment.hflip if own.hflip is None else own.hflip)
     if aug == data.augment:
         return data
-    return dataclasses.replace(data, augment=aug, identity={
-        **data.identity, "augment": {"crop_padding": aug.crop_padding, "hflip": aug.hflip}})
+    return dataclasses.replace(data, augment=aug, identity={**data.identity, "augment": augment_identity(aug)})
 
 
 def _recipe_teacher(cfg: Config) -> Recipe:

@@ -117,24 +117,29 @@ class ViewCache(TeacherSource):
 
     def __init__(self, teacher: nn.Module, data: Data, path: Path, key: str, views: int, *, dtype: str,
                  precision: str, seed: int, epochs: int, info: dict):
+        n, classes, device = len(data.train), data.num_classes, data.train.y.device
+        self._start(teacher, data, path, key, views, dtype, precision, epochs, info, seed,
+                    table=torch.zeros((n, views, classes), dtype=DTYPES[dtype], device=device),
+                    filled=torch.zeros((n, views), dtype=torch.bool, device=device))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            self.from_disk = self._merge_from_disk()
+        info.update(filled_at_start=self.filled_count(), epochs=[], hits=0, misses=0)
+
+    def _start(self, teacher: nn.Module, data: Data, path, key: str, views: int, dtype: str, precision: str,
+               epochs: int, info: dict, seed: int, *, table: torch.Tensor, filled: torch.Tensor) -> None:
+        """The state every cache starts from: nothing served, nothing read from the file yet."""
         self.model = teacher.eval().requires_grad_(False)
         self.data, self.path, self.key, self.views, self.dtype = data, Path(path), key, views, dtype
         self.precision, self.epochs, self.info = precision, epochs, info
         self.forward: Optional[nn.Module] = None
         self.memory_format = torch.contiguous_format
-        n, classes, device = len(data.train), data.num_classes, data.train.y.device
-        self.shape = (n, views, classes)
-        self.table = torch.zeros(self.shape, dtype=DTYPES[dtype], device=device)
-        self.filled = torch.zeros((n, views), dtype=torch.bool, device=device)
+        self.shape, self.table, self.filled = tuple(table.shape), table, filled
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self.epoch, self.hits, self.misses, self.served, self.added = 0, 0, 0, 0, 0
         self.last_save = time.monotonic()
         self.warned = False
         self.from_disk = torch.empty(0, dtype=torch.int64)  # positions read from the file at the start: checked
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock():
-            self.from_disk = self._merge_from_disk()
-        info.update(filled_at_start=self.filled_count(), epochs=[], hits=0, misses=0)
         self.rank = None  # this process's place in a data-parallel fit (set by prepare), else None
 
     def worker_args(self) -> dict:
@@ -148,16 +153,9 @@ class ViewCache(TeacherSource):
         """Rank r > 0 of a data-parallel fit (:mod:`kdrun.distributed`): rank 0's ``table`` and ``filled`` (on CPU
         the same shared memory), looked up and filled with this rank's misses; rank 0 checks and saves."""
         self = cls.__new__(cls)
-        self.model = teacher.eval().requires_grad_(False)
-        self.data, self.path, self.key, self.views, self.dtype = data, Path(path), key, views, dtype
-        self.precision, self.epochs, self.info = precision, epochs, {"epochs": [], "hits": 0, "misses": 0}
-        self.forward, self.memory_format = None, torch.contiguous_format
-        self.shape, self.table, self.filled = tuple(table.shape), table, filled
-        self.generator = torch.Generator().manual_seed(0)
-        self.epoch, self.hits, self.misses, self.served, self.added = 0, 0, 0, 0, 0
-        self.last_save, self.warned, self.rank = time.monotonic(), False, None
-        self.from_disk = torch.empty(0, dtype=torch.int64)  # nothing to check: rank 0 does
-        return self
+        self._start(teacher, data, path, key, views, dtype, precision, epochs,
+                    {"epochs": [], "hits": 0, "misses": 0}, 0, table=table, filled=filled)
+        return self  # from_disk stays empty: nothing to check here, rank 0 does
 
     # -- TeacherSource ---------------------------------------------------------------------------------------
 

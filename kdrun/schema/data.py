@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_choice, check_positive, check_range
+from kdrun.schema.checks import check_choice, check_min, check_positive, check_range
 
 
 @dataclass
@@ -15,8 +15,7 @@ class AugmentConfig:
     hflip: bool = False       # random horizontal flip with p = 0.5
 
     def __post_init__(self):
-        if self.crop_padding < 0:
-            raise ConfigError("dataset.augment.crop_padding", f"must be >= 0, got {self.crop_padding}")
+        check_min("dataset.augment.crop_padding", self.crop_padding, 0)
 
 
 @dataclass

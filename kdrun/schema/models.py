@@ -55,8 +55,8 @@ class TeacherAugment:
     hflip: Optional[bool] = None
 
     def __post_init__(self):
-        if self.crop_padding is not None and self.crop_padding < 0:
-            raise ConfigError("teacher.augment.crop_padding", f"must be >= 0, got {self.crop_padding}")
+        if self.crop_padding is not None:
+            check_min("teacher.augment.crop_padding", self.crop_padding, 0)
 
 
 @dataclass
