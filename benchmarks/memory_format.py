@@ -1,5 +1,5 @@
 """Memory format and inference chunk size on this machine: what ``trainer.channels_last=auto`` and
-:func:`kdrun.engine.cpu_chunk` rest on.
+:func:`kdrun.train.infer.cpu_chunk` rest on.
 
 For each model (registry names; random inputs of the shape its dataset gives it), interleaved ``--rounds`` times:
 
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from kdrun.engine import cpu_chunk
 from kdrun.models import build_model
+from kdrun.train.infer import cpu_chunk
 
 SHAPES = {"cnn": (1, 28, 10, {"hidden": 256, "dropout": 0.25, "channels": 32})}  # else CIFAR-100: 3x32x32
 CHUNKS = (32, 64, 128, 256, 512, 1024)

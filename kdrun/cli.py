@@ -94,12 +94,12 @@ def _job(cfg: DictConfig) -> float:
 
     A user error (:class:`KdrunError`) is recorded in ``summary.json`` by ``run`` and reported by :func:`main`
     as one line; the other jobs of a sweep still run. Anything else propagates with its traceback.
-    SIGINT / SIGTERM stop the job at a safe point (:mod:`kdrun.interrupt`) and the sweep with it. In a sweep run
+    SIGINT / SIGTERM stop the job at a safe point (:mod:`kdrun.train.interrupt`) and the sweep with it. In a sweep run
     again into its dir, a job completed with the same config is skipped and an unfinished one resumed.
     """
-    from kdrun import interrupt
     from kdrun.resume import earlier_attempt
     from kdrun.run import run
+    from kdrun.train import interrupt
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if _REFUSED:  # the run dir is another run's (ClaimRunDir): write nothing into it

@@ -37,8 +37,8 @@ log = logging.getLogger("kdrun")
 KINDS = ("model", "dataset", "loss", "mode")
 ENTRY_POINT_GROUP = "kdrun.plugins"
 # the modules that hold the built-ins of each kind (imported on first use of that kind)
-BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.sources",),
-                   "loss": ("kdrun.losses", "kdrun.logit_losses", "kdrun.feature_losses"), "mode": ("kdrun.modes",)}
+BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.data.sources",),
+                   "loss": ("kdrun.losses.base", "kdrun.losses.logit", "kdrun.losses.feature"), "mode": ("kdrun.modes",)}
 
 
 @dataclass(frozen=True)

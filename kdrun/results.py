@@ -51,7 +51,7 @@ class TeacherResult(Result):
     init: Optional[dict] = optional()         # teacher.init / teacher.freeze: what it was fine-tuned from
     val_acc: Optional[float] = None
     test_acc: Optional[float] = None
-    cache: Optional[dict] = optional()        # the logit-cache decision (kdrun.logit_cache), once distilling
+    cache: Optional[dict] = optional()        # the logit-cache decision (kdrun.teacher.logit_cache), once distilling
 
     @property
     def note(self) -> str:
@@ -108,7 +108,7 @@ class SubsetTeacher(Result):
 
 @dataclass
 class BaselineResult(Result):
-    """The student trained with CE only (``store.baselines``); ``init`` is :func:`kdrun.transfer.initialise`'s."""
+    """The student trained with CE only (``store.baselines``); ``init`` is :func:`kdrun.models.transfer.initialise`'s."""
 
     name: str
     store_dir: str
@@ -164,7 +164,7 @@ class RunResult(Result):
     student_role: Optional[str] = None
     extra: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
-    # role -> kdrun.evaluation.Prediction (test logits of each evaluated model) for the report; not in summary.json
+    # role -> kdrun.outputs.metrics.Prediction (test logits of each evaluated model) for the report; not in summary.json
     predictions: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:

@@ -1,7 +1,7 @@
 """Continuing a run dir: ``kdrun resume=DIR`` (:func:`resume_overrides`), and re-running a sweep into its dir.
 
 A run dir is resumable when its resolved ``config.yaml`` is the config composed now: the same overrides, the
-same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.engine.fit`);
+same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.train.loop.fit`);
 the teacher and the CE baseline come from their stores.
 """
 from __future__ import annotations

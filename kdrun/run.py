@@ -7,7 +7,7 @@
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
 4. write ``summary.json`` once (``status: completed`` with any ``warnings``, ``failed`` with the error and
    the stages that finished, re-raised, a diverged loss as :class:`kdrun.errors.RunFailed`; ``interrupted``
-   when a signal stopped it, :mod:`kdrun.interrupt`) and print a table.
+   when a signal stopped it, :mod:`kdrun.train.interrupt`) and print a table.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import Interrupted, RunFailed
+from kdrun.outputs.trackers import Trackers
 from kdrun.records import (
     JsonlWriter,
     Progress,
@@ -35,7 +36,6 @@ from kdrun.results import RunResult
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
-from kdrun.trackers import Trackers
 
 log = logging.getLogger("kdrun")
 
@@ -44,7 +44,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
     """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict.
 
     ``resume``: continue the run in ``out_dir`` (same config): finished student stages are taken from their
-    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.engine.fit`)."""
+    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.train.loop.fit`)."""
     if resume:
         check_resumable(Path(out_dir), cfg)
     conf: Config = to_object(cfg)
@@ -93,10 +93,11 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     ``trackers`` receive every stage's epochs."""
     import torch
 
-    from kdrun import losses, registry
-    from kdrun.data import load_data
-    from kdrun.engine import resolve_device
-    from kdrun.stages import RunContext, preflight
+    from kdrun import registry
+    from kdrun.data.dataset import load_data
+    from kdrun.losses import base as losses
+    from kdrun.stages.core import RunContext, preflight
+    from kdrun.train.infer import resolve_device
 
     loss = losses.from_config(conf.loss)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
@@ -134,10 +135,10 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
 
 
 def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[str]:
-    """``export``: the student as TorchScript / ONNX (:mod:`kdrun.export`); ``compression``: the report
-    (:mod:`kdrun.compression`). Adds them to ``summary``; returns the report's lines for the table."""
-    from kdrun.compression import from_run
-    from kdrun.export import export_run
+    """``export``: the student as TorchScript / ONNX (:mod:`kdrun.outputs.export`); ``compression``: the report
+    (:mod:`kdrun.outputs.compression`). Adds them to ``summary``; returns the report's lines for the table."""
+    from kdrun.outputs.compression import from_run
+    from kdrun.outputs.export import export_run
 
     steps = []
     if conf.export:
@@ -163,10 +164,10 @@ def _serialise(result: RunResult, loss: dict) -> dict:
 
 
 def _report(conf: Config, result: RunResult, out_dir: Path, summary: dict, note: str = "") -> Optional[str]:
-    """``report.json``, ``report.md`` and figures (:mod:`kdrun.report`), pointed to by ``summary["report"]``;
+    """``report.json``, ``report.md`` and figures (:mod:`kdrun.outputs.report`), pointed to by ``summary["report"]``;
     returns the line naming the classes where the student trails the teacher most. A report that cannot be
     written is a warning, never a failed run."""
-    from kdrun.report import write_report
+    from kdrun.outputs.report import write_report
 
     if not conf.report:
         return None
@@ -206,7 +207,7 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
         note += f"; Δ vs baseline {delta:+.2f}"
     label = result.student_role or ("student, KD" if teacher else "student")
     table.add_row(label, student.name, fmt(student.val_acc_best), fmt(student.test_acc_best), note)
-    if (pruned := result.extra.get("student_pruned")) is not None:  # student.prune (kdrun.pruning)
+    if (pruned := result.extra.get("student_pruned")) is not None:  # student.prune (kdrun.stages.pruning)
         gap = "" if None in (pruned.test_acc_best, student.test_acc_best) else \
             f"; Δ vs student {pruned.test_acc_best - student.test_acc_best:+.2f}"
         table.add_row(f"{label}, pruned", pruned.name, fmt(pruned.val_acc_best), fmt(pruned.test_acc_best),

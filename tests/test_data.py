@@ -12,10 +12,10 @@ import torch
 from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
-from kdrun.data import Split, augment_batch, load_data, to_unit_float
+from kdrun.data.dataset import Split, augment_batch, load_data, to_unit_float
+from kdrun.data.sources import read_idx
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
-from kdrun.sources import read_idx
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
@@ -326,7 +326,7 @@ def _write_image_folder(root, classes=3, per_class=8, size=12):
 
 def test_imagefolder_streaming_matches_in_memory(tmp_path):
     """dataset.stream=true decodes the same pixels batch by batch as the in-memory path does once."""
-    from kdrun.data import LazyImages
+    from kdrun.data.dataset import LazyImages
 
     root = _write_image_folder(tmp_path / "images")
     common = dict(name="imagefolder", root=str(root), image_size=8, val_fraction=0.25, num_workers=0,

@@ -1,4 +1,4 @@
-"""``trainer.devices=N``: data-parallel training on CPU with the gloo backend (kdrun.distributed).
+"""``trainer.devices=N``: data-parallel training on CPU with the gloo backend (kdrun.train.distributed).
 
 Two (or three) processes train like one with the same global batch: the same data order, and the gradient of
 the global batch mean (uneven slices weighted). Not bit-exact in general: BatchNorm statistics are per slice and
@@ -17,13 +17,13 @@ import torch
 from conftest import compose_config, read_json, read_jsonl, run_sweep, smoke_inproc, store_overrides, working_dir
 from torch import nn
 
-from kdrun.data import load_data
-from kdrun.engine import Recipe, fit
+from kdrun.data.dataset import load_data
 from kdrun.errors import ConfigError
-from kdrun.losses import build, cross_entropy
+from kdrun.losses.base import build, cross_entropy
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig, TrainerConfig
-from kdrun.teaching import LiveTeacher
+from kdrun.teacher.sources import LiveTeacher
+from kdrun.train.loop import Recipe, fit
 
 WEIGHT_TOL = 1e-4  # measured: 7.5e-8 after 3 smoke epochs
 LOSS_RTOL = 1e-5
@@ -106,7 +106,7 @@ class FailsOnRank1(nn.Module):
     needs_teacher = False
 
     def forward(self, s, t, y):
-        from kdrun import distributed
+        from kdrun.train import distributed
 
         if distributed.current().rank == 1:
             raise ValueError("rank 1 cannot go on")
@@ -118,7 +118,7 @@ def test_a_worker_error_reaches_rank_0_and_no_rank_is_left(data):
     with pytest.raises(Exception, match="rank 1 cannot go on") as err:
         fit(mlp(), data, recipe, FailsOnRank1())
     assert "ValueError" in str(err.value)
-    from kdrun import distributed
+    from kdrun.train import distributed
 
     assert distributed.current() is None and not torch.distributed.is_initialized()
     assert not torch.multiprocessing.active_children()
@@ -152,9 +152,9 @@ def test_snapshot_mode_stops_and_resumes_on_two_ranks(tmp_path, monkeypatch):
     of an uninterrupted two-rank run, bit for bit (the same ranks reduce in the same order)."""
     from test_resume import assert_same_weights, stop_after
 
-    from kdrun import interrupt
     from kdrun.errors import Interrupted
     from kdrun.run import run
+    from kdrun.train import interrupt
 
     overrides = (*SMOKE[:3], "mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5",
                  "trainer.devices=2")
@@ -188,7 +188,7 @@ def test_two_ranks_share_one_view_cache(tmp_path):
     with their own misses: the student equals the one-process run with the live teacher, the saved cache holds
     every rank's entries, and a second two-rank run never runs the teacher. 72 train images in batches of 24:
     every batch is cut 12 / 12."""
-    from kdrun.view_cache import view_cache
+    from kdrun.teacher.view_cache import view_cache
 
     aug = load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=96,
                                   val_fraction=0.25, mean=[0.5], std=[0.25],

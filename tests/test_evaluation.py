@@ -11,8 +11,8 @@ import torch
 from conftest import read_json, smoke_inproc
 from PIL import Image
 
-from kdrun.evaluation import Prediction, calibration, describe_trails, evaluate_logits, per_class, trails
-from kdrun.report import write_report
+from kdrun.outputs.metrics import Prediction, calibration, describe_trails, evaluate_logits, per_class, trails
+from kdrun.outputs.report import write_report
 from kdrun.results import BaselineResult, RunResult, TeacherResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -179,7 +179,7 @@ def test_report_of_a_mode_with_more_stages(tmp_path):
 
 
 def test_class_names_of_builtin_datasets():
-    from kdrun.report import class_names
+    from kdrun.outputs.report import class_names
 
     assert class_names("fashion_mnist", 10)[9] == "Ankle boot"
     assert class_names("cifar10", 10)[0] == "airplane"
@@ -216,7 +216,7 @@ def test_report_false_writes_no_report(tmp_path):
 def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
     """The jobs of a sweep share one process and one teacher: its logits on val and test are computed by the
     first job only, and every job reports the same teacher figures."""
-    from kdrun import stages
+    from kdrun.stages import core as stages
 
     calls = []
     evaluate = stages.evaluate

@@ -18,10 +18,11 @@ import torch
 from conftest import PYTHON, cli_env, compose_config, read_json, smoke_inproc
 from torch import nn
 
-from kdrun import compression, export, pruning
 from kdrun.errors import ConfigError
 from kdrun.models import build_model
+from kdrun.outputs import compression, export
 from kdrun.schema import to_object
+from kdrun.stages import pruning
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 HAS_ONNX = importlib.util.find_spec("onnx") is not None

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from conftest import compose_config, read_json, read_jsonl, run_kdrun, smoke_inproc, store_overrides, working_dir
 from torch import nn
 
-from kdrun import losses, registry
+from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.feature_losses import ATLoss, FitNetLoss, at_term, attention, default_feature_layers
-from kdrun.features import FeatureHooks, FeaturePairs
+from kdrun.losses import base as losses
+from kdrun.losses.feature import ATLoss, FitNetLoss, at_term, attention, default_feature_layers
+from kdrun.losses.hooks import FeatureHooks, FeaturePairs
 from kdrun.models import build_model
 
 torch.set_num_threads(2)
@@ -219,8 +220,8 @@ def test_feature_pairs_hook_only_while_attached():
 def test_fit_refuses_a_feature_loss_without_a_teacher_model():
     from types import SimpleNamespace
 
-    from kdrun.engine import _feature_pairs
-    from kdrun.teaching import CachedLogits
+    from kdrun.teacher.sources import CachedLogits
+    from kdrun.train.loop import _feature_pairs
 
     data = SimpleNamespace(train=SimpleNamespace(y=torch.zeros(2)), inputs=lambda split, idx: torch.randn(2, 1, 8, 8))
     cached = CachedLogits(torch.zeros(2, 10), check=lambda epoch: 0.0)
@@ -314,10 +315,10 @@ def test_self_distillation_with_feature_losses(stores, tmp_path, name, method):
 
 
 def test_fitnet_resumes_to_the_same_weights_and_regressors(stores, tmp_path, monkeypatch):
-    from kdrun import interrupt
     from kdrun.errors import Interrupted
     from kdrun.run import run as run_cfg
-    from kdrun.stages import EpochLogger
+    from kdrun.stages.core import EpochLogger
+    from kdrun.train import interrupt
 
     overrides = ("loss=fitnet", "loss.hint_epochs=1", "trainer.epochs=3", "baseline=false")
     run(stores, tmp_path / "whole", *overrides)

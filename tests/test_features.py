@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kdrun.errors import ConfigError
-from kdrun.features import FeatureHooks
+from kdrun.losses.hooks import FeatureHooks
 from kdrun.models import build_model
 
 torch.set_num_threads(2)

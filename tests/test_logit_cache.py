@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun.data import load_data
-from kdrun.engine import Recipe, fit, predict
+from kdrun.data.dataset import load_data
 from kdrun.errors import KdrunError
-from kdrun.logit_cache import _checksum, decide, make_check, teacher_logits
-from kdrun.losses import build
+from kdrun.losses.base import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
-from kdrun.teaching import CachedLogits, LiveTeacher
+from kdrun.teacher.logit_cache import _checksum, decide, make_check, teacher_logits
+from kdrun.teacher.sources import CachedLogits, LiveTeacher
+from kdrun.train.infer import predict
+from kdrun.train.loop import Recipe, fit
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import compose_config, read_json, read_jsonl, smoke_inproc
 from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
-from kdrun.losses import build, from_config, kd_term, standardize
+from kdrun.losses.base import build, from_config, kd_term, standardize
 from kdrun.schema.losses import DISTLossConfig, DKDLossConfig, HardLossConfig, KDLossConfig, MSELossConfig
 
 torch.set_num_threads(2)
@@ -194,7 +194,7 @@ def test_dkd_in_self_mode(tmp_path):
 
 def test_fit_tells_the_loss_each_epoch(tmp_path, monkeypatch):
     """engine.fit calls ``set_epoch`` at the start of each epoch of the stage whose loss has it (dkd's warm-up)."""
-    from kdrun.logit_losses import DKDLoss
+    from kdrun.losses.logit import DKDLoss
 
     seen = []
     original = DKDLoss.set_epoch

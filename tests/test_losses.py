@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss, build, cross_entropy, kd_term
+from kdrun.losses.base import DistillationLoss, build, cross_entropy, kd_term
 from kdrun.schema import CELossConfig
 from kdrun.schema import KDLossConfig as LossConfig
 

@@ -13,8 +13,8 @@ from conftest import read_json, smoke_inproc, store_entries
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.logit_cache import weights_hash
 from kdrun.modes.merge import MergedTeacher, resolve_splits, teacher_seeds
+from kdrun.teacher.logit_cache import weights_hash
 
 HALVES = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 
@@ -178,10 +178,10 @@ def test_teachers_are_scored_on_their_own_classes(halves):
     """Rebuild each stored teacher and score it on the restricted data: the summary's figures must match."""
     from omegaconf import OmegaConf
 
-    from kdrun.data import load_data, with_classes
-    from kdrun.engine import accuracy
+    from kdrun.data.dataset import load_data, with_classes
     from kdrun.models import build_model
     from kdrun.schema import Config, to_object
+    from kdrun.train.infer import accuracy
 
     base, _, _ = halves
     s = read_json(base / "run1" / "summary.json")

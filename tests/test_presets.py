@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import compose_config, run_inproc, store_overrides
 
-from kdrun.engine import make_scheduler
 from kdrun.errors import ConfigError
 from kdrun.schema import SchedConfig, to_object
+from kdrun.train.loop import make_scheduler
 
 PAIRS = {"cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4"),
          "cifar100_wrn_40_2_wrn_16_2": ("wrn_40_2", "wrn_16_2")}

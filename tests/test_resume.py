@@ -154,8 +154,8 @@ def test_resume_argv(tmp_path):
 
 def stop_after(monkeypatch, stage: str, epoch: int) -> None:
     """Request a stop (as SIGTERM would) when ``stage`` has logged ``epoch``."""
-    from kdrun import interrupt
-    from kdrun.stages import EpochLogger
+    from kdrun.stages.core import EpochLogger
+    from kdrun.train import interrupt
 
     logged = EpochLogger.after_epoch
 
@@ -175,9 +175,9 @@ MODES = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
-    from kdrun import interrupt
     from kdrun.errors import Interrupted
     from kdrun.run import run
+    from kdrun.train import interrupt
 
     overrides, stage, epoch = MODES[mode]
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)

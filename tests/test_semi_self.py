@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import read_json, read_jsonl, smoke_inproc, store_entries
 from test_cli import error_line
 
-from kdrun.losses import build, kd_term
+from kdrun.losses.base import build, kd_term
 from kdrun.modes.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
 from kdrun.schema import SemiMode as ModeConfig
 

@@ -11,7 +11,7 @@ import torch
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
-from kdrun.teacher_store import (
+from kdrun.store import (
     CHECKPOINT,
     checkpoint_dict,
     key_hash,

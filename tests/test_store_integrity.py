@@ -1,7 +1,7 @@
 """Issue 12: the store and the logit cache never hand out damaged files and never lose one.
 
 Each class of damage is made on real files written by real runs (``experiment=smoke``, in-process) or by
-:func:`kdrun.teacher_store.train_or_reuse`: a zeroed block, large values, a truncated file, a missing
+:func:`kdrun.store.train_or_reuse`: a zeroed block, large values, a truncated file, a missing
 checksum, an entry of an older kdrun, non-finite weights and logits, a process killed mid-training (a real
 ``kdrun`` subprocess), and the permissions of files in a store shared by a group.
 """
@@ -21,8 +21,8 @@ from conftest import PYTHON, cli_env, read_json, read_jsonl, run_inproc, smoke_i
 from test_store import KEY, Trainer, assert_same_state, small_cnn
 
 from kdrun.errors import KdrunError
-from kdrun.logit_cache import make_check
-from kdrun.teacher_store import CHECKPOINT, CHECKSUM, checkpoint_dict, key_hash, train_or_reuse
+from kdrun.store import CHECKPOINT, CHECKSUM, checkpoint_dict, key_hash, train_or_reuse
+from kdrun.teacher.logit_cache import make_check
 
 torch.set_num_threads(2)
 
@@ -129,7 +129,7 @@ def test_nan_weights_are_never_stored(tmp_path):
 
 
 def test_an_old_entry_in_a_read_only_store_is_still_used(tmp_path, caplog, monkeypatch):
-    import kdrun.teacher_store
+    import kdrun.store
 
     train = Trainer()
     _, entry, _ = train_or_reuse(tmp_path, "cnn", KEY, train)
@@ -137,7 +137,7 @@ def test_an_old_entry_in_a_read_only_store_is_still_used(tmp_path, caplog, monke
 
     def read_only(path, text):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(kdrun.teacher_store, "atomic_write_text", read_only)  # the tests run as root
+    monkeypatch.setattr(kdrun.store, "atomic_write_text", read_only)  # the tests run as root
     _, _, reused = train_or_reuse(tmp_path, "cnn", KEY, train)
     assert reused is True and train.calls == 1 and not (entry / CHECKSUM).exists()
     assert any("cannot be recorded" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
@@ -278,7 +278,7 @@ def test_the_per_epoch_guard_names_the_cache_file(first_smoke, tmp_path):
 
 def test_make_check_without_a_path_still_says_what_to_delete():
     torch.manual_seed(0)
-    from kdrun.data import load_data
+    from kdrun.data.dataset import load_data
     from kdrun.schema import DatasetConfig
 
     data = load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=96,

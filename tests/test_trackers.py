@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, compose_config, read_json, read_jsonl, smoke_inproc
 
-from kdrun import trackers
 from kdrun.errors import ConfigError
+from kdrun.outputs import trackers
 from kdrun.schema import to_object
 from kdrun.schema.trackers import LoggerOptions
 
@@ -323,9 +323,9 @@ def test_sweep_jobs_are_grouped_in_every_tracker(tracked, tmp_path, monkeypatch)
 
 
 def test_core_imports_no_tracker_library():
-    code = ("import sys, kdrun.cli, kdrun.run, kdrun.trackers; "
+    code = ("import sys, kdrun.cli, kdrun.run, kdrun.outputs.trackers; "
             "from kdrun.schema.trackers import LoggerOptions; "
-            "kdrun.trackers.Trackers.start([], LoggerOptions(), {}, '.').finish({}, '.'); "
+            "kdrun.outputs.trackers.Trackers.start([], LoggerOptions(), {}, '.').finish({}, '.'); "
             "print(sorted(m for m in ('tensorboard', 'mlflow', 'wandb', 'torch.utils.tensorboard') if m in sys.modules))")
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

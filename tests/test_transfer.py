@@ -15,7 +15,7 @@ from conftest import read_json, run_inproc, smoke_inproc, store_overrides
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
-from kdrun.transfer import copy_matching, freeze, imagenet_file, match, weights_sha256
+from kdrun.models.transfer import copy_matching, freeze, imagenet_file, match, weights_sha256
 
 
 def cnn(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:

@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import read_json, run_inproc, store_overrides
 
-from kdrun.data import apply_views, augment_batch, decode_views, draw_views, finite_views, load_data, num_views
-from kdrun.engine import Recipe, fit
+from kdrun.data.dataset import apply_views, augment_batch, decode_views, draw_views, finite_views, load_data, num_views
 from kdrun.errors import ConfigError, KdrunError
-from kdrun.losses import build
+from kdrun.losses.base import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
 from kdrun.schema.models import TeacherAugment, TeacherConfig
-from kdrun.teaching import LiveTeacher
-from kdrun.view_cache import ViewCache, _checksum, estimate_mb, view_cache
+from kdrun.teacher.sources import LiveTeacher
+from kdrun.teacher.view_cache import ViewCache, _checksum, estimate_mb, view_cache
+from kdrun.train.loop import Recipe, fit
 
 AUG = AugmentConfig(crop_padding=1, hflip=True)
 

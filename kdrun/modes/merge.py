@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.data import Data, with_classes
+from kdrun.data.dataset import Data, with_classes
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss
+from kdrun.losses.base import DistillationLoss
 from kdrun.registry import register_mode
 from kdrun.results import MergedTeacherResult, Row, SubsetTeacher
-from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
+from kdrun.stages.core import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
 log = logging.getLogger("kdrun")
 RULES = ("confidence", "maxprob", "mean", "weighted")

@@ -1,13 +1,13 @@
 """``mode=offline``: a frozen, pre-trained teacher (from the store or ``teacher.ckpt``) teaches the student;
 the same student trained with CE only is the baseline (``baseline=true``); ``student.prune.amount > 0`` adds a
-pruned student (:mod:`kdrun.pruning`)."""
+pruned student (:mod:`kdrun.stages.pruning`)."""
 from __future__ import annotations
 
-from kdrun.data import Data
-from kdrun.feature_losses import check_layers
-from kdrun.losses import DistillationLoss
+from kdrun.data.dataset import Data
+from kdrun.losses.base import DistillationLoss
+from kdrun.losses.feature import check_layers
 from kdrun.registry import register_mode
-from kdrun.stages import RunContext, distil, obtain_baseline, obtain_teacher, teacher_targets
+from kdrun.stages.core import RunContext, distil, obtain_baseline, obtain_teacher, teacher_targets
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")
@@ -31,6 +31,6 @@ def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
 def _prune(ctx: RunContext, data: Data, loss: DistillationLoss, source, student) -> None:
     """``student.prune.amount > 0``: the pruned student, as ``student_pruned`` of the summary and the table."""
     if ctx.cfg.student.prune.amount > 0:
-        from kdrun.pruning import pruned_student
+        from kdrun.stages.pruning import pruned_student
 
         ctx.result.extra["student_pruned"] = pruned_student(ctx, data, loss, source, student)

@@ -18,14 +18,14 @@ import logging
 import torch
 from torch import nn
 
-from kdrun.data import Data
-from kdrun.engine import predict, top1
-from kdrun.feature_losses import check_layers
-from kdrun.losses import DistillationLoss
+from kdrun.data.dataset import Data
+from kdrun.losses.base import DistillationLoss
+from kdrun.losses.feature import check_layers
 from kdrun.registry import register_mode
 from kdrun.results import Row, SnapshotTeacherResult
-from kdrun.stages import RunContext, baseline_model, distil, evaluate, obtain_baseline
-from kdrun.teaching import LiveTeacher, SnapshotTeacher
+from kdrun.stages.core import RunContext, baseline_model, distil, evaluate, obtain_baseline
+from kdrun.teacher.sources import LiveTeacher, SnapshotTeacher
+from kdrun.train.infer import predict, top1
 
 log = logging.getLogger("kdrun")
 

@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdrun.data import Data, with_train
+from kdrun.data.dataset import Data, with_train
+from kdrun.data.sources import stratified
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss, kd_term
+from kdrun.losses.base import DistillationLoss, kd_term
 from kdrun.registry import register_mode
 from kdrun.results import Row
 from kdrun.schema import ModeConfig
-from kdrun.sources import stratified
-from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
-from kdrun.teaching import LiveTeacher
+from kdrun.stages.core import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
+from kdrun.teacher.sources import LiveTeacher
 
 log = logging.getLogger("kdrun")
 UNLABELED = -1
@@ -87,7 +87,7 @@ def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, d
 
 
 class SemiSupervisedLoss(torch.nn.Module):
-    """The per-sample loss above, with the contract of :mod:`kdrun.losses` (``forward(s, t, y)``).
+    """The per-sample loss above, with the contract of :mod:`kdrun.losses.base` (``forward(s, t, y)``).
 
     Reported parts: ``ce`` = mean CE on the labelled images, ``kd`` = mean of the unlabelled stream's term.
     """

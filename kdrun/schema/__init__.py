@@ -57,11 +57,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     baseline: bool = True
-    logger: Any = field(default_factory=list)  # experiment trackers: a list of tensorboard, mlflow, wandb (kdrun.trackers)
+    logger: Any = field(default_factory=list)  # trackers: tensorboard, mlflow, wandb (kdrun.outputs.trackers)
     logger_options: LoggerOptions = field(default_factory=LoggerOptions)
-    export: List[str] = field(default_factory=list)  # write the best student as: torchscript, onnx (kdrun.export)
-    compression: bool = True  # teacher vs student: params, weight bytes, CPU latency at batch 1 and 64 (kdrun.compression)
-    report: bool = True  # report.json, report.md and figures/ (kdrun.report)
+    export: List[str] = field(default_factory=list)  # write the best student as: torchscript, onnx (kdrun.outputs.export)
+    compression: bool = True  # params, weight bytes, CPU latency at batch 1 and 64 (kdrun.outputs.compression)
+    report: bool = True  # report.json, report.md and figures/ (kdrun.outputs.report)
 
     def __post_init__(self):
         self.logger = check_loggers(self.logger)
@@ -73,7 +73,7 @@ class Config:
         self.optim.check("optim")
         self.sched.check("sched")
         self.student.prune.check(self.trainer.epochs, self.mode.name)
-        from kdrun.export import check_formats  # no torch at import
+        from kdrun.outputs.export import check_formats  # no torch at import
 
         check_formats("export", self.export)
         if self.mode.name != "offline" and self.loss.name == "ce":

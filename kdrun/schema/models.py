@@ -42,7 +42,7 @@ class ModelConfig:
 
             check_args(self.name, dict(self.args), key)
         if self.init is not None or self.freeze:  # torch is imported only when these keys are used
-            from kdrun.transfer import check_config
+            from kdrun.models.transfer import check_config
 
             check_config(self, key)
 
@@ -95,7 +95,7 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class PruneConfig:
     """``student.prune``: global magnitude (L1 unstructured) pruning of the KD student's conv and linear weights
-    (:mod:`kdrun.pruning`; mode=offline). Reported as a second student beside the unpruned one."""
+    (:mod:`kdrun.stages.pruning`; mode=offline). Reported as a second student beside the unpruned one."""
 
     amount: float = 0.0         # final sparsity: fraction of conv/linear weights set to 0, in [0, 1); 0 = off
     schedule: str = "gradual"   # gradual: a second student distilled while sparsity rises (Zhu & Gupta 2017 cubic

@@ -1,4 +1,4 @@
-"""Schema of the experiment trackers (:mod:`kdrun.trackers`): ``logger=[tensorboard,mlflow,wandb]`` and
+"""Schema of the experiment trackers (:mod:`kdrun.outputs.trackers`): ``logger=[tensorboard,mlflow,wandb]`` and
 ``logger_options.*``. Imports no tracker library."""
 from __future__ import annotations
 

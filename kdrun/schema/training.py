@@ -64,7 +64,7 @@ class TrainerConfig:
     channels_last: str = "auto"  # auto (on for CPU and CUDA) | true | false: NHWC memory format for conv nets
     checkpoint_every: int = 1  # epochs between a student stage's resume checkpoints (checkpoints/<stage>_resume.pt,
     #                            also after the last epoch and on SIGINT/SIGTERM); 0: none, `kdrun resume=` restarts it
-    devices: int = 1           # data-parallel ranks for one training (DDP, spawned inside the job; kdrun.distributed):
+    devices: int = 1           # data-parallel ranks for one training (DDP, spawned inside the job; kdrun.train.distributed):
     #                            the batch_size is the global batch, split over the ranks; one GPU per rank on CUDA
     #                            (nccl), processes on CPU (gloo); not part of store keys
 

@@ -160,7 +160,7 @@ def markdown(summary: SweepSummary) -> str:
 
 
 def _job_reports(summary: SweepSummary) -> list[str]:
-    """A table linking each job's ``report.md`` (per-class report, calibration, learning curves): kdrun.report."""
+    """A table linking each job's ``report.md`` (per-class report, calibration, learning curves): kdrun.outputs.report."""
     header = ["job", *summary.keys, "status", "student test %", "report"]
     lines = ["## Jobs", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for job in summary.jobs:

@@ -9,11 +9,11 @@ carries a checksum of its logits. It is guarded three ways:
 * on load: key, shape and checksum must match and the logits be finite, else the file is set aside and
   rebuilt (never trusted);
 * on build: non-finite logits are never written; the run stops and the teacher's store entry, which
-  produced them, is set aside (:func:`kdrun.teacher_store.set_aside`) so the next run trains it again;
+  produced them, is set aside (:func:`kdrun.store.set_aside`) so the next run trains it again;
 * every epoch: the teacher is recomputed on a random sample of cached indices and must agree within
   tolerance, else the run stops (a stale or misaligned cache must not silently teach wrong targets);
 * ``teacher.cache=auto`` uses the cache only when augmentation is off; with random augmentation the
-  teacher's logits are cached per (image, view) instead (:mod:`kdrun.view_cache`), or run live on the very
+  teacher's logits are cached per (image, view) instead (:mod:`kdrun.teacher.view_cache`), or run live on the very
   batch the student sees when that cache does not apply (``teacher.cache=on`` forces this cache anyway).
 
 Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``trainer.precision``.
@@ -32,10 +32,10 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdrun.data import Data
-from kdrun.engine import autocast, predict
+from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError
 from kdrun.records import save_torch
+from kdrun.train.infer import autocast, predict
 
 log = logging.getLogger("kdrun")
 CHECK_SAMPLES = 64
@@ -111,7 +111,7 @@ def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional
     what = f"the teacher's logits are not finite on {bad} of {len(logits)} training images"
     if teacher_entry is None:
         raise KdrunError(f"{what}: its weights (teacher.ckpt) are broken; no logit cache written ({path})")
-    from kdrun.teacher_store import set_aside
+    from kdrun.store import set_aside
 
     aside = set_aside(Path(teacher_entry), "its logits are not finite")
     where = f"moved to {aside}" if aside else "already moved aside by another job"

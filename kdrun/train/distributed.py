@@ -1,10 +1,10 @@
 """``trainer.devices=N``: one training on N devices, data-parallel (``DistributedDataParallel``), spawned in-task.
 
-:func:`kdrun.engine.fit` with ``recipe.devices > 1`` enters :func:`ranks`: the calling process becomes rank 0
+:func:`kdrun.train.loop.fit` with ``recipe.devices > 1`` enters :func:`ranks`: the calling process becomes rank 0
 and N - 1 worker processes are spawned (``torch.multiprocessing``, start method ``spawn``) that run the same
 ``fit`` on copies of the model, the loss and the teacher source; the data tensors and the teacher's cached
 logits are shared with them read-only (shared memory; on GPUs each rank copies them to its own device once),
-cached logits indexed by each rank's own sample indices. The view cache (:mod:`kdrun.view_cache`) is one table in
+cached logits indexed by each rank's own sample indices. The view cache (:mod:`kdrun.teacher.view_cache`) is one table in
 shared memory on CPU that every rank looks its slice up in and fills with its own misses; rank 0 saves it (on
 GPUs each rank fills its own copy and rank 0 saves its own entries). The ranks live inside the task, so ``kdrun -m``
 sweeps and the SLURM launcher work unchanged (never ``torchrun`` with ``-m``).
@@ -51,7 +51,7 @@ _CURRENT: Optional["Rank"] = None  # this process's rank while a data-parallel f
 
 @dataclass
 class Rank:
-    """This process's place in a data-parallel :func:`kdrun.engine.fit`."""
+    """This process's place in a data-parallel :func:`kdrun.train.loop.fit`."""
 
     rank: int
     world: int
@@ -193,8 +193,8 @@ def _spec(model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, tup
     """What a worker rebuilds its fit from, pickled (copies: each rank updates its own weights), and the
     tensors shared with it: the teacher's cached logits (read-only), or the view cache's table and filled mask
     (on CPU one shared copy that every rank fills with its misses)."""
-    from kdrun.teaching import CachedLogits, LiveTeacher, SnapshotTeacher
-    from kdrun.view_cache import ViewCache
+    from kdrun.teacher.sources import CachedLogits, LiveTeacher, SnapshotTeacher
+    from kdrun.teacher.view_cache import ViewCache
 
     shared = ()
     if teacher is None:
@@ -227,7 +227,7 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, shared: tuple,
     """Rank ``index + 1``: rebuild the fit from ``spec`` on this rank's device, train, return nothing."""
     import torch.distributed as dist
 
-    from kdrun.engine import fit
+    from kdrun.train.loop import fit
 
     rank = index + 1
     # Ctrl-C reaches every process of the terminal and SLURM signals every task: rank 0 decides when to stop.
@@ -261,8 +261,8 @@ def _no_check(epoch: int) -> float:
 
 
 def _source(spec, shared: tuple, device: torch.device, data):
-    from kdrun.teaching import CachedLogits, LiveTeacher, SnapshotTeacher
-    from kdrun.view_cache import ViewCache
+    from kdrun.teacher.sources import CachedLogits, LiveTeacher, SnapshotTeacher
+    from kdrun.teacher.view_cache import ViewCache
 
     if spec is None:
         return None
@@ -283,7 +283,7 @@ def _on(data, device: torch.device):
     """``data`` on this rank's device (the same tensors on CPU)."""
     import dataclasses
 
-    from kdrun.data import Split
+    from kdrun.data.dataset import Split
 
     if data.train.y.device == device:
         return data

@@ -9,7 +9,7 @@ soft (teacher) term. torchdistill's ``alpha`` is the CE weight: its ``alpha=0.1,
 
 The contract every loss follows (built-in, registered by a plugin, or named by ``_target_``)::
 
-    loss = kdrun.losses.build("kd", T=4.0, alpha=0.9)
+    loss = kdrun.losses.base.build("kd", T=4.0, alpha=0.9)
     value, parts = loss(student_logits, teacher_logits, labels)   # scalar, {"ce": ..., "kd": ...}
 
 ``forward(student_logits, teacher_logits, labels, student_features=None, teacher_features=None)`` returns the

@@ -1,7 +1,7 @@
 """Feature distillation losses: ``fitnet`` (Romero et al. 2015) and ``at`` (Zagoruyko & Komodakis 2017).
 
 Both read intermediate features of the student and the teacher, captured by forward hooks on named modules
-(:class:`kdrun.features.FeatureHooks`, no model surgery), and add a feature term to our KD convention::
+(:class:`kdrun.losses.hooks.FeatureHooks`, no model surgery), and add a feature term to our KD convention::
 
     L = (1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + beta * feature_term
 
@@ -26,7 +26,7 @@ Layers: ``student_layers`` / ``teacher_layers`` (module names, one per pair), or
 
 Used outside kdrun's loop::
 
-    loss = kdrun.losses.build("at", beta=1000)
+    loss = kdrun.losses.base.build("at", beta=1000)
     with FeatureHooks(student, names_s) as fs, FeatureHooks(teacher, names_t) as ft:
         s, t = student(x), teacher(x)
     feats_s, feats_t = [fs[n] for n in names_s], [ft[n] for n in names_t]
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss, _num, kd_term
+from kdrun.losses.base import DistillationLoss, _num, kd_term
 from kdrun.registry import register_loss
 
 log = logging.getLogger("kdrun")
@@ -196,7 +196,7 @@ class FeatureLoss(DistillationLoss):
                 teacher_features: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, dict]:
         if student_features is None or teacher_features is None:
             raise ValueError(f"loss={self.name} needs student_features and teacher_features (lists of tensors, one "
-                             f"per layer pair; kdrun.features.FeatureHooks captures them)")
+                             f"per layer pair; kdrun.losses.hooks.FeatureHooks captures them)")
         ce = F.cross_entropy(student_logits.float(), labels)
         kd = kd_term(student_logits, teacher_logits, self.T) if self.alpha > 0 else torch.zeros_like(ce)
         feat = self.feature_term(student_features, teacher_features)
@@ -289,13 +289,13 @@ def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
     ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
     batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
     (random state restored; the loss's adapters are built again when its student trains)."""
-    from kdrun.stages import build
+    from kdrun.stages.core import build
 
     x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
     with torch.random.fork_rng(devices=[]):
         student = build(ctx.cfg.student, data, "student", ctx.device, 0)
         teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
-        from kdrun.features import FeaturePairs
+        from kdrun.losses.hooks import FeaturePairs
 
         pairs = FeaturePairs(loss, student, teacher, x)
     log.info(f"loss={loss.name} layer pairs (student <- teacher): " + ", ".join(

@@ -1,18 +1,18 @@
-"""Where :func:`kdrun.engine.fit` gets the teacher's logits from, and its per-epoch hooks.
+"""Where :func:`kdrun.train.loop.fit` gets the teacher's logits from, and its per-epoch hooks.
 
 A teacher source answers two questions of the training loop: at the start of an epoch, does a teacher
 teach this epoch (:meth:`TeacherSource.before_epoch`; False means plain CE for that epoch), and what are its
 logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun's modes:
 
 * :class:`LiveTeacher`: a frozen model (``eval()``, no gradients) run on the very batch the student sees;
-* :class:`CachedLogits`: logits of the whole train split computed once (:mod:`kdrun.logit_cache`), indexed
+* :class:`CachedLogits`: logits of the whole train split computed once (:mod:`kdrun.teacher.logit_cache`), indexed
   by the batch's sample indices, with a per-epoch check against the live teacher;
-* :class:`kdrun.view_cache.ViewCache`: under random crop/flip, logits per (sample, view), filled lazily
+* :class:`kdrun.teacher.view_cache.ViewCache`: under random crop/flip, logits per (sample, view), filled lazily
   from the live teacher on the batch's misses;
 * :class:`SnapshotTeacher`: no teacher (plain CE) up to epoch ``at``, then a frozen copy of the student as it
   is after that epoch, run live (self-distillation from a snapshot).
 
-A feature loss (:mod:`kdrun.feature_losses`) also reads the teacher's intermediate features: the loop hooks
+A feature loss (:mod:`kdrun.losses.feature`) also reads the teacher's intermediate features: the loop hooks
 the source's :meth:`TeacherSource.feature_model`, so it needs a source that runs a model (live or snapshot).
 
 A :class:`Hook` (detectron2 ``HookBase`` style) sees every epoch: ``before_epoch(epoch, model)`` and
@@ -26,51 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-
-class Hook:
-    """Per-epoch callbacks of :func:`kdrun.engine.fit`; override the ones you need."""
-
-    def before_epoch(self, epoch: int, model: nn.Module) -> None:
-        """Called before epoch ``epoch`` (1-based) trains, with the model in train mode."""
-
-    def after_epoch(self, record: dict) -> None:
-        """Called with the epoch's record: ``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr,
-        time_s``."""
-
-    def after_resume(self, epoch: int) -> None:
-        """Called once when training continues from a resume checkpoint taken after epoch ``epoch``."""
-
-
-class TeacherSource:
-    """The teacher side of distillation, as :func:`kdrun.engine.fit` uses it. The base teaches nothing."""
-
-    def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
-        """Called once before training: whether the loss reads a teacher, the preferred memory format for conv
-        nets (:func:`kdrun.engine.model_format` applies it to a model), and ``trainer.compile``."""
-
-    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
-        """Called at the start of every epoch; False: no teacher yet, train this epoch with plain CE."""
-        return True
-
-    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
-        """The teacher's logits for batch ``x`` (train indices ``idx``), run under the loop's autocast; None
-        when the loss does not read them."""
-        return None
-
-    def after_fit(self) -> None:
-        """Called once when the last epoch has been trained (on every rank of a data-parallel fit)."""
-
-    def feature_model(self, student: nn.Module) -> Optional[nn.Module]:
-        """The model whose forward :meth:`logits` runs, hooked for a feature loss's teacher features (its
-        architecture, for their shapes, before training); None: this source runs no model (cached logits)."""
-        return None
-
-    def state_dict(self) -> dict:
-        """What a resumed training needs to teach as before (tensors only); stateless sources: nothing."""
-        return {}
-
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        """Restore :meth:`state_dict` (``model``: the student, restored already)."""
+from kdrun.train.hooks import TeacherSource
 
 
 class LiveTeacher(TeacherSource):
@@ -81,7 +37,7 @@ class LiveTeacher(TeacherSource):
         self.forward: Optional[nn.Module] = None
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
-        from kdrun.engine import model_format
+        from kdrun.train.infer import model_format
 
         if needs_teacher:
             self.model.to(memory_format=model_format(self.model, memory_format))

@@ -3,7 +3,7 @@ every evaluated model (:attr:`kdrun.results.RunResult.predictions`) and the per-
 
 ``report.json``: per model (teacher, CE baseline, earlier stages such as generations or rounds, student), the
 accuracy, scikit-learn's per-class report with macro and weighted averages, the confusion matrix and the
-calibration bins (:mod:`kdrun.evaluation`), plus the classes where the student trails the teacher most.
+calibration bins (:mod:`kdrun.outputs.metrics`), plus the classes where the student trails the teacher most.
 Figures (matplotlib, Agg, no pyplot): ``confusion_<role>.png`` per model, ``reliability.png`` (all models),
 ``learning_curves.png`` (train loss and val accuracy per epoch; the teacher's and baseline's epochs come
 from their store entries' ``metrics.jsonl``). ``report.md`` puts the tables and figures together (relative
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kdrun.evaluation import ECE_BINS, describe_trails, evaluate_logits, trails
+from kdrun.outputs.metrics import ECE_BINS, describe_trails, evaluate_logits, trails
 from kdrun.records import atomic_write_text, read_jsonl, write_json
 from kdrun.results import RunResult
 

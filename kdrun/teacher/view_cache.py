@@ -1,7 +1,8 @@
 """Exact teacher logits under augmentation: the frozen teacher's logits cached per (image, view).
 
 Random crop after zero padding ``p`` and a horizontal flip give each training image ``(2p+1)^2 x 2`` possible
-views (:func:`kdrun.data.num_views`), and training draws one view id per sample (:func:`kdrun.data.draw_views`).
+views (:func:`kdrun.data.dataset.num_views`), and training draws one view id per sample
+(:func:`kdrun.data.dataset.draw_views`).
 The teacher's logits are then a pure function of (image index, view id), so :class:`ViewCache` keeps them in a
 dense ``[N, V, C]`` tensor with a filled mask ``[N, V]``, filled lazily: for each batch it looks the batch's
 (index, view) pairs up and runs the teacher only on the misses. The student's inputs are exactly those of
@@ -23,7 +24,7 @@ happen at the end of training and every ``SAVE_EVERY_S`` seconds (at an epoch's 
 of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` entries read from the file, as the logit cache
 does (a stale or misaligned cache stops the run).
 
-In a data-parallel fit (``trainer.devices=N``, :mod:`kdrun.distributed`) every rank looks up the slice of the
+In a data-parallel fit (``trainer.devices=N``, :mod:`kdrun.train.distributed`) every rank looks up the slice of the
 batch it trains (:meth:`ViewCache.for_rank` on ranks 1..N-1, over rank 0's table and mask: shared memory on
 CPU) and fills it with its own misses; epochs are closed on every rank together (their hits, misses and new
 entries summed), and rank 0 alone checks against the file and saves.
@@ -48,12 +49,12 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdrun.data import Data, finite_views
-from kdrun.engine import autocast
+from kdrun.data.dataset import Data, finite_views
 from kdrun.errors import KdrunError
-from kdrun.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
 from kdrun.records import save_torch
-from kdrun.teaching import TeacherSource
+from kdrun.teacher.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
+from kdrun.train.hooks import TeacherSource
+from kdrun.train.infer import autocast
 
 log = logging.getLogger("kdrun")
 FORMAT = 1          # bump when the file layout or the view encoding changes
@@ -88,7 +89,7 @@ def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precis
                budget_mb: float, seed: int, epochs: int) -> Optional["ViewCache"]:
     """A :class:`ViewCache` for ``teacher`` on ``data`` (loaded from the store), or None: run the teacher live.
 
-    ``info`` is the run's teacher-cache record (:func:`kdrun.logit_cache.teacher_logits`'s, for
+    ``info`` is the run's teacher-cache record (:func:`kdrun.teacher.logit_cache.teacher_logits`'s, for
     ``teacher.cache=auto`` under augmentation): updated with the decision and, during training, the hits and
     misses of every epoch. ``epochs`` is the training's last epoch (the cache is saved when it ends)."""
     use, why, facts = plan(data, dtype, budget_mb)
@@ -111,8 +112,8 @@ def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precis
 class ViewCache(TeacherSource):
     """The teacher's logits per (train index, view id), filled lazily from the live ``teacher``.
 
-    Reads the batch's view ids from ``data.last_views`` (recorded by :meth:`kdrun.data.Data.batches` for the
-    batch whose indices it yielded); a batch it has no view ids for (it never happens in :func:`kdrun.engine.fit`)
+    Reads the batch's view ids from ``data.last_views`` (recorded by :meth:`kdrun.data.dataset.Data.batches` for the
+    batch whose indices it yielded); a batch it has no view ids for (it never happens in :func:`kdrun.train.loop.fit`)
     runs the teacher live."""
 
     def __init__(self, teacher: nn.Module, data: Data, path: Path, key: str, views: int, *, dtype: str,
@@ -150,7 +151,7 @@ class ViewCache(TeacherSource):
     @classmethod
     def for_rank(cls, teacher: nn.Module, data: Data, table: torch.Tensor, filled: torch.Tensor, *, path: str,
                  key: str, views: int, dtype: str, precision: str, epochs: int) -> "ViewCache":
-        """Rank r > 0 of a data-parallel fit (:mod:`kdrun.distributed`): rank 0's ``table`` and ``filled`` (on CPU
+        """Rank r > 0 of a data-parallel fit (:mod:`kdrun.train.distributed`): rank 0's ``table`` and ``filled`` (on CPU
         the same shared memory), looked up and filled with this rank's misses; rank 0 checks and saves."""
         self = cls.__new__(cls)
         self._start(teacher, data, path, key, views, dtype, precision, epochs,
@@ -160,8 +161,8 @@ class ViewCache(TeacherSource):
     # -- TeacherSource ---------------------------------------------------------------------------------------
 
     def prepare(self, needs_teacher: bool, memory_format: torch.memory_format, compile: bool) -> None:
-        from kdrun import distributed
-        from kdrun.engine import model_format
+        from kdrun.train import distributed
+        from kdrun.train.infer import model_format
 
         self.rank = distributed.current()
         if needs_teacher:

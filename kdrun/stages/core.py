@@ -16,20 +16,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdrun.data import Data
-from kdrun.engine import Checkpoint, FitResult, Recipe, fit, predict, top1
+from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError, keyed
-from kdrun.evaluation import Prediction
-from kdrun.losses import cross_entropy
+from kdrun.losses.base import cross_entropy
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
+from kdrun.models.transfer import initialise, store_key_part
+from kdrun.outputs.metrics import Prediction
+from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, Progress, atomic_write_text, save_torch
 from kdrun.results import BaselineResult, MergedTeacherResult, RunResult, StudentResult, TeacherResult
 from kdrun.schema import Config, ModelConfig
-from kdrun.teacher_store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
-from kdrun.teaching import CachedLogits, Hook, LiveTeacher, TeacherSource
-from kdrun.trackers import Trackers
-from kdrun.transfer import initialise, store_key_part
+from kdrun.store import checkpoint_dict, file_sha256, key_hash, load_weights, read_checkpoint, train_or_reuse
+from kdrun.teacher.sources import CachedLogits, LiveTeacher
+from kdrun.train.hooks import Hook, TeacherSource
+from kdrun.train.infer import predict, top1
+from kdrun.train.loop import Checkpoint, FitResult, Recipe, fit
 
 log = logging.getLogger("kdrun")
 STORE_FORMAT = 1  # bump when a change makes stored models incomparable
@@ -47,7 +49,7 @@ class RunContext:
     metrics: JsonlWriter
     result: RunResult  # filled in by the mode as each stage finishes (a later failure keeps them)
     memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
-    trackers: Optional[Trackers] = None  # logger=[...] (kdrun.trackers): every stage's epochs go to them too
+    trackers: Optional[Trackers] = None  # logger=[...] (kdrun.outputs.trackers): every stage's epochs go to them too
 
     def writers(self, stage: str) -> list:
         """The per-epoch writers besides ``metrics.jsonl``: the trackers', for ``stage``."""
@@ -70,7 +72,7 @@ def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
     before any training: a user model's logits are checked on one batch (:func:`build`) and ``*.freeze``
     prefixes are resolved, so such mistakes cost no training time. The random state is restored, so nothing
     that follows changes."""
-    from kdrun.transfer import frozen_names
+    from kdrun.models.transfer import frozen_names
 
     roles = [("teacher", ctx.cfg.teacher)] if teacher else []
     checked = [(key, c) for key, c in [*roles, ("student", ctx.cfg.student)] if c.target or c.freeze]
@@ -84,7 +86,7 @@ def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
 def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
                     teacher: Optional[tuple[nn.Module, TeacherResult]] = None) -> tuple[nn.Module, dict]:
     """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and
-    ``student.freeze`` applied (:mod:`kdrun.transfer`). Returns it and its ``init`` record for the summary.
+    ``student.freeze`` applied (:mod:`kdrun.models.transfer`). Returns it and its ``init`` record for the summary.
 
     ``init=teacher`` copies from ``teacher`` (a ``(model, result)`` pair), by default from the first teacher this
     run obtained with the configured ``teacher.*`` on all of ``data``'s classes (in mode=semi: the one trained on
@@ -115,7 +117,7 @@ def n_params(model: nn.Module) -> int:
 
 def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] = None) -> dict:
     """Val and test accuracy (percent) of ``model``. With ``role``, its logits on test (on val when test is empty)
-    are kept as ``ctx.result.predictions[role]`` for the run's report (:mod:`kdrun.report`)."""
+    are kept as ``ctx.result.predictions[role]`` for the run's report (:mod:`kdrun.outputs.report`)."""
     bs, precision, channels_last = (ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision,
                                     ctx.cfg.trainer.channels_last)
     scores = {}
@@ -134,7 +136,7 @@ _FROZEN_SCORES: dict = {}  # the last frozen model evaluated in this process: th
 def evaluate_frozen(model: nn.Module, data: Data, ctx: RunContext, role: str) -> dict:
     """:func:`evaluate` for a frozen model, remembered for the next job of a sweep in this process: the same
     weights on the same data with the same precision give the same logits, so they are computed once."""
-    from kdrun.logit_cache import weights_hash
+    from kdrun.teacher.logit_cache import weights_hash
 
     key = key_hash({"weights": weights_hash(model), "data": data.identity, "device": str(data.train.y.device),
                     "precision": ctx.cfg.trainer.precision, "sizes": [len(data.val), len(data.test)]})
@@ -215,7 +217,7 @@ def _train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recip
 def teacher_data(cfg: Config, data: Data) -> Data:
     """``data`` with the teacher's training augmentation (``teacher.augment.*``; null keys: the dataset's), which
     is then part of its identity (the store key). Unchanged when it equals ``dataset.augment``."""
-    from kdrun.data import augment_identity
+    from kdrun.data.dataset import augment_identity
     from kdrun.schema.data import AugmentConfig
 
     own = cfg.teacher.augment
@@ -320,12 +322,12 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
     """The teacher's side of distillation: cached train logits plus their per-epoch guard, or live.
 
     Under finite random augmentation (``teacher.cache=auto``) the logits are cached per (image, view) instead
-    (:mod:`kdrun.view_cache`). Returns the :class:`kdrun.teaching.TeacherSource` for :func:`distil`; records the
+    (:mod:`kdrun.teacher.view_cache`). Returns the :class:`kdrun.train.hooks.TeacherSource` for :func:`distil`; records the
     cache decision in ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``,
     ``teacher.cache_budget_mb``, ``store.teachers``, ``seed``.
     A ``loss`` that reads the teacher's features (``needs_features``) always gets the live teacher.
     """
-    from kdrun.logit_cache import make_check, teacher_logits
+    from kdrun.teacher.logit_cache import make_check, teacher_logits
 
     cfg = ctx.cfg
     if getattr(loss, "needs_features", False):
@@ -339,7 +341,7 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
                                   teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
     if logits is None and info["mode"] == "auto":  # random augmentation: logits per (image, view), if it fits
-        from kdrun.view_cache import view_cache
+        from kdrun.teacher.view_cache import view_cache
 
         views = view_cache(teacher, data, info, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,
                            root=Path(cfg.store.teachers), budget_mb=cfg.teacher.cache_budget_mb, seed=cfg.seed,

@@ -133,7 +133,7 @@ def nan_weights(checkpoint: dict) -> Optional[str]:
     """The name of the first floating-point tensor of ``checkpoint``'s weights holding a NaN, else None.
 
     Only NaN: an infinite buffer can be legitimate (an attention mask of -inf); infinite logits are caught
-    where they matter (:mod:`kdrun.logit_cache`)."""
+    where they matter (:mod:`kdrun.teacher.logit_cache`)."""
     for name, tensor in state_dict_of(checkpoint).items():
         if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
             return name

@@ -9,8 +9,8 @@ Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them)
 default, because a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, say) would otherwise
 overwrite the captured tensor; the clone keeps the autograd graph, so feature losses can backpropagate.
 
-:class:`FeaturePairs` is what :func:`kdrun.engine.fit` uses for a loss with ``needs_features``
-(:mod:`kdrun.feature_losses`): it resolves the layer pairs, learns their shapes on one batch (which builds the
+:class:`FeaturePairs` is what :func:`kdrun.train.loop.fit` uses for a loss with ``needs_features``
+(:mod:`kdrun.losses.feature`): it resolves the layer pairs, learns their shapes on one batch (which builds the
 loss's adapters), and hooks student and teacher for each epoch; the loss receives the captured outputs as
 ``student_features`` / ``teacher_features``, lists in pair order.
 """

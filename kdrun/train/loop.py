@@ -1,7 +1,7 @@
 """The training loop, evaluation, optimizers and schedules: plain PyTorch, no framework.
 
 One loop serves every stage (teacher, CE baseline, KD student): it differs only in the loss callable and in
-its teacher source (:mod:`kdrun.teaching`: where the teacher's logits come from), plus a list of hooks.
+its teacher source (:mod:`kdrun.teacher.sources`: where the teacher's logits come from), plus a list of hooks.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from kdrun import distributed, interrupt
-from kdrun.data import Data
+from kdrun.data.dataset import Data
 from kdrun.errors import ConfigError
-from kdrun.losses import DistillationLoss, cross_entropy
+from kdrun.losses.base import DistillationLoss, cross_entropy
 from kdrun.schema import OptimConfig, SchedConfig
-from kdrun.teaching import Hook, TeacherSource
+from kdrun.train import distributed, interrupt
+from kdrun.train.hooks import Hook, TeacherSource
+from kdrun.train.infer import accuracy, autocast, model_format, preferred_format
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Recipe:
     eval_batch_size: int = 1024
     compile: bool = False        # speed only: not part of store keys
     channels_last: str = "auto"  # speed only: not part of store keys
-    devices: int = 1             # data-parallel ranks (kdrun.distributed); not part of store keys
+    devices: int = 1             # data-parallel ranks (kdrun.train.distributed); not part of store keys
 
 
 @dataclass
@@ -58,25 +59,6 @@ class Checkpoint:
 
     path: Path
     every: int = 1
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``trainer.device``: auto picks CUDA when present; asking for CUDA without one is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", f"{spec} requested but no CUDA device is available; use auto or cpu")
-    return torch.device(spec)
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for ``trainer.precision`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("trainer.precision", "fp16 needs a CUDA device; use bf16 or fp32 on cpu")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -104,86 +86,31 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32",
-            channels_last: str = "auto") -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) on a whole split, as float32. ``channels_last`` (``trainer.*``): a conv
-    net is put in NHWC first (:func:`model_format`)."""
-    model.eval()
-    device = data.train.y.device
-    model.to(memory_format=model_format(model, preferred_format(channels_last, device)))
-    outs, chunk = [], None
-    with autocast(device, precision):
-        for x, _, _ in data.batches(split, batch_size):
-            chunk = chunk or (cpu_chunk(model, x[:1], batch_size) if device.type == "cpu" else batch_size)
-            outs.extend(model(part).float() for part in x.split(chunk))
-    return torch.cat(outs) if outs else torch.empty(0, data.num_classes, device=device)
-
-
-CPU_CHUNK_BYTES = 8 * 2 ** 20  # the largest activation of a CPU inference chunk stays within this (cache-sized)
-
-
-@torch.no_grad()
-def cpu_chunk(model: nn.Module, sample: torch.Tensor, cap: int) -> int:
-    """Rows per forward pass for inference on CPU, at most ``cap`` (``trainer.eval_batch_size``).
-
-    A conv net's big batches are slower per image on CPU once its activations outgrow the caches (on 2 cores:
-    cnn on 28x28 3 s per 60k images at 128 rows, 9.5 s at 512; resnet8x4 on 32x32 1.7x slower at 1024 rows than
-    at 64; ``benchmarks/memory_format.py``). The chunk is the largest power of two whose largest single
-    activation (measured on one ``sample`` row) fits ``CPU_CHUNK_BYTES``, at least 16. Speed only: rows get
-    the same logits up to float rounding."""
-    sizes = []
-    hook = lambda module, inputs, out: sizes.append(out.numel() * out.element_size()) \
-        if isinstance(out, torch.Tensor) else None
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
-    try:
-        model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    per_row = max(sizes, default=1)
-    rows = 1 << max(4, int(math.log2(max(1, CPU_CHUNK_BYTES // per_row))))
-    return max(1, min(cap, rows))
-
-
-def accuracy(model: nn.Module, data: Data, split: str, batch_size: int, precision: str = "fp32",
-             channels_last: str = "auto") -> Optional[float]:
-    """Top-1 accuracy in percent on ``split``; None when the split is empty."""
-    if len(data.split(split)) == 0:
-        return None
-    return top1(predict(model, data, split, batch_size, precision, channels_last), data.split(split).y)
-
-
-def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent of ``scores`` (logits or probabilities) against ``labels``."""
-    return round(100.0 * (scores.argmax(1) == labels).float().mean().item(), 4)
-
-
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
         teacher: Optional[TeacherSource] = None, hooks: Sequence[Hook] = (), progress=None,
         desc: str = "train", checkpoint: Optional[Checkpoint] = None) -> FitResult:
     """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
 
     Consumes ``recipe`` (epochs, batch size, optimizer, schedule, seed, precision, speed settings).
-    ``teacher`` gives the teacher's logits for each batch (:mod:`kdrun.teaching`: a live frozen model, cached
+    ``teacher`` gives the teacher's logits for each batch (:mod:`kdrun.teacher.sources`: a live frozen model, cached
     logits, or a snapshot of the student); None: ``loss_fn`` gets no teacher logits. In an epoch where the
     source has no teacher yet, plain CE replaces ``loss_fn``. ``hooks`` see each epoch before it trains and
     its record after (``epoch, train/loss, train/loss_ce, train/loss_kd, val/acc, lr, time_s``, plus
     ``train/loss_<part>`` for the loss's ``extra_parts``).
-    A loss with ``needs_features`` (:mod:`kdrun.feature_losses`) gets the outputs of its layer pairs, hooked on
-    the student and on the teacher source's model (:class:`kdrun.features.FeaturePairs`); its adapters are
+    A loss with ``needs_features`` (:mod:`kdrun.losses.feature`) gets the outputs of its layer pairs, hooked on
+    the student and on the teacher source's model (:class:`kdrun.losses.hooks.FeaturePairs`); its adapters are
     built from one batch before the optimizer, trained with the student, and kept in ``best_loss_state`` /
     ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before.
     ``progress`` is a :class:`kdrun.records.Progress` (or None). With ``checkpoint``, training continues from its
     file when there is one (model, optimizer, schedule, RNG states, best epoch, history, teacher snapshot: the
     weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
-    A stop requested by a signal (:mod:`kdrun.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
+    A stop requested by a signal (:mod:`kdrun.train.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
     current optimizer step; a part-trained epoch is dropped, a finished one is checkpointed first.
     With ``recipe.devices > 1`` (``trainer.devices``) the same loop runs data-parallel, this process being rank 0
-    (:mod:`kdrun.distributed`): each rank trains its slice of every batch; hooks, progress, validation, the best
+    (:mod:`kdrun.train.distributed`): each rank trains its slice of every batch; hooks, progress, validation, the best
     epoch and checkpoints are rank 0's alone.
     """
-    # --- trainer.devices > 1 (kdrun.distributed): this process is rank 0, ranks 1.. are spawned and run this fit
+    # --- trainer.devices > 1 (kdrun.train.distributed): this process is rank 0, ranks 1.. are spawned and run this fit
     dp = distributed.current()
     if recipe.devices > 1 and dp is None:
         with distributed.ranks(model, data, recipe, loss_fn, teacher, desc, checkpoint):
@@ -299,7 +226,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
 
 def _feature_pairs(loss_fn, model: nn.Module, teacher: Optional[TeacherSource], data: Data):
     """The layer pairs of a feature loss, its adapters built from one dry forward on two train images."""
-    from kdrun.features import FeaturePairs
+    from kdrun.losses.hooks import FeaturePairs
 
     teacher_model = teacher.feature_model(model) if teacher is not None else None
     if teacher_model is None:
@@ -351,24 +278,6 @@ def _restore(path: Path, model, opt, sched, scaler, generator, teacher, best: Fi
 
 def _device(model: nn.Module) -> torch.device:
     return next(iter(model.state_dict().values())).device
-
-
-def preferred_format(setting: str, device: torch.device) -> torch.memory_format:
-    """``trainer.channels_last``: NHWC (``torch.channels_last``) for conv nets with ``true``, and with ``auto`` on
-    CPU and CUDA, where oneDNN's and cuDNN's NHWC kernels are the faster ones (on 2 CPU cores 1.2-3x for the
-    registry's conv nets, ``benchmarks/memory_format.py``); contiguous NCHW with ``false`` (and ``auto``
-    elsewhere). Apply it to a model through :func:`model_format`."""
-    setting = str(setting).lower()
-    on = setting == "true" or (setting == "auto" and device.type in ("cpu", "cuda"))
-    return torch.channels_last if on else torch.contiguous_format
-
-
-def model_format(model: nn.Module, preferred: torch.memory_format) -> torch.memory_format:
-    """``preferred`` for a model with 2-d convolutions, contiguous otherwise (NHWC buys an mlp nothing and would
-    cost its input a copy). Speed only: a conv net's outputs differ by float rounding between the two."""
-    if preferred == torch.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _copy_state(model: nn.Module) -> dict:

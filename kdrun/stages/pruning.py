@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from kdrun.results import Result, optional
-from kdrun.teaching import Hook
+from kdrun.train.hooks import Hook
 
 log = logging.getLogger("kdrun")
 STAGE = "student_pruned"
@@ -150,12 +150,12 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
     """The ``student.prune`` stage: a gradually pruned second student, or ``student`` (the distilled one, best
     checkpoint) pruned once and fine-tuned. ``teacher``: the KD student's teacher source (None for loss=ce).
 
-    Consumes ``student.prune.*`` and what :func:`kdrun.stages.distil` consumes. Writes
+    Consumes ``student.prune.*`` and what :func:`kdrun.stages.core.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``
     (stage ``student_pruned``). It keeps no resume checkpoint: a resumed run trains this stage again."""
-    from kdrun.engine import fit
     from kdrun.records import JsonlWriter
-    from kdrun.stages import EpochLogger, TrimMetrics, evaluate, n_params, prepare_student, recipe_student
+    from kdrun.stages.core import EpochLogger, TrimMetrics, evaluate, n_params, prepare_student, recipe_student
+    from kdrun.train.loop import fit
 
     cfg, spec = ctx.cfg, ctx.cfg.student.prune
     recipe = recipe_student(cfg)
@@ -207,8 +207,8 @@ def _save(ctx, data, model: nn.Module, best_state: Optional[dict], last_state: O
     """Save the last and best checkpoints with the pruning made permanent; leave ``model`` at the best one
     (permanent) and return the accuracies of both."""
     from kdrun.records import save_torch
-    from kdrun.stages import evaluate
-    from kdrun.teacher_store import checkpoint_dict
+    from kdrun.stages.core import evaluate
+    from kdrun.store import checkpoint_dict
 
     cfg = ctx.cfg
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,

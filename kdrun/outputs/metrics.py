@@ -3,7 +3,7 @@
 Pure functions on a model's logits and the true labels of one split (no model, no files): per-class
 precision, recall, F1 and support with macro and weighted averages and the confusion matrix (scikit-learn's
 ``classification_report`` and ``confusion_matrix``), the expected calibration error, and the classes where one
-model trails another most. :mod:`kdrun.report` turns them into ``report.json``, figures and ``report.md``.
+model trails another most. :mod:`kdrun.outputs.report` turns them into ``report.json``, figures and ``report.md``.
 
 Expected calibration error (Guo et al. 2017), with ``n_bins`` (default 15) equal-width bins of the top-1
 confidence ``c_i = max_k softmax(z_i)_k``; bin ``b`` holds the samples with ``b/n_bins < c_i <= (b+1)/n_bins``::

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
+from kdrun.data.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger("kdrun")
@@ -133,7 +133,7 @@ def _from_dataset(ds, what: str, key: str, stream: str, workers: int) -> tuple[A
 
 
 class LazyDataset(LazyImages):
-    """A user's map-style Dataset read on demand: the streaming path of :class:`kdrun.sources.LazyImages`
+    """A user's map-style Dataset read on demand: the streaming path of :class:`kdrun.data.sources.LazyImages`
     (same batching and DataLoader workers), with ``paths`` holding item indices instead of file names."""
 
     def __init__(self, dataset, indices: np.ndarray, shape: tuple, workers: int):

@@ -10,7 +10,7 @@ finished run) write, beside the run's checkpoints:
   dynamic batch axis, output ``logits``; re-loaded with onnxruntime. Both come with the ``export`` extra
   (``pip install 'kdrun[export]'``); without onnxruntime the file is still written and the check is skipped
   with one warning.
-* the same for a pruned student (``student_pruned_best.pt``, :mod:`kdrun.pruning`): ``student_pruned.ts``,
+* the same for a pruned student (``student_pruned_best.pt``, :mod:`kdrun.stages.pruning`): ``student_pruned.ts``,
   ``student_pruned.onnx``, its zeros in the weights.
 
 Each re-loaded model is run on the first :data:`CHECK_IMAGES` test images (normalised as in training) and its
@@ -52,7 +52,7 @@ def load_student(path: Path):
     rebuilt on the CPU with its weights, in eval mode; returns ``(model, checkpoint)``."""
     from kdrun.models import build
     from kdrun.schema import StudentConfig, open_node
-    from kdrun.teacher_store import load_weights, read_checkpoint
+    from kdrun.store import load_weights, read_checkpoint
 
     checkpoint = read_checkpoint(path, what="kdrun-export")
     meta, config = checkpoint.get("meta"), checkpoint.get("config")
@@ -166,7 +166,7 @@ def _check_inputs(checkpoint: dict, data=None):
 
     meta = checkpoint["meta"]
     if data is None:
-        from kdrun.data import load_data
+        from kdrun.data.dataset import load_data
         from kdrun.schema import DatasetConfig, open_node
 
         try:

@@ -1,6 +1,6 @@
 """Stop a run at a safe point on SIGINT or SIGTERM (Ctrl-C; a SLURM time limit or preemption).
 
-:func:`stop_on_signals` installs handlers that only set a flag; :func:`kdrun.engine.fit` checks it after every
+:func:`stop_on_signals` installs handlers that only set a flag; :func:`kdrun.train.loop.fit` checks it after every
 optimizer step and raises :class:`kdrun.errors.Interrupted` once the stage's resume checkpoint is current. A
 second signal stops at once (raising ``Interrupted`` wherever the program is). Handlers are installed in the main
 thread only and the previous ones are restored on exit.

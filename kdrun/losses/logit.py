@@ -1,6 +1,6 @@
 """Logit distillation losses beyond Hinton KD: ``mse``, ``soft_ce``, ``hard``, ``dkd`` and ``dist``.
 
-Each follows the contract of :mod:`kdrun.losses` (``forward(s, t, y) -> (loss, {"ce", "kd"})``) and reads only
+Each follows the contract of :mod:`kdrun.losses.base` (``forward(s, t, y) -> (loss, {"ce", "kd"})``) and reads only
 the teacher's logits, so the logit cache serves them all. ``kd``, ``soft_ce`` and ``dkd`` take
 ``standardize=True``: logit standardisation (Sun et al., CVPR 2024), each sample's logits z-scored before the
 temperature softmax. A loss with a ``set_epoch(epoch)`` method is told the epoch by ``engine.fit`` (dkd's warm-up).
@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses import DistillationLoss, _num, kd_term, standardize
+from kdrun.losses.base import DistillationLoss, _num, kd_term, standardize
 from kdrun.registry import register_loss
 
 

@@ -6,9 +6,9 @@ normalisation, random crop and flip are batched tensor ops: no per-sample Python
 Random crop and flip form a finite set of views of each image: a batch's augmentation is drawn as one view
 id per sample (:func:`draw_views`) and applied from those ids (:func:`apply_views`), and the ids of the last
 augmented training batch are kept (``Data.last_views``) for teacher sources that cache per view
-(:mod:`kdrun.view_cache`).
-Image folders too large for memory are streamed (:class:`kdrun.sources.LazyImages`) and then go through
-the same batched normalisation and augmentation. Where images come from is :mod:`kdrun.sources`.
+(:mod:`kdrun.teacher.view_cache`).
+Image folders too large for memory are streamed (:class:`kdrun.data.sources.LazyImages`) and then go through
+the same batched normalisation and augmentation. Where images come from is :mod:`kdrun.data.sources`.
 
 Consumes ``dataset.*`` (see ``conf/dataset/*.yaml``).
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from kdrun.errors import ConfigError, InputError
 from kdrun.schema import AugmentConfig, DatasetConfig
-from kdrun.sources import LazyImages, check_fits, stratified
-from kdrun.splits import call_dataset
+from kdrun.data.sources import LazyImages, check_fits, stratified
+from kdrun.data.splits import call_dataset
 
 
 @dataclass

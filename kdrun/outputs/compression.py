@@ -123,7 +123,7 @@ def report(models: dict, shape: tuple) -> dict:
 def from_run(ctx, data) -> Optional[dict]:
     """The report of a finished run: its teacher (when the mode has one model over all classes as teacher, i.e.
     offline and semi), its best student and pruned student, rebuilt from their checkpoints."""
-    from kdrun.export import load_student
+    from kdrun.outputs.export import load_student
 
     result, models = ctx.result, {}
     first = ctx.memo.get("first_teacher")
