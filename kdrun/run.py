@@ -20,18 +20,10 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.console import Progress, attach_file_log, show
 from kdrun.errors import Interrupted, RunFailed
 from kdrun.outputs.trackers import Trackers
-from kdrun.records import (
-    JsonlWriter,
-    Progress,
-    atomic_write_text,
-    attach_file_log,
-    git_sha,
-    show,
-    versions,
-    write_json,
-)
+from kdrun.records import JsonlWriter, atomic_write_text, git_sha, versions, write_json
 from kdrun.results import RunResult
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
@@ -96,7 +88,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     from kdrun import registry
     from kdrun.data.dataset import load_data
     from kdrun.losses import base as losses
-    from kdrun.stages.core import RunContext, preflight
+    from kdrun.stages import RunContext, preflight
     from kdrun.train.infer import resolve_device
 
     loss = losses.from_config(conf.loss)

@@ -28,9 +28,9 @@ from typing import Callable, Optional
 
 import torch
 from filelock import FileLock, Timeout
-from torch import nn
 
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import KdrunError
+from kdrun.models.checkpoint import state_dict_of
 from kdrun.records import atomic_write_text, save_torch, write_json
 
 log = logging.getLogger("kdrun")
@@ -202,55 +202,6 @@ def _remove_temp(tmp: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning(f"removed {tmp}: the temp dir of a killed kdrun process (pid {tmp.name.rpartition('-')[2]})")
-
-
-def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no code execution); clear error when it is not one."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KdrunError(f"{what}: {path} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise KdrunError(f"{what}: {path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(obj, dict):
-        raise KdrunError(f"{what}: {path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
-    return obj
-
-
-def state_dict_of(checkpoint: dict) -> dict:
-    """The model weights in kdrun's layout (``model``), torchdistill's (``model``), or a plain state_dict."""
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-
-
-def load_weights(model: nn.Module, checkpoint: dict, *, key: str, model_name: str, num_classes: int,
-                 source: str) -> None:
-    """Load ``checkpoint`` into ``model`` strictly; errors name ``key`` and say what does not match."""
-    state = state_dict_of(checkpoint)
-    if not state:
-        raise ConfigError(key, f"{source} holds no weights (no tensors found)")
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            if own[name].shape[0] == num_classes and tensor.shape[:1] != own[name].shape[:1]:
-                raise ConfigError(key, f"{source} has {tensor.shape[0]} classes (layer {name}) but the dataset "
-                                       f"has {num_classes}")
-            raise ConfigError(key, f"{source} is not a checkpoint of {model_name}: {name} has shape "
-                                   f"{tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ConfigError(key, f"{source} is not a checkpoint of {model_name}: {detail}")
-    model.load_state_dict(state)
-
-
-def checkpoint_dict(model_state: dict, meta: dict) -> dict:
-    """kdrun's checkpoint layout: a plain dict, loadable with ``torch.load(..., weights_only=True)``."""
-    return {"model": model_state, "meta": meta}
 
 
 def file_sha256(path: Path, full: bool = False) -> str:

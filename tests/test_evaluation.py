@@ -216,7 +216,7 @@ def test_report_false_writes_no_report(tmp_path):
 def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
     """The jobs of a sweep share one process and one teacher: its logits on val and test are computed by the
     first job only, and every job reports the same teacher figures."""
-    from kdrun.stages import core as stages
+    from kdrun.stages import common as stages
 
     calls = []
     evaluate = stages.evaluate

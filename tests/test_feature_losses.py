@@ -15,9 +15,10 @@ from torch import nn
 from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.losses import base as losses
-from kdrun.losses.feature import ATLoss, FitNetLoss, at_term, attention, default_feature_layers
+from kdrun.losses.feature import ATLoss, FitNetLoss, at_term, attention
 from kdrun.losses.hooks import FeatureHooks, FeaturePairs
 from kdrun.models import build_model
+from kdrun.models.layers import default_feature_layers
 
 torch.set_num_threads(2)
 STUDENT = ("student=cnn", "student.args.channels=8", "trainer.num_threads=1")  # conv maps on 8x8 digits
@@ -317,7 +318,7 @@ def test_self_distillation_with_feature_losses(stores, tmp_path, name, method):
 def test_fitnet_resumes_to_the_same_weights_and_regressors(stores, tmp_path, monkeypatch):
     from kdrun.errors import Interrupted
     from kdrun.run import run as run_cfg
-    from kdrun.stages.core import EpochLogger
+    from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
     overrides = ("loss=fitnet", "loss.hint_epochs=1", "trainer.epochs=3", "baseline=false")

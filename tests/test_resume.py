@@ -154,7 +154,7 @@ def test_resume_argv(tmp_path):
 
 def stop_after(monkeypatch, stage: str, epoch: int) -> None:
     """Request a stop (as SIGTERM would) when ``stage`` has logged ``epoch``."""
-    from kdrun.stages.core import EpochLogger
+    from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
     logged = EpochLogger.after_epoch

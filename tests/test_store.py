@@ -11,15 +11,8 @@ import torch
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
-from kdrun.store import (
-    CHECKPOINT,
-    checkpoint_dict,
-    key_hash,
-    load_weights,
-    read_checkpoint,
-    state_dict_of,
-    train_or_reuse,
-)
+from kdrun.models.checkpoint import checkpoint_dict, load_weights, read_checkpoint, state_dict_of
+from kdrun.store import CHECKPOINT, key_hash, train_or_reuse
 
 torch.set_num_threads(2)
 KEY = {"role": "teacher", "model": {"name": "cnn", "args": {}}, "data": {"name": "digits"}, "recipe": {"epochs": 2}}

@@ -21,7 +21,8 @@ from conftest import PYTHON, cli_env, read_json, read_jsonl, run_inproc, smoke_i
 from test_store import KEY, Trainer, assert_same_state, small_cnn
 
 from kdrun.errors import KdrunError
-from kdrun.store import CHECKPOINT, CHECKSUM, checkpoint_dict, key_hash, train_or_reuse
+from kdrun.models.checkpoint import checkpoint_dict
+from kdrun.store import CHECKPOINT, CHECKSUM, key_hash, train_or_reuse
 from kdrun.teacher.logit_cache import make_check
 
 torch.set_num_threads(2)

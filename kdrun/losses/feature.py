@@ -44,49 +44,10 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, _num, kd_term
+from kdrun.models.layers import default_feature_layers
 from kdrun.registry import register_loss
 
 log = logging.getLogger("kdrun")
-
-# stage outputs, shallow to deep, of each built-in architecture (class -> module names); see default_feature_layers
-_STAGES = {
-    "kdrun.models.nets.SimpleCnn": ["features.3", "features.7"],  # after each conv-BN-ReLU-pool block
-    "kdrun.models.nets.Mlp": [],  # no spatial maps; fitnet's hint: the hidden layer (below)
-    "kdrun.models.nets.CifarResNet": ["layer1", "layer2", "layer3"],
-    "kdrun.models.nets.WideResNet": ["block1", "block2", "block3"],
-    "kdrun.models.cifar.CifarVgg": ["block1", "block2", "block3", "block4"],  # before the ReLU applied in forward
-    "kdrun.models.cifar.ShuffleNetV1": ["layer1", "layer2", "layer3"],
-    "kdrun.models.cifar.ShuffleNetV2": ["layer1", "layer2", "layer3"],
-    "kdrun.models.cifar.CifarMobileNetV2": ["blocks.1", "blocks.2", "blocks.4", "blocks.6"],  # as RepDistiller
-    "torchvision.models.resnet.ResNet": ["layer1", "layer2", "layer3", "layer4"],
-    "torchvision.models.mobilenetv2.MobileNetV2": ["features.3", "features.6", "features.13", "features.17"],
-    "torchvision.models.mobilenetv3.MobileNetV3": ["features.1", "features.3", "features.8", "features.11"],
-}
-_HINTS = {"kdrun.models.nets.Mlp": "net.2"}  # where the middle stage is not the hint
-
-
-def default_feature_layers(model: nn.Module, key: str = "loss.student_layers") -> dict:
-    """``{"hint": name or None, "stages": [names]}`` of ``model``: its stage outputs, shallow to deep, and the
-    hint (fitnet's layer: the middle stage, ``stages[(n - 1) // 2]``).
-
-    Known: every built-in architecture (by class), and any model whose class declares
-    ``kdrun_feature_layers = {"stages": [...], "hint": ...}``. Otherwise a :class:`ConfigError` on ``key``
-    listing the model's module names."""
-    declared = getattr(model, "kdrun_feature_layers", None)
-    cls = f"{type(model).__module__}.{type(model).__qualname__}"
-    if isinstance(declared, dict):
-        stages = list(declared.get("stages", []))
-        hint = declared.get("hint")
-    elif cls in _STAGES:
-        stages, hint = list(_STAGES[cls]), _HINTS.get(cls)
-    else:
-        modules = ", ".join(n for n, _ in model.named_modules() if n)
-        raise ConfigError(key, f"no default feature layers for {type(model).__name__}: set loss.student_layers and "
-                               f"loss.teacher_layers to module names (print(model) shows them); its modules: "
-                               f"{modules}")
-    if hint is None and stages:
-        hint = stages[(len(stages) - 1) // 2]
-    return {"hint": hint, "stages": stages}
 
 
 def _shape(t) -> str:
@@ -284,23 +245,4 @@ class FitNetLoss(FeatureLoss):
         return text
 
 
-def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
-    """Before any training: resolve ``loss``'s layer pairs on freshly built models (the student config and
-    ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
-    batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
-    (random state restored; the loss's adapters are built again when its student trains)."""
-    from kdrun.stages.core import build
-
-    x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
-    with torch.random.fork_rng(devices=[]):
-        student = build(ctx.cfg.student, data, "student", ctx.device, 0)
-        teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
-        from kdrun.losses.hooks import FeaturePairs
-
-        pairs = FeaturePairs(loss, student, teacher, x)
-    log.info(f"loss={loss.name} layer pairs (student <- teacher): " + ", ".join(
-        f"{s} <- {t}" for s, t in zip(pairs.student_names, pairs.teacher_names)))
-
-
-__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "check_layers", "default_feature_layers",
-           "regressor"]
+__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "regressor"]

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError, keyed
-from kdrun.store import file_sha256, read_checkpoint, state_dict_of
+from kdrun.models.checkpoint import read_checkpoint, state_dict_of
+from kdrun.store import file_sha256
 
 log = logging.getLogger("kdrun")
 # registry name -> torchvision weights enum (its DEFAULT entry names the file in the hub cache)
@@ -79,7 +80,7 @@ def check_config(model_cfg, role: str = "student") -> None:
         raise ConfigError(f"{role}.init", f"{spec} is a directory, not a checkpoint file (expected {sources})")
     elif spec not in (None, "teacher") and not Path(spec).is_file():
         raise ConfigError(f"{role}.init", f"{spec} does not exist (expected {sources})")
-    # freeze prefixes need the model: checked by kdrun.stages.core.preflight, before any training (no model is built
+    # freeze prefixes need the model: checked by kdrun.stages.common.preflight, before any training (no model is built
     # while validating the config)
 
 

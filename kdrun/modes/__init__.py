@@ -1,4 +1,4 @@
-"""Distillation modes: each is a function ``(ctx, data, loss) -> None`` built from :mod:`kdrun.stages.core`,
+"""Distillation modes: each is a function ``(ctx, data, loss) -> None`` built from :mod:`kdrun.stages.common`,
 registered with :func:`kdrun.registry.register_mode` and chosen by ``mode=<name>``. A mode puts each
 stage's typed result into ``ctx.result`` (:class:`kdrun.results.RunResult`) as soon as the stage is done.
 

@@ -43,7 +43,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss
 from kdrun.registry import register_mode
 from kdrun.results import MergedTeacherResult, Row, SubsetTeacher
-from kdrun.stages.core import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
+from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
 log = logging.getLogger("kdrun")
 RULES = ("confidence", "maxprob", "mean", "weighted")

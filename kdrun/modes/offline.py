@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from kdrun.data.dataset import Data
 from kdrun.losses.base import DistillationLoss
-from kdrun.losses.feature import check_layers
 from kdrun.registry import register_mode
-from kdrun.stages.core import RunContext, distil, obtain_baseline, obtain_teacher, teacher_targets
+from kdrun.stages import RunContext, check_layers, distil, obtain_baseline, obtain_teacher, teacher_targets
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")

@@ -20,10 +20,9 @@ from torch import nn
 
 from kdrun.data.dataset import Data
 from kdrun.losses.base import DistillationLoss
-from kdrun.losses.feature import check_layers
 from kdrun.registry import register_mode
 from kdrun.results import Row, SnapshotTeacherResult
-from kdrun.stages.core import RunContext, baseline_model, distil, evaluate, obtain_baseline
+from kdrun.stages import RunContext, baseline_model, check_layers, distil, evaluate, obtain_baseline
 from kdrun.teacher.sources import LiveTeacher, SnapshotTeacher
 from kdrun.train.infer import predict, top1
 

@@ -35,7 +35,7 @@ from kdrun.losses.base import DistillationLoss, kd_term
 from kdrun.registry import register_mode
 from kdrun.results import Row
 from kdrun.schema import ModeConfig
-from kdrun.stages.core import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
+from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
 from kdrun.teacher.sources import LiveTeacher
 
 log = logging.getLogger("kdrun")

@@ -52,7 +52,7 @@ def load_student(path: Path):
     rebuilt on the CPU with its weights, in eval mode; returns ``(model, checkpoint)``."""
     from kdrun.models import build
     from kdrun.schema import StudentConfig, open_node
-    from kdrun.store import load_weights, read_checkpoint
+    from kdrun.models.checkpoint import load_weights, read_checkpoint
 
     checkpoint = read_checkpoint(path, what="kdrun-export")
     meta, config = checkpoint.get("meta"), checkpoint.get("config")

@@ -258,7 +258,7 @@ class Trackers:
         return trackers
 
     def writer(self, stage: str) -> Callable[[dict], None]:
-        """A per-epoch writer for :class:`kdrun.stages.core.EpochLogger`: ``stage``'s records to every tracker."""
+        """A per-epoch writer for :class:`kdrun.stages.common.EpochLogger`: ``stage``'s records to every tracker."""
         return lambda record: self.log_epoch(stage, record)
 
     def log_epoch(self, stage: str, record: dict) -> None:

@@ -1,9 +1,34 @@
 """Stages: what modes are built from: obtain the teacher, obtain the CE baseline, distil the student, prune it.
 
-* :mod:`~kdrun.stages.core`: :class:`~kdrun.stages.core.RunContext` and the stages, each returning a typed
-  result (:mod:`kdrun.results`);
+* :mod:`~kdrun.stages.common`: :class:`RunContext` (what every stage is handed), building and evaluating a
+  model, the per-epoch log hooks, store keys of trained models, the checks run before any training;
+* :mod:`~kdrun.stages.teacher`: :func:`obtain_teacher` (from ``teacher.ckpt`` or the store, trained on a miss)
+  and :func:`teacher_targets` (the :mod:`kdrun.teacher` source that serves its logits);
+* :mod:`~kdrun.stages.student`: :func:`prepare_student`, :func:`obtain_baseline` / :func:`baseline_model` (the
+  CE-only student, stored) and :func:`distil`;
 * :mod:`~kdrun.stages.pruning`: the pruned student (``student.prune.*``), a stage driven by a hook.
+
+Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a typed
+result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``. A plugin's mode imports the stages from
+here: ``from kdrun.stages import RunContext, distil, obtain_teacher, teacher_targets``.
 
 May import: :mod:`kdrun.outputs`, :mod:`kdrun.teacher`, :mod:`kdrun.train`, :mod:`kdrun.losses`,
 :mod:`kdrun.data`, :mod:`kdrun.models`, :mod:`kdrun.schema` and the frame modules. Never Hydra.
 """
+from kdrun.stages.common import (
+    EpochLogger,
+    RunContext,
+    build,
+    check_layers,
+    evaluate,
+    evaluate_frozen,
+    n_params,
+    preflight,
+    recipe_student,
+)
+from kdrun.stages.student import baseline_model, distil, obtain_baseline, prepare_student, train_student
+from kdrun.stages.teacher import obtain_teacher, teacher_data, teacher_targets
+
+__all__ = ["EpochLogger", "RunContext", "baseline_model", "build", "check_layers", "distil", "evaluate",
+           "evaluate_frozen", "n_params", "obtain_baseline", "obtain_teacher", "preflight", "prepare_student",
+           "recipe_student", "teacher_data", "teacher_targets", "train_student"]

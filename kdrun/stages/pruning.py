@@ -150,11 +150,12 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
     """The ``student.prune`` stage: a gradually pruned second student, or ``student`` (the distilled one, best
     checkpoint) pruned once and fine-tuned. ``teacher``: the KD student's teacher source (None for loss=ce).
 
-    Consumes ``student.prune.*`` and what :func:`kdrun.stages.core.distil` consumes. Writes
+    Consumes ``student.prune.*`` and what :func:`kdrun.stages.student.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``
     (stage ``student_pruned``). It keeps no resume checkpoint: a resumed run trains this stage again."""
     from kdrun.records import JsonlWriter
-    from kdrun.stages.core import EpochLogger, TrimMetrics, evaluate, n_params, prepare_student, recipe_student
+    from kdrun.stages.common import EpochLogger, TrimMetrics, evaluate, n_params, recipe_student
+    from kdrun.stages.student import prepare_student
     from kdrun.train.loop import fit
 
     cfg, spec = ctx.cfg, ctx.cfg.student.prune
@@ -206,9 +207,9 @@ def _save(ctx, data, model: nn.Module, best_state: Optional[dict], last_state: O
           best_epoch: int) -> dict:
     """Save the last and best checkpoints with the pruning made permanent; leave ``model`` at the best one
     (permanent) and return the accuracies of both."""
+    from kdrun.models.checkpoint import checkpoint_dict
     from kdrun.records import save_torch
-    from kdrun.stages.core import evaluate
-    from kdrun.store import checkpoint_dict
+    from kdrun.stages.common import evaluate
 
     cfg = ctx.cfg
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,

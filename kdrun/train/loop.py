@@ -101,7 +101,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     the student and on the teacher source's model (:class:`kdrun.losses.hooks.FeaturePairs`); its adapters are
     built from one batch before the optimizer, trained with the student, and kept in ``best_loss_state`` /
     ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before.
-    ``progress`` is a :class:`kdrun.records.Progress` (or None). With ``checkpoint``, training continues from its
+    ``progress`` is a :class:`kdrun.console.Progress` (or None). With ``checkpoint``, training continues from its
     file when there is one (model, optimizer, schedule, RNG states, best epoch, history, teacher snapshot: the
     weights come out bit-identical to an uninterrupted run on CPU) and the file is kept current.
     A stop requested by a signal (:mod:`kdrun.train.interrupt`) raises :class:`kdrun.errors.Interrupted` after the

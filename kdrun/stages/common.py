@@ -1,0 +1,213 @@
+"""The stages a mode is built from: get the teacher, get the CE baseline, distil the student.
+
+Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a
+typed result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to
+``summary.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdrun.console import Progress
+from kdrun.data.dataset import Data
+from kdrun.losses.base import cross_entropy
+from kdrun.models import build as build_model
+from kdrun.models import check_logits, identity
+from kdrun.models.checkpoint import checkpoint_dict
+from kdrun.models.transfer import store_key_part
+from kdrun.outputs.metrics import Prediction
+from kdrun.outputs.trackers import Trackers
+from kdrun.records import JsonlWriter, atomic_write_text
+from kdrun.results import RunResult
+from kdrun.schema import Config, ModelConfig
+from kdrun.store import key_hash
+from kdrun.train.hooks import Hook
+from kdrun.train.infer import predict, top1
+from kdrun.train.loop import Recipe, fit
+
+log = logging.getLogger("kdrun")
+STORE_FORMAT = 1  # bump when a change makes stored models incomparable
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the validated config, its resolved dict, where to write, the device."""
+
+    cfg: Config
+    cfg_dict: dict
+    out_dir: Path
+    device: torch.device
+    progress: Progress
+    metrics: JsonlWriter
+    result: RunResult  # filled in by the mode as each stage finishes (a later failure keeps them)
+    memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
+    trackers: Optional[Trackers] = None  # logger=[...] (kdrun.outputs.trackers): every stage's epochs go to them too
+
+    def writers(self, stage: str) -> list:
+        """The per-epoch writers besides ``metrics.jsonl``: the trackers', for ``stage``."""
+        return [self.trackers.writer(stage)] if self.trackers is not None else []
+
+
+def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, seed: int) -> nn.Module:
+    """Build ``model_cfg`` for ``data``'s shape, initialised from ``seed``, on ``device``."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, num_classes=data.num_classes, in_channels=data.channels,
+                        image_size=data.image_size, key=key).to(device)
+    if model_cfg.target:  # a user's model: its output is checked on one batch before any training
+        check_logits(model, data.inputs("train", torch.arange(min(2, len(data.train)), device=device)),
+                     data.num_classes, f"{key}._target_", model_cfg.target)
+    return model
+
+
+def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
+    """Build the student (and the ``teacher`` when the mode uses ``teacher.*`` on all classes) once for ``data``
+    before any training: a user model's logits are checked on one batch (:func:`build`) and ``*.freeze``
+    prefixes are resolved, so such mistakes cost no training time. The random state is restored, so nothing
+    that follows changes."""
+    from kdrun.models.transfer import frozen_names
+
+    roles = [("teacher", ctx.cfg.teacher)] if teacher else []
+    checked = [(key, c) for key, c in [*roles, ("student", ctx.cfg.student)] if c.target or c.freeze]
+    with torch.random.fork_rng(devices=[]):
+        for key, model_cfg in checked:  # built-ins without freeze have nothing to check: not built here
+            model = build(model_cfg, data, key, ctx.device, 0)
+            if model_cfg.freeze:
+                frozen_names(model, model_cfg.freeze, key)
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] = None) -> dict:
+    """Val and test accuracy (percent) of ``model``. With ``role``, its logits on test (on val when test is empty)
+    are kept as ``ctx.result.predictions[role]`` for the run's report (:mod:`kdrun.outputs.report`)."""
+    bs, precision, channels_last = (ctx.cfg.trainer.eval_batch_size, ctx.cfg.trainer.precision,
+                                    ctx.cfg.trainer.channels_last)
+    scores = {}
+    for split in ("val", "test"):
+        part = data.split(split)
+        logits = predict(model, data, split, bs, precision, channels_last) if len(part) else None
+        scores[f"{split}_acc"] = None if logits is None else top1(logits, part.y)
+        if role and logits is not None:  # test overwrites val
+            ctx.result.predictions[role] = Prediction(split, logits.cpu(), part.y.cpu())
+    return scores
+
+
+_FROZEN_SCORES: dict = {}  # the last frozen model evaluated in this process: the jobs of a sweep share a teacher
+
+
+def evaluate_frozen(model: nn.Module, data: Data, ctx: RunContext, role: str) -> dict:
+    """:func:`evaluate` for a frozen model, remembered for the next job of a sweep in this process: the same
+    weights on the same data with the same precision give the same logits, so they are computed once."""
+    from kdrun.teacher.logit_cache import weights_hash
+
+    key = key_hash({"weights": weights_hash(model), "data": data.identity, "device": str(data.train.y.device),
+                    "precision": ctx.cfg.trainer.precision, "sizes": [len(data.val), len(data.test)]})
+    if key not in _FROZEN_SCORES:
+        _FROZEN_SCORES.clear()
+        scores = evaluate(model, data, ctx, role)
+        _FROZEN_SCORES[key] = (scores, ctx.result.predictions.get(role))
+    scores, prediction = _FROZEN_SCORES[key]
+    if prediction is not None:
+        ctx.result.predictions[role] = prediction
+    return dict(scores)
+
+
+class EpochLogger(Hook):
+    """Logs one line per epoch and forwards the record to ``writers`` (e.g. a ``metrics.jsonl`` writer)."""
+
+    def __init__(self, desc: str, epochs: int, *writers):
+        self.desc, self.epochs, self.writers = desc, epochs, writers
+
+    def after_epoch(self, record: dict) -> None:
+        val = "-" if record["val/acc"] is None else f"{record['val/acc']:.2f}%"
+        log.info(f"{self.desc} epoch {record['epoch']:>3}/{self.epochs}  loss {record['train/loss']:.4f}  "
+                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {val}  "
+                 f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
+        for write in self.writers:
+            write(record)
+
+
+class TrimMetrics(Hook):
+    """On resume: drop ``stage``'s lines of ``metrics.jsonl`` after the checkpointed epoch (a killed run may have
+    logged an epoch it did not checkpoint), so each epoch is listed once."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage = path, stage
+
+    def after_resume(self, epoch: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines(keepends=True)
+                if not _later(line, self.stage, epoch)]
+        atomic_write_text(self.path, "".join(keep))
+
+
+def _later(line: str, stage: str, epoch: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short by a kill
+        return True
+    return record.get("stage") == stage and record.get("epoch", 0) > epoch
+
+
+def store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, init: Optional[dict] = None) -> dict:
+    recipe_dict = dataclasses.asdict(recipe)
+    for speed_only in ("eval_batch_size", "compile", "channels_last", "devices"):
+        recipe_dict.pop(speed_only)
+    if recipe_dict["sched"]["milestones"] is None:  # keys written before milestones existed stay valid
+        del recipe_dict["sched"]["milestones"]
+    return {"format": STORE_FORMAT, "role": role, "model": identity(model_cfg),
+            "data": data.identity, "recipe": recipe_dict, **store_key_part(init or {})}
+
+
+def train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ctx: RunContext, key: str,
+                    model: Optional[nn.Module] = None):
+    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training of ``model`` (default: a fresh one)."""
+    def train(tmp_dir: Path) -> dict:
+        net = model if model is not None else build(model_cfg, data, key, ctx.device, recipe.seed)
+        log.info(f"training {role} {model_cfg.name} ({n_params(net):,} params) for {recipe.epochs} epochs")
+        writer = JsonlWriter(tmp_dir / "metrics.jsonl", stage=role)
+        result = fit(net, data, recipe, cross_entropy(), progress=ctx.progress, desc=role,
+                     hooks=[EpochLogger(role, recipe.epochs, writer, *ctx.writers(role))])
+        meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
+                "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
+                "best_val_acc": result.best_val_acc}
+        return checkpoint_dict(result.best_state, meta)
+    return train
+
+
+def recipe_student(cfg: Config) -> Recipe:
+    tr = cfg.trainer
+    return Recipe(epochs=tr.epochs, batch_size=tr.batch_size, optim=cfg.optim, sched=cfg.sched, seed=cfg.seed,
+                  precision=tr.precision, eval_batch_size=tr.eval_batch_size, compile=tr.compile,
+                  channels_last=tr.channels_last, devices=tr.devices)
+
+
+def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
+    """Before any training: resolve ``loss``'s layer pairs on freshly built models (the student config and
+    ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
+    batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
+    (random state restored; the loss's adapters are built again when its student trains)."""
+    x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
+    with torch.random.fork_rng(devices=[]):
+        student = build(ctx.cfg.student, data, "student", ctx.device, 0)
+        teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
+        from kdrun.losses.hooks import FeaturePairs
+
+        pairs = FeaturePairs(loss, student, teacher, x)
+    log.info(f"loss={loss.name} layer pairs (student <- teacher): " + ", ".join(
+        f"{s} <- {t}" for s, t in zip(pairs.student_names, pairs.teacher_names)))

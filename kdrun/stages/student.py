@@ -1,0 +1,125 @@
+"""kdrun.stages.student"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from kdrun.data.dataset import Data
+from kdrun.models.checkpoint import checkpoint_dict, load_weights
+from kdrun.models.transfer import initialise
+from kdrun.records import JsonlWriter, save_torch
+from kdrun.results import BaselineResult, StudentResult, TeacherResult
+from kdrun.stages.common import (
+    EpochLogger,
+    RunContext,
+    TrimMetrics,
+    build,
+    evaluate,
+    n_params,
+    pct,
+    recipe_student,
+    store_key,
+    train_ce_entry,
+)
+from kdrun.stages.teacher import obtain_teacher
+from kdrun.store import train_or_reuse
+from kdrun.train.hooks import TeacherSource
+from kdrun.train.loop import Checkpoint, FitResult, fit
+
+log = logging.getLogger("kdrun")
+
+
+def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
+                    teacher: Optional[tuple[nn.Module, TeacherResult]] = None) -> tuple[nn.Module, dict]:
+    """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and
+    ``student.freeze`` applied (:mod:`kdrun.models.transfer`). Returns it and its ``init`` record for the summary.
+
+    ``init=teacher`` copies from ``teacher`` (a ``(model, result)`` pair), by default from the first teacher this
+    run obtained with the configured ``teacher.*`` on all of ``data``'s classes (in mode=semi: the one trained on
+    the labelled part), else from :func:`obtain_teacher` on ``data``.
+    """
+    cfg = ctx.cfg
+    seed = cfg.seed if seed is None else seed
+    first = ctx.memo.get("first_teacher")
+    if teacher is None and first is not None and first[:2] == (cfg.teacher, data.num_classes):
+        teacher = first[2:]
+
+    def provider() -> tuple[nn.Module, dict]:
+        model, info = teacher if teacher is not None else obtain_teacher(ctx, data)
+        return model, info.to_json()
+    if cfg.student.init == "teacher":
+        provider()  # before the student is built: obtaining it may train it, which draws random numbers
+    model = build(cfg.student, data, "student", ctx.device, seed)
+    return model, initialise(model, cfg.student, data.num_classes, provider)
+
+
+def obtain_baseline(ctx: RunContext, data: Data) -> BaselineResult:
+    """The no-KD baseline: the student's model and recipe trained with CE only, cached in ``store.baselines``."""
+    return baseline_model(ctx, data)[1]
+
+
+def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResult]:
+    """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode).
+
+    It starts from the same weights as the student (``student.init``, ``student.freeze``; part of its store key).
+    """
+    cfg = ctx.cfg
+    recipe = recipe_student(cfg)
+    model, init = prepare_student(ctx, data)
+    key = store_key("baseline", cfg.student, data, recipe, init)
+    checkpoint, entry, reused = train_or_reuse(Path(cfg.store.baselines), cfg.student.name, key,
+                                               train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student",
+                                                               model))
+    load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
+                 source=f"store entry {entry}")
+    info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,
+                          **evaluate(model, data, ctx, role="baseline"))
+    log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
+             f"val {pct(info.val_acc)}  test {pct(info.test_acc)}")
+    return model.eval(), info
+
+
+def train_student(ctx: RunContext, data: Data, loss, teacher: Optional[TeacherSource] = None) -> StudentResult:
+    """Distil the student with ``loss`` from ``teacher`` (:func:`teacher_targets`'s; None for CE)."""
+    return distil(ctx, data, loss, teacher=teacher)[1]
+
+
+def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: Optional[int] = None,
+           teacher: Optional[TeacherSource] = None) -> tuple[nn.Module, StudentResult]:
+    """Train a fresh student as stage ``stage``; return it (best-on-val weights) and its result.
+
+    Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
+    (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
+    given). Test accuracy of both checkpoints is measured once, at the end.
+    """
+    cfg = ctx.cfg
+    recipe = recipe_student(cfg)
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, seed=seed)
+    model, init = prepare_student(ctx, data, seed=recipe.seed)
+    log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
+    writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
+    every = cfg.trainer.checkpoint_every
+    checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{stage}_resume.pt", every) if every else None
+    result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=stage,
+                            hooks=[EpochLogger(stage, recipe.epochs, writer, *ctx.writers(stage)),
+                                   TrimMetrics(writer.path, stage)],
+                            checkpoint=checkpoint)
+    meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
+            "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}
+    scores = {}
+    for which, state in (("last", result.last_state), ("best", result.best_state)):
+        loss_state = result.last_loss_state if which == "last" else result.best_loss_state  # a feature loss's adapters
+        save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
+                   {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict,
+                    **({"loss_state": loss_state} if loss_state else {})})
+        model.load_state_dict(state)
+        role = stage if which == "best" else None  # the best checkpoint is the one reported
+        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
+    info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
+                         epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
+    return model.eval(), info
