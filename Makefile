@@ -30,8 +30,10 @@ install-plugin: install
 	@$(PY) -c "import kdrun_example_plugin, pathlib, sys; sys.exit(not pathlib.Path(kdrun_example_plugin.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()))" 2>/dev/null \
 	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e examples/kdrun-example-plugin
 
+# ruff, and the layering declared in pyproject.toml ([tool.importlinter]): no import cycles, no layer importing one above it.
 lint: install
 	$(VENV)/bin/ruff check kdrun tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 # The default suite: lint, unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
 test: install-plugin lint

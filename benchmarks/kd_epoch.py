@@ -25,7 +25,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from kdrun.run import run
-from kdrun.schema import register_configs
+from kdrun.schema.configstore import register_configs
 
 WORKLOAD = [
     "dataset=fashion_mnist", "dataset.val_fraction=0", "teacher=cnn", "student=mlp",

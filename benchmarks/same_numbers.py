@@ -30,7 +30,7 @@ CONFIGS = {
     "loss_dist": ["loss=dist"],
     "loss_fitnet": ["loss=fitnet", "student=cnn"],
     "loss_at": ["loss=at", "student=cnn"],
-    "logit_cache_off": ["teacher.cache=false"],
+    "logit_cache_off": ["teacher.cache=off"],
     "view_cache": ["student=cnn", "dataset.augment.crop_padding=1", "dataset.augment.hflip=true"],
     "semi": ["mode=semi", "mode.labeled_fraction=0.2"],
     "semi_rounds": ["mode=semi", "mode.labeled_fraction=0.2", "mode.iterations=2"],
@@ -66,7 +66,10 @@ def compose(*overrides: str):
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdrun.schema import register_configs
+    try:
+        from kdrun.schema.configstore import register_configs
+    except ImportError:  # versions before the schema's Hydra part was a module of its own
+        from kdrun.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

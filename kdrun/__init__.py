@@ -5,6 +5,6 @@ Extension API (see README, "Extending kdrun"): ``register_model``, ``register_da
 ``kdrun.plugins`` entry-point group.
 """
 from kdrun.registry import register, register_dataset, register_loss, register_mode, register_model
+from kdrun.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["register", "register_dataset", "register_loss", "register_mode", "register_model", "__version__"]

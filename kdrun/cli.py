@@ -19,7 +19,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
-from kdrun.schema import keys_at, register_configs
+from kdrun.schema import keys_at
+from kdrun.schema.configstore import register_configs
 
 _FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
 _SWEEP_DIRS: list[Path] = []  # sweep dirs started by this process, summarised by main()
@@ -230,7 +231,7 @@ HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own groups and kdrun's per-option
 
 def config_groups() -> dict[str, list[str]]:
     """Every user-facing config group and its options: the YAMLs under ``conf/`` and the options generated
-    from the registries (models, plugins). Call after :func:`kdrun.schema.register_configs`."""
+    from the registries (models, plugins). Call after :func:`kdrun.schema.configstore.register_configs`."""
     from importlib.resources import files
 
     from hydra.core.config_store import ConfigStore

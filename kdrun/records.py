@@ -4,6 +4,7 @@ Every file is written atomically (temp file + rename), so a crash never leaves a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ def versions(device: str) -> dict:
 
     import torch
 
-    from kdrun import __version__
+    from kdrun.version import __version__
 
     try:  # its metadata, not an import: importing torchvision costs a run that never uses it 1.5 s
         tv = version("torchvision")
@@ -130,3 +131,10 @@ def git_sha() -> Optional[str]:
     return sha + ("-dirty" if dirty else "") if sha else None
 
 
+def file_sha256(path: Path, full: bool = False) -> str:
+    """sha256 of a file's bytes: its first 16 hex digits (provenance records), or all 64 with ``full``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() if full else digest.hexdigest()[:16]

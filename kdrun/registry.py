@@ -23,7 +23,6 @@ This module imports no torch (``kdrun --help`` stays fast).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import logging
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from kdrun.errors import ConfigError, unknown_choice
+from kdrun.records import file_sha256
 
 log = logging.getLogger("kdrun")
 KINDS = ("model", "dataset", "loss", "mode")
@@ -183,7 +183,7 @@ def source_hash(obj: Callable) -> Optional[str]:
         return None
     if not path or not Path(path).is_file():
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)
 
 
 def accepts(obj: Callable, name: str) -> bool:

@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from kdrun.errors import KdrunError
 from kdrun.models.checkpoint import state_dict_of
-from kdrun.records import atomic_write_text, save_torch, write_json
+from kdrun.records import atomic_write_text, file_sha256, save_torch, write_json
 
 log = logging.getLogger("kdrun")
 CHECKPOINT = "model.pt"
@@ -204,10 +204,3 @@ def _remove_temp(tmp: Path) -> None:
         log.warning(f"removed {tmp}: the temp dir of a killed kdrun process (pid {tmp.name.rpartition('-')[2]})")
 
 
-def file_sha256(path: Path, full: bool = False) -> str:
-    """sha256 of a file's bytes: its first 16 hex digits (provenance records), or all 64 with ``full``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() if full else digest.hexdigest()[:16]

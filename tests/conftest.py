@@ -66,7 +66,7 @@ def kdrun_config_module():
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdrun.schema import register_configs
+    from kdrun.schema.configstore import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -157,7 +157,7 @@ def _groups() -> dict[str, list[str]]:
     """Every user-facing config group with its options: YAMLs under conf/ and the options kdrun generates from
     its registries, as `kdrun --help` lists them (:func:`kdrun.cli.config_groups`)."""
     from kdrun.cli import config_groups as cli_groups
-    from kdrun.schema import register_configs
+    from kdrun.schema.configstore import register_configs
 
     register_configs()
     return cli_groups()

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
 from kdrun.models import list_models, model_args
-from kdrun.schema import Config, keys_at, register_configs, to_object
+from kdrun.schema import Config, keys_at, to_object
+from kdrun.schema.configstore import register_configs
 
 MODEL_NAMES = [name for name, _ in list_models()]
 GROUP_OPTIONS = [(group, option) for group in config_groups() for option in group_options(group)]

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.run import run
-from kdrun.schema import register_configs
+from kdrun.schema.configstore import register_configs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["teacher.epochs=1", "trainer.epochs=1", "trainer.device=cpu", "baseline=false"]

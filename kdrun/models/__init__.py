@@ -3,7 +3,7 @@
 Every built-in is a factory registered with :func:`kdrun.registry.register_model` and the signature
 ``factory(num_classes, in_channels, image_size, **args)``: its keyword ``args`` and their defaults are the
 one place a model's defaults live (``teacher=NAME`` / ``student=NAME`` config options are generated from
-them, see :func:`kdrun.schema.register_configs`). The factories import their architectures lazily, so this
+them, see :func:`kdrun.schema.configstore.register_configs`). The factories import their architectures lazily, so this
 module imports no torch and listing the catalog stays fast.
 
 A config may instead name any callable with ``_target_: package.module.Callable``; it gets
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdrun.errors import ConfigError
+from kdrun.records import file_sha256
 from kdrun.registry import accepts, entries, get, import_target, register_model, source_hash
 
 if TYPE_CHECKING:
@@ -255,12 +256,6 @@ def build(model_cfg, *, num_classes: int, in_channels: int, image_size: int, key
     return _checked_module(model, f"{key}._target_", model_cfg.target)
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def _checked_module(model: Any, key: str, what: str) -> nn.Module:
     from torch import nn
 
@@ -298,7 +293,7 @@ def identity(model_cfg) -> dict:
     if model_cfg.target:
         fn = import_target(model_cfg.target, "model._target_")
         out = {"target": model_cfg.target, "kwargs": dict(model_cfg.kwargs), "source_sha256": source_hash(fn)}
-        files = {k: _file_sha256(v) for k, v in model_cfg.kwargs.items() if isinstance(v, str) and Path(v).is_file()}
+        files = {k: file_sha256(v) for k, v in model_cfg.kwargs.items() if isinstance(v, str) and Path(v).is_file()}
         if files:  # arguments naming files (e.g. timm's weights=PATH): their content, not only their path
             out["files_sha256"] = files
         return out

@@ -30,7 +30,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError, keyed
 from kdrun.models.checkpoint import read_checkpoint, state_dict_of
-from kdrun.store import file_sha256
+from kdrun.records import file_sha256
 
 log = logging.getLogger("kdrun")
 # registry name -> torchvision weights enum (its DEFAULT entry names the file in the hub cache)

@@ -30,21 +30,11 @@ from pathlib import Path
 from typing import Optional
 
 from kdrun.errors import ConfigError, InputError, KdrunError, unknown_choice
+from kdrun.schema.export import EXPORT_FORMATS, EXTRA, check_formats
 
 log = logging.getLogger("kdrun")
-EXPORT_FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}  # format -> file suffix
 CHECK_IMAGES = 64  # test images the re-loaded exports are compared on
 MODELS = (("student", "student_best.pt"), ("student_pruned", "student_pruned_best.pt"))  # exported when present
-EXTRA = "pip install 'kdrun[export]'"
-
-
-def check_formats(key: str, formats) -> None:
-    """``export`` (or ``--formats``): known formats only; onnx needs the ``onnx`` package to write at all."""
-    for fmt in formats:
-        if fmt not in EXPORT_FORMATS:
-            raise unknown_choice(key, fmt, EXPORT_FORMATS)
-    if "onnx" in formats and importlib.util.find_spec("onnx") is None:
-        raise ConfigError(key, f"onnx export needs the onnx package, which is not installed: {EXTRA}")
 
 
 def load_student(path: Path):

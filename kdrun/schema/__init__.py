@@ -32,7 +32,7 @@ from kdrun.schema.training import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimConfig
 __all__ = ["AugmentConfig", "CELossConfig", "Config", "DatasetConfig", "KDLossConfig", "LOSS_SCHEMAS", "LossBase",
            "LossConfig", "MODE_SCHEMAS", "MergeMode", "ModeConfig", "ModelConfig", "OPTIMIZERS", "OfflineMode",
            "OptimConfig", "PRECISIONS", "SCHEDULES", "SchedConfig", "SelfMode", "SemiMode", "StoreConfig",
-           "StudentConfig", "TeacherConfig", "TrainerConfig", "keys_at", "open_node", "register_configs",
+           "StudentConfig", "TeacherConfig", "TrainerConfig", "keys_at", "open_node",
            "to_object"]
 
 
@@ -73,7 +73,7 @@ class Config:
         self.optim.check("optim")
         self.sched.check("sched")
         self.student.prune.check(self.trainer.epochs, self.mode.name)
-        from kdrun.outputs.export import check_formats  # no torch at import
+        from kdrun.schema.export import check_formats
 
         check_formats("export", self.export)
         if self.mode.name != "offline" and self.loss.name == "ce":
@@ -135,35 +135,6 @@ def _config_error_in(exc: BaseException) -> Optional[ConfigError]:
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
-
-
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*``, ``schema/mode/*``, and
-    the generated options: ``teacher/NAME`` and ``student/NAME`` for every registered model, and an option for
-    every plugin's dataset, loss and mode that has no YAML of its own."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="kdrun_schema", node=Config)
-    for name, schema in LOSS_SCHEMAS.items():
-        cs.store(group="schema/loss", name=name, node=schema)
-    for name, schema in MODE_SCHEMAS.items():
-        cs.store(group="schema/mode", name=name, node=schema)
-    for name, entry in registry.entries("model").items():
-        node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
-        for role in ("teacher", "student"):
-            cs.store(group=role, name=name, node=node)
-    for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
-        cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
-                                                 "pretrained": False, "weights": None})
-    plugins = lambda kind: {n: e for n, e in registry.entries(kind, builtins=False).items() if e.source != "kdrun"}
-    for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
-        cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
-    for name, entry in plugins("loss").items():
-        cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
-                                                 **entry.params(skip=("args", "kwargs"))})
-    for name in plugins("mode"):
-        cs.store(group="mode", name=name, node={"name": name})
 
 
 def to_object(cfg) -> Config:

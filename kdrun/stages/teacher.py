@@ -11,10 +11,11 @@ from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError, keyed
 from kdrun.models.checkpoint import load_weights, read_checkpoint
 from kdrun.models.transfer import initialise
+from kdrun.records import file_sha256
 from kdrun.results import MergedTeacherResult, TeacherResult
 from kdrun.schema import Config
 from kdrun.stages.common import RunContext, build, evaluate_frozen, n_params, pct, store_key, train_ce_entry
-from kdrun.store import file_sha256, key_hash, train_or_reuse
+from kdrun.store import key_hash, train_or_reuse
 from kdrun.teacher.sources import CachedLogits, LiveTeacher
 from kdrun.train.hooks import TeacherSource
 from kdrun.train.loop import Recipe

@@ -1,0 +1,38 @@
+"""The schema's face to Hydra: :func:`register_configs` puts the dataclass schemas and the generated group options
+in Hydra's ConfigStore. Only the command line (:mod:`kdrun.cli`) and tests that compose configs import this
+module; nothing below :mod:`kdrun.run` knows Hydra."""
+from __future__ import annotations
+
+from kdrun import registry
+from kdrun.schema import Config
+from kdrun.schema.losses import LOSS_SCHEMAS
+from kdrun.schema.modes import MODE_SCHEMAS
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*``, ``schema/mode/*``, and
+    the generated options: ``teacher/NAME`` and ``student/NAME`` for every registered model, and an option for
+    every plugin's dataset, loss and mode that has no YAML of its own."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="kdrun_schema", node=Config)
+    for name, schema in LOSS_SCHEMAS.items():
+        cs.store(group="schema/loss", name=name, node=schema)
+    for name, schema in MODE_SCHEMAS.items():
+        cs.store(group="schema/mode", name=name, node=schema)
+    for name, entry in registry.entries("model").items():
+        node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
+        for role in ("teacher", "student"):
+            cs.store(group=role, name=name, node=node)
+    for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
+        cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
+                                                 "pretrained": False, "weights": None})
+    plugins = lambda kind: {n: e for n, e in registry.entries(kind, builtins=False).items() if e.source != "kdrun"}
+    for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
+        cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
+    for name, entry in plugins("loss").items():
+        cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
+                                                 **entry.params(skip=("args", "kwargs"))})
+    for name in plugins("mode"):
+        cs.store(group="mode", name=name, node={"name": name})
