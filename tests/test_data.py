@@ -92,7 +92,7 @@ def test_normalisation_computed_on_train(digits):
     x = digits.train.x.float()
     torch.testing.assert_close(digits.mean.flatten(), x.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(digits.std.flatten(), x.std(dim=(0, 2, 3)))
-    batch = torch.cat([xb for xb, _, _ in digits.batches("train", 4096)])
+    batch = torch.cat([xb for xb, *_ in digits.batches("train", 4096)])
     assert abs(batch.mean().item()) < 1e-4 and abs(batch.std().item() - 1) < 1e-3
 
 
@@ -139,14 +139,14 @@ def test_batches_cover_every_index_once_per_epoch(digits):
 
 
 def test_batches_without_shuffle_are_in_order(digits):
-    flat = torch.cat([idx for _, _, idx in digits.batches("test", 64)])
+    flat = torch.cat([idx for _, _, idx, _ in digits.batches("test", 64)])
     assert torch.equal(flat, torch.arange(len(digits.test)))
 
 
 def test_batches_are_reproducible_with_a_seeded_generator(digits):
     def epoch(seed):
         g = torch.Generator().manual_seed(seed)
-        return [(x, y, i) for x, y, i in digits.batches("train", 128, shuffle=True, generator=g)]
+        return [(x, y, i) for x, y, i, _ in digits.batches("train", 128, shuffle=True, generator=g)]
     a, b, c = epoch(3), epoch(3), epoch(4)
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) and torch.equal(p[2], q[2]) for p, q in zip(a, b))
     assert not torch.equal(torch.cat([p[2] for p in a]), torch.cat([p[2] for p in c]))
@@ -154,7 +154,7 @@ def test_batches_are_reproducible_with_a_seeded_generator(digits):
 
 def test_batches_return_the_indexed_samples_normalised(digits):
     g = torch.Generator().manual_seed(1)
-    x, y, idx = next(digits.batches("train", 50, shuffle=True, generator=g))
+    x, y, idx, _ = next(digits.batches("train", 50, shuffle=True, generator=g))
     assert torch.equal(y, digits.train.y[idx])
     expected = (digits.train.x[idx].float() - digits.mean) / digits.std
     torch.testing.assert_close(x, expected)
@@ -211,9 +211,9 @@ def test_hflip_flips_about_half():
 
 def test_augment_only_on_request():
     data = load_data(dataset_cfg("fake", **{"augment.hflip": True, "augment.crop_padding": 2}), CPU)
-    plain = torch.cat([x for x, _, _ in data.batches("train", 64)])
-    again = torch.cat([x for x, _, _ in data.batches("train", 64, generator=torch.Generator().manual_seed(0))])
-    augmented = torch.cat([x for x, _, _ in data.batches("train", 64, augment=True,
+    plain = torch.cat([x for x, *_ in data.batches("train", 64)])
+    again = torch.cat([x for x, *_ in data.batches("train", 64, generator=torch.Generator().manual_seed(0))])
+    augmented = torch.cat([x for x, *_ in data.batches("train", 64, augment=True,
                                                           generator=torch.Generator().manual_seed(0))])
     assert torch.equal(plain, again)
     assert not torch.equal(plain, augmented)
@@ -277,7 +277,7 @@ def test_uint8_conversion_matches_torchvision_bit_for_bit(tmp_path, fake_fmnist_
     assert torch.equal(data.train.y, torch.as_tensor(train_y, dtype=torch.int64))
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     for split, raw in (("train", train_x), ("test", test_x)):
-        ours = torch.cat([x for x, _, _ in data.batches(split, 16)])
+        ours = torch.cat([x for x, *_ in data.batches(split, 16)])
         theirs = torch.stack([reference(Image.fromarray(img)) for img in raw])
         assert ours.dtype == theirs.dtype == torch.float32
         assert torch.equal(ours, theirs), f"{split}: max diff {(ours - theirs).abs().max()}"
@@ -341,7 +341,7 @@ def test_imagefolder_streaming_matches_in_memory(tmp_path):
         a = list(memory.batches(split, 5))
         b = list(streamed.batches(split, 5))
         assert len(a) == len(b) > 0
-        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        for (xa, ya, ia, _), (xb, yb, ib, _) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     idx = torch.tensor([3, 0, 5])
     assert torch.equal(memory.inputs("train", idx), streamed.inputs("train", idx))

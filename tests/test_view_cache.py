@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import read_json, run_inproc, store_overrides
 
-from kdrun.data.dataset import apply_views, augment_batch, decode_views, draw_views, finite_views, load_data, num_views
+from kdrun.data.dataset import (
+    Batch,
+    apply_views,
+    augment_batch,
+    decode_views,
+    draw_views,
+    finite_views,
+    load_data,
+    num_views,
+)
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.losses.base import build
 from kdrun.models import build_model
@@ -104,12 +113,13 @@ def test_an_augmentation_beyond_crop_and_flip_has_no_finite_views():
     assert finite_views(Wider(crop_padding=1, hflip=True, cutout=4)) is None
 
 
-def test_batches_record_the_view_ids_of_the_batch_they_yield(data):
+def test_batches_carry_the_view_ids_they_show(data):
     g = torch.Generator().manual_seed(0)
-    for x, _, idx in data.batches("train", 32, shuffle=True, generator=g, augment=True):
-        recorded_idx, views = data.last_views
-        assert recorded_idx is idx
+    for x, _, idx, views in data.batches("train", 32, shuffle=True, generator=g, augment=True):
+        assert views is not None and len(views) == len(idx)
         assert torch.equal(x, data.inputs("train", idx, views=views))
+    assert all(batch.views is None for batch in data.batches("train", 32))  # not augmented: no views
+    assert not hasattr(data, "last_views")  # nothing per batch lives on the (shared, memoised) data
 
 
 def test_size_estimate():
@@ -137,8 +147,9 @@ def test_fp16_view_cache_serves_the_live_logits_rounded(teacher, data, tmp_path)
     cache, info = source(teacher, data, tmp_path, dtype="fp16")
     cache.prepare(True, torch.contiguous_format, False)
     g = torch.Generator().manual_seed(0)
-    for x, _, idx in data.batches("train", 20, shuffle=True, generator=g, augment=True):
-        served = cache.logits(x, idx)
+    for batch in data.batches("train", 20, shuffle=True, generator=g, augment=True):
+        x = batch.x
+        served = cache.logits(batch)
         assert served.dtype == torch.float16
         assert torch.equal(served, teacher(x).to(torch.float16))
     cache.save()
@@ -163,7 +174,7 @@ def test_a_batch_without_view_ids_runs_the_teacher_live(teacher, data, tmp_path,
     idx = torch.arange(5)
     x = data.inputs("train", idx)
     with caplog.at_level(logging.WARNING, logger="kdrun"):
-        assert torch.equal(cache.logits(x, idx), teacher(x))
+        assert torch.equal(cache.logits(Batch(x, data.train.y[idx], idx, None)), teacher(x))
     assert "without its view ids" in caplog.text and cache.filled_count() == 0
 
 
@@ -250,8 +261,9 @@ def test_non_finite_teacher_logits_are_served_but_never_cached(teacher, data, tm
         teacher.classifier[-1].bias[0] = float("inf")
     cache, _ = source(teacher, data, tmp_path)
     cache.prepare(True, torch.contiguous_format, False)
-    x, _, idx = next(data.batches("train", 20, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True))
-    served = cache.logits(x, idx)
+    batch = next(data.batches("train", 20, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True))
+    x = batch.x
+    served = cache.logits(batch)
     assert torch.equal(served, teacher(x)) and not torch.isfinite(served).all()
     assert cache.filled_count() == 0
 

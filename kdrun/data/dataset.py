@@ -4,9 +4,8 @@ A dataset that fits in memory is decoded once into ``[N, C, H, W]`` tensors (uin
 float32 in [0, 1] otherwise) on the run's device. Batches are index slices of a seeded permutation;
 normalisation, random crop and flip are batched tensor ops: no per-sample Python in the training loop.
 Random crop and flip form a finite set of views of each image: a batch's augmentation is drawn as one view
-id per sample (:func:`draw_views`) and applied from those ids (:func:`apply_views`), and the ids of the last
-augmented training batch are kept (``Data.last_views``) for teacher sources that cache per view
-(:mod:`kdrun.teacher.view_cache`).
+id per sample (:func:`draw_views`) and applied from those ids (:func:`apply_views`); each :class:`Batch` carries
+its view ids, for teacher sources that cache per view (:mod:`kdrun.teacher.view_cache`).
 Image folders too large for memory are streamed (:class:`kdrun.data.sources.LazyImages`) and then go through
 the same batched normalisation and augmentation. Where images come from is :mod:`kdrun.data.sources`.
 
@@ -17,16 +16,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError, InputError
-from kdrun.schema import AugmentConfig, DatasetConfig
 from kdrun.data.sources import LazyImages, check_fits, stratified
 from kdrun.data.splits import call_dataset
+from kdrun.errors import ConfigError, InputError
+from kdrun.schema import AugmentConfig, DatasetConfig
 
 
 @dataclass
@@ -36,6 +35,19 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+class Batch(NamedTuple):
+    """One batch of a split, as :meth:`Data.batches` yields it (a tuple: ``x, y, idx, views = batch``)."""
+
+    x: torch.Tensor                # [B, C, H, W] normalised float images (augmented when asked)
+    y: torch.Tensor                # [B] labels
+    idx: torch.Tensor              # [B] their indices in the split
+    views: Optional[torch.Tensor]  # [B] the view id each image is shown as (:func:`draw_views`); None: not augmented
+
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Samples ``lo:hi`` of the batch (every per-sample field cut alike)."""
+        return Batch(self.x[lo:hi], self.y[lo:hi], self.idx[lo:hi], None if self.views is None else self.views[lo:hi])
 
 
 @dataclass
@@ -50,8 +62,6 @@ class Data:
     std: torch.Tensor
     augment: AugmentConfig
     identity: dict = field(default_factory=dict)  # what makes this data this data (store keys)
-    # (idx, view ids) of the last augmented batch :meth:`batches` yielded (None: no views drawn yet)
-    last_views: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> int:
@@ -66,8 +76,9 @@ class Data:
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
                 generator: Optional[torch.Generator] = None,
-                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y, idx)``: normalised float batches, labels and their indices in the split."""
+                augment: bool = False) -> Iterator[Batch]:
+        """Yield :class:`Batch` ``(x, y, idx, views)``: normalised float images (augmented with ``augment``), labels,
+        their indices in the split and the view ids they are shown as (None when not augmented)."""
         part = self.split(split)
         n = len(part)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -79,9 +90,7 @@ class Data:
             raws = (part.x[idx] for idx in chunks)
         for idx, raw in zip(chunks, raws):
             views = self._draw(augment, len(idx), generator)
-            if views is not None and split == "train":
-                self.last_views = (idx, views)
-            yield self._prepare(raw, views), part.y[idx], idx
+            yield Batch(self._prepare(raw, views), part.y[idx], idx, views)
 
     def inputs(self, split: str, idx: torch.Tensor, *, augment: bool = False,
                generator: Optional[torch.Generator] = None, views: Optional[torch.Tensor] = None) -> torch.Tensor:

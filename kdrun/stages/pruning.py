@@ -14,6 +14,11 @@ Two schedules (``student.prune.schedule``):
 * ``oneshot``: the distilled student's best checkpoint, pruned once to the amount, then fine-tuned with the same
   KD loss and teacher for ``finetune_epochs`` (learning rate ``finetune_lr``, default ``optim.lr / 10``).
 
+The stage resumes like ``distil`` (``checkpoints/student_pruned_resume.pt``, ``trainer.checkpoint_every``): the
+gradual schedule's hook keeps its masks, steps and best epoch in that checkpoint, so a resumed run continues
+where it stopped, to the same weights bit for bit on CPU (the oneshot schedule's pruned model is rebuilt from the
+distilled student, then its fine-tuning continues).
+
 The pruned student is saved with the pruning made permanent (``prune.remove``: plain weights with zeros, no
 ``weight_orig`` / ``weight_mask``) as ``checkpoints/student_pruned_{best,last}.pt`` and reported beside the
 unpruned student and the baseline (``summary.json`` ``student_pruned``; a row of the results table).
@@ -31,6 +36,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from kdrun.results import Result, optional
+from kdrun.train.builtin_hooks import copy_state
 from kdrun.train.hooks import Hook
 
 log = logging.getLogger("kdrun")
@@ -93,11 +99,14 @@ def make_permanent(model: nn.Module) -> nn.Module:
 class GradualPruning(Hook):
     """Before each epoch: prune ``model`` up to :func:`sparsity_at`; after each epoch at the full amount, keep its
     weights when its validation accuracy is the best so far (``best_state``, ``best_epoch``): the checkpoint
-    of a gradually pruned student must have the sparsity asked for, which an earlier epoch does not."""
+    of a gradually pruned student must have the sparsity asked for, which an earlier epoch does not.
 
-    def __init__(self, amount: float, start: int, end: int):
+    Its state (:meth:`state_dict`: steps, best epoch, and the model's masks) resumes the schedule; ``model`` is the
+    model it prunes, needed to resume (else the one :meth:`before_epoch` is handed)."""
+
+    def __init__(self, amount: float, start: int, end: int, model: Optional[nn.Module] = None):
         self.amount, self.start, self.end = amount, start, end
-        self.model: Optional[nn.Module] = None
+        self.model = model
         self.best_state: Optional[dict] = None
         self.best_epoch, self.best_val, self.steps = 0, None, []
 
@@ -113,8 +122,27 @@ class GradualPruning(Hook):
             return
         val = record["val/acc"]
         if self.best_state is None or val is None or (self.best_val is not None and val > self.best_val):
-            self.best_state = copy.deepcopy({k: v.detach() for k, v in self.model.state_dict().items()})
+            self.best_state = copy_state(self.model)
             self.best_epoch, self.best_val = record["epoch"], val
+
+    def state_dict(self) -> dict:
+        """Steps, best epoch and its weights, and per pruned layer (its index in :func:`prunable`) the mask and the
+        masked weight as the last forward left it (the next pruning step ranks weights by it)."""
+        layers = prunable(self.model) if self.model is not None else []
+        pruned = {str(i): m for i, (m, _) in enumerate(layers) if prune.is_pruned(m) and hasattr(m, "weight_mask")}
+        return {"steps": self.steps, "best_state": self.best_state or {}, "best_epoch": self.best_epoch,
+                "best_val": self.best_val, "masks": {i: m.weight_mask.clone() for i, m in pruned.items()},
+                "weights": {i: m.weight.detach().clone() for i, m in pruned.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Prune the (fresh) model with the saved masks, so its weights can be loaded; restore the rest."""
+        device = next(iter(self.model.state_dict().values())).device
+        for i, (module, name) in enumerate(prunable(self.model)):
+            if str(i) in state["masks"]:
+                prune.custom_from_mask(module, name, state["masks"][str(i)].to(device))
+                setattr(module, name, state["weights"][str(i)].to(device))
+        self.steps, self.best_epoch, self.best_val = state["steps"], state["best_epoch"], state["best_val"]
+        self.best_state = {k: v.to(device) for k, v in state["best_state"].items()} or None
 
 
 @dataclass
@@ -152,25 +180,30 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
 
     Consumes ``student.prune.*`` and what :func:`kdrun.stages.student.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``
-    (stage ``student_pruned``). It keeps no resume checkpoint: a resumed run trains this stage again."""
+    (stage ``student_pruned``); keeps ``checkpoints/student_pruned_resume.pt`` (``trainer.checkpoint_every``), which a
+    resumed run continues from."""
     from kdrun.records import JsonlWriter
     from kdrun.stages.common import EpochLogger, TrimMetrics, evaluate, n_params, recipe_student
     from kdrun.stages.student import prepare_student
-    from kdrun.train.loop import fit
+    from kdrun.train.loop import Checkpoint, fit
 
     cfg, spec = ctx.cfg, ctx.cfg.student.prune
     recipe = recipe_student(cfg)
     writer = JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=STAGE)
-    TrimMetrics(writer.path, STAGE).after_resume(0)  # a resumed run trains this stage again: one line per epoch
+    every = cfg.trainer.checkpoint_every
+    checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{STAGE}_resume.pt", every) if every else None
+    trim = TrimMetrics(writer.path, STAGE)  # on resume: the lines of epochs after the checkpoint go
+    if checkpoint is None or not checkpoint.path.exists():
+        trim.after_resume(0)  # the stage starts afresh: no line of an earlier attempt stays
     extra: dict = {}
     if spec.schedule == "gradual":
         model, _ = prepare_student(ctx, data, seed=recipe.seed)  # the KD student's initial weights
         start, end = spec.ramp(recipe.epochs)
-        hook = GradualPruning(spec.amount, start, end)
+        hook = GradualPruning(spec.amount, start, end, model=model)
         log.info(f"{STAGE} {cfg.student.name}: {recipe.epochs} epochs of KD, sparsity raised to {spec.amount:g} "
                  f"from epoch {start} to {end} (cubic schedule)")
         result = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=STAGE,
-                     hooks=[EpochLogger(STAGE, recipe.epochs, writer), hook])
+                     hooks=[EpochLogger(STAGE, recipe.epochs, writer), trim, hook], checkpoint=checkpoint)
         best_state, best_epoch, epochs = hook.best_state or result.last_state, hook.best_epoch, recipe.epochs
         extra = dict(start=start, end=end, steps=hook.steps)
     else:
@@ -185,7 +218,7 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
         if epochs:
             tune = dataclasses.replace(recipe, epochs=epochs, optim=dataclasses.replace(cfg.optim, lr=lr))
             result = fit(model, data, tune, loss, teacher=teacher, progress=ctx.progress, desc=STAGE,
-                         hooks=[EpochLogger(STAGE, epochs, writer)])
+                         hooks=[EpochLogger(STAGE, epochs, writer), trim], checkpoint=checkpoint)
             best_state, best_epoch = result.best_state, result.best_epoch
         extra["finetune_lr"] = lr
     scores = _save(ctx, data, model, best_state, result.last_state if result else None, best_epoch)

@@ -88,9 +88,7 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
     with FileLock(str(path.with_suffix(".lock"))):
         logits, problem = _load(path, key, len(data.train), data.num_classes) if path.exists() else (None, None)
         if problem:
-            aside = path.with_name(path.name + f".bad-{int(time.time())}")
-            os.replace(path, aside)
-            log.warning(f"teacher logit cache {path} rejected ({problem}); moved to {aside.name}, rebuilding")
+            set_aside(path, problem, "teacher logit cache", "rebuilding")
         remove_partial_writes(path)
         built, seconds = logits is None, 0.0
         if built:
@@ -118,6 +116,15 @@ def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional
     raise KdrunError(f"{what}: its store entry {teacher_entry} is corrupt and was set aside ({where}); no logit "
                      f"cache written. The next run trains the teacher again (should it diverge again, check its "
                      f"recipe: teacher.optim, trainer.precision)")
+
+
+def set_aside(path: Path, problem: str, what: str, then: str) -> Path:
+    """Move the rejected cache file ``path`` (``what``, rejected for ``problem``) to ``*.bad-<time>``, never to be
+    used, and say so with what happens ``then``; return where it went. Call under its lock."""
+    aside = path.with_name(path.name + f".bad-{int(time.time())}")
+    os.replace(path, aside)
+    log.warning(f"{what} {path} rejected ({problem}); moved to {aside.name}, {then}")
+    return aside
 
 
 def remove_partial_writes(path: Path) -> None:
@@ -150,21 +157,30 @@ def make_check(teacher: nn.Module, data: Data, cached: torch.Tensor, *, dtype: s
     """A per-epoch guard: recompute the teacher on ``CHECK_SAMPLES`` random cached indices and compare.
 
     ``path`` is the cache file (``teacher_logits``'s ``info["path"]``), named in the error."""
-    atol, rtol = TOLERANCE[dtype]
     generator = torch.Generator().manual_seed(seed + 7919)
 
-    @torch.no_grad()
     def check(epoch: int) -> float:
         idx = torch.randperm(len(data.train), generator=generator)[:CHECK_SAMPLES].to(cached.device)
-        teacher.eval()
-        with autocast(data.train.y.device, precision):
-            live = teacher(data.inputs("train", idx)).float()
-        want = cached[idx].float()
-        err = (live - want).abs()
-        if not torch.all(err <= atol + rtol * want.abs()):
-            raise KdrunError(f"teacher logit cache disagrees with the live teacher at epoch {epoch} (max |diff| "
-                             f"{err.max().item():.3g} on {CHECK_SAMPLES} sampled images): the cache is stale or "
-                             f"misaligned; delete {path or 'the cache file'} (the next run rebuilds it) or run "
-                             f"with teacher.cache=off")
-        return err.max().item()
+        return check_live(teacher, lambda: data.inputs("train", idx), cached[idx], device=data.train.y.device,
+                          precision=precision, dtype=dtype, epoch=epoch, what="teacher logit cache",
+                          sampled=f"{CHECK_SAMPLES} sampled images", path=path or "the cache file", again="rebuilds")
     return check
+
+
+@torch.no_grad()
+def check_live(teacher: nn.Module, inputs: Callable[[], torch.Tensor], want: torch.Tensor, *, device: torch.device,
+               precision: str, dtype: str, epoch: int, what: str, sampled: str, path, again: str) -> float:
+    """The per-epoch check of a cache (``what``) against the live teacher: run it on ``inputs()`` (sampled entries)
+    and compare with the cached logits ``want`` within ``dtype``'s tolerance; a disagreement stops the run (a stale
+    or misaligned cache must not silently teach wrong targets). Returns the largest difference."""
+    atol, rtol = TOLERANCE[dtype]
+    teacher.eval()
+    with autocast(device, precision):
+        live = teacher(inputs()).float()
+    want = want.float()
+    err = (live - want).abs()
+    if not torch.all(err <= atol + rtol * want.abs()):
+        raise KdrunError(f"{what} disagrees with the live teacher at epoch {epoch} (max |diff| {err.max().item():.3g} "
+                         f"on {sampled}): the cache is stale or misaligned; delete {path} (the next run {again} it) "
+                         f"or run with teacher.cache=off")
+    return err.max().item()

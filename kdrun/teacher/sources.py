@@ -1,4 +1,4 @@
-"""Where :func:`kdrun.train.loop.fit` gets the teacher's logits from, and its per-epoch hooks.
+"""Where :func:`kdrun.train.loop.fit` gets the teacher's logits from: a live model, cached logits, a snapshot.
 
 A teacher source answers two questions of the training loop: at the start of an epoch, does a teacher
 teach this epoch (:meth:`TeacherSource.before_epoch`; False means plain CE for that epoch), and what are its
@@ -15,8 +15,9 @@ logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun'
 A feature loss (:mod:`kdrun.losses.feature`) also reads the teacher's intermediate features: the loop hooks
 the source's :meth:`TeacherSource.feature_model`, so it needs a source that runs a model (live or snapshot).
 
-A :class:`Hook` (detectron2 ``HookBase`` style) sees every epoch: ``before_epoch(epoch, model)`` and
-``after_epoch(record)`` with the epoch's metrics record.
+Each says how it crosses to another rank of a data-parallel fit (:meth:`TeacherSource.to_rank` /
+:meth:`TeacherSource.from_rank`): the live teacher and the snapshot as copies of their model, the cached logits
+as a shared tensor (rank 0 alone runs the per-epoch check).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from kdrun.data.dataset import Batch, Data
 from kdrun.train.hooks import TeacherSource
 
 
@@ -43,14 +45,21 @@ class LiveTeacher(TeacherSource):
             self.model.to(memory_format=model_format(self.model, memory_format))
             self.forward = torch.compile(self.model) if compile else self.model
 
-    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+    def logits(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.forward is None:
             return None
         with torch.no_grad():
-            return self.forward(x)
+            return self.forward(batch.x)
 
     def feature_model(self, student: nn.Module) -> nn.Module:
         return self.model
+
+    def to_rank(self) -> tuple[nn.Module, tuple]:
+        return self.model, ()
+
+    @classmethod
+    def from_rank(cls, model: nn.Module, shared: tuple, data: Data) -> "LiveTeacher":
+        return cls(model)
 
 
 class CachedLogits(TeacherSource):
@@ -63,8 +72,20 @@ class CachedLogits(TeacherSource):
         self.check(epoch)
         return True
 
-    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return self.cached[idx]
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.cached[batch.idx]
+
+    def to_rank(self) -> tuple[None, tuple[torch.Tensor]]:
+        return None, (self.cached,)
+
+    @classmethod
+    def from_rank(cls, spec: None, shared: tuple[torch.Tensor], data: Data) -> "CachedLogits":
+        """Rank 0 alone runs the per-epoch check against the live teacher."""
+        return cls(shared[0], _no_check)
+
+
+def _no_check(epoch: int) -> float:
+    return 0.0
 
 
 class SnapshotTeacher(TeacherSource):
@@ -83,11 +104,11 @@ class SnapshotTeacher(TeacherSource):
             self.on_snapshot(self.model)
         return self.model is not None
 
-    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+    def logits(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.model is None:
             return None
         with torch.no_grad():
-            return self.model(x)
+            return self.model(batch.x)
 
     def feature_model(self, student: nn.Module) -> nn.Module:
         """The snapshot once taken; before that the student itself, whose architecture it will have."""
@@ -101,3 +122,13 @@ class SnapshotTeacher(TeacherSource):
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
             self.model.load_state_dict(state["snapshot"])
             self.on_snapshot(self.model)
+
+    def to_rank(self) -> tuple[tuple[int, Optional[nn.Module]], tuple]:
+        return (self.at, self.model), ()
+
+    @classmethod
+    def from_rank(cls, spec: tuple[int, Optional[nn.Module]], shared: tuple, data: Data) -> "SnapshotTeacher":
+        """Rank 0 alone records the snapshot (``on_snapshot``)."""
+        source = cls(spec[0])
+        source.model = spec[1]
+        return source

@@ -25,7 +25,7 @@ of every epoch the teacher is recomputed on ``CHECK_SAMPLES`` entries read from 
 does (a stale or misaligned cache stops the run).
 
 In a data-parallel fit (``trainer.devices=N``, :mod:`kdrun.train.distributed`) every rank looks up the slice of the
-batch it trains (:meth:`ViewCache.for_rank` on ranks 1..N-1, over rank 0's table and mask: shared memory on
+batch it trains (:meth:`ViewCache.from_rank` on ranks 1..N-1, over rank 0's table and mask: shared memory on
 CPU) and fills it with its own misses; epochs are closed on every rank together (their hits, misses and new
 entries summed), and rank 0 alone checks against the file and saves.
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,12 +48,10 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdrun.data.dataset import Data, finite_views
-from kdrun.errors import KdrunError
+from kdrun.data.dataset import Batch, Data, finite_views
 from kdrun.records import save_torch
-from kdrun.teacher.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
+from kdrun.teacher.logit_cache import DTYPES, check_live, remove_partial_writes, set_aside, weights_hash
 from kdrun.train.hooks import TeacherSource
-from kdrun.train.infer import autocast
 
 log = logging.getLogger("kdrun")
 FORMAT = 1          # bump when the file layout or the view encoding changes
@@ -112,9 +109,8 @@ def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precis
 class ViewCache(TeacherSource):
     """The teacher's logits per (train index, view id), filled lazily from the live ``teacher``.
 
-    Reads the batch's view ids from ``data.last_views`` (recorded by :meth:`kdrun.data.dataset.Data.batches` for the
-    batch whose indices it yielded); a batch it has no view ids for (it never happens in :func:`kdrun.train.loop.fit`)
-    runs the teacher live."""
+    Looks up each batch by its indices and view ids (:class:`kdrun.data.dataset.Batch`); a batch without view ids
+    (not augmented: it never happens in :func:`kdrun.train.loop.fit`) runs the teacher live."""
 
     def __init__(self, teacher: nn.Module, data: Data, path: Path, key: str, views: int, *, dtype: str,
                  precision: str, seed: int, epochs: int, info: dict):
@@ -143,19 +139,21 @@ class ViewCache(TeacherSource):
         self.from_disk = torch.empty(0, dtype=torch.int64)  # positions read from the file at the start: checked
         self.rank = None  # this process's place in a data-parallel fit (set by prepare), else None
 
-    def worker_args(self) -> dict:
-        """What :meth:`for_rank` needs besides the teacher, the data and the shared tensors."""
-        return {"path": str(self.path), "key": self.key, "views": self.views, "dtype": self.dtype,
+    def to_rank(self) -> tuple[tuple[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher and what :meth:`from_rank` needs besides the data; shared: the table and the filled mask."""
+        args = {"path": str(self.path), "key": self.key, "views": self.views, "dtype": self.dtype,
                 "precision": self.precision, "epochs": self.epochs}
+        return (self.model, args), (self.table, self.filled)
 
     @classmethod
-    def for_rank(cls, teacher: nn.Module, data: Data, table: torch.Tensor, filled: torch.Tensor, *, path: str,
-                 key: str, views: int, dtype: str, precision: str, epochs: int) -> "ViewCache":
-        """Rank r > 0 of a data-parallel fit (:mod:`kdrun.train.distributed`): rank 0's ``table`` and ``filled`` (on CPU
-        the same shared memory), looked up and filled with this rank's misses; rank 0 checks and saves."""
+    def from_rank(cls, spec: tuple[nn.Module, dict], shared: tuple[torch.Tensor, torch.Tensor],
+                  data: Data) -> "ViewCache":
+        """Rank r > 0 of a data-parallel fit (:mod:`kdrun.train.distributed`): rank 0's table and filled mask (on
+        CPU the same shared memory), looked up and filled with this rank's misses; rank 0 checks and saves."""
+        (teacher, args), (table, filled) = spec, shared
         self = cls.__new__(cls)
-        self._start(teacher, data, path, key, views, dtype, precision, epochs,
-                    {"epochs": [], "hits": 0, "misses": 0}, 0, table=table, filled=filled)
+        self._start(teacher, data, args["path"], args["key"], args["views"], args["dtype"], args["precision"],
+                    args["epochs"], {"epochs": [], "hits": 0, "misses": 0}, 0, table=table, filled=filled)
         return self  # from_disk stays empty: nothing to check here, rank 0 does
 
     # -- TeacherSource ---------------------------------------------------------------------------------------
@@ -178,16 +176,16 @@ class ViewCache(TeacherSource):
         return True
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+    def logits(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.forward is None:
             return None
-        last = self.data.last_views
-        if last is None or last[0] is not idx:
+        x, idx = batch.x, batch.idx
+        if batch.views is None:
             if not self.warned:
                 log.warning("teacher view cache: a batch came without its view ids; the teacher runs live on it")
                 self.warned = True
             return self.forward(x)
-        views = last[1].to(idx.device)
+        views = batch.views.to(idx.device)
         out = self.table[idx, views]
         hit = self.filled[idx, views]
         miss = torch.nonzero(~hit).flatten() if not bool(hit.all()) else None
@@ -259,17 +257,10 @@ class ViewCache(TeacherSource):
         pick = flat[torch.randint(len(flat), (min(CHECK_SAMPLES, len(flat)),), generator=self.generator)]
         pick = pick.to(self.filled.device)
         idx, views = pick.div(self.views, rounding_mode="floor"), pick.remainder(self.views)
-        self.model.eval()
-        with autocast(self.data.train.y.device, self.precision):
-            live = self.model(self.data.inputs("train", idx, views=views)).float()
-        want = self.table[idx, views].float()
-        err = (live - want).abs()
-        atol, rtol = TOLERANCE[self.dtype]
-        if not torch.all(err <= atol + rtol * want.abs()):
-            raise KdrunError(f"teacher view cache disagrees with the live teacher at epoch {epoch} (max |diff| "
-                             f"{err.max().item():.3g} on {len(pick)} sampled views): the cache is stale or "
-                             f"misaligned; delete {self.path} (the next run refills it) or run with teacher.cache=off")
-        return err.max().item()
+        return check_live(self.model, lambda: self.data.inputs("train", idx, views=views), self.table[idx, views],
+                          device=self.data.train.y.device, precision=self.precision, dtype=self.dtype, epoch=epoch,
+                          what="teacher view cache", sampled=f"{len(pick)} sampled views", path=self.path,
+                          again="refills")
 
     def save(self) -> None:
         """Write the filled entries, merged with those other jobs saved meanwhile, under the file's lock."""
@@ -296,9 +287,7 @@ class ViewCache(TeacherSource):
             return torch.empty(0, dtype=torch.int64)
         loaded, problem = _load(self.path, self.key, self.shape)
         if problem:
-            aside = self.path.with_name(self.path.name + f".bad-{int(time.time())}")
-            os.replace(self.path, aside)
-            log.warning(f"teacher view cache {self.path} rejected ({problem}); moved to {aside.name}, not used")
+            set_aside(self.path, problem, "teacher view cache", "not used")
             self.added = max(self.added, 1)  # what this job has must be written again
             return torch.empty(0, dtype=torch.int64)
         index, values = loaded

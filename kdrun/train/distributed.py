@@ -1,12 +1,12 @@
 """``trainer.devices=N``: one training on N devices, data-parallel (``DistributedDataParallel``), spawned in-task.
 
-:func:`kdrun.train.loop.fit` with ``recipe.devices > 1`` enters :func:`ranks`: the calling process becomes rank 0
-and N - 1 worker processes are spawned (``torch.multiprocessing``, start method ``spawn``) that run the same
-``fit`` on copies of the model, the loss and the teacher source; the data tensors and the teacher's cached
-logits are shared with them read-only (shared memory; on GPUs each rank copies them to its own device once),
-cached logits indexed by each rank's own sample indices. The view cache (:mod:`kdrun.teacher.view_cache`) is one table in
-shared memory on CPU that every rank looks its slice up in and fills with its own misses; rank 0 saves it (on
-GPUs each rank fills its own copy and rank 0 saves its own entries). The ranks live inside the task, so ``kdrun -m``
+:func:`kdrun.train.loop.fit` with ``recipe.devices > 1`` enters :func:`ranks`, handing it itself: the calling process
+becomes rank 0 and N - 1 worker processes are spawned (``torch.multiprocessing``, start method ``spawn``) that run
+that ``fit`` on copies of the model and the loss, and on the teacher source as it says it crosses to another rank
+(:meth:`kdrun.train.hooks.TeacherSource.to_rank` / ``from_rank``: this module knows no source by name). The data
+tensors and the tensors a source shares (the teacher's cached logits, read-only; the view cache's table, which
+every rank fills with its own misses) are shared with them (shared memory; on GPUs each rank copies them to its
+own device once). The ranks live inside the task, so ``kdrun -m``
 sweeps and the SLURM launcher work unchanged (never ``torchrun`` with ``-m``).
 
 Rank 0 is the calling process: hooks (``metrics.jsonl``, the log), the progress bar, validation, best-epoch
@@ -38,11 +38,12 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from kdrun.data.dataset import Batch
 from kdrun.errors import ConfigError
 
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow rank (rank 0 validating, checkpointing)
@@ -69,8 +70,8 @@ class Rank:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
-    def shard(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
-        """This rank's slice of a batch: ``(x, y, idx, weight, count)``.
+    def shard(self, batch: Batch) -> tuple[Batch, float, int]:
+        """This rank's slice of a batch (every per-sample field, view ids included): ``(batch, weight, count)``.
 
         The batch of B samples is cut into k = min(N, max(1, B // 2)) contiguous slices as equal as possible
         (none of one sample unless the batch has one: BatchNorm needs two). Loss scaling: DDP averages the
@@ -80,25 +81,13 @@ class Rank:
         smaller than 2N) still has to take part in the step: it runs the whole batch with weight 0 and counts
         no samples (``count``, for the epoch's mean losses).
         """
-        b = len(y)
-        bounds = self._bounds(b)
-        if bounds is None:
-            return x, y, idx, 0.0, 0
-        lo, n = bounds
-        return x[lo:lo + n], y[lo:lo + n], idx[lo:lo + n], self.world * n / b, n
-
-    def part(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a per-sample tensor of the batch (its view ids), cut as :meth:`shard` cuts."""
-        bounds = self._bounds(len(t))
-        return t if bounds is None else t[bounds[0]:bounds[0] + bounds[1]]
-
-    def _bounds(self, b: int) -> Optional[tuple[int, int]]:
-        """``(first row, rows)`` of this rank's slice of a batch of ``b``; None: the whole batch, weight 0."""
+        b = len(batch.y)
         k = min(self.world, max(1, b // 2))
         if self.rank >= k:
-            return None
+            return batch, 0.0, 0
         q, r = divmod(b, k)
-        return self.rank * q + min(self.rank, r), q + (self.rank < r)
+        lo, n = self.rank * q + min(self.rank, r), q + (self.rank < r)
+        return batch.rows(lo, lo + n), self.world * n / b, n
 
     def sync_grads(self, params) -> None:
         """Average the gradients of ``params`` that DDP does not own (a feature loss's adapters) over the ranks."""
@@ -134,8 +123,10 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 @contextlib.contextmanager
-def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str, checkpoint) -> Iterator[Rank]:
-    """Spawn ranks 1..N-1 (``N = recipe.devices``) training copies of ``model``; inside, this process is rank 0.
+def ranks(fit: Callable, model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str,
+          checkpoint) -> Iterator[Rank]:
+    """Spawn ranks 1..N-1 (``N = recipe.devices``) running ``fit`` (:func:`kdrun.train.loop.fit`, a module-level
+    function: sent by reference) on copies of ``model``; inside, this process is rank 0.
 
     On leaving, the workers are joined (a worker's error is raised with its traceback); on an error or a stop
     here, they are ended. Raises :class:`ConfigError` (``trainer.devices``) when the run cannot be spread.
@@ -145,7 +136,7 @@ def ranks(model: nn.Module, data, recipe, loss_fn: nn.Module, teacher, desc: str
 
     world, device = recipe.devices, data.train.y.device
     _check(world, device)
-    spec, shared = _spec(model, recipe, loss_fn, teacher, desc, checkpoint)
+    spec, shared = _spec(fit, model, recipe, loss_fn, teacher, desc, checkpoint)
     if device.type == "cuda":  # sent through host memory: CUDA IPC would open a context on this GPU in every rank
         data, shared = _on(data, torch.device("cpu")), tuple(t.cpu() for t in shared)
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
@@ -189,32 +180,19 @@ def _check(world: int, device: torch.device) -> None:
                                              f"found {torch.cuda.device_count()}")
 
 
-def _spec(model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, tuple]:
+def _spec(fit: Callable, model, recipe, loss_fn, teacher, desc, checkpoint) -> tuple[bytes, tuple]:
     """What a worker rebuilds its fit from, pickled (copies: each rank updates its own weights), and the
-    tensors shared with it: the teacher's cached logits (read-only), or the view cache's table and filled mask
-    (on CPU one shared copy that every rank fills with its misses)."""
-    from kdrun.teacher.sources import CachedLogits, LiveTeacher, SnapshotTeacher
-    from kdrun.teacher.view_cache import ViewCache
-
-    shared = ()
-    if teacher is None:
-        source = None
-    elif type(teacher) is CachedLogits:  # rank 0 alone runs the per-epoch check against the live teacher
-        source, shared = ("cached",), (teacher.cached,)
-    elif type(teacher) is ViewCache:  # rank 0 alone checks against the file and saves it
-        source, shared = ("views", teacher.model, teacher.worker_args()), (teacher.table, teacher.filled)
-    elif type(teacher) is LiveTeacher:
-        source = ("live", teacher.model)
-    elif type(teacher) is SnapshotTeacher:  # rank 0 alone records the snapshot (on_snapshot)
-        source = ("snapshot", teacher.at, teacher.model)
-    else:
-        source = ("object", teacher)
+    tensors shared with it (the teacher source's: :meth:`kdrun.train.hooks.TeacherSource.to_rank`)."""
+    source, shared = None, ()
+    if teacher is not None:
+        spec, shared = teacher.to_rank()
+        source = (type(teacher), spec)  # the class by reference: its from_rank rebuilds the source there
     if "formula" in vars(loss_fn):  # a user loss's generated formula (a lambda): not needed to train
         loss_fn = copy.copy(loss_fn)
         del loss_fn.formula
     buffer = io.BytesIO()
     try:
-        torch.save({"model": model, "loss": loss_fn, "teacher": source, "recipe": recipe, "desc": desc,
+        torch.save({"fit": fit, "model": model, "loss": loss_fn, "teacher": source, "recipe": recipe, "desc": desc,
                     "checkpoint": checkpoint}, buffer)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise ConfigError("trainer.devices", f"the model, loss or teacher cannot be sent to the other ranks "
@@ -227,8 +205,6 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, shared: tuple,
     """Rank ``index + 1``: rebuild the fit from ``spec`` on this rank's device, train, return nothing."""
     import torch.distributed as dist
 
-    from kdrun.train.loop import fit
-
     rank = index + 1
     # Ctrl-C reaches every process of the terminal and SLURM signals every task: rank 0 decides when to stop.
     # (SIGINT also arrives when the parent dies, through spawn's parent-death signal: then leave.)
@@ -239,12 +215,15 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, shared: tuple,
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
     state = torch.load(io.BytesIO(spec), map_location=dev, weights_only=False)
     data = _on(data, dev)
-    teacher = _source(state["teacher"], shared, dev, data)
+    teacher = None
+    if state["teacher"] is not None:
+        cls, source = state["teacher"]
+        teacher = cls.from_rank(source, tuple(t.to(dev) for t in shared), data)
     store.set(f"ready/{rank}", "1")
     _init(rank, world, store, dev)
     try:
-        fit(state["model"].to(dev), data, state["recipe"], state["loss"].to(dev), teacher=teacher,
-            desc=state["desc"], checkpoint=state["checkpoint"])
+        state["fit"](state["model"].to(dev), data, state["recipe"], state["loss"].to(dev), teacher=teacher,
+                     desc=state["desc"], checkpoint=state["checkpoint"])
     except BaseException:
         _teardown()
         raise
@@ -254,29 +233,6 @@ def _worker(index: int, world: int, port: int, spec: bytes, data, shared: tuple,
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def _no_check(epoch: int) -> float:
-    return 0.0
-
-
-def _source(spec, shared: tuple, device: torch.device, data):
-    from kdrun.teacher.sources import CachedLogits, LiveTeacher, SnapshotTeacher
-    from kdrun.teacher.view_cache import ViewCache
-
-    if spec is None:
-        return None
-    if spec[0] == "cached":
-        return CachedLogits(shared[0].to(device), _no_check)
-    if spec[0] == "views":
-        return ViewCache.for_rank(spec[1], data, *(t.to(device) for t in shared), **spec[2])
-    if spec[0] == "live":
-        return LiveTeacher(spec[1])
-    if spec[0] == "snapshot":
-        source = SnapshotTeacher(spec[1])
-        source.model = spec[2]
-        return source
-    return spec[1]
 
 
 def _on(data, device: torch.device):

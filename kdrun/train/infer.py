@@ -42,7 +42,7 @@ def predict(model: nn.Module, data: Data, split: str, batch_size: int, precision
     model.to(memory_format=model_format(model, preferred_format(channels_last, device)))
     outs, chunk = [], None
     with autocast(device, precision):
-        for x, _, _ in data.batches(split, batch_size):
+        for x, *_ in data.batches(split, batch_size):
             chunk = chunk or (cpu_chunk(model, x[:1], batch_size) if device.type == "cpu" else batch_size)
             outs.extend(model(part).float() for part in x.split(chunk))
     return torch.cat(outs) if outs else torch.empty(0, data.num_classes, device=device)
