@@ -23,6 +23,7 @@ from kdrun.losses.base import build, cross_entropy
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig, TrainerConfig
 from kdrun.teacher.sources import LiveTeacher
+from kdrun.train.hooks import TeacherSource
 from kdrun.train.loop import Recipe, fit
 
 WEIGHT_TOL = 1e-4  # measured: 7.5e-8 after 3 smoke epochs
@@ -98,6 +99,39 @@ def test_uneven_slices_and_a_live_teacher_on_two_ranks(data):
         pytest.approx([h["train/loss"] for h in results[0].history], rel=LOSS_RTOL)
     assert [h["val/acc"] for h in results[1].history] == [h["val/acc"] for h in results[0].history]
     assert results[1].best_epoch == results[0].best_epoch
+
+
+class ScaledTeacher(TeacherSource):
+    """A source kdrun does not know: the teacher's logits times a per-class ``scale``. It crosses to another rank as it
+    says (the model pickled, the scale shared); pickling the source itself would fail (``unpicklable``)."""
+
+    def __init__(self, model: nn.Module, scale: torch.Tensor):
+        self.model, self.scale = model.eval().requires_grad_(False), scale
+        self.unpicklable = lambda: None
+
+    def logits(self, batch):
+        with torch.no_grad():
+            return self.model(batch.x) * self.scale
+
+    def to_rank(self):
+        return self.model, (self.scale,)
+
+    @classmethod
+    def from_rank(cls, model, shared, data):
+        return cls(model, shared[0])
+
+
+def test_a_teacher_source_of_its_own_crosses_to_the_ranks(data):
+    torch.manual_seed(1)
+    teacher = build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16})
+    scale = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    recipe = Recipe(epochs=2, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=3)
+    loss = build("kd", T=4.0, alpha=0.9)
+    results = [fit(mlp(), data, Recipe(**{**recipe.__dict__, "devices": n}), loss,
+                   teacher=ScaledTeacher(teacher, scale)) for n in (1, 2)]
+    assert max_diff(results[0].last_state, results[1].last_state) <= 1e-5
+    assert [h["train/loss"] for h in results[1].history] == \
+        pytest.approx([h["train/loss"] for h in results[0].history], rel=LOSS_RTOL)
 
 
 class FailsOnRank1(nn.Module):

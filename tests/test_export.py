@@ -230,6 +230,29 @@ def test_gradual_hook_keeps_the_best_epoch_at_full_sparsity():
     assert hook.best_epoch == 4 and [s["epoch"] for s in hook.steps] == [2, 3]
 
 
+def test_gradual_hook_state_resumes_the_schedule():
+    """The hook's state dict on a fresh model of the same architecture: the same masks, steps and best epoch, and
+    the next pruning step ranks the same weights (the masked weights as the last forward left them)."""
+    net, fresh = small_net(), small_net()
+    fresh.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # the resumed model starts elsewhere: its weights come from the checkpoint
+    hook = pruning.GradualPruning(0.6, start=1, end=3, model=net)
+    for epoch, val in ((1, 90.0), (2, 80.0)):
+        hook.before_epoch(epoch, net)
+        hook.after_epoch({"epoch": epoch, "val/acc": val})
+    again = pruning.GradualPruning(0.6, start=1, end=3, model=fresh)
+    again.load_state_dict(hook.state_dict())
+    fresh.load_state_dict(net.state_dict())  # what fit does next
+    assert again.steps == hook.steps and (again.best_epoch, again.best_state) == (hook.best_epoch, None)
+    hook.before_epoch(3, net)
+    again.before_epoch(3, fresh)
+    for a, b in zip(pruning.prunable(net), pruning.prunable(fresh)):
+        assert torch.equal(a[0].weight_mask, b[0].weight_mask)
+    assert again.steps == hook.steps
+
+
 def test_gradually_pruned_student_in_a_run(smoke_run):
     run_dir, summary = smoke_run
     pruned = summary["student_pruned"]

@@ -125,6 +125,40 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 101))
 
 
+def test_pruned_stage_resumes_after_sigkill_bit_identically(tmp_path):
+    """Killed (SIGKILL) while the gradually pruned student trains (sparsity already ramping up), resumed: it goes on
+    from its resume checkpoint (masks, steps and best epoch included), not from scratch, and its checkpoints, best and
+    last, are those of an uninterrupted run."""
+    config = ("experiment=smoke", "trainer.epochs=100", "trainer.num_threads=1", "student.prune.amount=0.5",
+              "student.prune.start=2", "student.prune.end=90")
+    killed = tmp_path / "killed"
+    proc = start(tmp_path, killed, *config)
+    wait_for_epoch(proc, killed, 3, stage="student_pruned")
+    proc.kill()
+    proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert not (killed / "checkpoints" / "student_pruned_last.pt").exists()  # killed before the end
+    state = torch.load(killed / "checkpoints" / "student_pruned_resume.pt", map_location="cpu", weights_only=True)
+    saved = state["epoch"]
+    assert 2 <= saved < 90 and state["hooks"]["GradualPruning"]["masks"]  # killed while the sparsity ramps up
+    pruned_lines = lambda run_dir: [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                                    if '"student_pruned"' in line]
+    before = pruned_lines(killed)[:saved]
+
+    resumed = run_kdrun(f"resume={killed}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.describe()
+    whole = run_kdrun(*config, f"hydra.run.dir={tmp_path / 'whole'}", *store_overrides(tmp_path), cwd=tmp_path)
+    assert whole.returncode == 0, whole.describe()
+
+    for which in ("last", "best"):
+        assert_same_weights(killed / "checkpoints" / f"student_pruned_{which}.pt",
+                            tmp_path / "whole" / "checkpoints" / f"student_pruned_{which}.pt")
+    a, b = read_json(killed / "summary.json"), read_json(tmp_path / "whole" / "summary.json")
+    assert a["status"] == "completed" and a["resumed"] is True
+    assert a["student_pruned"] == b["student_pruned"]
+    assert pruned_lines(killed)[:saved] == before  # the checkpointed epochs were not trained again
+    assert [json.loads(line)["epoch"] for line in pruned_lines(killed)] == list(range(1, 101))
+
+
 def test_resume_refuses_another_config_and_a_non_run_dir(tmp_path):
     result = run_kdrun(f"resume={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and result.last_err_line.startswith("kdrun: error: resume: "), result.describe()
@@ -170,6 +204,10 @@ MODES = {
     "snapshot": (("mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5"), "student", 3),
     "born_again": (("mode=self", "mode.generations=2", "mode.ensemble=false", "trainer.epochs=3"), "student", 1),
     "semi": (("mode=semi", "mode.labeled_fraction=0.2", "mode.iterations=2", "trainer.epochs=3"), "round1", 2),
+    "pruned_gradual": (("student.prune.amount=0.5", "student.prune.start=2", "student.prune.end=4",
+                        "trainer.epochs=5"), "student_pruned", 3),
+    "pruned_oneshot": (("student.prune.amount=0.5", "student.prune.schedule=oneshot", "student.prune.finetune_epochs=3",
+                        "trainer.epochs=2"), "student_pruned", 1),
 }
 
 
@@ -187,11 +225,17 @@ def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
             smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
     interrupt.reset()
     assert read_json(tmp_path / "stopped" / "summary.json")["status"] == "interrupted"
+    stage_lines = lambda: [line for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+                           if f'"stage": "{stage}"' in line]
+    before = stage_lines()
+    assert len(before) == epoch
     cfg = compose_config("experiment=smoke", *store_overrides(tmp_path), *overrides)
     with working_dir(tmp_path):
         resumed = run(cfg, tmp_path / "stopped", resume=True)
     assert resumed["status"] == "completed"
     assert resumed["student"] == whole["student"]
+    assert resumed.get("student_pruned") == whole.get("student_pruned")
+    assert stage_lines()[:epoch] == before  # the stage went on from its checkpoint: its epochs not trained again
     if mode == "snapshot":  # the restored snapshot teacher is evaluated again
         assert resumed["teacher"] == whole["teacher"]
     epochs = lambda run_dir: [(r["stage"], r["epoch"]) for r in read_jsonl(run_dir / "metrics.jsonl")]

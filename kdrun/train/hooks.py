@@ -26,7 +26,8 @@ class Hook:
     """Callbacks of :func:`kdrun.train.loop.fit`; override the ones you need."""
 
     def before_epoch(self, epoch: int, model: nn.Module) -> None:
-        """Called before epoch ``epoch`` (1-based) trains, with the model in train mode."""
+        """Called before epoch ``epoch`` (1-based) trains, with the model in train mode (after the teacher source's
+        ``before_epoch``)."""
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
         """Called after each optimizer step of the epoch (``step`` 0-based) with its loss (detached, not synced)."""
@@ -59,7 +60,8 @@ class TeacherSource:
         nets (:func:`kdrun.train.infer.model_format` applies it to a model), and ``trainer.compile``."""
 
     def before_epoch(self, epoch: int, model: nn.Module) -> bool:
-        """Called at the start of every epoch; False: no teacher yet, train this epoch with plain CE."""
+        """Called at the start of every epoch, before the hooks'; False: no teacher yet, train this epoch with plain
+        CE."""
         return True
 
     def logits(self, batch: Batch) -> Optional[torch.Tensor]:
