@@ -1,7 +1,7 @@
 """Training: the one loop every stage trains with, and what it is made of.
 
-* :mod:`~kdrun.train.loop`: :func:`~kdrun.train.loop.fit` (one readable loop), its :class:`Recipe` and the
-  :class:`~kdrun.train.loop.TrainState` it carries from epoch to epoch;
+* :mod:`~kdrun.train.loop`: :func:`~kdrun.train.loop.fit` (one readable loop) and its :class:`Recipe`;
+* :mod:`~kdrun.train.state`: the :class:`~kdrun.train.state.TrainState` it carries from epoch to epoch, and a step;
 * :mod:`~kdrun.train.hooks`: the interfaces the loop calls, :class:`~kdrun.train.hooks.Hook` (per-epoch
   callbacks with state) and :class:`~kdrun.train.hooks.TeacherSource` (where the teacher's logits come from, and
   how a source crosses to another rank);

@@ -16,16 +16,14 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from kdrun.train import interrupt
 from kdrun.train.hooks import Hook
-
-if TYPE_CHECKING:
-    from kdrun.train.loop import TrainState
+from kdrun.train.state import TrainState
 
 
 class FeatureCapture(Hook):
@@ -34,7 +32,7 @@ class FeatureCapture(Hook):
     loss their outputs. The hooks come off after the epoch's last step (validation runs unhooked; a snapshot or the
     next stage never carries them), or when training ends early."""
 
-    def __init__(self, pairs, state: "TrainState", steps: int):
+    def __init__(self, pairs, state: TrainState, steps: int):
         self.pairs, self.state, self.steps = pairs, state, steps
         self.attached: Optional[contextlib.ExitStack] = None
 
@@ -116,7 +114,7 @@ class ResumeCheckpoints(Hook):
     one a signal stopped: ``state``'s state dict plus ``{"hooks": {name: state dict}}`` of ``hooks`` that keep state
     (:func:`hook_states`), atomically, a plain dict of tensors (``weights_only`` loads it)."""
 
-    def __init__(self, path: Path, every: int, epochs: int, state: "TrainState", hooks: Sequence[Hook]):
+    def __init__(self, path: Path, every: int, epochs: int, state: TrainState, hooks: Sequence[Hook]):
         self.path, self.every, self.epochs, self.state, self.hooks = path, every, epochs, state, hooks
         self.saved = 0  # the epoch the file was last written after
 

@@ -2,7 +2,7 @@
 
 One loop serves every stage (teacher, CE baseline, KD student): it differs only in the loss callable and in
 its teacher source (:class:`kdrun.train.hooks.TeacherSource`: where the teacher's logits come from), plus a list of
-hooks. What it trains and carries from epoch to epoch is one :class:`TrainState`; best-keeping, resume
+hooks. What it trains and carries from epoch to epoch is one :class:`~kdrun.train.state.TrainState`; best-keeping, resume
 checkpoints, signals, a feature loss's layer hooks and the diagnosis of a diverged epoch are hooks too
 (:mod:`kdrun.train.builtin_hooks`), so the resume checkpoint is the state's state dict plus the hooks'.
 """
@@ -12,14 +12,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from kdrun.data.dataset import Batch, Data
+from kdrun.data.dataset import Data
 from kdrun.errors import ConfigError
-from kdrun.losses.base import DistillationLoss, cross_entropy
+from kdrun.losses.base import DistillationLoss
 from kdrun.schema import OptimConfig, SchedConfig
 from kdrun.train import distributed
 from kdrun.train.builtin_hooks import (
@@ -32,7 +32,8 @@ from kdrun.train.builtin_hooks import (
     load_hook_states,
 )
 from kdrun.train.hooks import Hook, TeacherSource
-from kdrun.train.infer import accuracy, autocast, model_format, preferred_format
+from kdrun.train.infer import accuracy, model_format, preferred_format
+from kdrun.train.state import TrainState
 
 
 @dataclass
@@ -112,9 +113,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     built from one batch before the optimizer, trained with the student, and kept in ``best_loss_state`` /
     ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before.
     ``progress`` is a :class:`kdrun.console.Progress` (or None). With ``checkpoint``, training continues from its
-    file when there is one (the :class:`TrainState`: model, optimizer, schedule, RNG states, history, teacher
-    snapshot; and every hook's state: best epoch, a pruning schedule's masks; the weights come out bit-identical to
-    an uninterrupted run on CPU) and the file is kept current.
+    file when there is one (the :class:`~kdrun.train.state.TrainState`: model, optimizer, schedule, RNG states,
+    history, teacher snapshot; and every hook's state: best epoch, a pruning schedule's masks; the weights come out
+    bit-identical to an uninterrupted run on CPU) and the file is kept current.
     A stop requested by a signal (:mod:`kdrun.train.interrupt`) raises :class:`kdrun.errors.Interrupted` after the
     current optimizer step; a part-trained epoch is dropped, a finished one is checkpointed first.
     With ``recipe.devices > 1`` (``trainer.devices``) the same loop runs data-parallel, this process being rank 0
@@ -177,76 +178,6 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     return FitResult(best_state=best.best_state, last_state=copy_state(model), best_epoch=best.best_epoch,
                      best_val_acc=best.best_val_acc, history=state.history, best_loss_state=best.best_loss_state,
                      last_loss_state=copy_state(loss_fn) if pairs is not None else {})
-
-
-@dataclass
-class TrainState:
-    """What :func:`fit` trains and carries from epoch to epoch; with the hooks' state dicts, the resume checkpoint."""
-
-    model: nn.Module
-    forward: Callable                     # the model as it runs: compiled, or in DistributedDataParallel
-    loss_fn: nn.Module                    # the stage's loss (a feature loss's adapters train with the model)
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator            # the data order and the augmentation
-    teacher: Optional[TeacherSource]
-    precision: str
-    memory_format: torch.memory_format    # of the inputs (NHWC for a conv net: infer.model_format)
-    epoch: int = 0                        # epochs trained
-    history: list = field(default_factory=list)  # their records
-    epoch_loss: Optional[Callable] = None  # this epoch's: loss_fn, or plain CE while the teacher source has none
-    ce: nn.Module = field(default_factory=cross_entropy)
-
-    def start_epoch(self, epoch: int) -> None:
-        """Ask the teacher source whether it teaches epoch ``epoch``: the epoch's loss is ``loss_fn``, else CE."""
-        teaches = self.teacher is None or self.teacher.before_epoch(epoch, self.model)
-        self.epoch_loss = self.loss_fn if teaches else self.ce
-        if hasattr(self.epoch_loss, "set_epoch"):  # e.g. dkd's warm-up
-            self.epoch_loss.set_epoch(epoch)
-
-    def step(self, batch: Batch, weight: Optional[float], dp) -> tuple[torch.Tensor, dict]:
-        """One optimizer step on ``batch`` (its loss times ``weight`` in a data-parallel fit); the loss and parts."""
-        batch = batch._replace(x=batch.x.contiguous(memory_format=self.memory_format))
-        with autocast(batch.y.device, self.precision):
-            logits = self.forward(batch.x)
-            t_logits = self.teacher.logits(batch) if self.teacher is not None else None
-        loss, parts = self.epoch_loss(logits, t_logits, batch.y)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss if weight is None else loss * weight).backward()
-        if dp is not None:  # trainer.devices: a feature loss's adapters are not in DDP
-            dp.sync_grads([p for p in self.loss_fn.parameters() if p.requires_grad])
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return loss, parts
-
-    def end_epoch(self, record: dict) -> None:
-        self.epoch = record["epoch"]
-        self.history.append(record)
-
-    def state_dict(self) -> dict:
-        cuda = next(iter(self.model.state_dict().values())).device.type == "cuda"
-        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [],
-                "teacher": self.teacher.state_dict() if self.teacher is not None else {}, "history": self.history,
-                "loss": self.loss_fn.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"], self.model)
-        self.epoch, self.history = state["epoch"], state["history"]
-        if state.get("loss"):  # a feature loss's adapters (absent from checkpoints of older versions)
-            self.loss_fn.load_state_dict(state["loss"])
 
 
 def _start(model: nn.Module, data: Data, recipe: Recipe, loss_fn: nn.Module,
