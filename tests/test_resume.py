@@ -244,6 +244,47 @@ def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
         assert_same_weights(path, tmp_path / "stopped" / "checkpoints" / path.name)
 
 
+def test_a_resume_checkpoint_of_the_previous_layout_is_read(tmp_path):
+    """A checkpoint with the best epoch at its top level and no hook states (as earlier versions wrote it) resumes
+    to the same weights as an uninterrupted fit."""
+    from kdrun.data.dataset import load_data
+    from kdrun.errors import Interrupted
+    from kdrun.losses.base import cross_entropy
+    from kdrun.models import build_model
+    from kdrun.schema import DatasetConfig, OptimConfig, SchedConfig
+    from kdrun.train import interrupt
+    from kdrun.train.hooks import Hook
+    from kdrun.train.loop import Checkpoint, Recipe, fit
+
+    data = load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=96,
+                                   val_fraction=0.25, mean=[0.5], std=[0.25]), torch.device("cpu"))
+    recipe = Recipe(epochs=4, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=3)
+
+    def mlp():
+        torch.manual_seed(0)
+        return build_model("mlp", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16})
+
+    class StopAfter2(Hook):
+        def after_epoch(self, record):
+            if record["epoch"] == 2:
+                interrupt._received.append(signal.SIGTERM)
+
+    whole = fit(mlp(), data, recipe, cross_entropy())
+    checkpoint = Checkpoint(tmp_path / "resume.pt")
+    with pytest.raises(Interrupted):
+        fit(mlp(), data, recipe, cross_entropy(), hooks=[StopAfter2()], checkpoint=checkpoint)
+    interrupt.reset()
+    state = torch.load(checkpoint.path, weights_only=True)
+    old = {k: v for k, v in state.items() if k != "hooks"} | state["hooks"]["KeepBest"]
+    torch.save(old, checkpoint.path)
+    resumed = fit(mlp(), data, recipe, cross_entropy(), checkpoint=checkpoint)
+    assert resumed.best_epoch == whole.best_epoch and resumed.history == [
+        {**r, "time_s": h["time_s"]} for r, h in zip(whole.history, resumed.history)]
+    for which in ("last_state", "best_state"):
+        a, b = getattr(whole, which), getattr(resumed, which)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- sweeps -------------------------------------------------------------------------------------------------
 
 def test_sweep_run_again_skips_completed_jobs(tmp_path):
