@@ -180,8 +180,8 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
 
     Consumes ``student.prune.*`` and what :func:`kdrun.stages.student.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``
-    (stage ``student_pruned``); keeps ``checkpoints/student_pruned_resume.pt`` (``trainer.checkpoint_every``), which a
-    resumed run continues from."""
+    (stage ``student_pruned``); keeps ``checkpoints/student_pruned_resume.pt`` (``trainer.checkpoint_every``; not for
+    the gradual schedule with ``trainer.devices > 1``), which a resumed run continues from."""
     from kdrun.records import JsonlWriter
     from kdrun.stages.common import EpochLogger, TrimMetrics, evaluate, n_params, recipe_student
     from kdrun.stages.student import prepare_student
@@ -191,6 +191,8 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
     recipe = recipe_student(cfg)
     writer = JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=STAGE)
     every = cfg.trainer.checkpoint_every
+    if spec.schedule == "gradual" and recipe.devices > 1:  # its hook prunes rank 0's model alone: the other ranks
+        every = 0                                            # could not load those weights; trained again on resume
     checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{STAGE}_resume.pt", every) if every else None
     trim = TrimMetrics(writer.path, STAGE)  # on resume: the lines of epochs after the checkpoint go
     if checkpoint is None or not checkpoint.path.exists():
