@@ -93,7 +93,8 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
 
     loss = losses.from_config(conf.loss)
     summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
-    note = "alpha weighs TCKD, beta NCKD" if loss.name == "dkd" else "alpha weighs the soft KD term; KL batchmean"
+    registered = None if getattr(conf.loss, "target", None) else registry.entries("loss").get(conf.loss.name)
+    note = (registered.note if registered else "") or "alpha weighs the soft KD term; KL batchmean"
     log.info(f"loss: {loss.formula()}   ({note})")
     show(_config_tree(cfg_dict), "config:")
     if conf.trainer.num_threads:
@@ -106,12 +107,14 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
                           "shape": [data.channels, data.image_size, data.image_size]}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
-    mode = registry.get("mode", conf.mode.name, "mode").obj
+    mode_entry = registry.get("mode", conf.mode.name, "mode")
+    mode = mode_entry.obj
+    mode_teacher = mode_entry.needs is not None and mode_entry.needs.teacher  # builds teacher.* on every class
     with Progress(conf.trainer.progress) as progress:
         ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
                          JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult(), trackers=trackers)
         started.append(ctx.result)
-        preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
+        preflight(ctx, data, teacher=loss.needs_teacher and mode_teacher)
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
     summary.update(_serialise(ctx.result, summary["loss"]))
     summary["warnings"] = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate

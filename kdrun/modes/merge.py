@@ -41,7 +41,6 @@ from torch import nn
 from kdrun.data.dataset import Data, with_classes
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss
-from kdrun.registry import register_mode
 from kdrun.results import MergedTeacherResult, Row, SubsetTeacher
 from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
@@ -179,7 +178,6 @@ def _span(classes: list[int]) -> str:
     return f"{classes[0]}-{classes[-1]}" if contiguous and len(classes) > 2 else ",".join(map(str, classes))
 
 
-@register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes")
 def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teachers per class list, their merged teacher on all classes, the CE baseline, the distilled student.
 

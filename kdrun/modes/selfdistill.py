@@ -20,7 +20,6 @@ from torch import nn
 
 from kdrun.data.dataset import Data
 from kdrun.losses.base import DistillationLoss
-from kdrun.registry import register_mode
 from kdrun.results import Row, SnapshotTeacherResult
 from kdrun.stages import RunContext, baseline_model, check_layers, distil, evaluate, obtain_baseline
 from kdrun.teacher.sources import LiveTeacher, SnapshotTeacher
@@ -80,7 +79,6 @@ def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     result.student_role = "student, snapshot KD"
 
 
-@register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher")
 def self_distill(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """``mode.method``: ``born_again`` or ``snapshot``."""
     if getattr(loss, "needs_features", False):  # the teacher has the student's architecture

@@ -32,7 +32,6 @@ from kdrun.data.dataset import Data, with_train
 from kdrun.data.sources import stratified
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, kd_term
-from kdrun.registry import register_mode
 from kdrun.results import Row
 from kdrun.schema import ModeConfig
 from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
@@ -128,7 +127,6 @@ class SemiSupervisedLoss(torch.nn.Module):
         return f"L = mean over batch of: labelled {lab} | unlabelled {num(self.weight)}·{pool}"
 
 
-@register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train")
 def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teacher and baseline on the labelled part; then ``mode.iterations`` rounds of students on all of train.
 

@@ -13,7 +13,7 @@ from kdrun.models.checkpoint import load_weights, read_checkpoint
 from kdrun.models.transfer import initialise
 from kdrun.records import file_sha256
 from kdrun.results import MergedTeacherResult, TeacherResult
-from kdrun.schema import Config
+from kdrun.schema import Config, loss_needs
 from kdrun.stages.common import RunContext, build, evaluate_frozen, n_params, pct, store_key, train_ce_entry
 from kdrun.store import key_hash, train_or_reuse
 from kdrun.teacher.sources import CachedLogits, LiveTeacher
@@ -101,13 +101,15 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
     (:mod:`kdrun.teacher.view_cache`). Returns the :class:`kdrun.train.hooks.TeacherSource` for :func:`distil`; records the
     cache decision in ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``,
     ``teacher.cache_budget_mb``, ``store.teachers``, ``seed``.
-    A ``loss`` that reads the teacher's features (``needs_features``) always gets the live teacher.
+    A ``loss`` that the logit cache cannot serve (registered ``Needs(logit_cache=False)``, or a loss class with
+    ``needs_features``: it reads the teacher's features) always gets the live teacher.
     """
     from kdrun.teacher.logit_cache import make_check, teacher_logits
 
     cfg = ctx.cfg
-    if getattr(loss, "needs_features", False):
-        why = f"feature loss {loss.name} reads the teacher's features: live teacher"
+    if loss is not None and (getattr(loss, "needs_features", False) or not loss_needs(cfg.loss).logit_cache):
+        why = f"feature loss {loss.name} reads the teacher's features: live teacher" if \
+            getattr(loss, "needs_features", False) else f"loss {loss.name} needs the live teacher"
         teacher_info.cache = {"mode": str(cfg.teacher.cache), "used": False, "why": why}
         log.info(f"teacher logits: live ({why})")
         return LiveTeacher(teacher)
