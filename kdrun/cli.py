@@ -213,8 +213,8 @@ def _list(what: str) -> int:
     table.add_column("args (defaults)")
     table.add_column("source", no_wrap=True)
     skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
-    for name, entry in found.items():
-        params = entry.params(skip=skip) if kind != "mode" else {}
+    for name, entry in found.items():  # a loss's or mode's keys: its registered config, whose defaults runs use
+        params = entry.params(skip=skip)
         table.add_row(name, escape(entry.description), ", ".join(f"{k}={v}" for k, v in params.items()), entry.source)
     if kind == "model":
         table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),

@@ -132,6 +132,8 @@ def register(kind: str, name: str, description: str = "", *, config: Optional[ty
             f"plugin {_CURRENT_SOURCE[-1] if _CURRENT_SOURCE else module}"
         doc = description or _first_doc_line(obj)
         cfg = obj if target is not None else config
+        if cfg is not None and config_defaults(cfg).get("name") != name:
+            raise ValueError(f"the config of {kind} {name!r} ({_qualname(cfg)}) must declare name: str = {name!r}")
         _REGISTRY[kind][name] = Entry(kind, name, None if target else obj, doc, source, config=cfg, needs=needs,
                                       rules=tuple(rules), note=note, target=target)
         return obj

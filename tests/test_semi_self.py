@@ -11,7 +11,7 @@ from test_cli import error_line
 
 from kdrun.losses.base import build, kd_term
 from kdrun.modes.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
-from kdrun.schema import SemiMode as ModeConfig
+from kdrun.modes.options import SemiMode as ModeConfig
 
 
 def semi_loss(**mode) -> SemiSupervisedLoss:

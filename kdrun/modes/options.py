@@ -80,7 +80,7 @@ class SemiMode:
 
 
 @register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher",
-               target=f"{MODES}.selfdistill.self_distill", rules=(snapshot_before_the_end,))
+               target=f"{MODES}.selfdistill.self_distill", needs=ModeNeeds(), rules=(snapshot_before_the_end,))
 @dataclass
 class SelfMode:
     """mode=self: born-again generations or an in-training snapshot teacher (no separate teacher)."""
@@ -100,7 +100,7 @@ class SelfMode:
 
 
 @register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes",
-               target=f"{MODES}.merge.merge", rules=(logit_losses_only,))
+               target=f"{MODES}.merge.merge", needs=ModeNeeds(), rules=(logit_losses_only,))
 @dataclass
 class MergeMode:
     """mode=merge: teachers on class subsets (or all on the same classes) merged into one student."""
