@@ -93,7 +93,7 @@ class Entry:
 
     @property
     def obj(self) -> Callable:
-        return self.factory if self.target is None else import_target(self.target, f"{self.kind}={self.name}")
+        return self.factory if self.target is None else import_target(self.target, self.kind)
 
     def params(self, skip: tuple = ()) -> dict[str, Any]:
         """The option's keys with their defaults: its config's fields (``name`` left out), else the keyword
