@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError, InputError
-from kdrun.schema import AugmentConfig, DatasetConfig
 from kdrun.data.sources import LazyImages, check_fits, stratified
 from kdrun.data.splits import call_dataset
+from kdrun.errors import ConfigError, InputError
+from kdrun.schema import AugmentConfig, DatasetConfig
 
 
 @dataclass
