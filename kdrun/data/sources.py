@@ -1,7 +1,7 @@
 """Where images come from: the built-in datasets, registered like a plugin's, plus the streaming image source
 for folders too large for memory.
 
-Every dataset callable follows the contract of a user's dataset (see :func:`kdrun.data.dataset.call_dataset`): it
+Every dataset callable follows the contract of a user's dataset (see :func:`kdrun.data.splits.call_dataset`): it
 takes keyword arguments (filled from the ``dataset.*`` keys of the same name) and returns a mapping with
 ``train`` and optionally ``val`` / ``test``, each ``(x, y)``. The built-ins return numpy ``x [N,C,H,W]``
 (uint8 or float32 in [0, 1]) or a :class:`LazyImages`.
