@@ -5,9 +5,10 @@
 2. write the resolved ``config.yaml``, log the loss formula and the config;
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
-4. write ``summary.json`` once (``status: completed`` with any ``warnings``, ``failed`` with the error and
-   the stages that finished, re-raised, a diverged loss as :class:`kdrun.errors.RunFailed`; ``interrupted``
-   when a signal stopped it, :mod:`kdrun.train.interrupt`) and print a table.
+4. write ``summary.json`` once, from the run's :class:`kdrun.results.RunSummary` (``status: completed`` with
+   any ``warnings``, ``failed`` with the error and the stages that finished, re-raised, a diverged loss as
+   :class:`kdrun.errors.RunFailed`; ``interrupted`` when a signal stopped it, :mod:`kdrun.train.interrupt`)
+   and print a table.
 """
 from __future__ import annotations
 
