@@ -12,6 +12,7 @@ Imports nothing (torch included), so the command line can use it before any job 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Hashable
 
 _EMPTY = object()
@@ -45,11 +46,11 @@ class ProcessMemo:
     dataset: Last = field(default_factory=Last)         # kdrun.data.dataset.load_data: the last dataset loaded
     frozen_scores: Last = field(default_factory=Last)   # kdrun.stages.common.evaluate_frozen: (scores, Prediction)
     # the kdrun command (kdrun.cli): what its Hydra callbacks and jobs tell main()
-    resume: bool = False                                # `kdrun resume=DIR`
-    refused: list = field(default_factory=list)         # KdrunError: the run dir could not be claimed (exit 2)
-    failed_jobs: list = field(default_factory=list)     # (run dir, KdrunError): user errors of the jobs
-    interrupted: list = field(default_factory=list)     # (run dir, Interrupted): the job a signal stopped
-    sweep_dirs: list = field(default_factory=list)      # sweep dirs started by this process, to summarise
+    resume: bool = False                                                  # `kdrun resume=DIR`
+    refused: list[Exception] = field(default_factory=list)                # KdrunError: the run dir was not claimed
+    failed_jobs: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, KdrunError) of a job
+    interrupted: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, Interrupted): signal
+    sweep_dirs: list[Path] = field(default_factory=list)                  # sweep dirs this process started
 
     def clear(self) -> None:
         """Forget everything, as a fresh process would."""
