@@ -1,8 +1,10 @@
-"""The stages a mode is built from: get the teacher, get the CE baseline, distil the student.
+"""What every stage shares: :class:`RunContext` (the validated config, the run dir, the device, the run's teachers and
+result), building and evaluating a model, the per-epoch hooks that log and trim ``metrics.jsonl``, the store key and
+CE training of a stored model (teacher, baseline), the student's recipe, and the checks run before any training
+(:func:`preflight`, :func:`check_layers`).
 
-Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a
-typed result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to
-``summary.json``.
+A stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a typed
+result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to ``summary.json``.
 """
 from __future__ import annotations
 
