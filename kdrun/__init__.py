@@ -1,6 +1,6 @@
 """kdrun: config-driven knowledge-distillation experiments on PyTorch.
 
-Extension API (see README, "Extending kdrun"): ``register_model``, ``register_dataset``, ``register_loss``,
+Extension API (see docs/extending.md): ``register_model``, ``register_dataset``, ``register_loss``,
 ``register_mode`` (or the generic ``register(kind, name)``), with :class:`~kdrun.registry.Needs` /
 :class:`~kdrun.registry.ModeNeeds` saying what a loss or mode needs; installed packages register through the
 ``kdrun.plugins`` entry-point group.

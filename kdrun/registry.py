@@ -146,7 +146,7 @@ def register_model(name: str, description: str = ""):
 
 
 def register_dataset(name: str, description: str = ""):
-    """Register a dataset callable ``f(**kwargs) -> {"train": ..., "val": ..., "test": ...}`` (see README)."""
+    """Register a dataset callable ``f(**kwargs) -> {"train": ..., "val": ..., "test": ...}`` (see docs/extending.md)."""
     return register("dataset", name, description)
 
 

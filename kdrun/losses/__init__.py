@@ -21,7 +21,7 @@ import importlib
 
 _PUBLIC = {"DistillationLoss": "base", "build": "base", "cross_entropy": "base", "from_config": "base",
            "kd_term": "base", "FeatureHooks": "hooks", "FeatureLoss": "feature"}
-__all__ = sorted(_PUBLIC)
+__all__ = ["DistillationLoss", "FeatureHooks", "FeatureLoss", "build", "cross_entropy", "from_config", "kd_term"]
 
 
 def __getattr__(name: str):

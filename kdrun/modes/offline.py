@@ -30,4 +30,4 @@ def _prune(ctx: RunContext, data: Data, loss: DistillationLoss, source, student)
     if ctx.cfg.student.prune.amount > 0:
         from kdrun.stages.pruning import pruned_student
 
-        ctx.result.extra["student_pruned"] = pruned_student(ctx, data, loss, source, student)
+        ctx.result.student_pruned = pruned_student(ctx, data, loss, source, student)

@@ -51,8 +51,9 @@ from torch import nn
 
 from kdrun.data.dataset import Data, finite_views
 from kdrun.errors import KdrunError
+from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
-from kdrun.teacher.logit_cache import DTYPES, TOLERANCE, remove_partial_writes, weights_hash
+from kdrun.teacher.logit_cache import DTYPES, TOLERANCE, remove_partial_writes
 from kdrun.train.hooks import TeacherSource
 from kdrun.train.infer import autocast
 
