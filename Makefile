@@ -7,9 +7,10 @@ LOCK := requirements/constraints.txt
 # The environment is keyed by the lock file and pyproject.toml: change either and it is re-installed.
 DEPS_KEY := $(shell cat $(LOCK) pyproject.toml examples/kdrun-example-plugin/pyproject.toml | sha1sum | cut -c1-12)
 DEPS_STAMP := $(VENV)/.deps-$(DEPS_KEY)
+DOCS_STAMP := $(VENV)/.docs-$(DEPS_KEY)
 PYTEST_ARGS ?=
 
-.PHONY: install install-plugin demo test lint test-all bench clean
+.PHONY: install install-plugin demo test lint docs test-all bench clean
 
 $(DEPS_STAMP):  # content-keyed (DEPS_KEY), so a fresh clone reuses a matching environment
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +36,20 @@ lint: install
 	$(VENV)/bin/ruff check kdrun tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
-# The default suite: lint, unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
-test: install-plugin lint
+# The manual as a site (mkdocs.yml, docs/), built into site/. --strict: a broken link or anchor, a page missing from
+# the nav or a docstring mkdocstrings cannot load fails it (never add --quiet: it hides the warnings --strict
+# counts, and the build passes). The `docs` extra stays out of the core install: it is
+# added to the environment here, once per DEPS_KEY (its pins are in the lock file, so a change re-installs it).
+$(DOCS_STAMP): $(DEPS_STAMP)
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[docs]'
+	@rm -f $(VENV)/.docs-*
+	@touch $@
+
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The default suite: lint, the docs build, unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
+test: install-plugin lint docs
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # Everything, including the slower runs on real data sets.
@@ -44,4 +57,4 @@ test-all: install-plugin
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build site *.egg-info .pytest_cache

@@ -19,12 +19,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
+from kdrun.memo import MEMO
 from kdrun.schema import keys_at
 from kdrun.schema.configstore import register_configs
-
-_FAILED_JOBS: list[tuple[Path, KdrunError]] = []  # user errors of this process's jobs, reported by main()
-_SWEEP_DIRS: list[Path] = []  # sweep dirs started by this process, summarised by main()
-_REFUSED: list[KdrunError] = []  # the run dir could not be claimed (ClaimRunDir): reported by main(), exit 2
 
 
 class ClaimRunDir(Callback):
@@ -34,7 +31,7 @@ class ClaimRunDir(Callback):
     happens here. A timestamped dir (``${now:...}``, the default) another run holds becomes the next free
     ``<dir>-N``; any other dir that is held or holds results is refused, and Hydra then writes no ``.hydra/``
     (a finished run's files stay as they are). Hydra turns a callback's exception into a warning, so the
-    refusal is kept in ``_REFUSED`` for :func:`_job` and :func:`main`.
+    refusal is kept in ``MEMO.refused`` (:mod:`kdrun.memo`) for :func:`_job` and :func:`main`.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -45,18 +42,14 @@ class ClaimRunDir(Callback):
         unresolved = str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", ""))
         try:
             path = claim(Path(str(config.hydra.run.dir)), fresh="${now:" in unresolved,
-                         resume=bool(_RESUME and _RESUME[0]))
+                         resume=MEMO.resume)
         except KdrunError as exc:
-            _REFUSED.append(exc)
+            MEMO.refused.append(exc)
             with read_write(config.hydra):
                 config.hydra.output_subdir = None
             return
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
-
-
-_RESUME: list[bool] = []  # [True] for `kdrun resume=DIR`
-_INTERRUPTED: list[tuple[Path, Interrupted]] = []  # the job a signal stopped, reported by main()
 
 
 class RecordSweepDir(Callback):
@@ -86,7 +79,7 @@ class RecordSweepDir(Callback):
                     config.hydra.sweep.dir = str(fresh)
                     config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
                 sweep_dir = fresh
-        _SWEEP_DIRS.append(sweep_dir.resolve())
+        MEMO.sweep_dirs.append(sweep_dir.resolve())
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdrun.conf", config_name="config")
@@ -103,10 +96,10 @@ def _job(cfg: DictConfig) -> float:
     from kdrun.train import interrupt
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if _REFUSED:  # the run dir is another run's (ClaimRunDir): write nothing into it
-        _FAILED_JOBS.append((out_dir, _REFUSED.pop()))
+    if MEMO.refused:  # the run dir is another run's (ClaimRunDir): write nothing into it
+        MEMO.failed_jobs.append((out_dir, MEMO.refused.pop()))
         return float("nan")
-    resume = _RESUME[0] if _RESUME else False
+    resume = MEMO.resume
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep run again into its dir: finish what is not done
         earlier = earlier_attempt(out_dir, cfg)
         if earlier is not None and earlier.get("status") == "completed":
@@ -119,10 +112,10 @@ def _job(cfg: DictConfig) -> float:
         with interrupt.stop_on_signals():
             return run(cfg, out_dir, resume=resume)["objective"]
     except Interrupted as exc:  # recorded in summary.json; main() reports it (not raised: Hydra would add a line)
-        _INTERRUPTED.append((out_dir, exc))
+        MEMO.interrupted.append((out_dir, exc))
         return float("nan")
     except KdrunError as exc:
-        _FAILED_JOBS.append((out_dir, exc))
+        MEMO.failed_jobs.append((out_dir, exc))
         if not (out_dir / "summary.json").exists():  # refused before it started: say why in the job's log
             logging.getLogger("kdrun.file").error(f"job refused: {exc}")
         return float("nan")
@@ -143,7 +136,7 @@ def _resume_argv(argv: list[str]) -> list[str]:
 def _report_interrupted(sweep: bool) -> None:
     """One line on stderr, exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
     _summarize_sweeps()
-    out_dir, exc = _INTERRUPTED[0]
+    out_dir, exc = MEMO.interrupted[0]
     hint = "the same command again (completed jobs are skipped)" if sweep else f"kdrun resume={out_dir}"
     print(f"kdrun: {exc}; resume with: {hint}", file=sys.stderr)
     sys.exit(exc.exit_code)
@@ -213,8 +206,8 @@ def _list(what: str) -> int:
     table.add_column("args (defaults)")
     table.add_column("source", no_wrap=True)
     skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
-    for name, entry in found.items():
-        params = entry.params(skip=skip) if kind != "mode" else {}
+    for name, entry in found.items():  # a loss's or mode's keys: its registered config, whose defaults runs use
+        params = entry.params(skip=skip)
         table.add_row(name, escape(entry.description), ", ".join(f"{k}={v}" for k, v in params.items()), entry.source)
     if kind == "model":
         table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
@@ -272,8 +265,8 @@ def _summarize_sweeps() -> int:
     from kdrun.sweep import summarize
 
     failed = 0
-    while _SWEEP_DIRS:
-        sweep_dir = _SWEEP_DIRS.pop(0)
+    while MEMO.sweep_dirs:
+        sweep_dir = MEMO.sweep_dirs.pop(0)
         try:
             failed += sum(job.status == "failed" for job in summarize(sweep_dir).jobs)
         except Exception as exc:  # noqa: BLE001 - the jobs' results are on disk: kdrun-summarize can retry
@@ -302,27 +295,27 @@ def main() -> None:
     sweep = "-m" in argv or "--multirun" in argv
     try:
         if argv != (resumed := _resume_argv(argv)):
-            _RESUME.append(True)
+            MEMO.resume = True
             sys.argv[1:] = argv = resumed
         _job()
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()
         message = None if user_wants_traceback else explain(exc)
-        if _REFUSED and not user_wants_traceback:  # an unusable run dir: Hydra failed to create or log into it
-            message = str(_REFUSED[-1])
+        if MEMO.refused and not user_wants_traceback:  # an unusable run dir: Hydra failed to create or log into it
+            message = str(MEMO.refused[-1])
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
         sys.exit(2)
-    if _INTERRUPTED:
+    if MEMO.interrupted:
         _report_interrupted(sweep)
     failed_in_sweeps = _summarize_sweeps()
-    if failed_in_sweeps and not _FAILED_JOBS:  # jobs of other processes (parallel launchers) failed
+    if failed_in_sweeps and not MEMO.failed_jobs:  # jobs of other processes (parallel launchers) failed
         print(f"kdrun: error: {failed_in_sweeps} sweep job(s) failed; see summary.md in the sweep dir",
               file=sys.stderr)
         sys.exit(1)
-    if _FAILED_JOBS:
-        sweep = sweep or len(_FAILED_JOBS) > 1
-        for out_dir, exc in _FAILED_JOBS:
+    if MEMO.failed_jobs:
+        sweep = sweep or len(MEMO.failed_jobs) > 1
+        for out_dir, exc in MEMO.failed_jobs:
             print(f"kdrun: error: {f'job {out_dir}: ' if sweep else ''}{exc}", file=sys.stderr)
-        sys.exit(2 if all(isinstance(e, InputError) for _, e in _FAILED_JOBS) else 1)  # kdrun.errors: the rule
+        sys.exit(2 if all(isinstance(e, InputError) for _, e in MEMO.failed_jobs) else 1)  # kdrun.errors: the rule

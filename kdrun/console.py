@@ -24,6 +24,11 @@ def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:
     return handler
 
 
+def pct(value: Optional[float], unit: str = "%") -> str:
+    """An accuracy (percent) as people read it: two decimals and ``unit``; ``-`` for None (an empty split)."""
+    return "-" if value is None else f"{value:.2f}{unit}"
+
+
 class ConsoleFilter(logging.Filter):
     """Keeps records of the ``kdrun.file`` logger (already shown by :func:`show`) off the console."""
 

@@ -11,6 +11,20 @@ A built-in and a plugin register the same way::
 ``register(kind, name)`` is the generic decorator; ``register_model`` / ``register_dataset`` /
 ``register_loss`` / ``register_mode`` are it with the kind filled in. One dict per kind, nothing layered.
 
+A loss or a mode is registered once, with everything kdrun asks about it: its ``config`` dataclass (keys,
+types, defaults written once, range checks in ``__post_init__``), what it ``needs`` (:class:`Needs` for a
+loss, :class:`ModeNeeds` for a mode) and its cross-key ``rules`` (functions of the validated config that
+raise :class:`~kdrun.errors.ConfigError`). The schema, ``--list`` and the run read them here instead of
+testing names. Where the implementation imports torch, the registration decorates the config and names the
+implementation by ``target="package.module.Name"`` (imported when first used), so listing and validating
+options never import torch; a plugin may do the same::
+
+    @register_loss("mykd", "...", target="my_pkg.losses.MyKD", needs=Needs(features=False))
+    @dataclass
+    class MyKDConfig:
+        name: str = "mykd"
+        T: float = 4.0
+
 Installed packages are found through the entry-point group ``kdrun.plugins``: each entry point names a
 module (imported, its decorators register) or a callable (called once). They are loaded on first use of the
 registry, so an installed plugin needs no flag.
@@ -38,21 +52,54 @@ KINDS = ("model", "dataset", "loss", "mode")
 ENTRY_POINT_GROUP = "kdrun.plugins"
 # the modules that hold the built-ins of each kind (imported on first use of that kind)
 BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.data.sources",),
-                   "loss": ("kdrun.losses.base", "kdrun.losses.logit", "kdrun.losses.feature"), "mode": ("kdrun.modes",)}
+                   "loss": ("kdrun.losses.options",), "mode": ("kdrun.modes.options",)}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss reads, so that kdrun asks the loss instead of testing its name."""
+
+    teacher: bool = True      # reads the teacher (False: it is never built nor run for the student; loss=ce)
+    labels: bool = True       # reads the true labels
+    features: bool = False    # reads intermediate features of both models (hooked; the teacher runs live)
+    logit_cache: bool = True  # the teacher's logits alone suffice, so the logit cache can serve it
+
+
+@dataclass(frozen=True)
+class ModeNeeds:
+    """What a mode does with the config, so that kdrun asks the mode instead of testing its name."""
+
+    teacher: bool = False      # builds ``teacher.*`` on every class (checked on one batch before any training)
+    plain_loss: bool = False   # accepts a loss that never reads the teacher (loss=ce: the student alone)
+    prune: bool = False        # supports ``student.prune`` (a pruned copy of the distilled student)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered thing: ``obj`` is the factory / class / function; ``source`` says where it comes from."""
+    """One registered thing: ``obj`` is the factory / class / function (imported from ``target`` when the
+    registration names it by path); ``source`` says where it comes from; ``config``, ``needs``, ``rules`` and
+    ``note`` as given to :func:`register`."""
 
     kind: str
     name: str
-    obj: Callable
+    factory: Optional[Callable]
     description: str
     source: str  # "kdrun" for built-ins, else "plugin <distribution or module>"
+    config: Optional[type] = None  # the option's dataclass: its keys, defaults and range checks
+    needs: Any = None              # Needs (loss) or ModeNeeds (mode); None: not stated
+    rules: tuple = ()              # cross-key checks: rule(config) raises ConfigError
+    note: str = ""                 # a loss's reading of its weights, logged beside its formula
+    target: Optional[str] = None   # "package.module.Name" of the implementation, imported on first use
+
+    @property
+    def obj(self) -> Callable:
+        return self.factory if self.target is None else import_target(self.target, self.kind)
 
     def params(self, skip: tuple = ()) -> dict[str, Any]:
-        """Keyword parameters of ``obj`` with their defaults (``skip`` left out; no ``*args``/``**kwargs``)."""
+        """The option's keys with their defaults: its config's fields (``name`` left out), else the keyword
+        parameters of ``obj`` (``skip`` left out; no ``*args``/``**kwargs``)."""
+        if self.config is not None:
+            return {k: v for k, v in config_defaults(self.config).items() if k != "name" and k not in skip}
         return signature_defaults(self.obj, skip)
 
 
@@ -63,23 +110,32 @@ _SCANNED: list[bool] = []  # [True] once the entry points were scanned
 _CURRENT_SOURCE: list[str] = []  # while a plugin loads: its name, so its entries are labelled
 
 
-def register(kind: str, name: str, description: str = "") -> Callable[[Callable], Callable]:
+def register(kind: str, name: str, description: str = "", *, config: Optional[type] = None, needs: Any = None,
+             rules: tuple = (), note: str = "", target: Optional[str] = None) -> Callable[[Callable], Callable]:
     """Decorator registering ``obj`` as ``name`` of ``kind`` (one of :data:`KINDS`).
 
+    With ``target``, the decorated object is the option's config dataclass and ``target`` names the
+    implementation (imported on first use); otherwise the decorated object is the implementation.
     Registering a name twice is an error unless it is the same object (a module imported twice).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; one of {', '.join(KINDS)}")
 
     def decorator(obj: Callable) -> Callable:
+        what = target or _qualname(obj)
         old = _REGISTRY[kind].get(name)
-        if old is not None and _qualname(old.obj) != _qualname(obj):
-            raise ValueError(f"{kind} {name!r} is already registered by {old.source} ({_qualname(old.obj)})")
+        if old is not None and (old.target or _qualname(old.factory)) != what:
+            raise ValueError(f"{kind} {name!r} is already registered by {old.source} "
+                             f"({old.target or _qualname(old.factory)})")
         module = getattr(obj, "__module__", "") or ""
         source = "kdrun" if module.startswith("kdrun.") and not _CURRENT_SOURCE else \
             f"plugin {_CURRENT_SOURCE[-1] if _CURRENT_SOURCE else module}"
         doc = description or _first_doc_line(obj)
-        _REGISTRY[kind][name] = Entry(kind, name, obj, doc, source)
+        cfg = obj if target is not None else config
+        if cfg is not None and config_defaults(cfg).get("name") != name:
+            raise ValueError(f"the config of {kind} {name!r} ({_qualname(cfg)}) must declare name: str = {name!r}")
+        _REGISTRY[kind][name] = Entry(kind, name, None if target else obj, doc, source, config=cfg, needs=needs,
+                                      rules=tuple(rules), note=note, target=target)
         return obj
     return decorator
 
@@ -90,19 +146,27 @@ def register_model(name: str, description: str = ""):
 
 
 def register_dataset(name: str, description: str = ""):
-    """Register a dataset callable ``f(**kwargs) -> {"train": ..., "val": ..., "test": ...}`` (see README)."""
+    """Register a dataset callable ``f(**kwargs) -> {"train": ..., "val": ..., "test": ...}`` (see docs/extending.md)."""
     return register("dataset", name, description)
 
 
-def register_loss(name: str, description: str = ""):
-    """Register a loss: an ``nn.Module`` class whose ``forward(student_logits, teacher_logits, labels, ...)``
-    returns ``(loss, parts)``; its constructor takes ``T``, ``alpha`` and its own keyword args."""
-    return register("loss", name, description)
+def register_loss(name: str, description: str = "", *, config: Optional[type] = None, needs: Optional[Needs] = None,
+                  rules: tuple = (), note: str = "", target: Optional[str] = None):
+    """Register a loss: an ``nn.Module`` class (or a factory returning one) whose ``forward(student_logits,
+    teacher_logits, labels, ...)`` returns ``(loss, parts)``; its constructor takes ``T``, ``alpha`` and its
+    own keyword args. ``config``: its dataclass (defaults, range checks); ``needs``: what it reads
+    (:class:`Needs`); ``rules``: cross-key checks ``rule(cfg)``; ``note``: how to read its weights (logged);
+    ``target``: decorate the config instead and name the class by path (see the module docstring)."""
+    return register("loss", name, description, config=config, needs=needs, rules=rules, note=note, target=target)
 
 
-def register_mode(name: str, description: str = ""):
-    """Register a distillation mode: a function ``(ctx, data, loss) -> None`` built from kdrun's stages."""
-    return register("mode", name, description)
+def register_mode(name: str, description: str = "", *, config: Optional[type] = None,
+                  needs: Optional[ModeNeeds] = None, rules: tuple = (), target: Optional[str] = None):
+    """Register a distillation mode: a function ``(ctx, data, loss) -> None`` built from kdrun's stages.
+    ``config``: its dataclass (its ``mode.*`` keys); ``needs``: :class:`ModeNeeds`; ``rules``: cross-key checks
+    ``rule(cfg)`` on the whole validated config, e.g. which losses the mode accepts; ``target``: as for
+    :func:`register_loss`."""
+    return register("mode", name, description, config=config, needs=needs, rules=rules, target=target)
 
 
 def entries(kind: str, *, builtins: bool = True) -> dict[str, Entry]:
@@ -203,6 +267,14 @@ def signature_defaults(obj: Callable, skip: tuple = ()) -> dict[str, Any]:
         return {}
     return {p.name: (None if p.default is p.empty else p.default) for p in params
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip and p.name != "self"}
+
+
+def config_defaults(cls: type) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` and their defaults (``None`` when a field has none)."""
+    from dataclasses import MISSING, fields
+
+    return {f.name: (f.default_factory() if f.default_factory is not MISSING else
+                     None if f.default is MISSING else f.default) for f in fields(cls)}
 
 
 def _qualname(obj: Any) -> str:

@@ -1,9 +1,10 @@
-"""Typed results of a run's stages; :func:`kdrun.run.run` serialises them once into ``summary.json``.
+"""Typed results of a run's stages, and :class:`RunSummary`, the one object ``summary.json`` is written from.
 
 A stage returns one of these; a mode puts them into the run's :class:`RunResult` as each stage finishes, so a
-run that fails later still reports what finished. ``to_json()`` gives the exact ``summary.json`` form: fields
-in declaration order, an ``optional`` field left out while it is None. Accuracies are percent, None when the
-split is empty.
+run that fails later still reports what finished. :func:`kdrun.run.run` puts the run's own facts and the mode's
+result into a :class:`RunSummary` and serialises it once. ``to_json()`` gives the exact ``summary.json`` form:
+fields in declaration order, an ``optional`` field left out while it is None, an ``internal`` one never
+written. Accuracies are percent, None when the split is empty.
 """
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ def optional(default: Any = None) -> Any:
     return field(default=default, metadata={"optional": True})
 
 
+def internal(default_factory: Any) -> Any:
+    """A field that is never written to ``summary.json`` (what a later step of the run reads)."""
+    return field(default_factory=default_factory, metadata={"internal": True}, repr=False)
+
+
 class Result:
     """Base: ``to_json()`` of a dataclass, nested results included, optional None fields left out."""
 
     def to_json(self) -> dict:
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not (f.metadata.get("optional") and getattr(self, f.name) is None)}
+                if not f.metadata.get("internal") and not (f.metadata.get("optional") and getattr(self, f.name) is None)}
 
 
 def jsonable(value: Any) -> Any:
@@ -149,33 +155,69 @@ class Row(Result):
 
 
 @dataclass
-class RunResult(Result):
-    """What a mode produced, filled in by its stages as they finish.
+class LabelSplit(Result):
+    """``mode=semi``: how many train images kept their labels (:func:`kdrun.modes.semi.split_labels`)."""
 
-    ``rows`` and ``student_role`` are left out of ``summary.json`` while None (offline has neither); ``extra``
-    holds a mode's own entries (``semi``, ``rounds``, ``generations``, ``ensemble``, ``teachers``), written
-    after ``baseline``; ``loss`` replaces or adds keys of ``summary["loss"]`` (mode=semi's wrapped loss).
+    labeled: int
+    unlabeled: int
+    labeled_fraction_actual: float
+
+
+@dataclass
+class PrunedStudentResult(Result):
+    """The pruned KD student (``checkpoints/student_pruned_*.pt``, :mod:`kdrun.stages.pruning`), reported beside
+    the unpruned one."""
+
+    name: str
+    schedule: str
+    amount: float
+    sparsity: float               # achieved: zeros / prunable weights of the best checkpoint
+    zeros: int
+    prunable: int                 # conv + linear weights
+    params: int
+    nonzero_params: int           # all parameters minus the pruned zeros
+    epochs: int                   # epochs this stage trained (gradual: the whole run; oneshot: the fine-tuning)
+    best_epoch: int
+    val_acc_best: Optional[float] = None
+    test_acc_best: Optional[float] = None
+    val_acc_last: Optional[float] = None
+    test_acc_last: Optional[float] = None
+    start: Optional[int] = optional()             # gradual: the ramp
+    end: Optional[int] = optional()
+    steps: Optional[list] = optional()            # gradual: sparsity reached before each pruning epoch
+    test_acc_before_finetune: Optional[float] = optional()  # oneshot: right after pruning
+    finetune_lr: Optional[float] = optional()
+
+    @property
+    def note(self) -> str:
+        return f"{self.schedule}, sparsity {100 * self.sparsity:.1f}%"
+
+
+@dataclass
+class RunResult(Result):
+    """What a mode produced, filled in by its stages as they finish; its fields in ``summary.json`` order.
+
+    ``teacher`` and ``baseline`` are always written (null when the mode has none); the mode's own entries
+    after them only once set: ``semi`` and ``rounds`` (mode=semi), ``generations`` and ``ensemble``
+    (mode=self born_again), ``teachers`` (mode=merge), ``student_pruned`` (``student.prune``). ``rows`` and
+    ``student_role`` are left out while None (offline has neither). ``loss`` replaces or adds keys of
+    ``summary["loss"]`` (mode=semi's wrapped loss).
     """
 
     teacher: Optional[AnyTeacher] = None
     baseline: Optional[BaselineResult] = None
-    student: Optional[StudentResult] = None
-    rows: Optional[list[Row]] = None
-    student_role: Optional[str] = None
-    extra: dict = field(default_factory=dict)
-    loss: dict = field(default_factory=dict)
+    semi: Optional[LabelSplit] = optional()
+    rounds: Optional[list[StudentResult]] = optional()       # the students before the last round, each taught the next
+    generations: Optional[list[StudentResult]] = optional()  # every KD generation; the last is ``student``
+    ensemble: Optional[dict] = optional()                    # val_acc, test_acc of all generations' mean softmax
+    teachers: Optional[list[SubsetTeacher]] = optional()     # one per class list; ``teacher`` is their merge
+    student_pruned: Optional[PrunedStudentResult] = optional()
+    rows: Optional[list[Row]] = optional()
+    student: Optional[StudentResult] = optional()
+    student_role: Optional[str] = optional()
+    loss: dict = internal(dict)
     # role -> kdrun.outputs.metrics.Prediction (test logits of each evaluated model) for the report; not in summary.json
-    predictions: dict = field(default_factory=dict, repr=False)
-
-    def to_json(self) -> dict:
-        out = {"teacher": jsonable(self.teacher), "baseline": jsonable(self.baseline), **jsonable(self.extra)}
-        if self.rows is not None:
-            out["rows"] = jsonable(self.rows)
-        if self.student is not None:
-            out["student"] = self.student.to_json()
-        if self.student_role is not None:
-            out["student_role"] = self.student_role
-        return out
+    predictions: dict = internal(dict)
 
     def chance_warnings(self, num_classes: int) -> list[str]:
         """A warning for each of teacher, baseline and student whose accuracy (val, else test) stayed within
@@ -200,3 +242,47 @@ class RunResult(Result):
 
 def _accs(stage: Any, val: str, test: str) -> tuple[Optional[float], Optional[float]]:
     return (getattr(stage, val, None), getattr(stage, test, None)) if stage is not None else (None, None)
+
+
+@dataclass
+class RunSummary(Result):
+    """``summary.json``: the run's facts, the mode's :class:`RunResult` spliced in after ``dataset``, and what
+    followed it, in this order. :func:`kdrun.run.run` fills it in as the run goes and writes it once, at the end
+    (also for a failed or interrupted run: the fields reached so far)."""
+
+    status: str                                     # running, completed, failed, interrupted
+    out_dir: str
+    mode: str
+    seed: int
+    started_at: str                                 # ISO 8601, local time with its offset
+    git_sha: Optional[str]                          # kdrun's checkout, None outside one
+    resumed: Optional[bool] = optional()            # True for ``kdrun resume=DIR``
+    loss: Optional[dict] = optional()               # name, T, alpha, formula (and the mode's changes: RunResult.loss)
+    versions: Optional[dict] = optional()
+    dataset: Optional[dict] = optional()            # name, split sizes, num_classes, shape
+    result: Optional[RunResult] = optional()        # from the moment the mode starts; its fields, not a key
+    warnings: Optional[list] = optional()
+    objective: Optional[float] = optional()         # the student's best val accuracy (NaN without val): what sweeps optimise
+    delta_vs_baseline: Optional[float] = optional()
+    report: Optional[dict] = optional()             # kdrun.outputs.report's pointer to report.md / report.json
+    export: Optional[dict] = optional()             # kdrun.outputs.export
+    compression: Optional[dict] = optional()        # kdrun.outputs.compression
+    error: Optional[str] = optional()               # failed / interrupted: ``Type: message``
+    interrupted: Optional[dict] = optional()        # kdrun.errors.Interrupted.to_json()
+    wall_time_s: Optional[float] = optional()
+    trackers: Optional[dict] = optional()           # kdrun.outputs.trackers: where each writes, or why it is off
+
+    def to_json(self) -> dict:
+        out = {}
+        for key, value in super().to_json().items():
+            if key == "result":
+                out.update(value)
+            elif key == "loss" and self.result is not None:
+                out[key] = {**value, **self.result.loss}
+            else:
+                out[key] = value
+        return out
+
+    def warn(self, warning: str) -> None:
+        """Add ``warning`` to ``warnings`` (a list from the first one on)."""
+        self.warnings = [*(self.warnings or []), warning]

@@ -5,9 +5,10 @@
 2. write the resolved ``config.yaml``, log the loss formula and the config;
 3. load the data, run the mode (``mode.name`` in the registry), whose stages fill in a typed
    :class:`kdrun.results.RunResult` (teacher, baseline, student, table rows) as each finishes;
-4. write ``summary.json`` once (``status: completed`` with any ``warnings``, ``failed`` with the error and
-   the stages that finished, re-raised, a diverged loss as :class:`kdrun.errors.RunFailed`; ``interrupted``
-   when a signal stopped it, :mod:`kdrun.train.interrupt`) and print a table.
+4. write ``summary.json`` once, from the run's :class:`kdrun.results.RunSummary` (``status: completed`` with
+   any ``warnings``, ``failed`` with the error and the stages that finished, re-raised, a diverged loss as
+   :class:`kdrun.errors.RunFailed`; ``interrupted`` when a signal stopped it, :mod:`kdrun.train.interrupt`)
+   and print a table.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.console import Progress, attach_file_log, show
+from kdrun.console import Progress, attach_file_log, pct, show
 from kdrun.errors import Interrupted, RunFailed
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text, git_sha, versions, write_json
-from kdrun.results import RunResult
+from kdrun.results import RunResult, RunSummary
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
@@ -45,43 +46,41 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg_dict))
     started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
-    summary: dict = {"status": "running", "out_dir": str(out_dir.resolve()), "mode": conf.mode.name,
-                     "seed": conf.seed, "started_at": started.isoformat(timespec="seconds"), "git_sha": git_sha()}
-    if resume:
-        summary["resumed"] = True
-    started: list[RunResult] = []  # the mode's result, from the moment the mode starts
+    summary = RunSummary(status="running", out_dir=str(out_dir.resolve()), mode=conf.mode.name, seed=conf.seed,
+                         started_at=started.isoformat(timespec="seconds"), git_sha=git_sha(),
+                         resumed=True if resume else None)
     trackers = Trackers.start(conf.logger, conf.logger_options, cfg_dict, out_dir)  # none: nothing imported
     try:
-        _execute(conf, cfg_dict, out_dir, summary, started, trackers)
-        summary["status"] = "completed"
+        _execute(conf, cfg_dict, out_dir, summary, trackers)
+        summary.status = "completed"
     except BaseException as caught:
         exc = caught
         if isinstance(caught, FloatingPointError):  # the loss diverged (engine.fit): one line, exit 1
             exc = RunFailed(f"{caught}; the stages that finished are kept in {out_dir / 'summary.json'}")
-        if started:  # failed in (or after) the mode: keep the stages that finished
-            summary.update(_serialise(started[0], summary["loss"]))
-            _report(conf, started[0], out_dir, summary, note="The run did not complete: the models that finished.")
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if summary.result is not None:  # failed in (or after) the mode: keep the stages that finished
+            _report(conf, summary.result, out_dir, summary, note="The run did not complete: the models that finished.")
+        summary.status, summary.error = "failed", f"{type(exc).__name__}: {exc}"
         if isinstance(exc, Interrupted):  # SIGINT / SIGTERM: stopped at a safe point, resumable
-            summary.update(status="interrupted", interrupted=exc.to_json())
+            summary.status, summary.interrupted = "interrupted", exc.to_json()
         logging.getLogger("kdrun.file").error(f"run failed: {type(exc).__name__}: {exc}")
         _write_traceback(out_dir, caught)
         if exc is not caught:
             raise exc from caught
         raise
     finally:
-        summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        summary.update(trackers.status())
-        write_json(out_dir / "summary.json", summary)
-        trackers.finish(summary, out_dir)  # also for a failed run: its summary so far, its artifacts
+        summary.wall_time_s = round(time.perf_counter() - t0, 3)
+        summary.trackers = trackers.status().get("trackers")
+        record = summary.to_json()
+        write_json(out_dir / "summary.json", record)
+        trackers.finish(record, out_dir)  # also for a failed run: its summary so far, its artifacts
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    return summary
+    return record
 
 
-def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started: list, trackers: Trackers) -> None:
-    """Load the data, run the mode, add its result to ``summary`` (``started`` receives it as the mode starts);
+def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, trackers: Trackers) -> None:
+    """Load the data, run the mode; ``summary.result`` is the mode's result from the moment the mode starts;
     ``trackers`` receive every stage's epochs."""
     import torch
 
@@ -92,41 +91,42 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: dict, started
     from kdrun.train.infer import resolve_device
 
     loss = losses.from_config(conf.loss)
-    summary["loss"] = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
-    note = "alpha weighs TCKD, beta NCKD" if loss.name == "dkd" else "alpha weighs the soft KD term; KL batchmean"
+    summary.loss = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
+    registered = None if getattr(conf.loss, "target", None) else registry.entries("loss").get(conf.loss.name)
+    note = (registered.note if registered else "") or "alpha weighs the soft KD term; KL batchmean"
     log.info(f"loss: {loss.formula()}   ({note})")
     show(_config_tree(cfg_dict), "config:")
     if conf.trainer.num_threads:
         torch.set_num_threads(conf.trainer.num_threads)
     device = resolve_device(conf.trainer.device)
-    summary["versions"] = versions(str(device))
+    summary.versions = versions(str(device))
     data = load_data(conf.dataset, device)
-    summary["dataset"] = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
-                          "test": len(data.test), "num_classes": data.num_classes,
-                          "shape": [data.channels, data.image_size, data.image_size]}
+    summary.dataset = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
+                       "test": len(data.test), "num_classes": data.num_classes,
+                       "shape": [data.channels, data.image_size, data.image_size]}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
-    mode = registry.get("mode", conf.mode.name, "mode").obj
+    mode_entry = registry.get("mode", conf.mode.name, "mode")
+    mode = mode_entry.obj
+    mode_teacher = mode_entry.needs is not None and mode_entry.needs.teacher  # builds teacher.* on every class
     with Progress(conf.trainer.progress) as progress:
         ctx = RunContext(conf, cfg_dict, out_dir, device, progress,
                          JsonlWriter(out_dir / "metrics.jsonl", stage="student"), RunResult(), trackers=trackers)
-        started.append(ctx.result)
-        preflight(ctx, data, teacher=loss.needs_teacher and conf.mode.name in ("offline", "semi"))
+        summary.result = ctx.result
+        preflight(ctx, data, teacher=loss.needs_teacher and mode_teacher)
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
-    summary.update(_serialise(ctx.result, summary["loss"]))
-    summary["warnings"] = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
-    for warning in summary["warnings"]:
+    summary.warnings = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
+    for warning in summary.warnings:
         log.warning(warning)
     student = ctx.result.student
-    summary["objective"] = student.val_acc_best if student.val_acc_best is not None else float("nan")
-    if (delta := ctx.result.delta_vs_baseline()) is not None:
-        summary["delta_vs_baseline"] = delta
+    summary.objective = student.val_acc_best if student.val_acc_best is not None else float("nan")
+    summary.delta_vs_baseline = delta = ctx.result.delta_vs_baseline()
     trails_line = _report(conf, ctx.result, out_dir, summary)
     lines = [line for line in (trails_line, _deploy(conf, ctx, data, out_dir, summary)) if line]
     show(results_table(ctx.result, delta, "\n".join(lines) or None), "results:")
 
 
-def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[str]:
+def _deploy(conf: Config, ctx, data, out_dir: Path, summary: RunSummary) -> Optional[str]:
     """``export``: the student as TorchScript / ONNX (:mod:`kdrun.outputs.export`); ``compression``: the report
     (:mod:`kdrun.outputs.compression`). Adds them to ``summary``; returns the report's lines for the table."""
     from kdrun.outputs.compression import from_run
@@ -141,21 +141,16 @@ def _deploy(conf: Config, ctx, data, out_dir: Path, summary: dict) -> Optional[s
         try:  # the students are trained and saved by now: a model that does not export or time is a warning
             value = make()
         except Exception as exc:  # noqa: BLE001
-            summary["warnings"].append(f"{key} failed: {type(exc).__name__}: {exc}")
-            log.warning(summary["warnings"][-1])
+            summary.warn(f"{key} failed: {type(exc).__name__}: {exc}")
+            log.warning(summary.warnings[-1])
             continue
         if value is not None:
-            summary[key] = value
-    lines = summary.get("compression", {}).get("lines")
+            setattr(summary, key, value)
+    lines = (summary.compression or {}).get("lines")
     return "\n".join(lines) if lines else None
 
 
-def _serialise(result: RunResult, loss: dict) -> dict:
-    """The mode's part of ``summary.json``: its result, and ``loss`` with the mode's changes to it."""
-    return {"loss": {**loss, **result.loss}, **result.to_json()}
-
-
-def _report(conf: Config, result: RunResult, out_dir: Path, summary: dict, note: str = "") -> Optional[str]:
+def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary, note: str = "") -> Optional[str]:
     """``report.json``, ``report.md`` and figures (:mod:`kdrun.outputs.report`), pointed to by ``summary["report"]``;
     returns the line naming the classes where the student trails the teacher most. A report that cannot be
     written is a warning, never a failed run."""
@@ -168,11 +163,11 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: dict, note:
     except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
         warning = f"report: not written ({type(exc).__name__}: {exc})"
         log.warning(warning)
-        summary.setdefault("warnings", []).append(warning)
+        summary.warn(warning)
         return None
     if written is None:
         return None
-    summary["report"] = written.summary
+    summary.report = written.summary
     return written.trails_line
 
 
@@ -185,24 +180,23 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
     table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption, caption_justify="left")
     for col in ("role", "model", "val acc", "test acc", "note"):
         table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     teacher, baseline, student = result.teacher, result.baseline, result.student
     if teacher:
-        table.add_row("teacher", teacher.name, fmt(teacher.val_acc), fmt(teacher.test_acc), teacher.note)
+        table.add_row("teacher", teacher.name, pct(teacher.val_acc, ""), pct(teacher.test_acc, ""), teacher.note)
     if baseline:
-        table.add_row("student, CE only", baseline.name, fmt(baseline.val_acc), fmt(baseline.test_acc),
+        table.add_row("student, CE only", baseline.name, pct(baseline.val_acc, ""), pct(baseline.test_acc, ""),
                       baseline.note or "baseline")
     for row in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
-        table.add_row(row.role, row.name, fmt(row.val_acc), fmt(row.test_acc), row.note)
-    note = f"last epoch: {fmt(student.test_acc_last)}"
+        table.add_row(row.role, row.name, pct(row.val_acc, ""), pct(row.test_acc, ""), row.note)
+    note = "last epoch: " + pct(student.test_acc_last, "")
     if delta is not None:
         note += f"; Δ vs baseline {delta:+.2f}"
     label = result.student_role or ("student, KD" if teacher else "student")
-    table.add_row(label, student.name, fmt(student.val_acc_best), fmt(student.test_acc_best), note)
-    if (pruned := result.extra.get("student_pruned")) is not None:  # student.prune (kdrun.stages.pruning)
+    table.add_row(label, student.name, pct(student.val_acc_best, ""), pct(student.test_acc_best, ""), note)
+    if (pruned := result.student_pruned) is not None:  # student.prune (kdrun.stages.pruning)
         gap = "" if None in (pruned.test_acc_best, student.test_acc_best) else \
             f"; Δ vs student {pruned.test_acc_best - student.test_acc_best:+.2f}"
-        table.add_row(f"{label}, pruned", pruned.name, fmt(pruned.val_acc_best), fmt(pruned.test_acc_best),
+        table.add_row(f"{label}, pruned", pruned.name, pct(pruned.val_acc_best, ""), pct(pruned.test_acc_best, ""),
                       pruned.note + gap)
     return table
 

@@ -331,6 +331,25 @@ def test_list_models_via_console_script(tmp_path):
         assert name in listed, f"{name} not listed"
 
 
+@pytest.mark.parametrize("what,kind", [("losses", "loss"), ("modes", "mode")])
+def test_list_shows_each_options_registered_defaults(what, kind, capsys, monkeypatch):
+    """`--list losses|modes` shows every option's keys with the defaults of its registered config (the ones a
+    run uses: tests/test_config.py compares them with the composed configs)."""
+    from kdrun import registry
+    from kdrun.cli import _list
+
+    monkeypatch.setenv("COLUMNS", "400")  # no cut cells
+    assert _list(what) == 0
+    rows = {cells[0]: cells for line in capsys.readouterr().out.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 4}
+    for name, entry in registry.entries(kind).items():
+        assert rows[name][2] == ", ".join(f"{k}={v}" for k, v in entry.params().items())
+    if kind == "loss":
+        assert rows["mse"][2] == "T=1.0, alpha=0.5" and rows["hard"][2] == "T=1.0, alpha=0.5"
+    else:
+        assert rows["semi"][2].startswith("labeled_fraction=0.1, labels_per_class=None")
+
+
 def test_list_unknown_is_an_error(capsys):
     from kdrun.cli import _list
 

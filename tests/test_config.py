@@ -5,12 +5,17 @@ model config is covered as soon as it is added.
 """
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import pytest
 from conftest import CONF_DIR, config_groups, group_options
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.models import list_models, model_args
 from kdrun.schema import Config, keys_at, to_object
@@ -180,3 +185,73 @@ def test_typo_in_key_fails_at_composition(hydra_ctx):
 
     with pytest.raises(ConfigCompositionException):
         compose_cfg("loss.Tx=3")
+
+
+# one place per option: each built-in loss and mode is registered once, with its config (kdrun.registry)
+BUILTIN_OPTIONS = [(kind, name) for kind in ("loss", "mode") for name, e in registry.entries(kind).items()
+                   if e.source == "kdrun"]
+
+
+@pytest.mark.parametrize("kind,name", BUILTIN_OPTIONS, ids=[f"{k}={n}" for k, n in BUILTIN_OPTIONS])
+def test_list_shows_the_defaults_a_run_uses(hydra_ctx, kind, name):
+    """``kdrun --list`` reads the registered config: its defaults are those of ``kind=name`` composed and
+    validated (issue: `--list losses` showed T=4.0, alpha=0.9 for mse while runs used T=1.0, alpha=0.5)."""
+    entry = registry.get(kind, name, kind)
+    obj = getattr(to_object(compose_cfg(f"{kind}={name}")), kind)
+    assert type(obj) is entry.config
+    assert entry.params() == {k: v for k, v in dataclasses.asdict(obj).items() if k != "name"}
+    assert (CONF_DIR / kind / f"{name}.yaml").is_file(), "a built-in option has its commented YAML"
+
+
+@pytest.mark.parametrize("name", [n for k, n in BUILTIN_OPTIONS if k == "loss"])
+def test_loss_class_defaults_are_its_config_defaults(name):
+    """The loss class reads its constructor defaults from its config: ``build(name)`` is the loss a run builds."""
+    from kdrun.losses import build
+
+    entry = registry.get("loss", name, "loss")
+    assert registry.signature_defaults(entry.obj) == entry.params()
+    loss = build(name)
+    assert (loss.T, loss.alpha, loss.name) == (entry.config.T, entry.config.alpha, name)
+    needs = entry.needs
+    assert getattr(loss, "needs_features", False) == needs.features and needs.logit_cache == (not needs.features)
+    assert loss.needs_teacher == needs.teacher
+
+
+@pytest.mark.parametrize("kind,name", BUILTIN_OPTIONS, ids=[f"{k}={n}" for k, n in BUILTIN_OPTIONS])
+def test_registered_targets_import(kind, name):
+    entry = registry.get(kind, name, kind)
+    assert entry.target and callable(entry.obj) and entry.config is not None and entry.needs is not None
+
+
+def test_options_are_listed_and_validated_without_torch():
+    """`--help` and `--list losses|modes` read the torch-free half of each option, as do the loss and mode
+    checks (a config's dataset is checked against the dataset registry, which imports torch)."""
+    code = ("import sys; from kdrun import registry; from kdrun.cli import _list; "
+            "from kdrun.schema.configstore import register_configs; register_configs(); _list('losses'); "
+            "_list('modes'); [e.config() for k in ('loss', 'mode') for e in registry.entries(k).values() if e.config]; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+@pytest.mark.parametrize("override,key,fragment", [
+    (["mode=semi", "loss=dkd"], "loss", "mode=semi supports loss=kd only (standardize=false), got loss=dkd"),
+    (["mode=semi", "loss.standardize=true"], "loss", "got loss=kd with standardize=true"),
+    (["mode=merge", "loss=at"], "loss", "mode=merge distils from the merged teachers' logits: loss=at"),
+    (["mode=self", "loss=ce"], "loss", "mode=self distils: use loss=kd (loss=ce is the no-KD baseline)"),
+    (["mode=semi", "loss=ce"], "loss", "mode=semi distils"),
+    (["loss=fitnet", "loss.hint_epochs=3", "trainer.epochs=3"], "loss.hint_epochs", "must be < trainer.epochs (3)"),
+    (["mode=self", "mode.method=snapshot", "mode.teacher_epoch=4", "trainer.epochs=4"], "mode.teacher_epoch",
+     "must be < trainer.epochs (4)"),
+    (["mode=merge", "student.prune.amount=0.5"], "student.prune.amount", "mode=offline only, got mode=merge"),
+])
+def test_registered_rules_name_the_key(hydra_ctx, override, key, fragment):
+    """The cross-key rules registered with a mode or a loss: one line naming the key."""
+    with pytest.raises(ConfigError) as err:
+        to_object(compose_cfg(*override))
+    assert err.value.key == key and fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_names_its_option():
+    with pytest.raises(ValueError, match="must declare name: str = 'other'"):
+        registry.register_loss("other", target="x.Y")(registry.get("loss", "kd", "loss").config)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kdrun.outputs.metrics import Prediction, calibration, describe_trails, evaluate_logits, per_class, trails
 from kdrun.outputs.report import write_report
-from kdrun.results import BaselineResult, RunResult, TeacherResult
+from kdrun.results import BaselineResult, RunResult, RunSummary, TeacherResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -205,22 +205,24 @@ def test_report_false_writes_no_report(tmp_path):
     result = RunResult()
     result.predictions["student"] = Prediction("test", torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64))
     conf = SimpleNamespace(report=False, dataset=SimpleNamespace(name="digits"), mode=SimpleNamespace(name="offline"))
-    summary: dict = {}
+    summary = RunSummary(status="running", out_dir=str(tmp_path), mode="offline", seed=0, started_at="", git_sha=None)
+    empty = summary.to_json()
     assert _report(conf, result, tmp_path, summary) is None
-    assert summary == {} and not (tmp_path / "report.json").exists()
+    assert summary.to_json() == empty and not (tmp_path / "report.json").exists()
     conf.report = True
     assert _report(conf, result, tmp_path, summary) is None  # no teacher: nothing to compare the student with
-    assert list(summary["report"]["models"]) == ["student"] and (tmp_path / "report.md").is_file()
+    assert list(summary.to_json()["report"]["models"]) == ["student"] and (tmp_path / "report.md").is_file()
 
 
 def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
     """The jobs of a sweep share one process and one teacher: its logits on val and test are computed by the
     first job only, and every job reports the same teacher figures."""
+    from kdrun.memo import MEMO, Last
     from kdrun.stages import common as stages
 
     calls = []
     evaluate = stages.evaluate
-    monkeypatch.setattr(stages, "_FROZEN_SCORES", {})  # an earlier test's run may have evaluated the same teacher
+    monkeypatch.setattr(MEMO, "frozen_scores", Last())  # an earlier test's run may have evaluated the same teacher
     monkeypatch.setattr(stages, "evaluate", lambda model, data, ctx, role=None:
                         calls.append(role) or evaluate(model, data, ctx, role))
     first = smoke_inproc(tmp_path, tmp_path / "a", "baseline=false", "loss.T=2")

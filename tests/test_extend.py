@@ -217,3 +217,79 @@ def test_plugin_model_in_both_roles_in_every_mode(tmp_path, mode):
         assert summary["student"]["init"]["tensors_copied"] == summary["student"]["init"]["tensors_total"]
     if mode in ("offline", "semi"):
         assert summary["teacher"]["name"] == "tinynet" and summary["teacher"]["store_dir"]
+
+
+@pytest.fixture
+def plugin_options():
+    """Registers a plugin's mode and loss, each with its config, needs and rules, as a plugin module would; removes
+    them (from the registry and Hydra's ConfigStore) afterwards."""
+    from dataclasses import dataclass
+
+    from hydra.core.config_store import ConfigStore
+
+    from kdrun import ModeNeeds, Needs, register_loss, register_mode
+    from kdrun.losses.logit import MSELoss
+    from kdrun.schema import LossBase
+
+    def labelled_losses(cfg) -> None:
+        """The plugin mode's constraint: it accepts no loss that reads features, and only a short warm-up."""
+        if registry.get("loss", cfg.loss.name, "loss").needs.features:
+            raise ConfigError("loss", f"mode=curriculum takes a logit loss, got loss={cfg.loss.name}")
+        if cfg.mode.warmup_epochs >= cfg.trainer.epochs:
+            raise ConfigError("mode.warmup_epochs", f"must be < trainer.epochs ({cfg.trainer.epochs})")
+
+    @dataclass
+    class CurriculumMode:
+        name: str = "curriculum"
+        warmup_epochs: int = 0  # epochs before the teacher term starts
+
+    @register_mode("curriculum", "A plugin's mode", config=CurriculumMode, needs=ModeNeeds(teacher=True),
+                   rules=(labelled_losses,))
+    def curriculum(ctx, data, loss):
+        from kdrun.modes.offline import offline
+
+        offline(ctx, data, loss)
+
+    @dataclass
+    class HalfMSEConfig(LossBase):
+        name: str = "half_mse"
+        T: float = 1.0
+        alpha: float = 0.25  # weight of the MSE term
+
+    @register_loss("half_mse", "A plugin's loss with its config", config=HalfMSEConfig, needs=Needs())
+    class HalfMSE(MSELoss):
+        name = "half_mse"
+
+        def __init__(self, T: float = HalfMSEConfig.T, alpha: float = HalfMSEConfig.alpha):
+            super().__init__(T=T, alpha=alpha)
+
+    register_configs()
+    yield
+    for kind, name in (("mode", "curriculum"), ("loss", "half_mse")):
+        registry._REGISTRY[kind].pop(name)
+        for group in (kind, f"schema/{kind}"):
+            ConfigStore.instance().repo.get(group, {}).pop(f"{name}.yaml", None)
+
+
+def test_a_plugin_mode_states_its_constraints(plugin_options, tmp_path):
+    """A plugin's mode and loss registered with their configs: keys typed, defaults listed, rules checked."""
+    from kdrun.cli import _list
+    from kdrun.schema import to_object
+
+    assert registry.get("mode", "curriculum", "mode").params() == {"warmup_epochs": 0}
+    assert registry.get("loss", "half_mse", "loss").params() == {"T": 1.0, "alpha": 0.25}
+    assert _list("modes") == 0
+    GlobalHydra.instance().clear()
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        obj = to_object(compose("config", overrides=["mode=curriculum", "loss=half_mse"]))
+        assert (obj.mode.warmup_epochs, obj.loss.alpha) == (0, 0.25)
+        for overrides, key in ((["loss=at"], "loss"), (["mode.warmup_epochs=3", "trainer.epochs=3"],
+                                                       "mode.warmup_epochs")):
+            with pytest.raises(ConfigError) as err:
+                to_object(compose("config", overrides=["mode=curriculum", *overrides]))
+            assert err.value.key == key
+        with pytest.raises(Exception, match="warmup_epoch"):  # a typo fails at composition: the keys are typed
+            compose("config", overrides=["mode=curriculum", "mode.warmup_epoch=1"])
+    GlobalHydra.instance().clear()
+    summary = run_in_process(tmp_path, "mode=curriculum", "loss=half_mse", "dataset=fake", *TINY)
+    assert summary["status"] == "completed" and summary["loss"]["alpha"] == 0.25

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import build, from_config, kd_term, standardize
-from kdrun.schema.losses import DISTLossConfig, DKDLossConfig, HardLossConfig, KDLossConfig, MSELossConfig
+from kdrun.losses.options import DISTLossConfig, DKDLossConfig, HardLossConfig, KDLossConfig, MSELossConfig
 
 torch.set_num_threads(2)
 NEW = ["mse", "soft_ce", "hard", "dkd", "dist"]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, build, cross_entropy, kd_term
-from kdrun.schema import CELossConfig
-from kdrun.schema import KDLossConfig as LossConfig
+from kdrun.losses.options import CELossConfig
+from kdrun.losses.options import KDLossConfig as LossConfig
 
 torch.set_num_threads(2)
 B, K = 6, 10

@@ -1,5 +1,16 @@
-"""Typed stage results: the summary.json form (optional fields left out, nesting, the mode's extra keys)."""
-from kdrun.results import BaselineResult, MergedTeacherResult, Row, RunResult, StudentResult, SubsetTeacher, TeacherResult
+"""Typed stage results: the summary.json form (optional fields left out, nesting, the mode's own entries, the
+run summary's key order)."""
+from kdrun.results import (
+    BaselineResult,
+    LabelSplit,
+    MergedTeacherResult,
+    Row,
+    RunResult,
+    RunSummary,
+    StudentResult,
+    SubsetTeacher,
+    TeacherResult,
+)
 
 
 def teacher(**kw):
@@ -33,8 +44,39 @@ def test_run_result_serialises_the_summary_parts():
     assert list(out) == ["teacher", "baseline", "student"] and out["student"]["test_acc_best"] == 83.0
     assert offline.delta_vs_baseline() == 2.5
     merge = RunResult(rows=[Row("teacher 1", "cnn", 1.0, 2.0)], student_role="student, merged KD",
-                      extra={"teachers": [SubsetTeacher(index=1, classes=[0, 1], seed=0, teacher=teacher())]})
+                      teachers=[SubsetTeacher(index=1, classes=[0, 1], seed=0, teacher=teacher())])
     out = merge.to_json()
     assert out["teachers"][0]["index"] == 1 and out["teachers"][0]["store_dir"] == "/s/e"
     assert out["rows"] == [{"role": "teacher 1", "name": "cnn", "val_acc": 1.0, "test_acc": 2.0, "note": ""}]
     assert out["student_role"] == "student, merged KD" and "student" not in out
+
+
+def test_a_modes_entries_come_after_baseline_in_a_fixed_order():
+    """Each mode sets its own entries (in the order it finishes them); summary.json lists them in one order."""
+    semi = RunResult(rows=[], student=student())
+    semi.rounds = [student()]
+    semi.semi = LabelSplit(labeled=50, unlabeled=200, labeled_fraction_actual=0.2)
+    out = semi.to_json()
+    assert list(out) == ["teacher", "baseline", "semi", "rounds", "rows", "student"]
+    assert out["semi"] == {"labeled": 50, "unlabeled": 200, "labeled_fraction_actual": 0.2}
+    selfd = RunResult(generations=[student(generation=1)], ensemble={"val_acc": 1.0, "test_acc": 2.0})
+    assert list(selfd.to_json()) == ["teacher", "baseline", "generations", "ensemble"]
+    assert "predictions" not in RunResult().to_json() and "loss" not in RunResult().to_json()
+
+
+def test_run_summary_splices_the_result_and_keeps_the_key_order():
+    summary = RunSummary(status="running", out_dir="/r", mode="semi", seed=0, started_at="t", git_sha=None)
+    assert summary.to_json() == {"status": "running", "out_dir": "/r", "mode": "semi", "seed": 0, "started_at": "t",
+                                 "git_sha": None}  # git_sha: always there, null outside a checkout
+    summary.loss = {"name": "kd", "formula": "configured"}
+    summary.wall_time_s, summary.dataset = 1.5, {"name": "digits"}
+    assert list(summary.to_json()) == ["status", "out_dir", "mode", "seed", "started_at", "git_sha", "loss",
+                                       "dataset", "wall_time_s"]
+    summary.result = RunResult(teacher=teacher(), student=student(), loss={"formula": "semi", "labelled_formula": "x"})
+    summary.status, summary.error = "failed", "RuntimeError: boom"
+    summary.warn("report: not written")
+    out = summary.to_json()
+    assert list(out) == ["status", "out_dir", "mode", "seed", "started_at", "git_sha", "loss", "dataset", "teacher",
+                         "baseline", "student", "warnings", "error", "wall_time_s"]
+    assert out["loss"] == {"name": "kd", "formula": "semi", "labelled_formula": "x"}  # the mode's changes win
+    assert summary.loss == {"name": "kd", "formula": "configured"} and out["warnings"] == ["report: not written"]

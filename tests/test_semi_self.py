@@ -10,8 +10,8 @@ from conftest import read_json, read_jsonl, smoke_inproc, store_entries
 from test_cli import error_line
 
 from kdrun.losses.base import build, kd_term
+from kdrun.modes.options import SemiMode as ModeConfig
 from kdrun.modes.semi import UNLABELED, SemiSupervisedLoss, labeled_indices
-from kdrun.schema import SemiMode as ModeConfig
 
 
 def semi_loss(**mode) -> SemiSupervisedLoss:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from kdrun.data.sources import LazyImages, check_fits, stratified
 from kdrun.data.splits import call_dataset
 from kdrun.errors import ConfigError, InputError
+from kdrun.memo import MEMO
 from kdrun.schema import AugmentConfig, DatasetConfig
 
 
@@ -184,16 +185,10 @@ def apply_views(x: torch.Tensor, aug: AugmentConfig, views: torch.Tensor) -> tor
     return padded.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
 
 
-_LAST: dict = {}  # the last dataset loaded in this process: jobs of a Hydra sweep share one process
-
-
 def load_data(cfg: DatasetConfig, device: torch.device) -> Data:
-    """Load dataset ``cfg.name`` (memoised for the next job of a sweep: tensors are never modified)."""
-    key = (repr(cfg), str(device))
-    if key not in _LAST:
-        _LAST.clear()
-        _LAST[key] = _load_data(cfg, device)
-    return _LAST[key]
+    """Load dataset ``cfg.name``, remembered for the next job of a sweep (:data:`kdrun.memo.MEMO`: the last one
+    loaded in this process; its tensors are never modified)."""
+    return MEMO.dataset.get((repr(cfg), str(device)), lambda: _load_data(cfg, device))
 
 
 def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from kdrun import registry
-from kdrun.errors import ConfigError
 from kdrun.data.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
+from kdrun.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger("kdrun")

@@ -16,6 +16,9 @@ The contract every loss follows (built-in, registered by a plugin, or named by `
 scalar loss and its named parts (scalars, logged as ``train/loss_<part>``; ``ce`` and ``kd`` are always
 reported, 0 when a loss has no such term). ``teacher_logits`` is None when ``needs_teacher`` is False.
 ``T`` and ``alpha`` keep the meaning above; ``formula()`` gives the resolved loss for the run's log.
+
+Each built-in loss is registered with its config in :mod:`kdrun.losses.options`; its constructor's defaults are
+read from that config, so they are written once.
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.registry import accepts, get, import_target, register_loss
+from kdrun.losses.options import CELossConfig, KDLossConfig
+from kdrun.registry import accepts, get, import_target
+from kdrun.schema.losses import LossBase
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -59,7 +64,7 @@ class DistillationLoss(nn.Module):
 
     name = "loss"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9):
+    def __init__(self, T: float = LossBase.T, alpha: float = LossBase.alpha):
         super().__init__()
         self.T, self.alpha = float(T), float(alpha)
 
@@ -71,25 +76,21 @@ class DistillationLoss(nn.Module):
         return f"L = {type(self).__name__}(T={_num(self.T)}, alpha={_num(self.alpha)})"
 
 
-@register_loss("kd", "Hinton KD: (1-alpha)·CE + alpha·T²·KL(p_t^T ‖ p_s^T), KL batchmean")
-class KDLoss(DistillationLoss):
-    """Hinton et al. 2015 knowledge distillation (alpha weighs the soft term)."""
+class MixedLoss(DistillationLoss):
+    """``(1 - alpha)·CE(y, s) + alpha·term(s, t)``; subclasses give ``term`` and ``term_name``. With
+    ``alpha = 0`` the teacher is not read (the teacher term is reported as 0)."""
 
-    name = "kd"
+    term_name = "term"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9, standardize: bool = False):
-        super().__init__(T=T, alpha=alpha)
-        self.standardize = bool(standardize)  # z-score each sample's logits first (Sun et al. 2024)
+    def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
                 student_features: Any = None, teacher_features: Any = None) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(student_logits.float(), labels)
         if not self.needs_teacher:
             return ce, {"ce": ce, "kd": torch.zeros_like(ce)}
-        if self.standardize:
-            kd = kd_term(standardize(student_logits), standardize(teacher_logits), self.T)
-        else:
-            kd = kd_term(student_logits, teacher_logits, self.T)
+        kd = self.term(student_logits, teacher_logits)
         return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce, "kd": kd}
 
     def formula(self) -> str:
@@ -97,17 +98,33 @@ class KDLoss(DistillationLoss):
         if not self.needs_teacher:
             return "L = CE (no teacher term)"
         ce = f"{_num(round(1 - self.alpha, 6))}·CE + " if self.alpha < 1 else ""
+        return f"L = {ce}{_num(self.alpha)}·{self.term_name}"
+
+
+class KDLoss(MixedLoss):
+    """Hinton et al. 2015 knowledge distillation (alpha weighs the soft term): ``term`` is :func:`kd_term`."""
+
+    name = "kd"
+
+    def __init__(self, T: float = KDLossConfig.T, alpha: float = KDLossConfig.alpha,
+                 standardize: bool = KDLossConfig.standardize):
+        super().__init__(T=T, alpha=alpha)
+        self.standardize = bool(standardize)  # z-score each sample's logits first (Sun et al. 2024)
         z = "z-scored, " if self.standardize else ""
-        return f"L = {ce}{_num(self.alpha)}·{_num(self.T * self.T)}·KL({z}T={_num(self.T)})"
+        self.term_name = f"{_num(self.T * self.T)}·KL({z}T={_num(self.T)})"
+
+    def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            return kd_term(standardize(s), standardize(t), self.T)
+        return kd_term(s, t, self.T)
 
 
-@register_loss("ce", "Cross-entropy on the labels only: the no-KD baseline (no teacher)")
 class CELoss(KDLoss):
     """Plain CE on the labels; the teacher is not used (``alpha`` must be 0)."""
 
     name = "ce"
 
-    def __init__(self, T: float = 1.0, alpha: float = 0.0):
+    def __init__(self, T: float = CELossConfig.T, alpha: float = CELossConfig.alpha):
         if alpha != 0:
             raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {alpha}")
         super().__init__(T=T, alpha=0.0)

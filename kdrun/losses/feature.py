@@ -44,8 +44,8 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, _num, kd_term
+from kdrun.losses.options import ATLossConfig, FeatureLossConfig, FitNetLossConfig
 from kdrun.models.layers import default_feature_layers
-from kdrun.registry import register_loss
 
 log = logging.getLogger("kdrun")
 
@@ -89,8 +89,9 @@ class FeatureLoss(DistillationLoss):
     role = "stages"        # which default layers the loss pairs: "stages" or "hint"
     term_name = "feature"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 1.0,
-                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, T: float = FeatureLossConfig.T, alpha: float = FeatureLossConfig.alpha,
+                 beta: float = FeatureLossConfig.beta, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(T=T, alpha=alpha)
         self.beta = float(beta)
         self.student_layers = list(student_layers) if student_layers else None
@@ -172,14 +173,14 @@ class FeatureLoss(DistillationLoss):
         return "L = " + " + ".join(p for p in (ce, kd, feat) if p)
 
 
-@register_loss("at", "Attention transfer (Zagoruyko & Komodakis 2017): (1-alpha)·CE + alpha·T²·KL + beta·Σ AT")
 class ATLoss(FeatureLoss):
     """Attention transfer over one or more layer pairs (default: every stage's output), plus the KD term."""
 
     name = "at"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 1000.0, p: float = 2.0,
-                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, T: float = ATLossConfig.T, alpha: float = ATLossConfig.alpha, beta: float = ATLossConfig.beta,
+                 p: float = ATLossConfig.p, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
         self.p = float(p)
         self.term_name = f"Σ_pairs mean((a_s - a_t)²)(p={_num(self.p)})"
@@ -199,7 +200,6 @@ def regressor(sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor, loss: Featur
     raise loss.mismatch(sn, tn, fs, ft, "needs two (N, C, H, W) maps or two (N, D) vectors")
 
 
-@register_loss("fitnet", "FitNets hint (Romero et al. 2015): (1-alpha)·CE + alpha·T²·KL + beta·MSE(regressor(s), t)")
 class FitNetLoss(FeatureLoss):
     """Hint loss through a learned regressor per layer pair (default: the middle stage), plus the KD term;
     ``hint_epochs``: a hint-only first stage."""
@@ -207,7 +207,8 @@ class FitNetLoss(FeatureLoss):
     name = "fitnet"
     role = "hint"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.0, beta: float = 100.0, hint_epochs: int = 0,
+    def __init__(self, T: float = FitNetLossConfig.T, alpha: float = FitNetLossConfig.alpha,
+                 beta: float = FitNetLossConfig.beta, hint_epochs: int = FitNetLossConfig.hint_epochs,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
         self.hint_epochs = int(hint_epochs)

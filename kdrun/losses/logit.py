@@ -4,6 +4,7 @@ Each follows the contract of :mod:`kdrun.losses.base` (``forward(s, t, y) -> (lo
 the teacher's logits, so the logit cache serves them all. ``kd``, ``soft_ce`` and ``dkd`` take
 ``standardize=True``: logit standardisation (Sun et al., CVPR 2024), each sample's logits z-scored before the
 temperature softmax. A loss with a ``set_epoch(epoch)`` method is told the epoch by ``engine.fit`` (dkd's warm-up).
+Each is registered with its config in :mod:`kdrun.losses.options`, whose defaults its constructor reads.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses.base import DistillationLoss, _num, kd_term, standardize
-from kdrun.registry import register_loss
+from kdrun.losses.base import DistillationLoss, MixedLoss, _num, kd_term, standardize
+from kdrun.losses.options import DISTLossConfig, DKDLossConfig, HardLossConfig, MSELossConfig, SoftCELossConfig
 
 
 def soft_ce_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -23,47 +24,26 @@ def soft_ce_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: 
     return -(p_t * log_p_s).sum(dim=1).mean() * (T * T)
 
 
-class _Mixed(DistillationLoss):
-    """``(1 - alpha)·CE(y, s) + alpha·term(s, t)``; subclasses give ``term`` and ``term_name``."""
-
-    term_name = "term"
-
-    def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
-                student_features: Any = None, teacher_features: Any = None) -> tuple[torch.Tensor, dict]:
-        ce = F.cross_entropy(student_logits.float(), labels)
-        if not self.needs_teacher:
-            return ce, {"ce": ce, "kd": torch.zeros_like(ce)}
-        kd = self.term(student_logits, teacher_logits)
-        return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce, "kd": kd}
-
-    def formula(self) -> str:
-        if not self.needs_teacher:
-            return "L = CE (no teacher term)"
-        ce = f"{_num(round(1 - self.alpha, 6))}·CE + " if self.alpha < 1 else ""
-        return f"L = {ce}{_num(self.alpha)}·{self.term_name}"
-
-
-@register_loss("mse", "(1-alpha)·CE + alpha·MSE(s, t) on the logits, mean over batch and classes (T unused)")
-class MSELoss(_Mixed):
+class MSELoss(MixedLoss):
     """Logit matching by mean squared error (Ba & Caruana 2014; Kim et al. 2021)."""
 
     name = "mse"
     term_name = "MSE(s, t)"
 
+    def __init__(self, T: float = MSELossConfig.T, alpha: float = MSELossConfig.alpha):
+        super().__init__(T=T, alpha=alpha)
+
     def term(self, s, t):
         return F.mse_loss(s.float(), t.detach().float())
 
 
-@register_loss("soft_ce", "(1-alpha)·CE + alpha·T²·CE(p_t^T, p_s^T): KD plus the teacher's entropy")
-class SoftCELoss(_Mixed):
+class SoftCELoss(MixedLoss):
     """Cross-entropy against the teacher's softened distribution; equals ``kd`` plus ``T²·H(p_t^T)``."""
 
     name = "soft_ce"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9, standardize: bool = False):
+    def __init__(self, T: float = SoftCELossConfig.T, alpha: float = SoftCELossConfig.alpha,
+                 standardize: bool = SoftCELossConfig.standardize):
         super().__init__(T=T, alpha=alpha)
         self.standardize = bool(standardize)
         z = "z-scored " if self.standardize else ""
@@ -75,12 +55,14 @@ class SoftCELoss(_Mixed):
         return soft_ce_term(s, t, self.T)
 
 
-@register_loss("hard", "(1-alpha)·CE(y, s) + alpha·CE(argmax t, s): the teacher's hard labels (T unused)")
-class HardLoss(_Mixed):
+class HardLoss(MixedLoss):
     """Distillation on the teacher's argmax labels, mixed with the true labels by ``alpha``."""
 
     name = "hard"
     term_name = "CE(argmax t, s)"
+
+    def __init__(self, T: float = HardLossConfig.T, alpha: float = HardLossConfig.alpha):
+        super().__init__(T=T, alpha=alpha)
 
     def term(self, s, t):
         return F.cross_entropy(s.float(), t.detach().argmax(dim=1))
@@ -93,14 +75,14 @@ def pearson_gap(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Te
     return 1 - r.mean()
 
 
-@register_loss("dist", "DIST (Huang et al. 2022): (1-alpha)·CE + alpha·T²·(beta·inter + gamma·intra) Pearson")
-class DISTLoss(_Mixed):
+class DISTLoss(MixedLoss):
     """Inter-class (per sample, over classes) and intra-class (per class, over the batch) Pearson relations
     between the softened distributions."""
 
     name = "dist"
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.5, beta: float = 1.0, gamma: float = 1.0):
+    def __init__(self, T: float = DISTLossConfig.T, alpha: float = DISTLossConfig.alpha,
+                 beta: float = DISTLossConfig.beta, gamma: float = DISTLossConfig.gamma):
         super().__init__(T=T, alpha=alpha)
         self.beta, self.gamma = float(beta), float(gamma)
         self.term_name = (f"{_num(self.T * self.T)}·({_num(self.beta)}·inter + {_num(self.gamma)}·intra)"
@@ -127,15 +109,15 @@ def dkd_terms(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, T: float) 
     return tckd * (T * T), nckd * (T * T)
 
 
-@register_loss("dkd", "Decoupled KD (Zhao et al. 2022): ce_weight·CE + warm-up·(alpha·TCKD + beta·NCKD)")
 class DKDLoss(DistillationLoss):
     """``L = ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD)``. Here ``alpha`` is the TCKD
     weight (not the KD/CE mix of the other losses) and ``beta`` the NCKD weight."""
 
     name = "dkd"
 
-    def __init__(self, T: float = 4.0, alpha: float = 1.0, beta: float = 8.0, warmup: int = 20,
-                 ce_weight: float = 1.0, standardize: bool = False):
+    def __init__(self, T: float = DKDLossConfig.T, alpha: float = DKDLossConfig.alpha,
+                 beta: float = DKDLossConfig.beta, warmup: int = DKDLossConfig.warmup,
+                 ce_weight: float = DKDLossConfig.ce_weight, standardize: bool = DKDLossConfig.standardize):
         super().__init__(T=T, alpha=alpha)
         self.beta, self.warmup, self.ce_weight = float(beta), int(warmup), float(ce_weight)
         self.standardize = bool(standardize)

@@ -1,7 +1,10 @@
 """Checkpoint I/O: read a checkpoint file (``weights_only=True``, never code), load its weights into a model
-with one-line errors, write the plain dict kdrun's checkpoints and store entries hold."""
+with one-line errors, write the plain dict kdrun's checkpoints and store entries hold; the two hashes of weights
+that persisted keys hold (:func:`weights_hash`, :func:`weights_sha256`). A file's hash is
+:func:`kdrun.records.file_sha256`."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -57,3 +60,37 @@ def load_weights(model: nn.Module, checkpoint: dict, *, key: str, model_name: st
 def checkpoint_dict(model_state: dict, meta: dict) -> dict:
     """kdrun's checkpoint layout: a plain dict, loadable with ``torch.load(..., weights_only=True)``."""
     return {"model": model_state, "meta": meta}
+
+
+# Two recipes for a hash of weights, kept apart on purpose: each is part of keys already persisted in users'
+# stores and caches, so changing either (or merging them) would orphan those entries. Both: 16 hex digits of a
+# sha256 over every tensor's name, shape and bytes.
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of a model's weights and buffers (names, shapes, values), in ``state_dict`` order.
+
+    Keys it is part of: the teacher-logit cache (:mod:`kdrun.teacher.logit_cache`, ``<store.teachers>/logit-cache``),
+    the view cache (:mod:`kdrun.teacher.view_cache`, ``view-cache``), and the in-process memo of a frozen model's
+    evaluation (:func:`kdrun.stages.common.evaluate_frozen`). The dtype is not hashed (a model's bytes change with it).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_sha256(state: dict) -> str:
+    """Hash of a state_dict's names, shapes, dtypes and bytes, names sorted (works for any dtype, bfloat16 too).
+
+    Key it is part of: ``student.init=teacher``'s provenance ``init.sha256`` (:func:`kdrun.models.transfer.read_source`),
+    which is in the store key of the CE baseline (:func:`kdrun.models.transfer.store_key_part`) and in
+    ``summary.json``.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]

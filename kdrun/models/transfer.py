@@ -19,7 +19,6 @@ frozen dropout is off: the frozen part is bit-identical at the end.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError, keyed
-from kdrun.models.checkpoint import read_checkpoint, state_dict_of
+from kdrun.models.checkpoint import read_checkpoint, state_dict_of, weights_sha256
 from kdrun.records import file_sha256
 
 log = logging.getLogger("kdrun")
@@ -123,16 +122,6 @@ def read_source(spec: str, model_name: str, teacher: Optional[TeacherProvider],
     if not state:
         raise ConfigError(f"{role}.init", f"{path} holds no weights (no tensors found)")
     return state, {"source": source, "path": str(path.resolve()), "sha256": file_sha256(path)}
-
-
-def weights_sha256(state: dict) -> str:
-    """A hash of a state_dict's names, shapes and bytes (16 hex digits)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def match(own: dict, source: dict, num_classes: int) -> dict:

@@ -1,5 +1,6 @@
 """Distillation modes: each is a function ``(ctx, data, loss) -> None`` built from :mod:`kdrun.stages.common`,
-registered with :func:`kdrun.registry.register_mode` and chosen by ``mode=<name>``. A mode puts each
+registered with :func:`kdrun.registry.register_mode` in :mod:`kdrun.modes.options` (its config, what it needs,
+which losses it accepts; the function named by path) and chosen by ``mode=<name>``. A mode puts each
 stage's typed result into ``ctx.result`` (:class:`kdrun.results.RunResult`) as soon as the stage is done.
 
 ``offline``: a frozen, pre-trained teacher teaches the student (:mod:`kdrun.modes.offline`).
@@ -7,6 +8,6 @@ stage's typed result into ``ctx.result`` (:class:`kdrun.results.RunResult`) as s
 ``self``: born-again generations or an in-training snapshot teacher (:mod:`kdrun.modes.selfdistill`).
 ``merge``: teachers on class subsets merged into one student over all classes (:mod:`kdrun.modes.merge`).
 
-Importing this package registers them (the registry imports it on first use of the ``mode`` kind).
+The registry imports :mod:`kdrun.modes.options` on first use of the ``mode`` kind (no torch) and a mode's own
+module when the mode runs.
 """
-from kdrun.modes import merge, offline, selfdistill, semi  # noqa: F401  (imported for their registration)

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.console import pct
 from kdrun.data.dataset import Data, with_classes
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss
-from kdrun.registry import register_mode
 from kdrun.results import MergedTeacherResult, Row, SubsetTeacher
 from kdrun.stages import RunContext, evaluate, obtain_baseline, obtain_teacher, teacher_targets, train_student
 
@@ -170,16 +170,11 @@ def prior_weights(combine: str, infos: list[SubsetTeacher]) -> Optional[list[flo
     return [float(a) for a in accs]
 
 
-def _fmt(acc: Optional[float]) -> str:
-    return "-" if acc is None else f"{acc:.2f}%"
-
-
 def _span(classes: list[int]) -> str:
     contiguous = classes == list(range(classes[0], classes[0] + len(classes)))
     return f"{classes[0]}-{classes[-1]}" if contiguous and len(classes) > 2 else ",".join(map(str, classes))
 
 
-@register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes")
 def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teachers per class list, their merged teacher on all classes, the CE baseline, the distilled student.
 
@@ -195,7 +190,7 @@ def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     combine = cfg.mode.combine
     splits = resolve_splits(cfg.mode.class_splits, data.num_classes, combine)
     teachers, subsets = obtain_teachers(ctx, data, splits)
-    result.extra["teachers"] = subsets
+    result.teachers = subsets
     result.rows = [Row(f"teacher {t.index}, classes {_span(t.classes)}", t.teacher.name, t.teacher.val_acc,
                        t.teacher.test_acc, f"own {len(t.classes)} classes; {t.teacher.note}") for t in subsets]
     prior = prior_weights(combine, subsets)
@@ -205,7 +200,7 @@ def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
                                class_splits=splits, weights=weights, source="store",
                                reused=all(t.teacher.reused for t in subsets), **evaluate(merged, data, ctx, "teacher"))
     log.info(f"merged teacher ({combine}, {len(teachers)} teachers) on all {data.num_classes} classes: "
-             f"val {_fmt(info.val_acc)}  test {_fmt(info.test_acc)}")
+             f"val {pct(info.val_acc)}  test {pct(info.test_acc)}")
     result.teacher, result.student_role = info, "student, merged KD"
     source = teacher_targets(ctx, data, merged, info)
     if cfg.baseline:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from kdrun.data.dataset import Data
 from kdrun.losses.base import DistillationLoss
-from kdrun.registry import register_mode
 from kdrun.stages import RunContext, check_layers, distil, obtain_baseline, obtain_teacher, teacher_targets
 
 
-@register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)")
 def offline(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teacher, CE baseline, KD student; each goes into ``ctx.result`` as soon as it is done."""
     result = ctx.result
@@ -32,4 +30,4 @@ def _prune(ctx: RunContext, data: Data, loss: DistillationLoss, source, student)
     if ctx.cfg.student.prune.amount > 0:
         from kdrun.stages.pruning import pruned_student
 
-        ctx.result.extra["student_pruned"] = pruned_student(ctx, data, loss, source, student)
+        ctx.result.student_pruned = pruned_student(ctx, data, loss, source, student)

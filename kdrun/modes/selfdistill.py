@@ -20,7 +20,6 @@ from torch import nn
 
 from kdrun.data.dataset import Data
 from kdrun.losses.base import DistillationLoss
-from kdrun.registry import register_mode
 from kdrun.results import Row, SnapshotTeacherResult
 from kdrun.stages import RunContext, baseline_model, check_layers, distil, evaluate, obtain_baseline
 from kdrun.teacher.sources import LiveTeacher, SnapshotTeacher
@@ -36,8 +35,8 @@ def born_again(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     ``ensemble`` (val / test accuracy) to the summary.
     """
     cfg, result = ctx.cfg, ctx.result
-    result.rows, generations = [], []
-    result.extra["generations"] = generations
+    result.rows = []
+    result.generations = generations = []
     teacher, gen0 = baseline_model(ctx, data)
     result.baseline = dataclasses.replace(gen0, note="generation 0 (CE)")
     models = [teacher]
@@ -55,7 +54,7 @@ def born_again(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     result.student_role = f"generation {cfg.mode.generations} (KD)"
     if cfg.mode.ensemble:
         scores = ensemble_accuracy(models, data, ctx)
-        result.extra["ensemble"] = scores
+        result.ensemble = scores
         result.rows.append(Row(f"ensemble of generations 0-{cfg.mode.generations}", gen0.name, **scores,
                                note="mean softmax"))
         log.info(f"ensemble of {len(models)} generations: val {scores['val_acc']}%  test {scores['test_acc']}%")
@@ -80,7 +79,6 @@ def snapshot(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     result.student_role = "student, snapshot KD"
 
 
-@register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher")
 def self_distill(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """``mode.method``: ``born_again`` or ``snapshot``."""
     if getattr(loss, "needs_features", False):  # the teacher has the student's architecture

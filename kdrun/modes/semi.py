@@ -32,8 +32,7 @@ from kdrun.data.dataset import Data, with_train
 from kdrun.data.sources import stratified
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, kd_term
-from kdrun.registry import register_mode
-from kdrun.results import Row
+from kdrun.results import LabelSplit, Row
 from kdrun.schema import ModeConfig
 from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
 from kdrun.teacher.sources import LiveTeacher
@@ -67,8 +66,9 @@ def labeled_indices(y: np.ndarray, mode: ModeConfig, seed: int, num_classes: int
     return picked
 
 
-def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, dict]:
-    """``(labelled, pool)``: train cut to the labelled part, and train whole with the pool's labels hidden."""
+def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, LabelSplit]:
+    """``(labelled, pool, split)``: train cut to the labelled part, train whole with the pool's labels hidden,
+    and how many images each part has."""
     y = data.train.y.cpu().numpy()
     lab = labeled_indices(y, mode, seed, data.num_classes)
     tag = {"semi": {"labeled_fraction": mode.labeled_fraction, "labels_per_class": mode.labels_per_class,
@@ -81,9 +81,8 @@ def split_labels(data: Data, mode: ModeConfig, seed: int) -> tuple[Data, Data, d
     lab_t = torch.as_tensor(lab, device=data.train.y.device)
     hidden[lab_t] = data.train.y[lab_t]
     pool = with_train(data, torch.arange(len(data.train)), tag, y=hidden)
-    info = {"labeled": int(len(lab)), "unlabeled": int(len(y) - len(lab)), "labeled_fraction_actual":
-            round(len(lab) / len(y), 6)}
-    return labeled, pool, info
+    return labeled, pool, LabelSplit(labeled=int(len(lab)), unlabeled=int(len(y) - len(lab)),
+                                     labeled_fraction_actual=round(len(lab) / len(y), 6))
 
 
 class SemiSupervisedLoss(torch.nn.Module):
@@ -128,7 +127,6 @@ class SemiSupervisedLoss(torch.nn.Module):
         return f"L = mean over batch of: labelled {lab} | unlabelled {num(self.weight)}·{pool}"
 
 
-@register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train")
 def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """Teacher and baseline on the labelled part; then ``mode.iterations`` rounds of students on all of train.
 
@@ -137,8 +135,8 @@ def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     """
     cfg, result = ctx.cfg, ctx.result
     labeled, pool, split_info = split_labels(data, cfg.mode, cfg.dataset.split_seed)
-    result.extra["semi"], result.rows = split_info, []
-    log.info(f"semi-supervised: {split_info['labeled']} labelled, {split_info['unlabeled']} unlabelled train images "
+    result.semi, result.rows = split_info, []
+    log.info(f"semi-supervised: {split_info.labeled} labelled, {split_info.unlabeled} unlabelled train images "
              f"(labels hidden); unlabelled target: {cfg.mode.unlabeled_target}")
     teacher, result.teacher = obtain_teacher(ctx, labeled)
     if cfg.baseline:
@@ -156,7 +154,7 @@ def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
         if not last:
             result.rows.append(Row(f"student, round {round_}", info.name, info.val_acc_best, info.test_acc_best,
                                    f"teaches round {round_ + 1}"))
-            result.extra.setdefault("rounds", []).append(info)
+            result.rounds = [*(result.rounds or []), info]
         else:
             result.student = info
     result.student_role = "student, semi-KD" + (f" (round {cfg.mode.iterations})" if cfg.mode.iterations > 1 else "")

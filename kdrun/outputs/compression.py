@@ -21,6 +21,7 @@ import copy
 import io
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,15 @@ BATCHES = (1, 64)
 BUDGET_S = 0.05   # timing budget per model and batch size (seconds), after the minimum repeats
 MIN_REPEATS, MAX_REPEATS = 3, 30
 THREADS = 1       # intra-op threads while timing (torch.set_num_threads; restored after)
+
+
+@dataclass
+class Measured:
+    """A model of the report: its test accuracy (percent) and, for a pruned one, its nonzero parameters."""
+
+    model: nn.Module
+    test_acc: Optional[float]
+    nonzero_params: Optional[int] = None
 
 
 @contextlib.contextmanager
@@ -102,14 +112,14 @@ def line(role: str, entry: dict) -> str:
     return text
 
 
-def report(models: dict, shape: tuple) -> dict:
-    """The report over ``models``: ``{role: (model, test_acc, nonzero_params or None)}``, the teacher (if any)
-    under ``"teacher"``; every other role is compared with it."""
+def report(models: dict[str, Measured], shape: tuple) -> dict:
+    """The report over ``models`` (by role), the teacher (if any) under ``"teacher"``; every other role is
+    compared with it."""
     out: dict = {"device": "cpu", "dtype": "float32", "threads": THREADS, "warmup_calls": 1,
                  "statistic": "median", "inputs": "random", "shape": list(shape)}
     with threads(THREADS):
-        for role, (model, acc, nonzero) in models.items():
-            out[role] = profile(model, shape, acc, nonzero)
+        for role, entry in models.items():
+            out[role] = profile(entry.model, shape, entry.test_acc, entry.nonzero_params)
     lines = []
     if "teacher" in out:
         for role in models:
@@ -126,16 +136,16 @@ def from_run(ctx, data) -> Optional[dict]:
     from kdrun.outputs.export import load_student
 
     result, models = ctx.result, {}
-    first = ctx.memo.get("first_teacher")
-    if first is not None and result.teacher is not None and first[3] is result.teacher:
-        models["teacher"] = (first[2], result.teacher.test_acc, None)
+    first = ctx.teachers.first
+    if first is not None and result.teacher is not None and first.result is result.teacher:
+        models["teacher"] = Measured(first.model, result.teacher.test_acc)
     checkpoints = Path(ctx.out_dir) / "checkpoints"
     if result.student is not None and (checkpoints / "student_best.pt").exists():
-        models["student"] = (load_student(checkpoints / "student_best.pt")[0], result.student.test_acc_best, None)
-    pruned = result.extra.get("student_pruned")
+        models["student"] = Measured(load_student(checkpoints / "student_best.pt")[0], result.student.test_acc_best)
+    pruned = result.student_pruned
     if pruned is not None and (checkpoints / "student_pruned_best.pt").exists():
-        models["student_pruned"] = (load_student(checkpoints / "student_pruned_best.pt")[0], pruned.test_acc_best,
-                                    pruned.nonzero_params)
+        models["student_pruned"] = Measured(load_student(checkpoints / "student_pruned_best.pt")[0],
+                                            pruned.test_acc_best, pruned.nonzero_params)
     if not models:
         return None
     return report(models, (data.channels, data.image_size, data.image_size))

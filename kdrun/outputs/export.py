@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from kdrun.errors import ConfigError, InputError, KdrunError, unknown_choice
+from kdrun.errors import ConfigError, InputError, KdrunError
 from kdrun.schema.export import EXPORT_FORMATS, EXTRA, check_formats
 
 log = logging.getLogger("kdrun")
@@ -41,8 +41,8 @@ def load_student(path: Path):
     """The model of a kdrun student checkpoint (``meta`` with its shapes, ``config`` with its ``student`` node),
     rebuilt on the CPU with its weights, in eval mode; returns ``(model, checkpoint)``."""
     from kdrun.models import build
-    from kdrun.schema import StudentConfig, open_node
     from kdrun.models.checkpoint import load_weights, read_checkpoint
+    from kdrun.schema import StudentConfig, open_node
 
     checkpoint = read_checkpoint(path, what="kdrun-export")
     meta, config = checkpoint.get("meta"), checkpoint.get("config")

@@ -4,9 +4,11 @@ Every default lives here, once; the YAMLs under ``conf/`` document an option and
 
 - ``kdrun_schema`` (the first entry of ``conf/config.yaml``) is :class:`Config`: typos and type errors fail at
   composition; ``__post_init__`` range checks run in :func:`to_object`, naming the key.
-- Each loss and each mode has its own structured config, stored as ``schema/loss/<name>`` and
+- Each loss and each mode has its own structured config, registered with it (:mod:`kdrun.registry`; the
+  built-ins' in :mod:`kdrun.losses.options` and :mod:`kdrun.modes.options`), stored as ``schema/loss/<name>`` and
   ``schema/mode/<name>`` and pulled in by its YAML (``defaults: [/schema/mode/semi@_here_]``), so a key of
-  another mode fails at composition.
+  another mode fails at composition. Cross-key checks are the chosen mode's and loss's registered ``rules``:
+  this module names no mode and no loss.
 - ``teacher``, ``student`` and ``dataset`` are open nodes: a registry name with its ``args``, or a user's
   ``_target_: pkg.module.Callable`` whose other keys are its keyword arguments. :func:`to_object` splits them
   into the typed :class:`TeacherConfig` / :class:`StudentConfig` / :class:`DatasetConfig` plus ``kwargs``.
@@ -23,17 +25,15 @@ from typing import Any, List, Optional
 from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.schema.data import AugmentConfig, DatasetConfig
-from kdrun.schema.losses import LOSS_SCHEMAS, CELossConfig, FeatureLossConfig, KDLossConfig, LossBase, LossConfig
+from kdrun.schema.losses import LossBase, LossConfig, loss_needs
 from kdrun.schema.models import ModelConfig, StudentConfig, TeacherConfig
-from kdrun.schema.modes import MODE_SCHEMAS, MergeMode, ModeConfig, OfflineMode, SelfMode, SemiMode
+from kdrun.schema.modes import ModeConfig
 from kdrun.schema.trackers import LoggerOptions, check_loggers
 from kdrun.schema.training import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimConfig, SchedConfig, StoreConfig, TrainerConfig
 
-__all__ = ["AugmentConfig", "CELossConfig", "Config", "DatasetConfig", "KDLossConfig", "LOSS_SCHEMAS", "LossBase",
-           "LossConfig", "MODE_SCHEMAS", "MergeMode", "ModeConfig", "ModelConfig", "OPTIMIZERS", "OfflineMode",
-           "OptimConfig", "PRECISIONS", "SCHEDULES", "SchedConfig", "SelfMode", "SemiMode", "StoreConfig",
-           "StudentConfig", "TeacherConfig", "TrainerConfig", "keys_at", "open_node",
-           "to_object"]
+__all__ = ["AugmentConfig", "Config", "DatasetConfig", "LossBase", "LossConfig", "ModeConfig", "ModelConfig",
+           "OPTIMIZERS", "OptimConfig", "PRECISIONS", "SCHEDULES", "SchedConfig", "StoreConfig", "StudentConfig",
+           "TeacherConfig", "TrainerConfig", "keys_at", "loss_needs", "open_node", "to_object"]
 
 
 def _node_defaults(cls, **overrides) -> dict:
@@ -49,8 +49,8 @@ class Config:
     dataset: Any = field(default_factory=lambda: _node_defaults(DatasetConfig, name=None))
     teacher: Any = field(default_factory=lambda: _node_defaults(TeacherConfig, name=None))
     student: Any = field(default_factory=lambda: _node_defaults(StudentConfig, name=None))
-    loss: Any = None   # one of LOSS_SCHEMAS (set by its YAML), or an open node: LossConfig
-    mode: Any = None   # one of MODE_SCHEMAS (set by its YAML), or a plugin's: ModeConfig
+    loss: Any = None   # a registered loss's config (set by its YAML; null: kd's), or an open node: LossConfig
+    mode: Any = None   # a registered mode's config (set by its YAML; null: offline's), or a plugin's: ModeConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -68,29 +68,33 @@ class Config:
         self.dataset = open_node(DatasetConfig, self.dataset, "dataset")
         self.teacher = open_node(TeacherConfig, self.teacher, "teacher")
         self.student = open_node(StudentConfig, self.student, "student")
-        self.loss = open_node(LossConfig, self.loss if self.loss is not None else KDLossConfig(), "loss")
-        self.mode = _mode(self.mode if self.mode is not None else OfflineMode())
+        self.loss = open_node(LossConfig, self.loss if self.loss is not None else _default("loss", "kd"), "loss")
+        self.mode = _mode(self.mode if self.mode is not None else _default("mode", "offline"))
         self.optim.check("optim")
         self.sched.check("sched")
-        self.student.prune.check(self.trainer.epochs, self.mode.name)
+        modes = registry.entries("mode")
+        pruning = tuple(n for n, e in modes.items() if e.needs is not None and e.needs.prune)
+        self.student.prune.check(self.trainer.epochs, self.mode.name, pruning)
         from kdrun.schema.export import check_formats
 
         check_formats("export", self.export)
-        if self.mode.name != "offline" and self.loss.name == "ce":
-            raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss=ce is the no-KD baseline)")
-        if self.mode.name == "semi" and self.loss.name in LOSS_SCHEMAS and (
-                self.loss.name != "kd" or self.loss.standardize):  # its unlabelled stream is built on kd_term
-            raise ConfigError("loss", f"mode=semi supports loss=kd only (standardize=false), got loss={self.loss.name}"
-                                      f"{' with standardize=true' if self.loss.name == 'kd' else ''}")
-        if self.mode.name == "merge" and isinstance(self.loss, FeatureLossConfig):
-            raise ConfigError("loss", f"mode=merge distils from the merged teachers' logits: loss={self.loss.name} "
-                                      f"reads one teacher's features; use a logit loss (kd, dkd, dist, ...)")
-        hint_epochs = getattr(self.loss, "hint_epochs", 0)
-        if isinstance(self.loss, FeatureLossConfig) and hint_epochs >= self.trainer.epochs:
-            raise ConfigError("loss.hint_epochs", f"must be < trainer.epochs ({self.trainer.epochs}), got {hint_epochs}")
-        at = getattr(self.mode, "teacher_epoch", None)
-        if self.mode.name == "self" and self.mode.method == "snapshot" and at >= self.trainer.epochs:
-            raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({self.trainer.epochs}), got {at}")
+        self._check_rules(registry.get("mode", self.mode.name, "mode"))
+
+    def _check_rules(self, mode: registry.Entry) -> None:
+        """The chosen mode's and loss's cross-key rules (registered with them), after the mode's own: a mode
+        that distils refuses a loss that never reads the teacher."""
+        plain_ok = mode.needs is not None and mode.needs.plain_loss
+        if not plain_ok and not loss_needs(self.loss).teacher:
+            raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss={self.loss.name} is the "
+                                      f"no-KD baseline)")
+        loss = None if getattr(self.loss, "target", None) else registry.entries("loss").get(self.loss.name)
+        for rule in (*mode.rules, *(loss.rules if loss is not None else ())):
+            rule(self)
+
+
+def _default(kind: str, name: str):
+    """The config of the registered ``kind`` ``name`` with its defaults (a Python caller that left it out)."""
+    return registry.get(kind, name, kind).config()
 
 
 def open_node(cls, node: Any, key: str):

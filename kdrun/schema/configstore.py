@@ -5,22 +5,22 @@ from __future__ import annotations
 
 from kdrun import registry
 from kdrun.schema import Config
-from kdrun.schema.losses import LOSS_SCHEMAS
-from kdrun.schema.modes import MODE_SCHEMAS
+from kdrun.schema.losses import LossBase
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*``, ``schema/mode/*``, and
-    the generated options: ``teacher/NAME`` and ``student/NAME`` for every registered model, and an option for
-    every plugin's dataset, loss and mode that has no YAML of its own."""
+    """Put the schemas in Hydra's ConfigStore: ``kdrun_schema``, ``schema/loss/*`` and ``schema/mode/*`` (the
+    config registered with every loss and mode), and the generated options: ``teacher/NAME`` and
+    ``student/NAME`` for every registered model, and an option for every plugin's dataset, loss and mode (the
+    built-ins have their own commented YAML)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=Config)
-    for name, schema in LOSS_SCHEMAS.items():
-        cs.store(group="schema/loss", name=name, node=schema)
-    for name, schema in MODE_SCHEMAS.items():
-        cs.store(group="schema/mode", name=name, node=schema)
+    for kind in ("loss", "mode"):
+        for name, entry in registry.entries(kind).items():
+            if entry.config is not None:
+                cs.store(group=f"schema/{kind}", name=name, node=entry.config)
     for name, entry in registry.entries("model").items():
         node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
         for role in ("teacher", "student"):
@@ -32,7 +32,7 @@ def register_configs() -> None:
     for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
         cs.store(group="dataset", name=name, node={"name": name, **entry.params()})
     for name, entry in plugins("loss").items():
-        cs.store(group="loss", name=name, node={"name": name, "T": 4.0, "alpha": 0.9,
-                                                 **entry.params(skip=("args", "kwargs"))})
-    for name in plugins("mode"):
-        cs.store(group="mode", name=name, node={"name": name})
+        cs.store(group="loss", name=name, node=entry.config or {"name": name, "T": LossBase.T, "alpha": LossBase.alpha,
+                                                                **entry.params(skip=("args", "kwargs"))})
+    for name, entry in plugins("mode").items():
+        cs.store(group="mode", name=name, node=entry.config or {"name": name})

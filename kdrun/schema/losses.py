@@ -1,13 +1,14 @@
-"""One structured config per loss (``schema/loss/<name>``), plus the open node of a user's loss."""
+"""The keys every loss shares (:class:`LossBase`) and the open node of a plugin's or a user's loss
+(:class:`LossConfig`). Each registered loss's own config (``schema/loss/<name>``) is registered with it: the
+built-ins' in :mod:`kdrun.losses.options`; :func:`loss_needs` reads what a configured loss needs from the registry."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
-from kdrun.schema.checks import check_min, check_positive, check_range
+from kdrun.schema.checks import check_positive, check_range
 
 
 @dataclass
@@ -19,138 +20,6 @@ class LossBase:
     def __post_init__(self):
         check_range("loss.alpha", self.alpha, 0.0, 1.0)
         check_positive("loss.T", self.T)
-
-
-@dataclass
-class KDLossConfig(LossBase):
-    """loss=kd: L = (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)), KL batchmean."""
-
-    standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
-
-
-@dataclass
-class SoftCELossConfig(LossBase):
-    """loss=soft_ce: L = (1-alpha)·CE(y, s) + alpha·T²·CE(softmax(t/T), softmax(s/T))."""
-
-    name: str = "soft_ce"
-    standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
-
-
-@dataclass
-class MSELossConfig(LossBase):
-    """loss=mse: L = (1-alpha)·CE(y, s) + alpha·MSE(s, t), MSE averaged over batch and classes; T unused."""
-
-    name: str = "mse"
-    T: float = 1.0       # unused by mse (kept for the common loss keys)
-    alpha: float = 0.5   # weight of the MSE term in [0, 1]
-
-
-@dataclass
-class HardLossConfig(LossBase):
-    """loss=hard: L = (1-alpha)·CE(y, s) + alpha·CE(argmax t, s); T unused."""
-
-    name: str = "hard"
-    T: float = 1.0       # unused by hard
-    alpha: float = 0.5   # weight of the teacher's argmax labels in [0, 1]; 1 = teacher labels only
-
-
-@dataclass
-class DISTLossConfig(LossBase):
-    """loss=dist: L = (1-alpha)·CE + alpha·T²·(beta·inter + gamma·intra), Pearson relations (Huang et al. 2022)."""
-
-    name: str = "dist"
-    alpha: float = 0.5   # weight of the DIST term in [0, 1]; 0.5 weighs CE and DIST equally, as the paper's 1:1
-    beta: float = 1.0    # weight of the inter-class relation (>= 0)
-    gamma: float = 1.0   # weight of the intra-class relation (>= 0)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("loss.beta", self.beta, 0.0, math.inf, hi_open=True)
-        check_range("loss.gamma", self.gamma, 0.0, math.inf, hi_open=True)
-
-
-@dataclass
-class DKDLossConfig(LossBase):
-    """loss=dkd: L = ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD), each T²·KL (Zhao et al. 2022).
-
-    Here ``alpha`` is the TCKD weight and ``beta`` the NCKD weight (not the CE/KD mix of the other losses)."""
-
-    name: str = "dkd"
-    T: float = 4.0            # temperature (> 0); TCKD and NCKD are each scaled by T²
-    alpha: float = 1.0        # weight of TCKD, the target-vs-rest binary KL (>= 0)
-    beta: float = 8.0         # weight of NCKD, the KL among the non-target classes (>= 0)
-    warmup: int = 20          # epochs over which the KD part ramps linearly from 1/warmup to 1 (0 = no warm-up)
-    ce_weight: float = 1.0    # weight of CE on the labels (>= 0)
-    standardize: bool = False  # z-score each sample's logits before the softmax (Sun et al. 2024)
-
-    def __post_init__(self):
-        check_positive("loss.T", self.T)
-        for key in ("alpha", "beta", "ce_weight"):
-            check_range(f"loss.{key}", getattr(self, key), 0.0, math.inf, hi_open=True)
-        check_min("loss.warmup", self.warmup, 0)
-
-
-@dataclass
-class FeatureLossConfig(LossBase):
-    """Keys shared by the feature losses (fitnet, at): L = (1-alpha)·CE + alpha·T²·KL + beta·feature term."""
-
-    alpha: float = 0.0   # weight of the soft KD term in [0, 1]; (1 - alpha) weighs CE. 0: CE + beta·feature term
-    beta: float = 1.0    # weight of the feature term (>= 0)
-    student_layers: Optional[List[str]] = None  # student module names, one per pair; null: the model's defaults
-    teacher_layers: Optional[List[str]] = None  # teacher module names, same length; null: the model's defaults
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("loss.beta", self.beta, 0.0, math.inf, hi_open=True)
-        for key in ("student_layers", "teacher_layers"):
-            names = getattr(self, key)
-            if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
-                raise ConfigError(f"loss.{key}", f"must be null (the model's defaults) or a non-empty list of "
-                                                 f"module names, got {names!r}")
-        if self.student_layers and self.teacher_layers and len(self.student_layers) != len(self.teacher_layers):
-            raise ConfigError("loss.teacher_layers", f"has {len(self.teacher_layers)} names, loss.student_layers "
-                                                     f"{len(self.student_layers)}: give one teacher layer per "
-                                                     f"student layer")
-
-
-@dataclass
-class FitNetLossConfig(FeatureLossConfig):
-    """loss=fitnet: L = (1-alpha)·CE + alpha·T²·KL + beta·Σ_pairs MSE(regressor(f_s), f_t) (Romero et al. 2015)."""
-
-    name: str = "fitnet"
-    beta: float = 100.0  # weight of the hint term (>= 0); RepDistiller and mdistiller use 100 on CIFAR-100
-    hint_epochs: int = 0  # first epochs trained on beta·hint alone (student up to the hint + regressor); 0 = none
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_min("loss.hint_epochs", self.hint_epochs, 0)
-
-
-@dataclass
-class ATLossConfig(FeatureLossConfig):
-    """loss=at: L = (1-alpha)·CE + alpha·T²·KL + beta·Σ_pairs mean((a_s - a_t)²) (Zagoruyko & Komodakis 2017)."""
-
-    name: str = "at"
-    beta: float = 1000.0  # weight of the attention term (>= 0); RepDistiller and mdistiller use 1000 on CIFAR-100
-    p: float = 2.0        # exponent of the attention map a(f) = normalize(mean_c |f|^p) (> 0); the paper uses 2
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive("loss.p", self.p)
-
-
-@dataclass
-class CELossConfig(LossBase):
-    """loss=ce: CE on the labels only, the no-KD baseline (no teacher)."""
-
-    name: str = "ce"
-    T: float = 1.0       # unused
-    alpha: float = 0.0   # must stay 0: ce has no teacher term
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.alpha != 0:
-            raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {self.alpha}")
 
 
 @dataclass
@@ -170,6 +39,10 @@ class LossConfig(LossBase):
             raise ConfigError("loss.name", "set a loss name (`kdrun --list losses`) or a _target_")
 
 
-LOSS_SCHEMAS = {"kd": KDLossConfig, "ce": CELossConfig, "soft_ce": SoftCELossConfig, "mse": MSELossConfig,
-                "hard": HardLossConfig, "dist": DISTLossConfig, "dkd": DKDLossConfig, "fitnet": FitNetLossConfig,
-                "at": ATLossConfig}
+def loss_needs(loss: LossBase) -> registry.Needs:
+    """What the configured ``loss`` needs, as registered; a ``_target_`` class or a registration that does not
+    say: the defaults (:class:`kdrun.registry.Needs`: teacher logits and labels)."""
+    if getattr(loss, "target", None):
+        return registry.Needs()
+    entry = registry.entries("loss").get(loss.name)
+    return entry.needs if entry is not None and entry.needs is not None else registry.Needs()

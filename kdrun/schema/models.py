@@ -106,8 +106,9 @@ class PruneConfig:
     finetune_epochs: int = 5    # oneshot: epochs of KD fine-tuning after pruning (0: none)
     finetune_lr: Optional[float] = None  # oneshot: learning rate of the fine-tuning; null = optim.lr / 10
 
-    def check(self, epochs: int, mode: str) -> None:
-        """Range checks; ``epochs``: ``trainer.epochs`` (the ramp must end within training), ``mode``: ``mode.name``."""
+    def check(self, epochs: int, mode: str, modes: tuple = ("offline",)) -> None:
+        """Range checks; ``epochs``: ``trainer.epochs`` (the ramp must end within training), ``mode``: ``mode.name``,
+        ``modes``: the modes that support pruning (registered with ``ModeNeeds(prune=True)``)."""
         check_range("student.prune.amount", self.amount, 0.0, 1.0, hi_open=True)
         check_choice("student.prune.schedule", self.schedule, ("gradual", "oneshot"))
         check_min("student.prune.finetune_epochs", self.finetune_epochs, 0)
@@ -118,8 +119,9 @@ class PruneConfig:
         if self.end is not None and not self.ramp(epochs)[0] <= self.end <= epochs:
             raise ConfigError("student.prune.end", f"must be in [student.prune.start, trainer.epochs] = "
                                                    f"[{self.ramp(epochs)[0]}, {epochs}], got {self.end}")
-        if self.amount > 0 and mode != "offline":
-            raise ConfigError("student.prune.amount", f"pruning is supported with mode=offline only, got mode={mode}")
+        if self.amount > 0 and mode not in modes:
+            raise ConfigError("student.prune.amount", f"pruning is supported with mode={'|'.join(modes)} only, "
+                                                      f"got mode={mode}")
 
     def ramp(self, epochs: int) -> tuple[int, int]:
         """``(start, end)`` of the gradual schedule for ``epochs`` of training, defaults filled in."""

@@ -1,7 +1,8 @@
 """Stages: what modes are built from: obtain the teacher, obtain the CE baseline, distil the student, prune it.
 
-* :mod:`~kdrun.stages.common`: :class:`RunContext` (what every stage is handed), building and evaluating a
-  model, the per-epoch log hooks, store keys of trained models, the checks run before any training;
+* :mod:`~kdrun.stages.common`: :class:`RunContext` (what every stage is handed, with the :class:`Teachers`
+  this run obtained), building and evaluating a model, the per-epoch log hooks, store keys of trained models,
+  the checks run before any training;
 * :mod:`~kdrun.stages.teacher`: :func:`obtain_teacher` (from ``teacher.ckpt`` or the store, trained on a miss)
   and :func:`teacher_targets` (the :mod:`kdrun.teacher` source that serves its logits);
 * :mod:`~kdrun.stages.student`: :func:`prepare_student`, :func:`obtain_baseline` / :func:`baseline_model` (the
@@ -17,7 +18,10 @@ May import: :mod:`kdrun.outputs`, :mod:`kdrun.teacher`, :mod:`kdrun.train`, :mod
 """
 from kdrun.stages.common import (
     EpochLogger,
+    ObtainedTeacher,
     RunContext,
+    Teachers,
+    TrimMetrics,
     build,
     check_layers,
     evaluate,
@@ -29,6 +33,6 @@ from kdrun.stages.common import (
 from kdrun.stages.student import baseline_model, distil, obtain_baseline, prepare_student, train_student
 from kdrun.stages.teacher import obtain_teacher, teacher_data, teacher_targets
 
-__all__ = ["EpochLogger", "RunContext", "baseline_model", "build", "check_layers", "distil", "evaluate",
-           "evaluate_frozen", "n_params", "obtain_baseline", "obtain_teacher", "preflight", "prepare_student",
-           "recipe_student", "teacher_data", "teacher_targets", "train_student"]
+__all__ = ["EpochLogger", "ObtainedTeacher", "RunContext", "Teachers", "TrimMetrics", "baseline_model", "build",
+           "check_layers", "distil", "evaluate", "evaluate_frozen", "n_params", "obtain_baseline", "obtain_teacher",
+           "preflight", "prepare_student", "recipe_student", "teacher_data", "teacher_targets", "train_student"]

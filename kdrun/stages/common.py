@@ -1,8 +1,10 @@
-"""The stages a mode is built from: get the teacher, get the CE baseline, distil the student.
+"""What every stage shares: :class:`RunContext` (the validated config, the run dir, the device, the run's teachers and
+result), building and evaluating a model, the per-epoch hooks that log and trim ``metrics.jsonl``, the store key and
+CE training of a stored model (teacher, baseline), the student's recipe, and the checks run before any training
+(:func:`preflight`, :func:`check_layers`).
 
-Each stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a
-typed result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to
-``summary.json``.
+A stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a typed
+result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to ``summary.json``.
 """
 from __future__ import annotations
 
@@ -16,18 +18,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdrun.console import Progress
+from kdrun.console import Progress, pct
 from kdrun.data.dataset import Data
 from kdrun.losses.base import cross_entropy
+from kdrun.memo import MEMO
 from kdrun.models import build as build_model
 from kdrun.models import check_logits, identity
-from kdrun.models.checkpoint import checkpoint_dict
+from kdrun.models.checkpoint import checkpoint_dict, weights_hash
 from kdrun.models.transfer import store_key_part
 from kdrun.outputs.metrics import Prediction
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text
-from kdrun.results import RunResult
-from kdrun.schema import Config, ModelConfig
+from kdrun.results import RunResult, TeacherResult
+from kdrun.schema import Config, ModelConfig, TeacherConfig
 from kdrun.store import key_hash
 from kdrun.train.hooks import Hook
 from kdrun.train.infer import predict, top1
@@ -35,6 +38,34 @@ from kdrun.train.loop import Recipe, fit
 
 log = logging.getLogger("kdrun")
 STORE_FORMAT = 1  # bump when a change makes stored models incomparable
+
+
+@dataclass
+class ObtainedTeacher:
+    """A frozen teacher :func:`kdrun.stages.teacher.obtain_teacher` built in this run: ``teacher.*`` as it was
+    built from (a mode may vary its seed), the number of classes of the data it was obtained for, the model
+    (eval mode, no grad) and its result."""
+
+    cfg: TeacherConfig
+    num_classes: int
+    model: nn.Module
+    result: TeacherResult
+
+
+@dataclass
+class Teachers:
+    """The frozen teachers obtained in this run (not saved): each once, by a hash of its config and data."""
+
+    by_key: dict[str, ObtainedTeacher] = field(default_factory=dict)
+    first: Optional[ObtainedTeacher] = None  # student.init=teacher copies it; the compression report times it
+
+    def add(self, key: str, teacher: ObtainedTeacher) -> None:
+        self.by_key[key] = teacher
+        if self.first is None:
+            self.first = teacher
+
+    def get(self, key: str) -> Optional[ObtainedTeacher]:
+        return self.by_key.get(key)
 
 
 @dataclass
@@ -48,7 +79,7 @@ class RunContext:
     progress: Progress
     metrics: JsonlWriter
     result: RunResult  # filled in by the mode as each stage finishes (a later failure keeps them)
-    memo: dict = field(default_factory=dict)  # models shared by stages of this run (obtain_teacher's), not saved
+    teachers: Teachers = field(default_factory=Teachers)  # shared by stages of this run (and by a replace()d copy)
     trackers: Optional[Trackers] = None  # logger=[...] (kdrun.outputs.trackers): every stage's epochs go to them too
 
     def writers(self, stage: str) -> list:
@@ -83,10 +114,6 @@ def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
                 frozen_names(model, model_cfg.freeze, key)
 
 
-def pct(value) -> str:
-    return "-" if value is None else f"{value:.2f}%"
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -106,21 +133,14 @@ def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] 
     return scores
 
 
-_FROZEN_SCORES: dict = {}  # the last frozen model evaluated in this process: the jobs of a sweep share a teacher
-
-
 def evaluate_frozen(model: nn.Module, data: Data, ctx: RunContext, role: str) -> dict:
-    """:func:`evaluate` for a frozen model, remembered for the next job of a sweep in this process: the same
-    weights on the same data with the same precision give the same logits, so they are computed once."""
-    from kdrun.teacher.logit_cache import weights_hash
-
+    """:func:`evaluate` for a frozen model, remembered for the next job of a sweep in this process
+    (:data:`kdrun.memo.MEMO`): the same weights on the same data with the same precision give the same logits,
+    so they are computed once."""
     key = key_hash({"weights": weights_hash(model), "data": data.identity, "device": str(data.train.y.device),
                     "precision": ctx.cfg.trainer.precision, "sizes": [len(data.val), len(data.test)]})
-    if key not in _FROZEN_SCORES:
-        _FROZEN_SCORES.clear()
-        scores = evaluate(model, data, ctx, role)
-        _FROZEN_SCORES[key] = (scores, ctx.result.predictions.get(role))
-    scores, prediction = _FROZEN_SCORES[key]
+    scores, prediction = MEMO.frozen_scores.get(
+        key, lambda: (evaluate(model, data, ctx, role), ctx.result.predictions.get(role)))
     if prediction is not None:
         ctx.result.predictions[role] = prediction
     return dict(scores)
@@ -133,9 +153,8 @@ class EpochLogger(Hook):
         self.desc, self.epochs, self.writers = desc, epochs, writers
 
     def after_epoch(self, record: dict) -> None:
-        val = "-" if record["val/acc"] is None else f"{record['val/acc']:.2f}%"
         log.info(f"{self.desc} epoch {record['epoch']:>3}/{self.epochs}  loss {record['train/loss']:.4f}  "
-                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {val}  "
+                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {pct(record['val/acc'])}  "
                  f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
         for write in self.writers:
             write(record)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from kdrun.results import Result, optional
+from kdrun.console import pct
+from kdrun.results import PrunedStudentResult
 from kdrun.train.builtin_hooks import copy_state
 from kdrun.train.hooks import Hook
 
@@ -145,35 +145,6 @@ class GradualPruning(Hook):
         self.best_state = {k: v.to(device) for k, v in state["best_state"].items()} or None
 
 
-@dataclass
-class PrunedStudentResult(Result):
-    """The pruned KD student (``checkpoints/student_pruned_*.pt``), reported beside the unpruned one."""
-
-    name: str
-    schedule: str
-    amount: float
-    sparsity: float               # achieved: zeros / prunable weights of the best checkpoint
-    zeros: int
-    prunable: int                 # conv + linear weights
-    params: int
-    nonzero_params: int           # all parameters minus the pruned zeros
-    epochs: int                   # epochs this stage trained (gradual: the whole run; oneshot: the fine-tuning)
-    best_epoch: int
-    val_acc_best: Optional[float] = None
-    test_acc_best: Optional[float] = None
-    val_acc_last: Optional[float] = None
-    test_acc_last: Optional[float] = None
-    start: Optional[int] = optional()             # gradual: the ramp
-    end: Optional[int] = optional()
-    steps: Optional[list] = optional()            # gradual: sparsity reached before each pruning epoch
-    test_acc_before_finetune: Optional[float] = optional()  # oneshot: right after pruning
-    finetune_lr: Optional[float] = optional()
-
-    @property
-    def note(self) -> str:
-        return f"{self.schedule}, sparsity {100 * self.sparsity:.1f}%"
-
-
 def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] = None) -> PrunedStudentResult:
     """The ``student.prune`` stage: a gradually pruned second student, or ``student`` (the distilled one, best
     checkpoint) pruned once and fine-tuned. ``teacher``: the KD student's teacher source (None for loss=ce).
@@ -214,7 +185,7 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
         extra["test_acc_before_finetune"] = evaluate(model, data, ctx)["test_acc"]
         lr = spec.finetune_lr if spec.finetune_lr is not None else cfg.optim.lr / 10
         log.info(f"{STAGE} {cfg.student.name}: pruned once to {spec.amount:g} (test "
-                 f"{_pct(extra['test_acc_before_finetune'])}), fine-tuned for {spec.finetune_epochs} epochs at lr {lr:g}")
+                 f"{pct(extra['test_acc_before_finetune'])}), fine-tuned for {spec.finetune_epochs} epochs at lr {lr:g}")
         best_state = result = None
         epochs, best_epoch = spec.finetune_epochs, 0
         if epochs:
@@ -230,12 +201,8 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
                                params=n_params(model), nonzero_params=n_params(model) - achieved["zeros"],
                                epochs=epochs, best_epoch=best_epoch, **scores, **extra)
     log.info(f"{STAGE}: sparsity {100 * info.sparsity:.1f}% of {info.prunable:,} conv/linear weights, "
-             f"val {_pct(info.val_acc_best)}  test {_pct(info.test_acc_best)}")
+             f"val {pct(info.val_acc_best)}  test {pct(info.test_acc_best)}")
     return info
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}%"
 
 
 def _save(ctx, data, model: nn.Module, best_state: Optional[dict], last_state: Optional[dict],

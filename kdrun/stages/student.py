@@ -1,4 +1,5 @@
-"""kdrun.stages.student"""
+"""The student stages: :func:`prepare_student` (built, ``student.init`` / ``student.freeze`` applied), the CE-only
+baseline (:func:`obtain_baseline`, :func:`baseline_model`: stored) and :func:`distil`."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,19 +9,20 @@ from typing import Optional
 
 from torch import nn
 
+from kdrun.console import pct
 from kdrun.data.dataset import Data
 from kdrun.models.checkpoint import checkpoint_dict, load_weights
 from kdrun.models.transfer import initialise
 from kdrun.records import JsonlWriter, save_torch
-from kdrun.results import BaselineResult, StudentResult, TeacherResult
+from kdrun.results import BaselineResult, StudentResult
 from kdrun.stages.common import (
     EpochLogger,
+    ObtainedTeacher,
     RunContext,
     TrimMetrics,
     build,
     evaluate,
     n_params,
-    pct,
     recipe_student,
     store_key,
     train_ce_entry,
@@ -34,22 +36,22 @@ log = logging.getLogger("kdrun")
 
 
 def prepare_student(ctx: RunContext, data: Data, *, seed: Optional[int] = None,
-                    teacher: Optional[tuple[nn.Module, TeacherResult]] = None) -> tuple[nn.Module, dict]:
+                    teacher: Optional[ObtainedTeacher] = None) -> tuple[nn.Module, dict]:
     """The student as training starts: built from ``seed`` (default: ``seed``), then ``student.init`` and
     ``student.freeze`` applied (:mod:`kdrun.models.transfer`). Returns it and its ``init`` record for the summary.
 
-    ``init=teacher`` copies from ``teacher`` (a ``(model, result)`` pair), by default from the first teacher this
-    run obtained with the configured ``teacher.*`` on all of ``data``'s classes (in mode=semi: the one trained on
-    the labelled part), else from :func:`obtain_teacher` on ``data``.
+    ``init=teacher`` copies from ``teacher``, by default from the first teacher this run obtained
+    (``ctx.teachers.first``) when it was built from the configured ``teacher.*`` for data with ``data``'s
+    classes (in mode=semi: the one trained on the labelled part), else from :func:`obtain_teacher` on ``data``.
     """
     cfg = ctx.cfg
     seed = cfg.seed if seed is None else seed
-    first = ctx.memo.get("first_teacher")
-    if teacher is None and first is not None and first[:2] == (cfg.teacher, data.num_classes):
-        teacher = first[2:]
+    first = ctx.teachers.first
+    if teacher is None and first is not None and (first.cfg, first.num_classes) == (cfg.teacher, data.num_classes):
+        teacher = first
 
     def provider() -> tuple[nn.Module, dict]:
-        model, info = teacher if teacher is not None else obtain_teacher(ctx, data)
+        model, info = (teacher.model, teacher.result) if teacher is not None else obtain_teacher(ctx, data)
         return model, info.to_json()
     if cfg.student.init == "teacher":
         provider()  # before the student is built: obtaining it may train it, which draws random numbers

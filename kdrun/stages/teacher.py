@@ -1,4 +1,6 @@
-"""kdrun.stages.teacher"""
+"""The teacher stage: :func:`obtain_teacher` (from ``teacher.ckpt`` or the store, trained on a miss; each once
+per run, kept in ``ctx.teachers``) and :func:`teacher_targets` (the :mod:`kdrun.teacher` source that serves its
+logits to the student)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +9,23 @@ from pathlib import Path
 
 from torch import nn
 
+from kdrun.console import pct
 from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError, keyed
 from kdrun.models.checkpoint import load_weights, read_checkpoint
 from kdrun.models.transfer import initialise
 from kdrun.records import file_sha256
 from kdrun.results import MergedTeacherResult, TeacherResult
-from kdrun.schema import Config
-from kdrun.stages.common import RunContext, build, evaluate_frozen, n_params, pct, store_key, train_ce_entry
+from kdrun.schema import Config, loss_needs
+from kdrun.stages.common import (
+    ObtainedTeacher,
+    RunContext,
+    build,
+    evaluate_frozen,
+    n_params,
+    store_key,
+    train_ce_entry,
+)
 from kdrun.store import key_hash, train_or_reuse
 from kdrun.teacher.sources import CachedLogits, LiveTeacher
 from kdrun.train.hooks import TeacherSource
@@ -52,9 +63,9 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
     that before any student time is spent.
     """
     cfg = ctx.cfg
-    memo_key = ("teacher", key_hash({"teacher": dataclasses.asdict(cfg.teacher), "data": data.identity}))
-    if memo_key in ctx.memo:  # already obtained in this run (e.g. for student.init=teacher)
-        return ctx.memo[memo_key]
+    known_as = key_hash({"teacher": dataclasses.asdict(cfg.teacher), "data": data.identity})
+    if (known := ctx.teachers.get(known_as)) is not None:  # already obtained in this run (student.init=teacher)
+        return known.model, known.result
     model = build(cfg.teacher, data, "teacher", ctx.device, cfg.teacher.seed)
     params = n_params(model)
     if cfg.teacher.ckpt:
@@ -88,8 +99,7 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
     chance = 100.0 / data.num_classes
     if info.test_acc is not None and info.test_acc < 1.5 * chance:
         log.warning(f"teacher test accuracy {info.test_acc}% is near chance ({chance:.1f}%): check the teacher")
-    ctx.memo[memo_key] = (model, info)
-    ctx.memo.setdefault("first_teacher", (cfg.teacher, data.num_classes, model, info))
+    ctx.teachers.add(known_as, ObtainedTeacher(cfg.teacher, data.num_classes, model, info))
     return model, info
 
 
@@ -101,13 +111,15 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
     (:mod:`kdrun.teacher.view_cache`). Returns the :class:`kdrun.train.hooks.TeacherSource` for :func:`distil`; records the
     cache decision in ``teacher_info.cache``. Consumes ``teacher.cache``, ``teacher.cache_dtype``,
     ``teacher.cache_budget_mb``, ``store.teachers``, ``seed``.
-    A ``loss`` that reads the teacher's features (``needs_features``) always gets the live teacher.
+    A ``loss`` that the logit cache cannot serve (registered ``Needs(logit_cache=False)``, or a loss class with
+    ``needs_features``: it reads the teacher's features) always gets the live teacher.
     """
     from kdrun.teacher.logit_cache import make_check, teacher_logits
 
     cfg = ctx.cfg
-    if getattr(loss, "needs_features", False):
-        why = f"feature loss {loss.name} reads the teacher's features: live teacher"
+    if loss is not None and (getattr(loss, "needs_features", False) or not loss_needs(cfg.loss).logit_cache):
+        why = f"feature loss {loss.name} reads the teacher's features: live teacher" if \
+            getattr(loss, "needs_features", False) else f"loss {loss.name} needs the live teacher"
         teacher_info.cache = {"mode": str(cfg.teacher.cache), "used": False, "why": why}
         log.info(f"teacher logits: live ({why})")
         return LiveTeacher(teacher)

@@ -34,6 +34,7 @@ from torch import nn
 
 from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError
+from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
 from kdrun.train.infer import autocast, predict
 
@@ -41,16 +42,6 @@ log = logging.getLogger("kdrun")
 CHECK_SAMPLES = 64
 TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (atol, rtol) of the per-epoch check
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def weights_hash(model: nn.Module) -> str:
-    """Hash of a model's weights and buffers (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _checksum(logits: torch.Tensor) -> str:

@@ -49,8 +49,9 @@ from filelock import FileLock
 from torch import nn
 
 from kdrun.data.dataset import Batch, Data, finite_views
+from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
-from kdrun.teacher.logit_cache import DTYPES, check_live, remove_partial_writes, set_aside, weights_hash
+from kdrun.teacher.logit_cache import DTYPES, check_live, remove_partial_writes, set_aside
 from kdrun.train.hooks import TeacherSource
 
 log = logging.getLogger("kdrun")

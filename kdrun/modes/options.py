@@ -1,0 +1,118 @@
+"""Every built-in mode as a config option: its dataclass (its ``mode.*`` keys, defaults, range checks), what it
+needs and its cross-key rules (which losses it accepts), registered once with :func:`kdrun.registry.register_mode`;
+``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``).
+
+This is the torch-free half of a mode: validating a config and ``kdrun --list modes`` read it without importing
+torch. :class:`kdrun.schema.Config` runs every rule of the chosen mode and loss; a plugin's mode states its own the
+same way (README, "Extending kdrun").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from kdrun.errors import ConfigError
+from kdrun.registry import ModeNeeds, register_mode
+from kdrun.schema.checks import check_choice, check_range
+from kdrun.schema.losses import LossConfig, loss_needs
+
+MODES = "kdrun.modes"
+
+
+def kd_only(cfg) -> None:
+    """semi: its unlabelled stream is built on kd_term, so of kdrun's losses only kd (standardize=false) fits."""
+    loss = cfg.loss
+    if not isinstance(loss, LossConfig) and (loss.name != "kd" or loss.standardize):
+        raise ConfigError("loss", f"mode=semi supports loss=kd only (standardize=false), got loss={loss.name}"
+                                  f"{' with standardize=true' if loss.name == 'kd' else ''}")
+
+
+def logit_losses_only(cfg) -> None:
+    """merge: the merged teacher is a mixture of distributions, with no features to read."""
+    if loss_needs(cfg.loss).features:
+        raise ConfigError("loss", f"mode=merge distils from the merged teachers' logits: loss={cfg.loss.name} "
+                                  f"reads one teacher's features; use a logit loss (kd, dkd, dist, ...)")
+
+
+def snapshot_before_the_end(cfg) -> None:
+    """self, snapshot: the student is frozen as its teacher before training ends."""
+    at = cfg.mode.teacher_epoch
+    if cfg.mode.method == "snapshot" and at >= cfg.trainer.epochs:
+        raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({cfg.trainer.epochs}), got {at}")
+
+
+@register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)",
+               target=f"{MODES}.offline.offline", needs=ModeNeeds(teacher=True, plain_loss=True, prune=True))
+@dataclass
+class OfflineMode:
+    """mode=offline: a frozen, pre-trained teacher teaches the student."""
+
+    name: str = "offline"
+
+
+@register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train",
+               target=f"{MODES}.semi.semi", needs=ModeNeeds(teacher=True), rules=(kd_only,))
+@dataclass
+class SemiMode:
+    """mode=semi: only part of train keeps its labels; the teacher's targets supervise the rest."""
+
+    name: str = "semi"
+    labeled_fraction: Optional[float] = 0.1  # share of train whose labels are kept, in (0, 1] (stratified) ...
+    labels_per_class: Optional[int] = None   # ... or this many labelled images per class (set the other null)
+    unlabeled_target: str = "soft"           # soft: KD term on the pool | hard: CE on confident pseudo-labels
+    confidence: float = 0.0                  # hard: keep pseudo-labels whose teacher probability >= this
+    unlabeled_weight: float = 1.0            # weight of an unlabelled image's term in the per-sample mean
+    iterations: int = 1                      # > 1: each round's student teaches the next (Noisy Student)
+
+    def __post_init__(self):
+        if (self.labeled_fraction is None) == (self.labels_per_class is None):
+            raise ConfigError("mode.labeled_fraction", "mode=semi needs exactly one of mode.labeled_fraction "
+                                                       "or mode.labels_per_class")
+        if self.labeled_fraction is not None:
+            check_range("mode.labeled_fraction", self.labeled_fraction, 0.0, 1.0, lo_open=True)
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ConfigError("mode.labels_per_class", f"must be >= 1, got {self.labels_per_class}")
+        check_choice("mode.unlabeled_target", self.unlabeled_target, ("soft", "hard"))
+        check_range("mode.confidence", self.confidence, 0.0, 1.0, hi_open=True)
+        check_range("mode.unlabeled_weight", self.unlabeled_weight, 0.0, float("inf"))
+        if self.iterations < 1:
+            raise ConfigError("mode.iterations", f"must be >= 1, got {self.iterations}")
+
+
+@register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher",
+               target=f"{MODES}.selfdistill.self_distill", needs=ModeNeeds(), rules=(snapshot_before_the_end,))
+@dataclass
+class SelfMode:
+    """mode=self: born-again generations or an in-training snapshot teacher (no separate teacher)."""
+
+    name: str = "self"
+    method: str = "born_again"           # born_again | snapshot
+    generations: int = 3                 # born_again: KD generations after generation 0 (CE), >= 1
+    teacher_epoch: Optional[int] = None  # snapshot: freeze the student as its teacher after this epoch
+    ensemble: bool = True                # born_again: also report the ensemble (mean softmax) of all generations
+
+    def __post_init__(self):
+        check_choice("mode.method", self.method, ("born_again", "snapshot"))
+        if self.method == "born_again" and self.generations < 1:
+            raise ConfigError("mode.generations", f"must be >= 1, got {self.generations}")
+        if self.method == "snapshot" and (self.teacher_epoch is None or self.teacher_epoch < 1):
+            raise ConfigError("mode.teacher_epoch", f"mode.method=snapshot needs an epoch >= 1, got {self.teacher_epoch}")
+
+
+@register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes",
+               target=f"{MODES}.merge.merge", needs=ModeNeeds(), rules=(logit_losses_only,))
+@dataclass
+class MergeMode:
+    """mode=merge: teachers on class subsets (or all on the same classes) merged into one student."""
+
+    name: str = "merge"
+    class_splits: Optional[List[List[int]]] = None  # one class list per teacher; null = two halves
+    combine: str = "confidence"  # disjoint splits: confidence | maxprob; identical splits: mean | weighted
+
+    def __post_init__(self):
+        check_choice("mode.combine", self.combine, ("confidence", "maxprob", "mean", "weighted"))
+        if self.class_splits is not None:
+            if len(self.class_splits) < 2 or any(len(s) == 0 for s in self.class_splits):
+                raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")
+            if any(c < 0 for s in self.class_splits for c in s):
+                raise ConfigError("mode.class_splits", f"class ids must be >= 0, got {self.class_splits}")
