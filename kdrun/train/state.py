@@ -18,7 +18,8 @@ from kdrun.train.infer import autocast
 
 @dataclass
 class TrainState:
-    """What :func:`fit` trains and carries from epoch to epoch; with the hooks' state dicts, the resume checkpoint."""
+    """What :func:`kdrun.train.loop.fit` trains and carries from epoch to epoch (with the hooks' state dicts: the
+    resume checkpoint)."""
 
     model: nn.Module
     forward: Callable                     # the model as it runs: compiled, or in DistributedDataParallel
