@@ -312,7 +312,7 @@ def test_teacher_from_plain_state_dict(shared, tmp_path):
 def test_help(tmp_path, script, kdrun_help):
     if script:
         result = run_kdrun("--help", cwd=tmp_path, script=True)
-    else:  # the session's `python -m kdrun --help` (test_config.py reads it too), run in its own empty dir
+    else:  # the session's `python -m kdrun --help` (test_schema.py reads it too), run in its own empty dir
         result, tmp_path = kdrun_help
     assert result.returncode == 0, result.describe()
     lines = result.stdout.splitlines()
@@ -334,7 +334,7 @@ def test_list_models_via_console_script(tmp_path):
 @pytest.mark.parametrize("what,kind", [("losses", "loss"), ("modes", "mode")])
 def test_list_shows_each_options_registered_defaults(what, kind, capsys, monkeypatch):
     """`--list losses|modes` shows every option's keys with the defaults of its registered config (the ones a
-    run uses: tests/test_config.py compares them with the composed configs)."""
+    run uses: tests/test_schema.py compares them with the composed configs)."""
     from kdrun import registry
     from kdrun.cli import _list
 

@@ -1,4 +1,4 @@
-"""Issue 12: never lose a result, never train on corrupt inputs.
+"""Errors: never lose a result, never train on corrupt inputs.
 
 Non-finite and out-of-range values refused with the key; strict JSON outputs; one-line errors (and one
 exit-code rule) for run dirs, paths and diverged runs; degenerate settings warned about or refused."""

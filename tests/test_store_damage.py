@@ -1,4 +1,4 @@
-"""Issue 12: the store and the logit cache never hand out damaged files and never lose one.
+"""The store and the logit cache never hand out damaged files and never lose one.
 
 Each class of damage is made on real files written by real runs (``experiment=smoke``, in-process) or by
 :func:`kdrun.store.train_or_reuse`: a zeroed block, large values, a truncated file, a missing
