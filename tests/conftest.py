@@ -16,6 +16,12 @@ from pathlib import Path
 import kdrun.conf
 import pytest
 
+# Threads per test process: `make test` runs two pytest-xdist workers on two cores, so one each (also for the kdrun
+# processes they start, through OMP_NUM_THREADS), not two spinning threads per core; two in a plain pytest run.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 CONF_DIR = Path(kdrun.conf.__file__).resolve().parent  # the config tree the CLI composes (pkg://kdrun.conf)
 PYTHON = sys.executable
 KDRUN_SCRIPT = Path(sys.executable).parent / "kdrun"  # the installed console script, next to the venv's python

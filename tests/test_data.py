@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
+from conftest import CONF_DIR, THREADS
 from omegaconf import OmegaConf
 
 from kdrun.data.dataset import Split, augment_batch, load_data, to_unit_float
@@ -17,7 +17,7 @@ from kdrun.data.sources import read_idx
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 CPU = torch.device("cpu")
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 

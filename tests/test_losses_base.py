@@ -6,13 +6,14 @@ KL summed over classes and averaged over the batch (``batchmean``).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import THREADS
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, build, cross_entropy, kd_term
 from kdrun.losses.options import CELossConfig
 from kdrun.losses.options import KDLossConfig as LossConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 B, K = 6, 10
 
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, read_json, read_jsonl, run_kdrun, smoke_inproc, store_overrides, working_dir
+from conftest import THREADS, compose_config, read_json, read_jsonl, run_kdrun, smoke_inproc, store_overrides, working_dir
 from torch import nn
 
 from kdrun import registry
@@ -20,7 +20,7 @@ from kdrun.losses.hooks import FeatureHooks, FeaturePairs
 from kdrun.models import build_model
 from kdrun.models.layers import default_feature_layers
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 STUDENT = ("student=cnn", "student.args.channels=8", "trainer.num_threads=1")  # conv maps on 8x8 digits
 
 

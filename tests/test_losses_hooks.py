@@ -1,12 +1,13 @@
 """FeatureHooks: outputs of named modules of a registry model, captured by forward hooks."""
 import pytest
 import torch
+from conftest import THREADS
 
 from kdrun.errors import ConfigError
 from kdrun.losses.hooks import FeatureHooks
 from kdrun.models import build_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

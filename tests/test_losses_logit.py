@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, read_json, read_jsonl, smoke_inproc
+from conftest import THREADS, compose_config, read_json, read_jsonl, smoke_inproc
 from omegaconf import OmegaConf
 
 from kdrun.errors import ConfigError
 from kdrun.losses.base import build, from_config, kd_term, standardize
 from kdrun.losses.options import DISTLossConfig, DKDLossConfig, HardLossConfig, KDLossConfig, MSELossConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 NEW = ["mse", "soft_ce", "hard", "dkd", "dist"]
 
 

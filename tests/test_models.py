@@ -1,12 +1,13 @@
 """Tests of the model registry: every model on every dataset shape, reference layouts, errors."""
 import pytest
 import torch
+from conftest import THREADS
 from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models import build_model, list_models, model_args
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 SHAPES = [(1, 8, 10), (1, 28, 10), (3, 32, 100), (3, 96, 7)]
 NAMES = [name for name, _ in list_models()]

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import THREADS
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.models import build_model
 from kdrun.models.checkpoint import checkpoint_dict, load_weights, read_checkpoint, state_dict_of
 from kdrun.store import CHECKPOINT, key_hash, train_or_reuse
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 KEY = {"role": "teacher", "model": {"name": "cnn", "args": {}}, "data": {"name": "digits"}, "recipe": {"epochs": 2}}
 
 

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, cli_env, read_json, read_jsonl, run_inproc, smoke_inproc, store_entries, store_overrides
+from conftest import (
+    PYTHON,
+    THREADS,
+    cli_env,
+    read_json,
+    read_jsonl,
+    run_inproc,
+    smoke_inproc,
+    store_entries,
+    store_overrides,
+)
 from test_store import KEY, Trainer, assert_same_state, small_cnn
 
 from kdrun.errors import KdrunError
@@ -25,7 +35,7 @@ from kdrun.models.checkpoint import checkpoint_dict
 from kdrun.store import CHECKPOINT, CHECKSUM, key_hash, train_or_reuse
 from kdrun.teacher.logit_cache import make_check
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 
 def sha256(path: Path) -> str:
