@@ -49,8 +49,10 @@ docs: install $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The default suite: lint, the docs build, unit tests + end-to-end CLI runs on tiny configs (a few minutes on 2 cores).
+# pytest-xdist runs one worker per core (one torch thread each, tests/conftest.py), a test file per worker at a time
+# (module fixtures are built once).
 test: install-plugin lint docs
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" -n auto --dist loadfile $(PYTEST_ARGS)
 
 # Everything, including the slower runs on real data sets.
 test-all: install-plugin
