@@ -103,23 +103,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     # An epoch of the smoke student takes ~10 ms: 100 of them leave ample time between "epoch 3 logged" and the
     # kill, where 12 could all finish within one poll.
     config = ("experiment=smoke", "trainer.epochs=100", "trainer.num_threads=1")
-    killed = tmp_path / "killed"
-    proc = start(tmp_path, killed, *config)
-    wait_for_epoch(proc, killed, 3)
-    proc.kill()
-    proc.communicate(timeout=CLI_TIMEOUT_S)
-    assert not (killed / "checkpoints" / "student_last.pt").exists()  # killed before the end
-
-    resumed = run_kdrun(f"resume={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.describe()
-    whole = run_kdrun(*config, f"hydra.run.dir={tmp_path / 'whole'}", *store_overrides(tmp_path), cwd=tmp_path)
-    assert whole.returncode == 0, whole.describe()
-
-    for which in ("last", "best"):
-        assert_same_weights(killed / "checkpoints" / f"student_{which}.pt",
-                            tmp_path / "whole" / "checkpoints" / f"student_{which}.pt")
-    a, b = read_json(killed / "summary.json"), read_json(tmp_path / "whole" / "summary.json")
-    assert a["status"] == "completed" and a["resumed"] is True
+    killed = kill_at(tmp_path, config, "student", 3)
+    a, b = resume_and_compare(tmp_path, killed, config, "student")
     assert a["teacher"]["reused"] is True
     assert a["student"] == b["student"]
     assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 101))
@@ -131,12 +116,7 @@ def test_pruned_stage_resumes_after_sigkill_bit_identically(tmp_path):
     last, are those of an uninterrupted run."""
     config = ("experiment=smoke", "trainer.epochs=100", "trainer.num_threads=1", "student.prune.amount=0.5",
               "student.prune.start=2", "student.prune.end=90")
-    killed = tmp_path / "killed"
-    proc = start(tmp_path, killed, *config)
-    wait_for_epoch(proc, killed, 3, stage="student_pruned")
-    proc.kill()
-    proc.communicate(timeout=CLI_TIMEOUT_S)
-    assert not (killed / "checkpoints" / "student_pruned_last.pt").exists()  # killed before the end
+    killed = kill_at(tmp_path, config, "student_pruned", 3)
     state = torch.load(killed / "checkpoints" / "student_pruned_resume.pt", map_location="cpu", weights_only=True)
     saved = state["epoch"]
     assert 2 <= saved < 90 and state["hooks"]["GradualPruning"]["masks"]  # killed while the sparsity ramps up
@@ -144,16 +124,7 @@ def test_pruned_stage_resumes_after_sigkill_bit_identically(tmp_path):
                                     if '"student_pruned"' in line]
     before = pruned_lines(killed)[:saved]
 
-    resumed = run_kdrun(f"resume={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.describe()
-    whole = run_kdrun(*config, f"hydra.run.dir={tmp_path / 'whole'}", *store_overrides(tmp_path), cwd=tmp_path)
-    assert whole.returncode == 0, whole.describe()
-
-    for which in ("last", "best"):
-        assert_same_weights(killed / "checkpoints" / f"student_pruned_{which}.pt",
-                            tmp_path / "whole" / "checkpoints" / f"student_pruned_{which}.pt")
-    a, b = read_json(killed / "summary.json"), read_json(tmp_path / "whole" / "summary.json")
-    assert a["status"] == "completed" and a["resumed"] is True
+    a, b = resume_and_compare(tmp_path, killed, config, "student_pruned")
     assert a["student_pruned"] == b["student_pruned"]
     assert pruned_lines(killed)[:saved] == before  # the checkpointed epochs were not trained again
     assert [json.loads(line)["epoch"] for line in pruned_lines(killed)] == list(range(1, 101))
@@ -321,3 +292,29 @@ def test_signal_while_the_teacher_trains_leaves_the_store_clean(tmp_path):
     assert "interrupted by SIGTERM after teacher epoch " in stderr.strip().splitlines()[-1]
     assert read_json(run_dir / "summary.json")["interrupted"]["stage"] == "teacher"
     assert sorted(p.name for p in (tmp_path / "teachers").iterdir() if not p.name.endswith(".lock")) == []
+
+
+def kill_at(base: Path, config: tuple, stage: str, epoch: int) -> Path:
+    """``kdrun CONFIG`` into ``base/killed``, SIGKILLed once ``stage`` has logged ``epoch`` (before its end)."""
+    killed = base / "killed"
+    proc = start(base, killed, *config)
+    wait_for_epoch(proc, killed, epoch, stage=stage)
+    proc.kill()
+    proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert not (killed / "checkpoints" / f"{stage}_last.pt").exists()  # killed before the end
+    return killed
+
+
+def resume_and_compare(base: Path, killed: Path, config: tuple, stage: str) -> tuple[dict, dict]:
+    """``kdrun resume=KILLED``, then the same config uninterrupted into ``base/whole``: ``stage``'s best and last
+    weights are bit-identical. Returns both summaries (the resumed one completed and marked resumed)."""
+    resumed = run_kdrun(f"resume={killed}", cwd=base)
+    assert resumed.returncode == 0, resumed.describe()
+    whole = run_kdrun(*config, f"hydra.run.dir={base / 'whole'}", *store_overrides(base), cwd=base)
+    assert whole.returncode == 0, whole.describe()
+    for which in ("last", "best"):
+        assert_same_weights(killed / "checkpoints" / f"{stage}_{which}.pt",
+                            base / "whole" / "checkpoints" / f"{stage}_{which}.pt")
+    a, b = read_json(killed / "summary.json"), read_json(base / "whole" / "summary.json")
+    assert a["status"] == "completed" and a["resumed"] is True
+    return a, b
