@@ -2,7 +2,8 @@
 
 A teacher source answers two questions of the training loop: at the start of an epoch, does a teacher
 teach this epoch (:meth:`TeacherSource.before_epoch`; False means plain CE for that epoch), and what are its
-logits for this batch (:meth:`TeacherSource.logits`). Three sources cover kdrun's modes:
+logits for this batch (:meth:`TeacherSource.logits`). Four sources cover kdrun's modes (three here, the view
+cache in its own module):
 
 * :class:`LiveTeacher`: a frozen model (``eval()``, no gradients) run on the very batch the student sees;
 * :class:`CachedLogits`: logits of the whole train split computed once (:mod:`kdrun.teacher.logit_cache`), indexed
