@@ -1,4 +1,4 @@
-"""kdrun/data.py: splits, batching, augmentation, uint8 conversion, the IDX reader and data-not-found errors."""
+"""kdrun/data/: splits, batching, augmentation, uint8 conversion, the IDX reader and data-not-found errors."""
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,4 @@
-"""The maths of kdrun/losses.py against hand-written formulas.
+"""The maths of kdrun/losses/base.py against hand-written formulas.
 
 Convention under test: L = (1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)),
 KL summed over classes and averaged over the batch (``batchmean``).

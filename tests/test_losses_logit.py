@@ -1,4 +1,4 @@
-"""The logit losses of kdrun/logit_losses.py (mse, soft_ce, hard, dkd, dist, standardize) against hand
+"""The logit losses of kdrun/losses/logit.py (mse, soft_ce, hard, dkd, dist, standardize) against hand
 computations: small tensors, float64 formulas written from the papers' definitions, one sample at a time."""
 import math
 

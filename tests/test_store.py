@@ -1,4 +1,4 @@
-"""kdrun/teacher_store.py: train-once-then-reuse entries, atomicity, checkpoint loading and its errors."""
+"""kdrun/store.py (train-once-then-reuse entries, atomicity) and kdrun/models/checkpoint.py (loading, errors)."""
 from __future__ import annotations
 
 import json
