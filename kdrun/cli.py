@@ -99,6 +99,12 @@ def _job(cfg: DictConfig) -> float:
     if MEMO.refused:  # the run dir is another run's (ClaimRunDir): write nothing into it
         MEMO.failed_jobs.append((out_dir, MEMO.refused.pop()))
         return float("nan")
+    if MEMO.resumed_from is not None:  # code named by the run dir's overrides: only what the user trusts
+        try:
+            check_resumed_targets(cfg)
+        except KdrunError as exc:
+            MEMO.failed_jobs.append((out_dir, exc))
+            return float("nan")
     resume = MEMO.resume
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep run again into its dir: finish what is not done
         earlier = earlier_attempt(out_dir, cfg)
@@ -122,15 +128,111 @@ def _job(cfg: DictConfig) -> float:
 
 
 def _resume_argv(argv: list[str]) -> list[str]:
-    """``kdrun resume=DIR [more]`` (or ``--resume DIR``): the run's own overrides, its run dir, then ``more``."""
+    """``kdrun resume=DIR [more]`` (or ``--resume DIR``): ``more``, then the run's own overrides (they win) and its
+    run dir. The overrides are kept in :data:`MEMO` for :func:`check_resumed_targets`."""
     from kdrun.resume import resume_overrides
 
     for i, arg in enumerate(argv):
         if arg.startswith("resume=") or (arg == "--resume" and i + 1 < len(argv)):
             value, rest = (arg.partition("=")[2], argv[i + 1:]) if arg.startswith("resume=") else \
                 (argv[i + 1], argv[i + 2:])
-            return [*argv[:i], *rest, *resume_overrides(Path(value).resolve())]  # its overrides win
+            run_dir = Path(value).resolve()
+            saved = run_dir / ".hydra" / "overrides.yaml"
+            overrides = resume_overrides(run_dir)
+            screen_overrides(overrides[:-1], saved)
+            MEMO.resumed_from, MEMO.resumed_overrides = saved, overrides[:-1]
+            return [*argv[:i], *rest, *overrides]
     return argv
+
+
+def _is_hydra(path: str) -> bool:
+    """Whether a key, group or package path lies under ``hydra`` (``hydra``, ``hydra.x``, ``hydra/x``,
+    ``_global_.hydra.x``)."""
+    first = re.split(r"[./]", path.removeprefix("_global_."), maxsplit=1)[0]
+    return first == "hydra"
+
+
+def screen_overrides(overrides: list[str], source: Path) -> None:
+    """Refuse the overrides of a run dir's ``source`` (``.hydra/overrides.yaml``) that set anything under
+    ``hydra`` (callbacks, launcher, sweeper, logging, run and sweep dirs: Hydra runs or writes them before the
+    job) or that Hydra cannot parse. Parsed by Hydra's own parser, so what is checked is what Hydra reads.
+
+    Refused, not dropped: kdrun's runs never write a ``hydra`` override into that file (Hydra keeps them in
+    ``hydra.yaml``), so one there was put by hand, and resuming without it would hide that."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, refused = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as exc:
+            raise InputError(f"resume: {source} holds an override Hydra cannot parse: {text} "
+                             f"({_first_line(str(exc))})") from None
+        if _is_hydra(override.key_or_group) or _is_hydra(override.package or ""):
+            refused.append(text)
+    if refused:
+        raise InputError(f"resume: {source} sets Hydra's own settings, which kdrun never takes from a run dir: "
+                         f"{', '.join(refused)}; remove them from that file to resume")
+
+
+def check_resumed_targets(cfg: DictConfig) -> None:
+    """``kdrun resume=DIR``: refuse a ``_target_`` of the composed config that neither the user's config dirs nor
+    the user's own overrides name, unless ``--trust-code`` (:mod:`kdrun.trust`). Checked on the config
+    :func:`kdrun.run.run` gets, resolved as it will resolve it."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    from kdrun import trust
+
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - run() fails on it before importing anything; still check what is written
+        resolved = OmegaConf.to_container(cfg, resolve=False)
+    hydra_cfg = HydraConfig.get()
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as given: "${...}" unresolved
+    own = list((Counter(task) - Counter(MEMO.resumed_overrides)).elements())
+    trusted = trust.Trusted(tuple(_user_config_dirs(hydra_cfg)), tuple(_override_targets(own)), MEMO.trust_code)
+    trusted.check(trust.targets(resolved), f"resume: {MEMO.resumed_from}")
+
+
+def _user_config_dirs(hydra_cfg) -> list:
+    """The config dirs the user added (``--config-dir``, ``hydra.searchpath``), as folders to read."""
+    from importlib.resources import files
+
+    dirs = []
+    for source in hydra_cfg.runtime.config_sources:
+        if source.schema == "file":
+            dirs.append(Path(source.path))
+        elif source.schema == "pkg" and (source.provider == "command-line" or
+                                         str(source.provider).startswith("hydra.searchpath")):
+            module, _, sub = str(source.path).partition("/")
+            try:
+                dirs.append(files(module).joinpath(sub) if sub else files(module))
+            except (ImportError, TypeError):
+                continue
+    return dirs
+
+
+def _override_targets(overrides: list[str]) -> list[str]:
+    """The ``_target_`` values that command-line ``overrides`` set (``a._target_=x`` or ``a={_target_: x}``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from kdrun.trust import targets
+
+    parser, found = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+            value = override.value()
+        except HydraException:
+            continue
+        if override.key_or_group.split(".")[-1] == "_target_":
+            found.append(str(value))
+        found += [str(v) for _, v in targets(value)]
+    return found
 
 
 def _report_interrupted(sweep: bool) -> None:
@@ -277,7 +379,12 @@ def _summarize_sweeps() -> int:
 
 def main() -> None:
     """Entry point of `kdrun` and `python -m kdrun`."""
+    from kdrun.trust import TRUST_FLAG
+
     argv = sys.argv[1:]
+    if TRUST_FLAG in argv:  # kdrun's own option (kdrun.trust), not Hydra's
+        MEMO.trust_code = True
+        sys.argv[1:] = argv = [a for a in argv if a != TRUST_FLAG]
     if argv[:1] == ["--list"]:
         sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
     register_configs()  # after --list: generated options include installed plugins

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Optional
 
 _EMPTY = object()
 
@@ -47,6 +47,9 @@ class ProcessMemo:
     frozen_scores: Last = field(default_factory=Last)   # kdrun.stages.common.evaluate_frozen: (scores, Prediction)
     # the kdrun command (kdrun.cli): what its Hydra callbacks and jobs tell main()
     resume: bool = False                                                  # `kdrun resume=DIR`
+    resumed_from: Optional[Path] = None                                   # its .hydra/overrides.yaml
+    resumed_overrides: list[str] = field(default_factory=list)            # the overrides read from that file
+    trust_code: bool = False                                              # --trust-code (kdrun.trust)
     refused: list[Exception] = field(default_factory=list)                # KdrunError: the run dir was not claimed
     failed_jobs: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, KdrunError) of a job
     interrupted: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, Interrupted): signal

@@ -10,17 +10,34 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import InputError
 
 
 def resume_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides ``run_dir`` was made with (``.hydra/overrides.yaml``), plus its run dir."""
+    """The command-line overrides ``run_dir`` was made with (``.hydra/overrides.yaml``), plus its run dir.
+
+    The file is read as data: it must be a list of ``key=value`` overrides; an option (``--config-dir``,
+    ``-m``, ``--experimental-rerun``, ...) is refused. Which keys and ``_target_`` values it may set is checked
+    by :func:`kdrun.cli.screen_overrides` and :mod:`kdrun.trust`."""
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not (run_dir / "config.yaml").exists() or not saved.exists():
         raise InputError(f"resume: {run_dir} is not a kdrun run dir (no config.yaml or .hydra/overrides.yaml)")
-    return [str(o) for o in OmegaConf.load(saved)] + [f"hydra.run.dir={run_dir}"]
+    try:
+        overrides = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"resume: {saved} is unreadable ({type(exc).__name__})") from None
+    if overrides is None:
+        overrides = []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise InputError(f"resume: {saved} is not a list of overrides (key=value)")
+    options = [o for o in overrides if o.lstrip().startswith("-")]
+    if options:
+        raise InputError(f"resume: {saved} holds command-line options, which kdrun never takes from a run dir: "
+                         f"{', '.join(options)}")
+    return overrides + [f"hydra.run.dir={run_dir}"]
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from kdrun import registry
 from kdrun.schema import Config
 from kdrun.schema.losses import LossBase
+from kdrun.trust import TIMM_TARGET
 
 
 def register_configs() -> None:
@@ -26,7 +27,7 @@ def register_configs() -> None:
         for role in ("teacher", "student"):
             cs.store(group=role, name=name, node=node)
     for role in ("teacher", "student"):  # timm (optional extra): any timm model by name, see kdrun.models.timm
-        cs.store(group=role, name="timm", node={"_target_": "kdrun.models.timm.timm_model", "model_name": "resnet18",
+        cs.store(group=role, name="timm", node={"_target_": TIMM_TARGET, "model_name": "resnet18",
                                                  "pretrained": False, "weights": None})
     plugins = lambda kind: {n: e for n, e in registry.entries(kind, builtins=False).items() if e.source != "kdrun"}
     for name, entry in plugins("dataset").items():  # built-ins have their own commented YAML
