@@ -134,7 +134,7 @@ def _deploy(conf: Config, ctx, data, out_dir: Path, summary: RunSummary) -> Opti
 
     steps = []
     if conf.export:
-        steps.append(("export", lambda: export_run(out_dir, conf.export, data)))
+        steps.append(("export", lambda: export_run(out_dir, conf.export, data, config=ctx.cfg_dict)))
     if conf.compression:
         steps.append(("compression", lambda: from_run(ctx, data)))
     for key, make in steps:

@@ -132,7 +132,8 @@ def report(models: dict[str, Measured], shape: tuple) -> dict:
 
 def from_run(ctx, data) -> Optional[dict]:
     """The report of a finished run: its teacher (when the mode has one model over all classes as teacher, i.e.
-    offline and semi), its best student and pruned student, rebuilt from their checkpoints."""
+    offline and semi), its best student and pruned student, rebuilt from the run's config with the weights of
+    their checkpoints."""
     from kdrun.outputs.export import load_student
 
     result, models = ctx.result, {}
@@ -141,10 +142,11 @@ def from_run(ctx, data) -> Optional[dict]:
         models["teacher"] = Measured(first.model, result.teacher.test_acc)
     checkpoints = Path(ctx.out_dir) / "checkpoints"
     if result.student is not None and (checkpoints / "student_best.pt").exists():
-        models["student"] = Measured(load_student(checkpoints / "student_best.pt")[0], result.student.test_acc_best)
+        models["student"] = Measured(load_student(checkpoints / "student_best.pt", ctx.cfg_dict)[0],
+                                     result.student.test_acc_best)
     pruned = result.student_pruned
     if pruned is not None and (checkpoints / "student_pruned_best.pt").exists():
-        models["student_pruned"] = Measured(load_student(checkpoints / "student_pruned_best.pt")[0],
+        models["student_pruned"] = Measured(load_student(checkpoints / "student_pruned_best.pt", ctx.cfg_dict)[0],
                                             pruned.test_acc_best, pruned.nonzero_params)
     if not models:
         return None

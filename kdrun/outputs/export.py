@@ -31,23 +31,32 @@ from typing import Optional
 
 from kdrun.errors import ConfigError, InputError, KdrunError
 from kdrun.schema.export import EXPORT_FORMATS, EXTRA, check_formats
+from kdrun.trust import TRUST_FLAG, Trusted, targets
 
 log = logging.getLogger("kdrun")
 CHECK_IMAGES = 64  # test images the re-loaded exports are compared on
 MODELS = (("student", "student_best.pt"), ("student_pruned", "student_pruned_best.pt"))  # exported when present
+TRUST_HOW = f"pass --config-dir with the config dir the run used, or {TRUST_FLAG}"
 
 
-def load_student(path: Path):
+def load_student(path: Path, config: Optional[dict] = None, trusted: Trusted = Trusted()):
     """The model of a kdrun student checkpoint (``meta`` with its shapes, ``config`` with its ``student`` node),
-    rebuilt on the CPU with its weights, in eval mode; returns ``(model, checkpoint)``."""
+    rebuilt on the CPU with its weights, in eval mode; returns ``(model, checkpoint)``.
+
+    ``config``: the run's own resolved config (a run exporting its students), built instead of the file's.
+    Otherwise the file's config is built, and a ``_target_`` it names (``student``, or ``dataset``, which
+    :func:`export_run` loads) must be ``trusted`` (:mod:`kdrun.trust`): nothing in the file is imported before."""
     from kdrun.models import build
     from kdrun.models.checkpoint import load_weights, read_checkpoint
     from kdrun.schema import StudentConfig, open_node
 
     checkpoint = read_checkpoint(path, what="kdrun-export")
-    meta, config = checkpoint.get("meta"), checkpoint.get("config")
-    if not isinstance(meta, dict) or not isinstance(config, dict) or "student" not in config:
+    meta, own = checkpoint.get("meta"), config
+    config = checkpoint.get("config") if own is None else own
+    if not isinstance(meta, dict) or not isinstance(config, dict) or not isinstance(config.get("student"), dict):
         raise InputError(f"{path} is not a kdrun student checkpoint (no meta or config)")
+    if own is None:
+        trusted.check(targets({k: config.get(k) for k in ("student", "dataset")}), str(path), how=TRUST_HOW)
     node = {k: v for k, v in config["student"].items() if k not in ("init", "freeze")}  # weights come from the file
     model = build(open_node(StudentConfig, node, "student"), num_classes=meta["num_classes"],
                   in_channels=meta["in_channels"], image_size=meta["image_size"], key="student")
@@ -56,17 +65,18 @@ def load_student(path: Path):
     return model.eval(), checkpoint
 
 
-def export_run(run_dir: Path, formats, data=None) -> dict:
+def export_run(run_dir: Path, formats, data=None, config: Optional[dict] = None, trusted: Trusted = Trusted()) -> dict:
     """Export the run's best student (and pruned student, if any) in ``formats``; check each against PyTorch on
     ``data``'s first test images (default: the run's dataset, loaded from its config). Returns the summary's
-    ``export`` entry; a format that fails is one warning and an ``error`` in its entry, never an exception."""
+    ``export`` entry; a format that fails is one warning and an ``error`` in its entry, never an exception.
+    ``config`` and ``trusted``: as for :func:`load_student`."""
     run_dir = Path(run_dir)
     out: dict = {"formats": list(formats)}
     for stage, name in MODELS:
         path = run_dir / "checkpoints" / name
         if not path.exists():
             continue
-        model, checkpoint = load_student(path)
+        model, checkpoint = load_student(path, config, trusted)
         if "input" not in out:
             inputs, out["input"] = _check_inputs(checkpoint, data)
         out[stage] = export_model(model, path.parent / stage, formats, inputs, run_dir)
@@ -210,7 +220,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a finished run dir (holds summary.json and checkpoints/)")
     parser.add_argument("--formats", default="torchscript,onnx",
                         help=f"comma-separated, of: {', '.join(EXPORT_FORMATS)} (default: all)")
+    parser.add_argument("--config-dir", action="append", default=[], type=Path, metavar="DIR",
+                        help="the config dir the run used (as for kdrun): the _target_ its YAML files name may be "
+                             "imported from the checkpoint's config (repeatable)")
+    parser.add_argument(TRUST_FLAG, action="store_true",
+                        help="import whatever _target_ the checkpoint's config names (only for a run dir you trust)")
     args = parser.parse_args(argv)
+    trusted = Trusted(config_dirs=tuple(args.config_dir), code=args.trust_code)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from kdrun.records import write_json
 
@@ -220,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ConfigError("--formats", f"name at least one of: {', '.join(EXPORT_FORMATS)}")
         check_formats("--formats", formats)
         summary = finished_run(args.run_dir)
-        result = export_run(args.run_dir, formats)
+        result = export_run(args.run_dir, formats, trusted=trusted)
     except KdrunError as exc:
         print(f"kdrun-export: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, InputError) else 1)
