@@ -275,3 +275,13 @@ def test_targets_and_the_trusted_set(tmp_path):
         Trusted().check(found, "f", how="fix it")
     Trusted(named=("my.Net",)).check(found, "f")
     Trusted(code=True).check([("x._target_", "os.system")], "f")
+
+
+def test_help_names_trust_code(kdrun_help, capsys):
+    result, _ = kdrun_help
+    assert result.returncode == 0 and "kdrun --trust-code resume=DIR" in result.stdout
+    assert "kdrun's own: --list, --trust-code" in result.stdout and "docs/security.md" in result.stdout
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--trust-code" in text and "--config-dir DIR" in text

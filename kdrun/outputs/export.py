@@ -1,7 +1,7 @@
 """Export the best student for deployment: TorchScript and ONNX, each re-loaded and checked against PyTorch.
 
-``export=[torchscript,onnx]`` (after a run) and ``kdrun-export RUN_DIR [--formats torchscript,onnx]`` (for a
-finished run) write, beside the run's checkpoints:
+``export=[torchscript,onnx]`` (after a run) and ``kdrun-export RUN_DIR [--formats torchscript,onnx]
+[--config-dir DIR] [--trust-code]`` (for a finished run) write, beside the run's checkpoints:
 
 * ``checkpoints/student.ts``: ``torch.jit.trace`` of the best-on-val student (``student_best.pt``), re-loaded with
   ``torch.jit.load``;
