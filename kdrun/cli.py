@@ -193,26 +193,9 @@ def check_resumed_targets(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as given: "${...}" unresolved
     own = list((Counter(task) - Counter(MEMO.resumed_overrides)).elements())
-    trusted = trust.Trusted(tuple(_user_config_dirs(hydra_cfg)), tuple(_override_targets(own)), MEMO.trust_code)
+    dirs = trust.user_config_dirs(hydra_cfg.runtime.config_sources)
+    trusted = trust.Trusted(tuple(dirs), tuple(_override_targets(own)), MEMO.trust_code)
     trusted.check(trust.targets(resolved), f"resume: {MEMO.resumed_from}")
-
-
-def _user_config_dirs(hydra_cfg) -> list:
-    """The config dirs the user added (``--config-dir``, ``hydra.searchpath``), as folders to read."""
-    from importlib.resources import files
-
-    dirs = []
-    for source in hydra_cfg.runtime.config_sources:
-        if source.schema == "file":
-            dirs.append(Path(source.path))
-        elif source.schema == "pkg" and (source.provider == "command-line" or
-                                         str(source.provider).startswith("hydra.searchpath")):
-            module, _, sub = str(source.path).partition("/")
-            try:
-                dirs.append(files(module).joinpath(sub) if sub else files(module))
-            except (ImportError, TypeError):
-                continue
-    return dirs
 
 
 def _override_targets(overrides: list[str]) -> list[str]:

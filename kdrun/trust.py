@@ -42,6 +42,27 @@ def targets(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return found
 
 
+def user_config_dirs(config_sources) -> list:
+    """The config dirs the user added, as folders to read: of Hydra's ``hydra.runtime.config_sources`` (each with
+    ``path``, ``schema``, ``provider``), every ``file`` source (``--config-dir``, ``hydra.searchpath``) and the
+    ``pkg`` ones of ``hydra.searchpath``; not Hydra's own, kdrun's (``main``) nor Hydra plugins' (their configs
+    are Hydra settings)."""
+    from importlib.resources import files
+
+    dirs = []
+    for source in config_sources:
+        if source.schema == "file":
+            dirs.append(Path(source.path))
+        elif source.schema == "pkg" and (source.provider == "command-line" or
+                                         str(source.provider).startswith("hydra.searchpath")):
+            module, _, sub = str(source.path).partition("/")
+            try:
+                dirs.append(files(module).joinpath(sub) if sub else files(module))
+            except (ImportError, TypeError):
+                continue
+    return dirs
+
+
 def named_in(config_dirs: Iterable) -> set[str]:
     """The ``_target_`` values the YAML files under ``config_dirs`` name (paths or ``importlib.resources``
     folders; hidden entries and unreadable files are skipped)."""
