@@ -67,6 +67,10 @@ def test_a_train_class_without_images_is_refused(tmp_path):
     (root / "train" / "c").mkdir()
     with pytest.raises(ConfigError, match="train class 'c' .* holds no images"):
         load(root)
+    empty = write_folder(tmp_path / "empty", {"val": "ab"})
+    (empty / "train").mkdir()
+    with pytest.raises(ConfigError, match="train has no class folders"):
+        load(empty)
 
 
 # --- links: followed once ---------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def scan_folders(root: Path, splits: tuple[str, ...]) -> dict:
     unknown to train, a train class without images, or a file in two classes or splits."""
     folders = {s: _class_folders(root / s) for s in splits}
     classes = sorted(folders["train"])
+    if not classes:
+        raise ConfigError("dataset.root", f"{root / 'train'} has no class folders (train/<class>/<image>)")
     blocked = {_ident(p) for tops in folders.values() for top in tops.values()
                for p in (top, *Path(os.path.realpath(top)).parents)}  # a link here loops or leaves its class
     skipped, owner, out = Counter(), {}, {"classes": classes}
@@ -81,7 +83,7 @@ def scan_folders(root: Path, splits: tuple[str, ...]) -> dict:
             if split == "train" and not files:
                 raise ConfigError("dataset.root", f"train class {name!r} ({tops[name]}) holds no images "
                                                   f"({', '.join(IMAGE_SUFFIXES)})")
-        missing = sorted(set(classes) - {classes[k] for k in labels})
+        missing = sorted(set(classes) - {classes[k] for k in set(labels)})
         if split != "train" and missing:
             log.warning(f"dataset=imagefolder: {split}/ of {root} has no images of {len(missing)} of the "
                         f"{len(classes)} train classes: {', '.join(missing)}")
