@@ -345,3 +345,52 @@ def test_imagefolder_streaming_matches_in_memory(tmp_path):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     idx = torch.tensor([3, 0, 5])
     assert torch.equal(memory.inputs("train", idx), streamed.inputs("train", idx))
+
+
+# --- a user's data: finite pixels -------------------------------------------------------------------------
+
+def _user_splits(bad_split: str, bad_index: int, value: float, as_tensor: bool) -> dict:
+    rng = np.random.default_rng(0)
+    splits = {name: (rng.random((n, 1, 4, 4), dtype=np.float32), np.arange(n) % 2)
+              for name, n in (("train", 40), ("val", 10), ("test", 12))}
+    splits[bad_split][0][bad_index, 0, 1, 2] = value
+    return {k: (torch.from_numpy(x), torch.from_numpy(y)) if as_tensor else (x, y) for k, (x, y) in splits.items()}
+
+
+@pytest.mark.parametrize("bad_split, bad_index, value, as_tensor", [
+    ("train", 17, float("nan"), False), ("val", 3, float("inf"), True), ("test", 11, -float("inf"), False)])
+def test_non_finite_pixels_of_a_user_dataset_are_refused(bad_split, bad_index, value, as_tensor):
+    """NaN would train a NaN teacher (blamed on the learning rate), inf a silently "completed" run."""
+    from kdrun.data.splits import check_splits
+    from kdrun.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        check_splits(_user_splits(bad_split, bad_index, value, as_tensor), "mydata.splits", "dataset._target_")
+    assert str(err.value).startswith(f"mydata.splits['{bad_split}']: x[{bad_index}] holds NaN or inf")
+    assert "\n" not in str(err.value)
+    check_splits(_user_splits(bad_split, bad_index, 1e30, as_tensor), "mydata.splits", "dataset._target_")  # finite
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_non_finite_pixels_of_a_torch_dataset_are_refused(tmp_path, monkeypatch, stream):
+    """A map-style Dataset read into memory at load, or streamed (each item checked as a worker reads it)."""
+    (tmp_path / "nandata.py").write_text(
+        "import torch\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __init__(self, n, bad):\n"
+        "        self.x, self.targets = torch.rand(n, 1, 4, 4), [i % 2 for i in range(n)]\n"
+        "        self.x[bad, 0, 0, 0] = float('nan')\n"
+        "    def __len__(self):\n"
+        "        return len(self.targets)\n"
+        "    def __getitem__(self, i):\n"
+        "        return self.x[i], self.targets[i]\n"
+        "def splits():\n"
+        "    return {'train': Items(40, 7), 'test': Items(10, 0)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from kdrun.errors import InputError
+
+    cfg = DatasetConfig(target="nandata.splits", stream=stream, num_workers=0, mean=[0.5], std=[0.25])
+    with pytest.raises(InputError, match=r"^nandata.splits\['train'\]: (x\[7\]|item 7) holds NaN or inf"):
+        data = load_data(cfg, CPU)
+        for split in ("train", "val"):  # item 7 is in one of them
+            list(data.batches(split, 8))

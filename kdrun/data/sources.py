@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from kdrun.data.images import scan_folders, to_rgb
 from kdrun.errors import ConfigError, InputError, KdrunError
 from kdrun.registry import register_dataset
 
@@ -49,10 +50,15 @@ class LazyImages:
 
     def load(self, i: int) -> torch.Tensor:
         from PIL import Image
-        from torchvision.transforms.v2.functional import pil_to_tensor, resize
+        from torchvision.transforms.v2.functional import resize
 
-        with Image.open(self.paths[i]) as img:
-            return resize(pil_to_tensor(img.convert("RGB")), [self.size, self.size], antialias=True)
+        path = str(self.paths[i])
+        try:
+            with Image.open(path) as img:
+                rgb = to_rgb(img, path)
+        except OSError as exc:  # UnidentifiedImageError included
+            raise InputError(f"{path}: cannot be read as an image ({exc})") from None
+        return resize(torch.from_numpy(rgb).permute(2, 0, 1), [self.size, self.size], antialias=True)
 
     def fetch(self, idx) -> torch.Tensor:
         return torch.stack([self.load(int(i)) for i in idx])
@@ -67,8 +73,13 @@ class LazyImages:
         from torch.utils.data import DataLoader
 
         batches = [c.cpu().tolist() for c in chunks]
-        yield from DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
-                              persistent_workers=False, pin_memory=torch.cuda.is_available())
+        try:
+            yield from DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
+                                  persistent_workers=False, pin_memory=torch.cuda.is_available())
+        except InputError as exc:  # a worker's: DataLoader re-raises it with the worker's traceback in its message
+            if "Original Traceback" not in str(exc):
+                raise
+            raise InputError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
 
 
 class _Files(torch.utils.data.Dataset):
@@ -205,29 +216,25 @@ def cifar100(root: Optional[str] = None, download: bool = False) -> dict:
 
 @register_dataset("imagefolder", "Your own images: root/train/<class>/..., root/val/<class>/... (optional test/)")
 def imagefolder(root: str, image_size: Optional[int] = 32, stream: str = "auto", num_workers: int = 2) -> dict:
-    """root/train, root/val (and root/test) class folders. Decoded into memory once when they fit and
-    ``dataset.stream`` is not true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
-    from torchvision.datasets import ImageFolder
-
+    """root/train, root/val (and root/test) class folders (found and labelled by :func:`kdrun.data.images.scan_folders`:
+    train's class names define the labels). Decoded into memory once when they fit and ``dataset.stream`` is not
+    true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
     root, size = Path(root), image_size or 32
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise ConfigError("dataset.root", f"{root} has no {' or '.join(missing)}/ folder of class sub-folders")
-    folders = {name: ImageFolder(str(root / name)) for name in ("train", "val", "test") if (root / name).is_dir()}
-    if folders["train"].classes != folders["val"].classes:
-        raise ConfigError("dataset.root", f"train/ and val/ of {root} have different class folders")
-    files = lambda *names: (np.array([p for n in names for p, _ in folders[n].samples]),
-                            np.array([t for n in names for _, t in folders[n].samples], dtype=np.int64))
+    found = scan_folders(root, tuple(name for name in ("train", "val", "test") if (root / name).is_dir()))
+    files = lambda *names: (np.concatenate([found[n][0] for n in names]), np.concatenate([found[n][1] for n in names]))
     # a val/ next to test/ joins train (val_fraction of it is carved out again); else val/ is the test set
-    (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in folders else (files("train"), files("val"))
+    (tp, ty), (vp, vy) = (files("train", "val"), files("test")) if "test" in found else (files("train"), files("val"))
     train, test = LazyImages(tp, size, num_workers), LazyImages(vp, size, num_workers)
-    stream, nbytes = str(stream).lower(), (len(tp) + len(vp)) * 3 * size * size
+    stream, nbytes, k = str(stream).lower(), (len(tp) + len(vp)) * 3 * size * size, len(found["classes"])
     if stream == "true" or (stream == "auto" and nbytes > MAX_IN_MEMORY_BYTES):
         log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
                  f"({num_workers} DataLoader workers)")
-        return {"train": (train, ty), "test": (test, vy)}
+        return {"train": (train, ty), "test": (test, vy), "num_classes": k}
     check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
-    return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy)}
+    return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy), "num_classes": k}
 
 
 @register_dataset("fake", "Random learnable tensors (class prototypes plus noise): for tests and smoke runs")

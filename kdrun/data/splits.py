@@ -3,7 +3,8 @@
 A dataset is a callable returning a mapping with ``train`` and optionally ``val`` and ``test``. Each split is
 
 - ``(x, y)``: tensors or numpy arrays; ``x`` is ``N×C×H×W`` (or ``N×H×W``, one channel), uint8 in 0..255 or
-  float in [0, 1]; ``y`` integer labels in ``[0, num_classes)``; or
+  float in [0, 1] (NaN or inf is refused at load, naming the split and the first bad image); ``y`` integer
+  labels in ``[0, num_classes)``; or
 - a map-style ``torch.utils.data.Dataset`` whose items are ``(image tensor C×H×W, label)``: read once into
   memory when it fits (``dataset.stream=auto``, or ``false``), else streamed every epoch by
   ``dataset.num_workers`` DataLoader workers (``dataset.stream=true`` forces it; labels are read from its
@@ -23,7 +24,7 @@ import numpy as np
 
 from kdrun import registry
 from kdrun.data.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger("kdrun")
@@ -61,6 +62,8 @@ def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: i
         raise ConfigError(key, f"{what} returned unknown key {unknown[0]!r}; expected train, val, test, num_classes")
     splits = {name: _split(out[name], f"{what}['{name}']", key, stream, workers)
               for name in SPLITS if out.get(name) is not None}
+    for name, (x, _) in splits.items():
+        check_finite(x, f"{what}['{name}']")
     shapes = {name: tuple(x.shape[1:]) for name, (x, _) in splits.items()}
     if len(set(shapes.values())) > 1:
         raise ConfigError(key, f"{what}: splits have different image shapes {shapes}")
@@ -97,6 +100,19 @@ def _split(part: Any, what: str, key: str, stream: str, workers: int) -> tuple[A
     return np.ascontiguousarray(x), y.astype(np.int64)
 
 
+def check_finite(x: Any, what: str, chunk: int = 4096) -> None:
+    """Refuse float images holding NaN or inf, naming the first bad one: one float64 sum (exact: finite
+    float32 values cannot overflow it), then a chunked search only when it is not finite."""
+    if isinstance(x, LazyImages) or x.dtype == np.uint8 or np.isfinite(np.sum(x, dtype=np.float64)):
+        return
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk]
+        bad = np.flatnonzero(~np.isfinite(part.reshape(len(part), -1)).all(axis=1))
+        if len(bad):
+            raise InputError(f"{what}: x[{start + int(bad[0])}] holds NaN or inf pixel values; "
+                             f"images must be finite (uint8 0..255 or float in [0, 1])")
+
+
 def _integral(y: np.ndarray) -> bool:
     return np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
 
@@ -118,7 +134,7 @@ def _from_dataset(ds, what: str, key: str, stream: str, workers: int) -> tuple[A
         targets = getattr(ds, "targets", None)
         y = np.asarray(targets if targets is not None else [int(ds[i][1]) for i in range(n)], dtype=np.int64)
         log.info(f"{what}: streaming {n} images ({nbytes / 2**30:.1f} GiB) with {workers} DataLoader workers")
-        return LazyDataset(ds, np.arange(n), tuple(img.shape), workers), y
+        return LazyDataset(ds, np.arange(n), tuple(img.shape), workers, what), y
     check_fits(nbytes, torch.device("cpu"), what)
     x = np.empty((n, *img.shape), dtype=dtype)
     y = np.empty(n, dtype=np.int64)
@@ -136,14 +152,15 @@ class LazyDataset(LazyImages):
     """A user's map-style Dataset read on demand: the streaming path of :class:`kdrun.data.sources.LazyImages`
     (same batching and DataLoader workers), with ``paths`` holding item indices instead of file names."""
 
-    def __init__(self, dataset, indices: np.ndarray, shape: tuple, workers: int):
+    def __init__(self, dataset, indices: np.ndarray, shape: tuple, workers: int, what: str = "dataset"):
         self.dataset, self.paths, self.size, self.workers = dataset, np.asarray(indices), shape[-1], workers
+        self.what = what  # names the split in errors
         self.item_shape = tuple(shape)
         self.shape = (len(self.paths), *shape)
         self.nbytes = 0
 
     def __getitem__(self, idx) -> "LazyDataset":
-        return LazyDataset(self.dataset, self.paths[idx], self.item_shape, self.workers)
+        return LazyDataset(self.dataset, self.paths[idx], self.item_shape, self.workers, self.what)
 
     def tobytes(self) -> bytes:  # the dataset fingerprint: which dataset, which items, in which order
         return f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}:{len(self.dataset)}:".encode() \
@@ -151,4 +168,7 @@ class LazyDataset(LazyImages):
 
     def load(self, i: int):
         image = self.dataset[int(self.paths[i])][0]
+        if image.is_floating_point() and not bool(image.isfinite().all()):
+            raise InputError(f"{self.what}: item {int(self.paths[i])} holds NaN or inf pixel values; "
+                             f"images must be finite (uint8 0..255 or float in [0, 1])")
         return image if image.dim() == 3 else image[None]
