@@ -6,6 +6,9 @@ In-process (``kdrun.run.run`` twice on one dir, the second with ``resume=True``)
 per module into a shared store."""
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -176,3 +179,49 @@ def test_unparseable_config_yaml_is_one_line(tmp_path):
             check(tmp_path, cfg)
         assert "\n" not in str(err.value) and str(tmp_path / "config.yaml") in str(err.value)
         assert "does not parse" in str(err.value)
+
+
+# --- item: kdrun-summarize with one bad job file ------------------------------------------------------------------
+
+def _job(sweep: Path, name: str, seed: int, test: float) -> Path:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- loss.T=4\n")
+    (job / "summary.json").write_text(json.dumps({
+        "status": "completed", "teacher": {"test_acc": 90.0}, "baseline": {"test_acc": test - 5},
+        "student": {"val_acc_best": test, "test_acc_best": test, "test_acc_last": test}}))
+    (job / "metrics.jsonl").write_text(json.dumps({"stage": "student", "epoch": 1, "time_s": 0.5}) + "\n")
+    return job
+
+
+BAD_JOB = {  # file of job 2 -> its text, a fragment of the warning, whether the job still counts
+    "summary_truncated": ("summary.json", '{"status": "comp', "summary.json", False),
+    "summary_a_list": ("summary.json", "[1, 2]\n", "summary.json", False),
+    "summary_bad_figure": ("summary.json", json.dumps({"status": "completed", "student": {"test_acc_best": "high",
+                                                                                         "val_acc_best": 1}}),
+                           "student.test_acc_best", False),
+    "overrides_unparseable": (".hydra/overrides.yaml", "- seed=2\n- [unclosed\n", "overrides.yaml", False),
+    "overrides_a_mapping": (".hydra/overrides.yaml", "seed: 2\n", "overrides.yaml", False),
+    "metrics_bad_line": ("metrics.jsonl", '7\n{"stage": "student", "time_s": "slow"}\n', "metrics.jsonl", True),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JOB))
+def test_summarize_names_a_bad_job_file_and_summarises_the_others(tmp_path, caplog, case):
+    from kdrun.sweep import summarize
+    sweep = tmp_path / "sweep"
+    for i, acc in enumerate((80.0, 82.0, 84.0)):
+        _job(sweep, str(i), i, acc)
+    name, text, fragment, counts = BAD_JOB[case]
+    (sweep / "2" / name).write_text(text)
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        summary = summarize(sweep, console=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(sweep / "2") in warnings[0] and fragment in warnings[0], warnings
+    assert [c.stats["n"] for c in summary.cells] == [3 if counts else 2]
+    with open(sweep / "results.csv", newline="") as handle:
+        rows = {r["job"]: r for r in csv.DictReader(handle)}
+    assert rows["0"]["status"] == rows["1"]["status"] == "completed"
+    if not counts:
+        assert rows["2"]["status"] == "unreadable" and fragment in rows["2"]["error"]
+    assert (sweep / "summary.md").is_file()
