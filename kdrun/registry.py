@@ -239,15 +239,19 @@ def import_target(path: str, key: str) -> Callable:
     return obj
 
 
-def source_hash(obj: Callable) -> Optional[str]:
-    """sha256 (16 hex digits) of the source file defining ``obj``; None when it has no file (builtins)."""
+def source_file(obj: Callable) -> Optional[str]:
+    """The source file defining ``obj``; None when it has none (builtins)."""
     try:
         path = inspect.getsourcefile(inspect.unwrap(obj)) or inspect.getfile(obj)
     except TypeError:
         return None
-    if not path or not Path(path).is_file():
-        return None
-    return file_sha256(path)
+    return path if path and Path(path).is_file() else None
+
+
+def source_hash(obj: Callable) -> Optional[str]:
+    """sha256 (16 hex digits) of the source file defining ``obj``; None when it has no file (builtins)."""
+    path = source_file(obj)
+    return file_sha256(path) if path else None
 
 
 def accepts(obj: Callable, name: str) -> bool:

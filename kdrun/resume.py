@@ -2,7 +2,10 @@
 
 A run dir is resumable when its resolved ``config.yaml`` is the config composed now: the same overrides, the
 same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.train.loop.fit`);
-the teacher and the CE baseline come from their stores.
+the teacher and the CE baseline come from their stores. A resume checkpoint also keeps the source hashes of the
+user's code it was trained with (:func:`user_code`), so a resume after that code changed is refused instead of training
+one model for some epochs and another for the rest. A ``config.yaml`` or ``.hydra/overrides.yaml`` edited so that it
+no longer parses is one line naming it.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import registry
 from kdrun.errors import InputError
+from kdrun.records import file_sha256
 
 
 def resume_overrides(run_dir: Path) -> list[str]:
@@ -26,18 +31,31 @@ def resume_overrides(run_dir: Path) -> list[str]:
     if not (run_dir / "config.yaml").exists() or not saved.exists():
         raise InputError(f"resume: {run_dir} is not a kdrun run dir (no config.yaml or .hydra/overrides.yaml)")
     try:
-        overrides = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        overrides = yaml.safe_load(saved.read_text(encoding="utf-8"))  # plain data: no tags, nothing constructed
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"resume: {saved} is unreadable ({type(exc).__name__})") from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"resume: {saved} does not parse ({type(exc).__name__}: {message}); restore it as kdrun "
+                         f"wrote it") from None
     if overrides is None:
         overrides = []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise InputError(f"resume: {saved} is not a list of overrides (key=value)")
+        raise InputError(f"resume: {saved} is not a list of overrides (it holds a {type(overrides).__name__}); "
+                         f"restore the list Hydra wrote, one override per line")
     options = [o for o in overrides if o.lstrip().startswith("-")]
     if options:
         raise InputError(f"resume: {saved} holds command-line options, which kdrun never takes from a run dir: "
                          f"{', '.join(options)}")
     return overrides + [f"hydra.run.dir={run_dir}"]
+
+
+def _load(path: Path):
+    """``path`` as OmegaConf loads it; a file that does not parse is one line naming it."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - YAML syntax, undecodable bytes, an unreadable file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"resume: {path} does not parse ({type(exc).__name__}: {message}); restore it as kdrun "
+                         f"wrote it") from None
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -54,7 +72,7 @@ def config_differences(run_dir: Path, cfg: DictConfig) -> Optional[list[str]]:
     now = OmegaConf.to_container(cfg, resolve=True)
     if OmegaConf.to_yaml(now) == path.read_text():
         return []
-    old, new = _flat(OmegaConf.to_container(OmegaConf.load(path))), _flat(now)
+    old, new = _flat(OmegaConf.to_container(_load(path))), _flat(now)
     return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")) or ["?"]
 
 
@@ -79,3 +97,27 @@ def earlier_attempt(run_dir: Path, cfg: DictConfig) -> Optional[dict]:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def user_code(conf, teacher: bool = True) -> dict:
+    """The user's code a stage trains with: ``{key: {"callable", "file", "sha256"}}`` for the student (and the
+    teacher, with ``teacher``), the loss and the dataset where the config names a ``_target_`` or a plugin's
+    registration, hashed as store keys hash it (:func:`kdrun.registry.source_hash`); kdrun's built-ins change only
+    with kdrun. ``conf`` is the validated :class:`kdrun.schema.Config`. Each resume checkpoint keeps it
+    (:class:`kdrun.train.loop.Checkpoint`), and a resume whose code changed is refused."""
+    nodes = [("student", conf.student, "model"), ("teacher", conf.teacher, "model"), ("loss", conf.loss, "loss"),
+             ("dataset", conf.dataset, "dataset")]
+    out = {}
+    for key, node, kind in nodes if teacher else [n for n in nodes if n[0] != "teacher"]:
+        target = getattr(node, "target", None)
+        if target:
+            key, what, obj = f"{key}._target_", str(target), registry.import_target(target, f"{key}._target_")
+        else:
+            entry = registry.entries(kind).get(getattr(node, "name", None))
+            if entry is None or entry.source == "kdrun":
+                continue
+            what, obj = f"{entry.name} ({entry.source})", entry.obj
+        path = registry.source_file(obj)
+        if path:
+            out[key] = {"callable": what, "file": path, "sha256": file_sha256(path)}
+    return out

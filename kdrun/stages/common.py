@@ -30,11 +30,13 @@ from kdrun.outputs.metrics import Prediction
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text
 from kdrun.results import RunResult, TeacherResult
+from kdrun.resume import user_code
 from kdrun.schema import Config, ModelConfig, TeacherConfig
 from kdrun.store import key_hash
+from kdrun.train import resume_file
 from kdrun.train.hooks import Hook
 from kdrun.train.infer import predict, top1
-from kdrun.train.loop import Recipe, fit
+from kdrun.train.loop import Checkpoint, Recipe, fit
 
 log = logging.getLogger("kdrun")
 STORE_FORMAT = 1  # bump when a change makes stored models incomparable
@@ -101,9 +103,12 @@ def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, se
 def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
     """Build the student (and the ``teacher`` when the mode uses ``teacher.*`` on all classes) once for ``data``
     before any training: a user model's logits are checked on one batch (:func:`build`) and ``*.freeze``
-    prefixes are resolved, so such mistakes cost no training time. The random state is restored, so nothing
+    prefixes are resolved, and a resumed run's resume checkpoints must have been written by the user's code as it is
+    now (:func:`check_resume_code`), so such mistakes cost no training time. The random state is restored, so nothing
     that follows changes."""
     from kdrun.models.transfer import frozen_names
+
+    check_resume_code(ctx)
 
     roles = [("teacher", ctx.cfg.teacher)] if teacher else []
     checked = [(key, c) for key, c in [*roles, ("student", ctx.cfg.student)] if c.target or c.freeze]
@@ -112,6 +117,19 @@ def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
             model = build(model_cfg, data, key, ctx.device, 0)
             if model_cfg.freeze:
                 frozen_names(model, model_cfg.freeze, key)
+
+
+def check_resume_code(ctx: RunContext) -> None:
+    """Refuse, before anything trains, to resume a run whose resume checkpoints the user's code as it is now did not
+    write (:func:`kdrun.resume.user_code`; each stage checks its own again as it starts). A checkpoint that cannot
+    be read is left to its stage, which names what is wrong with it."""
+    paths = sorted((ctx.out_dir / "checkpoints").glob("*_resume.pt"))
+    now = user_code(ctx.cfg) if paths else {}
+    for path in paths:
+        saved = resume_file.recorded_code(path)
+        if saved:
+            stage = path.name.removesuffix("_resume.pt")
+            resume_file.check_code(path, stage, saved, {k: v for k, v in now.items() if k in saved})
 
 
 def n_params(model: nn.Module) -> int:
@@ -167,12 +185,26 @@ class TrimMetrics(Hook):
     def __init__(self, path: Path, stage: str):
         self.path, self.stage = path, stage
 
+    def start(self, checkpoint: Optional[Checkpoint]) -> None:
+        """Before the stage trains: with no resume checkpoint to continue from (none kept, deleted, or the run was
+        killed before its first), it trains from its first epoch, so no line of an earlier attempt stays."""
+        if checkpoint is None or not checkpoint.path.exists():
+            self.after_resume(0)
+
     def after_resume(self, epoch: int) -> None:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines(keepends=True)
                 if not _later(line, self.stage, epoch)]
         atomic_write_text(self.path, "".join(keep))
+
+
+def stage_checkpoint(ctx: RunContext, stage: str, every: int, teacher: bool) -> Optional[Checkpoint]:
+    """Where stage ``stage`` keeps its resume state (``checkpoints/<stage>_resume.pt``, every ``every`` epochs; None
+    for 0), with the user's code it trains with (:func:`kdrun.resume.user_code`; ``teacher``: it has a teacher)."""
+    if not every:
+        return None
+    return Checkpoint(ctx.out_dir / "checkpoints" / f"{stage}_resume.pt", every, user_code(ctx.cfg, teacher))
 
 
 def _later(line: str, stage: str, epoch: int) -> bool:

@@ -154,9 +154,9 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
     (stage ``student_pruned``); keeps ``checkpoints/student_pruned_resume.pt`` (``trainer.checkpoint_every``; not for
     the gradual schedule with ``trainer.devices > 1``), which a resumed run continues from."""
     from kdrun.records import JsonlWriter
-    from kdrun.stages.common import EpochLogger, TrimMetrics, evaluate, n_params, recipe_student
+    from kdrun.stages.common import EpochLogger, TrimMetrics, evaluate, n_params, recipe_student, stage_checkpoint
     from kdrun.stages.student import prepare_student
-    from kdrun.train.loop import Checkpoint, fit
+    from kdrun.train.loop import fit
 
     cfg, spec = ctx.cfg, ctx.cfg.student.prune
     recipe = recipe_student(cfg)
@@ -164,10 +164,9 @@ def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] =
     every = cfg.trainer.checkpoint_every
     if spec.schedule == "gradual" and recipe.devices > 1:  # its hook prunes rank 0's model alone: the other ranks
         every = 0                                            # could not load those weights; trained again on resume
-    checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{STAGE}_resume.pt", every) if every else None
+    checkpoint = stage_checkpoint(ctx, STAGE, every, teacher is not None)
     trim = TrimMetrics(writer.path, STAGE)  # on resume: the lines of epochs after the checkpoint go
-    if checkpoint is None or not checkpoint.path.exists():
-        trim.after_resume(0)  # the stage starts afresh: no line of an earlier attempt stays
+    trim.start(checkpoint)
     extra: dict = {}
     if spec.schedule == "gradual":
         model, _ = prepare_student(ctx, data, seed=recipe.seed)  # the KD student's initial weights

@@ -24,13 +24,14 @@ from kdrun.stages.common import (
     evaluate,
     n_params,
     recipe_student,
+    stage_checkpoint,
     store_key,
     train_ce_entry,
 )
 from kdrun.stages.teacher import obtain_teacher
 from kdrun.store import train_or_reuse
 from kdrun.train.hooks import TeacherSource
-from kdrun.train.loop import Checkpoint, FitResult, fit
+from kdrun.train.loop import FitResult, fit
 
 log = logging.getLogger("kdrun")
 
@@ -105,11 +106,11 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
     model, init = prepare_student(ctx, data, seed=recipe.seed)
     log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
     writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
-    every = cfg.trainer.checkpoint_every
-    checkpoint = Checkpoint(ctx.out_dir / "checkpoints" / f"{stage}_resume.pt", every) if every else None
+    checkpoint = stage_checkpoint(ctx, stage, cfg.trainer.checkpoint_every, teacher is not None)
+    trim = TrimMetrics(writer.path, stage)
+    trim.start(checkpoint)
     result: FitResult = fit(model, data, recipe, loss, teacher=teacher, progress=ctx.progress, desc=stage,
-                            hooks=[EpochLogger(stage, recipe.epochs, writer, *ctx.writers(stage)),
-                                   TrimMetrics(writer.path, stage)],
+                            hooks=[EpochLogger(stage, recipe.epochs, writer, *ctx.writers(stage)), trim],
                             checkpoint=checkpoint)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}

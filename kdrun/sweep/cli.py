@@ -19,6 +19,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="write the files, print no tables")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Formatter())
     try:
         result = summarize(args.sweep_dir, console=not args.quiet)
     except ValueError as exc:
@@ -26,3 +28,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     print(f"wrote {', '.join(sorted(p.name for p in result.sweep_dir.glob('*') if p.name in OUTPUTS))} "
           f"in {result.sweep_dir}")
+
+
+class _Formatter(logging.Formatter):
+    """Messages as they are; a warning (a job with a damaged file) as ``kdrun-summarize: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"kdrun-summarize: warning: {text}" if record.levelno >= logging.WARNING else text

@@ -31,10 +31,14 @@ NOISE_P = 0.05
 
 @dataclass
 class Job:
-    """One job dir of the sweep: its overrides and its ``summary.json`` (None if it never finished)."""
+    """One job dir of the sweep: its overrides and its ``summary.json`` (None if it never finished); ``problem``:
+    what is wrong with a file of it (then it is ``unreadable`` and left out of the cells), ``notes``: a file it was
+    summarised without."""
     dir: Path
     overrides: dict[str, Any]
     summary: Optional[dict]
+    problem: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -42,12 +46,16 @@ class Job:
 
     @property
     def status(self) -> str:
+        if self.problem:
+            return "unreadable"
         if self.summary is None:
             return "failed" if self.logged_error() else "missing"
         return self.summary.get("status", "unknown")
 
     @property
     def error(self) -> str:
+        if self.problem:
+            return self.problem
         if self.summary is None:
             return self.logged_error() or "no summary.json: the job was interrupted, crashed or is still running"
         return self.summary.get("error", "")
@@ -70,8 +78,9 @@ class Job:
         """Mean training seconds per epoch of the ``student`` stage (its ``metrics.jsonl``); None if not logged."""
         from kdrun.records import read_jsonl
 
-        times = [r["time_s"] for r in read_jsonl(self.dir / "metrics.jsonl")
-                 if r.get("stage") == "student" and isinstance(r.get("time_s"), (int, float))]
+        records = read_jsonl(self.dir / "metrics.jsonl")
+        times = [r["time_s"] for r in records if isinstance(r, dict) and r.get("stage") == "student"
+                 and isinstance(r.get("time_s"), (int, float)) and not isinstance(r.get("time_s"), bool)]
         return sum(times) / len(times) if times else None
 
 
@@ -108,9 +117,10 @@ def collect(sweep_dir: Path) -> SweepSummary:
     jobs = find_jobs(sweep_dir)
     if not jobs:
         raise ValueError(f"{sweep_dir}: not a sweep dir (no job dirs with .hydra/overrides.yaml or summary.json)")
-    keys = swept_keys(jobs)
+    known = [j for j in jobs if not j.problem]  # a job whose files cannot be read belongs to no cell
+    keys = swept_keys(known)
     cell_keys = [k for k in keys if k != SEED_KEY]
-    cells = group(jobs, cell_keys)
+    cells = group(known, cell_keys)
     for cell in cells:
         cell.stats = cell_stats(cell)
     ranked = [c for c in cells if c.stats["n"] and c.stats["val_mean"] is not None]
@@ -133,20 +143,75 @@ def _job_order(path: Path):
 
 
 def _read_job(job_dir: Path) -> Job:
-    overrides: dict[str, Any] = {}
+    """The job in ``job_dir``; a file of it that cannot be read is its ``problem`` (or a note, for metrics.jsonl)."""
+    job = Job(job_dir, {}, None)
     path = job_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        for item in yaml.safe_load(path.read_text()) or []:
-            key, sep, value = str(item).partition("=")
-            if sep and not key.startswith("~"):
-                overrides[key.lstrip("+")] = _parse_value(value)
-    summary = None
-    if (job_dir / "summary.json").is_file():
+    try:
+        if path.is_file():
+            job.overrides = _overrides(path)
+        if (job_dir / "summary.json").is_file():
+            job.summary = _summary(job_dir / "summary.json")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        job.problem = str(exc).strip().splitlines()[0]
+    if job.status == "completed" and (job_dir / "metrics.jsonl").is_file():
+        bad = _bad_records(job_dir / "metrics.jsonl")
+        if bad:
+            job.notes.append(f"metrics.jsonl: {bad} line(s) that are not epoch records, left out of the seconds "
+                             f"per epoch")
+    return job
+
+
+def _bad_records(path: Path) -> int:
+    """How many lines of a completed job's ``metrics.jsonl`` are not epoch records (a student epoch without a number
+    as its ``time_s`` included); a killed job's last line may be cut short, a completed job's never is."""
+    bad = 0
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            summary = json.loads((job_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {"status": "unreadable", "error": "summary.json is not valid JSON"}
-    return Job(job_dir, overrides, summary)
+            record = json.loads(line) if line.strip() else {}
+        except ValueError:
+            record = None
+        time_s = record.get("time_s") if isinstance(record, dict) else None
+        bad += not isinstance(record, dict) or (record.get("stage") == "student" and (
+            not isinstance(time_s, (int, float)) or isinstance(time_s, bool)))
+    return bad
+
+
+def _overrides(path: Path) -> dict[str, Any]:
+    """``.hydra/overrides.yaml`` as ``{key: value}``; ValueError when it is not Hydra's list of overrides."""
+    try:
+        items = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path.name} does not parse ({type(exc).__name__})") from None
+    if items is not None and not isinstance(items, list):
+        raise ValueError(f"{path.name} is not a list of overrides (it holds a {type(items).__name__})")
+    overrides = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if sep and not key.startswith("~"):
+            overrides[key.lstrip("+")] = _parse_value(value)
+    return overrides
+
+
+FIGURES = (("student", "val_acc_best"), ("student", "test_acc_best"), ("student", "test_acc_last"),
+           ("baseline", "val_acc"), ("baseline", "test_acc"), ("teacher", "val_acc"), ("teacher", "test_acc"),
+           ("delta_vs_baseline",), ("wall_time_s",))  # the numbers a summary is made of: each a number or null
+
+
+def _summary(path: Path) -> dict:
+    """``summary.json``; ValueError when it is not valid JSON, not an object, or a figure of it is not a number."""
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path.name} is not a JSON object (it holds a {type(summary).__name__})")
+    for figure in FIGURES:
+        node: Any = summary
+        for part in figure:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and (not isinstance(node, (int, float)) or isinstance(node, bool)):
+            raise ValueError(f"{path.name}: {'.'.join(figure)} is {node!r}, not a number")
+    return summary
 
 
 def _parse_value(text: str) -> Any:

@@ -7,6 +7,8 @@
   how a source crosses to another rank);
 * :mod:`~kdrun.train.builtin_hooks`: what every fit adds to the caller's hooks: best epoch, resume checkpoints,
   signals, a feature loss's layer hooks, the diagnosis of a diverged epoch;
+* :mod:`~kdrun.train.resume_file`: the resume checkpoint read back and checked (readable, its fields, its weights'
+  shapes, the user's code it was trained with), or one line naming the file;
 * :mod:`~kdrun.train.infer`: devices, autocast, memory formats, batched inference and accuracy;
 * :mod:`~kdrun.train.distributed`: ``trainer.devices=N``, data-parallel ranks spawned in-task (handed ``fit``);
 * :mod:`~kdrun.train.interrupt`: SIGINT / SIGTERM stop a run at a safe point.

@@ -23,6 +23,7 @@ from torch import nn
 
 from kdrun.train import interrupt
 from kdrun.train.hooks import Hook
+from kdrun.train.resume_file import shape_problem
 from kdrun.train.state import TrainState
 
 
@@ -103,7 +104,11 @@ class KeepBest(Hook):
                 "best_loss_state": self.best_loss_state}
 
     def load_state_dict(self, state: dict) -> None:
-        device = next(iter(self.model.state_dict().values())).device
+        model_state = self.model.state_dict()
+        problem = shape_problem(state["best_state"], model_state, common_only=True)
+        if problem:
+            raise ValueError(f"best_state: {problem}")
+        device = next(iter(model_state.values())).device
         self.best_state = {k: v.to(device) for k, v in state["best_state"].items()}
         self.best_epoch, self.best_val_acc = state["best_epoch"], state["best_val_acc"]
         self.best_loss_state = {k: v.to(device) for k, v in state.get("best_loss_state", {}).items()}
@@ -112,10 +117,13 @@ class KeepBest(Hook):
 class ResumeCheckpoints(Hook):
     """Writes the resume checkpoint (``trainer.checkpoint_every``) after every ``every``-th epoch, the last one, and
     one a signal stopped: ``state``'s state dict plus ``{"hooks": {name: state dict}}`` of ``hooks`` that keep state
-    (:func:`hook_states`), atomically, a plain dict of tensors (``weights_only`` loads it)."""
+    (:func:`hook_states`) and ``{"code": code}`` (the user's code it was trained with: :func:`kdrun.resume.user_code`),
+    atomically, a plain dict of tensors (``weights_only`` loads it)."""
 
-    def __init__(self, path: Path, every: int, epochs: int, state: TrainState, hooks: Sequence[Hook]):
+    def __init__(self, path: Path, every: int, epochs: int, state: TrainState, hooks: Sequence[Hook],
+                 code: Optional[dict] = None):
         self.path, self.every, self.epochs, self.state, self.hooks = path, every, epochs, state, hooks
+        self.code = code or {}
         self.saved = 0  # the epoch the file was last written after
 
     def after_epoch(self, record: dict) -> None:
@@ -123,7 +131,7 @@ class ResumeCheckpoints(Hook):
 
         epoch = record["epoch"]
         if epoch % self.every == 0 or epoch == self.epochs or interrupt.requested():
-            save_torch(self.path, {**self.state.state_dict(), "hooks": hook_states(self.hooks)})
+            save_torch(self.path, {**self.state.state_dict(), "hooks": hook_states(self.hooks), "code": self.code})
             self.saved = epoch
 
     def after_resume(self, epoch: int) -> None:
@@ -156,13 +164,6 @@ def hook_states(hooks: Sequence[Hook]) -> dict:
     """``{name: state dict}`` of the hooks that keep state (:func:`hook_names`)."""
     states = {name: hook.state_dict() for hook, name in zip(hooks, hook_names(hooks))}
     return {name: state for name, state in states.items() if state}
-
-
-def load_hook_states(hooks: Sequence[Hook], states: dict) -> None:
-    """Hand each hook its state from :func:`hook_states`' dict (a hook with none there starts afresh)."""
-    for hook, name in zip(hooks, hook_names(hooks)):
-        if name in states:
-            hook.load_state_dict(states[name])
 
 
 def hook_names(hooks: Sequence[Hook]) -> list[str]:

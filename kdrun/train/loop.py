@@ -21,7 +21,7 @@ from kdrun.data.dataset import Data
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss
 from kdrun.schema import OptimConfig, SchedConfig
-from kdrun.train import distributed
+from kdrun.train import distributed, resume_file
 from kdrun.train.builtin_hooks import (
     DivergenceCheck,
     FeatureCapture,
@@ -29,7 +29,7 @@ from kdrun.train.builtin_hooks import (
     ResumeCheckpoints,
     StopOnSignal,
     copy_state,
-    load_hook_states,
+    hook_names,
 )
 from kdrun.train.hooks import Hook, TeacherSource
 from kdrun.train.infer import accuracy, model_format, preferred_format
@@ -70,6 +70,7 @@ class Checkpoint:
 
     path: Path
     every: int = 1
+    code: dict = field(default_factory=dict)  # the user's code trained with: kdrun.resume.user_code (checked on resume)
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -135,7 +136,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     hooks = _hooks(state, list(hooks), best if main else None, pairs, steps, desc, recipe.epochs,
                    checkpoint if main else None, device)
     if checkpoint is not None and checkpoint.path.exists():
-        _resume(checkpoint.path, state, hooks)
+        _resume(checkpoint, state, hooks, desc, recipe.epochs)
     part_names = ("ce", "kd", *getattr(loss_fn, "extra_parts", ()))  # logged as train/loss_<name>
     zero = torch.zeros((), device=device)  # a part an epoch's loss lacks (plain CE before a snapshot teaches)
     try:
@@ -214,20 +215,26 @@ def _hooks(state: TrainState, hooks: list, best: Optional[KeepBest], pairs, step
         hooks.append(best)
     saver = None
     if checkpoint is not None:
-        saver = ResumeCheckpoints(checkpoint.path, checkpoint.every, epochs, state, hooks)
+        saver = ResumeCheckpoints(checkpoint.path, checkpoint.every, epochs, state, hooks, checkpoint.code)
         hooks.append(saver)
     hooks.append(StopOnSignal(desc, epochs, saver))
     return hooks
 
 
-def _resume(path: Path, state: TrainState, hooks: Sequence[Hook]) -> None:
-    """Load a resume checkpoint into the hooks (first: one may change the model's structure), then the state."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if "hooks" not in saved:  # written by an earlier version: the best epoch at the top level
-        saved["hooks"] = {"KeepBest": {k: saved[k] for k in ("best_state", "best_epoch", "best_val_acc")}
-                          | {"best_loss_state": saved.get("best_loss_state", {})}}
-    load_hook_states(hooks, saved["hooks"])
-    state.load_state_dict(saved)
+def _resume(checkpoint: Checkpoint, state: TrainState, hooks: Sequence[Hook], desc: str, epochs: int) -> None:
+    """Load a resume checkpoint, checked (:mod:`kdrun.train.resume_file`: a damaged one is one line), into the hooks
+    (first: one may change the model's structure), then the state."""
+    path = checkpoint.path
+    saved = resume_file.read(path, desc, epochs, checkpoint.code)
+    for hook, name in zip(hooks, hook_names(hooks)):
+        if name in saved["hooks"]:
+            with resume_file.loading(path, desc, f"a {name} state"):
+                hook.load_state_dict(saved["hooks"][name])
+    problem = resume_file.shape_problem(saved["model"], state.model.state_dict())
+    if problem:
+        raise resume_file.damaged(path, desc, f"does not fit the model: {problem}")
+    with resume_file.loading(path, desc, "a training state (optimizer, schedule, RNG, teacher)"):
+        state.load_state_dict(saved)
     for hook in hooks:
         hook.after_resume(saved["epoch"])
 
