@@ -202,6 +202,30 @@ def test_kdrun_summarize_refuses_what_is_not_a_sweep_dir(tmp_path, case):
     assert result.last_err_line.startswith("kdrun-summarize: error: ") and str(target) in result.last_err_line
 
 
+
+def test_csv_text_cells_cannot_run_as_spreadsheet_formulas(tmp_path):
+    """Text cells starting with =, +, -, @, tab or CR get a leading ' (OWASP); numbers, negative ones too, do not."""
+    from kdrun.sweep import report
+    from kdrun.sweep.jobs import collect
+
+    values = {"0": ("-0.5", "=HYPERLINK(\"http://x\")"), "1": ("@SUM(A1)", "+1+2"), "2": ("\tx", "-cmd")}
+    for name, (alpha, tag) in values.items():
+        job = tmp_path / "sweep" / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss.alpha={alpha}", f"+tag={tag}"]))
+        (job / "summary.json").write_text(json.dumps({"status": "failed", "error": "=1+2 " + tag,
+                                                      "delta_vs_baseline": -0.25}))
+    summary = collect(tmp_path / "sweep")
+    report.write_results_csv(summary, tmp_path / "sweep" / "results.csv")
+    report.write_cells_csv(summary, tmp_path / "sweep" / "cells.csv")
+    rows = {r["job"]: r for r in read_csv(tmp_path / "sweep" / "results.csv")}
+    assert [(rows[j]["loss.alpha"], rows[j]["tag"]) for j in values] == [
+        ("-0.5", "'=HYPERLINK(\"http://x\")"), ("'@SUM(A1)", "'+1+2"), ("'\tx", "'-cmd")]
+    assert {r["error"][:6] for r in rows.values()} == {"'=1+2 "}
+    assert {r["delta_vs_baseline"] for r in rows.values()} == {"-0.25"}
+    cells = read_csv(tmp_path / "sweep" / "cells.csv")
+    assert sorted(c["loss.alpha"] for c in cells) == sorted(["-0.5", "'@SUM(A1)", "'\tx"])
+
 # --- launchers and sweepers (the sweep extra) -------------------------------------------------------------
 
 def _interval(summary: dict) -> tuple[float, float]:
