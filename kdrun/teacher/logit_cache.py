@@ -38,6 +38,7 @@ from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError
 from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
+from kdrun.store import read_only
 from kdrun.train.infer import autocast, predict
 
 log = logging.getLogger("kdrun")
@@ -116,11 +117,6 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
     log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused (verified in %.2fs)' % seconds} "
              f"({why}) {path}")
     return logits.to(data.train.y.device), info
-
-
-def read_only(directory: Path) -> bool:
-    """Whether ``directory`` exists and this process may not create files in it (a shared, read-only store)."""
-    return directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK)
 
 
 def verify_sample(teacher: nn.Module, data: Data, logits: torch.Tensor, *, dtype: str, precision: str,
