@@ -5,6 +5,7 @@ Nothing below this module imports Hydra or depends on the working directory. tor
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -52,20 +53,26 @@ class ClaimRunDir(Callback):
             config.hydra.run.dir = str(path)
 
 
+class SweepRefused(BaseException):
+    """A sweep refused before its first job (:class:`RecordSweepDir`); :func:`main` says why in one line. Not an
+    ``Exception``: Hydra would turn that into a warning and start the jobs."""
+
+
 class RecordSweepDir(Callback):
-    """``hydra.callbacks.sweep_dir`` (conf/config.yaml): remember the sweep dir when a multirun starts.
+    """``hydra.callbacks.sweep_dir`` (conf/config.yaml): claim and remember the sweep dir when a multirun starts.
 
     :func:`main` summarises it after the multirun, also when a job crashed: Hydra then skips
     ``on_multirun_end``, so the summary cannot live there. A timestamped sweep dir (``${now:...}``, the
     default) that exists already (another sweep started in the same second) is replaced by the next free
     ``<dir>-N`` (:func:`kdrun.rundir.fresh_dir`); the jobs' configs are recomposed from the hydra overrides,
-    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``.
+    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``. A sweep whose job dirs another running sweep
+    holds (the same dir and ``hydra.sweep.subdir``: :func:`kdrun.rundir.claim_sweep`) is refused, exit 2.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from omegaconf import OmegaConf, read_write
 
-        from kdrun.rundir import fresh_dir
+        from kdrun.rundir import claim_sweep, fresh_dir, release
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")):
@@ -79,6 +86,12 @@ class RecordSweepDir(Callback):
                     config.hydra.sweep.dir = str(fresh)
                     config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
                 sweep_dir = fresh
+        subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))
+        try:
+            claim_file = claim_sweep(sweep_dir, subdir)
+        except KdrunError as exc:  # another sweep runs these job dirs: stop before the first job
+            raise SweepRefused(exc) from None
+        atexit.register(release, claim_file)
         MEMO.sweep_dirs.append(sweep_dir.resolve())
 
 
@@ -388,6 +401,9 @@ def main() -> None:
             MEMO.resume = True
             sys.argv[1:] = argv = resumed
         _job()
+    except SweepRefused as refused:
+        print(f"kdrun: error: {refused.args[0]}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()
         message = None if user_wants_traceback else explain(exc)

@@ -8,11 +8,14 @@ The CLI claims the dir before Hydra writes ``.hydra/`` and the log into it (:cla
 a timestamped dir (the default ``outputs/<date>/<time>``) that another run holds is not refused but replaced by
 the next free ``<dir>-1``, ``<dir>-2``, ... ; a dir the user chose is refused with one line (exit 2). A
 timestamped sweep dir is made fresh the same way (:func:`fresh_dir`; its jobs' dirs are then new).
-:func:`kdrun.run.run` claims again (its own claim passes), so Python callers are covered too.
+:func:`kdrun.run.run` claims again (its own claim passes), so Python callers are covered too. A sweep claims its
+dir for its set of job dirs (:func:`claim_sweep`: ``.kdrun-sweep-<hash of hydra.sweep.subdir>``), so a second
+sweep into the same job dirs is refused before it starts any job.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +26,7 @@ from kdrun.errors import InputError
 from kdrun.records import refuse_existing
 
 CLAIM = ".kdrun-claim"
+SWEEP_CLAIM = ".kdrun-sweep"  # + "-<hash of hydra.sweep.subdir>": one claim per set of job dirs
 MAX_SUFFIX = 100
 
 
@@ -74,7 +78,40 @@ def _claim(path: Path, resume: bool = False) -> None:
                          f"hydra.run.dir") from None
     if not resume:
         refuse_existing_taken(path)
-    claim_file = path / CLAIM
+    _take(path / CLAIM, "run", f"run dir {path}", "hydra.run.dir")
+    if not resume:
+        refuse_existing_taken(path)
+
+
+def claim_sweep(sweep_dir: Path, subdir: str) -> Path:
+    """Claim ``sweep_dir`` for the sweep of this process, whose job dirs are named by ``subdir`` (the unresolved
+    ``hydra.sweep.subdir``); return the claim file (:func:`release` removes it).
+
+    A second sweep into the same dir with the same job dirs, started while the first runs, would meet the first
+    one's claims job by job: it is refused here, before any job starts (:class:`RunDirTaken`, one line). Sweeps
+    with other subdirs (the shards of one grid, docs/clusters.md) share the dir: each claims its own file."""
+    sweep_dir = Path(sweep_dir)
+    claim_file = sweep_dir / f"{SWEEP_CLAIM}-{hashlib.sha256(subdir.encode()).hexdigest()[:8]}"
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create sweep dir {sweep_dir} ({exc.strerror or exc}); choose another "
+                         f"hydra.sweep.dir") from None
+    _take(claim_file, "sweep", f"sweep dir {sweep_dir} (job dirs hydra.sweep.subdir={subdir})", "hydra.sweep.dir")
+    return claim_file
+
+
+def release(claim_file: Path) -> None:
+    """Remove ``claim_file`` if this process holds it."""
+    holder = _holder(claim_file)
+    if holder is not None and (holder.get("pid"), holder.get("host")) == (os.getpid(), socket.gethostname()):
+        claim_file.unlink(missing_ok=True)
+
+
+def _take(claim_file: Path, kind: str, what: str, key: str) -> None:
+    """Create ``claim_file`` for this process (``O_CREAT | O_EXCL``: of two processes, one gets it); keep it if
+    this process holds it already; take it over from a process that is gone; refuse a live ``kind`` ("run",
+    "sweep") holding it with :class:`RunDirTaken` naming ``what`` and the config ``key`` to change."""
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     for _ in range(3):
@@ -83,24 +120,20 @@ def _claim(path: Path, resume: bool = False) -> None:
         except FileExistsError:
             holder = _holder(claim_file)
             if holder is not None and (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
-                break  # claimed earlier by this process (the CLI, then run())
+                return  # claimed earlier by this process (the CLI, then run())
             if _alive(holder, claim_file):
                 who = f"pid {holder['pid']} on {holder['host']} since {holder.get('started_at')}" if holder else \
-                    "a run that is starting"
-                raise RunDirTaken(f"run dir {path} is in use by another kdrun run ({who}); choose another "
-                                  f"hydra.run.dir (or delete {claim_file} if that run is gone)") from None
-            claim_file.unlink(missing_ok=True)  # stale: its process is gone and left no results
+                    f"a {kind} that is starting"
+                raise RunDirTaken(f"{what} is in use by another kdrun {kind} ({who}); choose another {key} (or "
+                                  f"delete {claim_file} if that {kind} is gone)") from None
+            claim_file.unlink(missing_ok=True)  # stale: its process is gone
             continue
         except OSError as exc:
-            raise InputError(f"cannot write into run dir {path} ({exc.strerror or exc}); choose another "
-                             f"hydra.run.dir") from None
+            raise InputError(f"cannot write into {what} ({exc.strerror or exc}); choose another {key}") from None
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(me) + "\n")
-        break
-    else:
-        raise RunDirTaken(f"run dir {path} is being claimed by other runs; choose another hydra.run.dir")
-    if not resume:
-        refuse_existing_taken(path)
+        return
+    raise RunDirTaken(f"{what} is being claimed by other {kind}s; choose another {key}")
 
 
 def refuse_existing_taken(path: Path) -> None:

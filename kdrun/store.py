@@ -10,7 +10,9 @@ failure later in the run never loses it.
 An entry is verified on every use: its checksum must match and its weights hold no NaN. A bad entry is
 never deleted and never trusted: it is renamed to ``<entry>.corrupt-<time>`` with one warning, and trained
 again. Entries of kdrun versions that recorded no checksum are checked for readability and NaN and get
-their checksum recorded on first use (where the store is writable). Temp dirs ``.<entry>.tmp-<pid>`` of
+their checksum recorded on first use (where the store is writable). A store this user may not write (shared,
+or on a read-only disk) is used as it is: its entries are verified and reused, without a lock; one it does
+not hold cannot be trained there. Temp dirs ``.<entry>.tmp-<pid>`` of
 killed processes are removed on the next use of the store. Lock files stay: they are empty, and the lock
 itself (``flock``) dies with its holder, so a lock file of a killed process never blocks anyone.
 """
@@ -57,6 +59,8 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
     """
     root = Path(root)
     entry = root / f"{name}-{key_hash(key)}"
+    if read_only(root):
+        return _reuse_read_only(entry, name), entry, True
     root.mkdir(parents=True, exist_ok=True)
     with _lock(entry):
         remove_stale_temps(root, held=entry.name)
@@ -84,6 +88,26 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
         finally:  # a failed training leaves nothing half-made behind
             shutil.rmtree(tmp, ignore_errors=True)
     return checkpoint, entry, False
+
+
+def read_only(directory: Path) -> bool:
+    """Whether ``directory`` exists and this process may not create files in it (a shared, read-only store)."""
+    return Path(directory).is_dir() and not os.access(directory, os.W_OK | os.X_OK)
+
+
+def _reuse_read_only(entry: Path, name: str) -> dict:
+    """The checkpoint of ``entry`` in a store this process may not write (a shared one, or one on a read-only
+    disk): verified like any entry and used as it is, without a lock, writing nothing. A missing or bad entry
+    can be neither trained nor set aside there: one line says so."""
+    if not (entry / CHECKPOINT).exists():
+        raise KdrunError(f"store {entry.parent} is read-only and holds no {name} for this key ({entry.name}); "
+                         f"point store.teachers / store.baselines at a writable store to train it")
+    checkpoint, problem = _verified(entry)
+    if problem is not None:
+        raise KdrunError(f"store entry {entry} is corrupt ({problem}) and its store is read-only, so it can be "
+                         f"neither set aside nor trained again: ask the store's owner, or use a writable store")
+    log.info(f"store {entry.parent} is read-only: {entry.name} verified and used as it is")
+    return checkpoint
 
 
 def _record_checksum(entry: Path, digest: str) -> None:

@@ -11,7 +11,7 @@ from kdrun.errors import KdrunError
 from kdrun.losses.base import build
 from kdrun.models import build_model
 from kdrun.schema import AugmentConfig, DatasetConfig, OptimConfig, SchedConfig
-from kdrun.teacher.logit_cache import _checksum, decide, make_check, teacher_logits
+from kdrun.teacher.logit_cache import VERIFY_ROWS, _checksum, decide, make_check, teacher_logits, verify_sample
 from kdrun.teacher.sources import CachedLogits, LiveTeacher
 from kdrun.train.infer import predict
 from kdrun.train.loop import Recipe, fit
@@ -66,6 +66,33 @@ def test_tampered_cache_file_is_rejected_and_rebuilt(teacher, data, tmp_path):
     assert info2["built"]
     assert torch.equal(rebuilt, logits)
     assert list(tmp_path.glob("logit-cache/*.bad-*")), "the rejected file is kept aside, not deleted"
+
+
+def test_edited_cache_with_a_recomputed_checksum_is_rejected_and_rebuilt(teacher, data, tmp_path):
+    """The checksum only catches accidents: an edit that recomputes it is caught by the teacher itself at load."""
+    logits, info = cache(teacher, data, tmp_path)
+    obj = torch.load(info["path"], weights_only=True)
+    obj["logits"][5] = obj["logits"][5].flip(0)  # another class wins for one image
+    obj["checksum"] = _checksum(obj["logits"])
+    torch.save(obj, info["path"])
+    rebuilt, info2 = cache(teacher, data, tmp_path)
+    assert info2["built"] and torch.equal(rebuilt, logits)
+    assert list(tmp_path.glob("logit-cache/*.bad-*")), "the rejected file is kept aside, not deleted"
+
+
+def test_load_check_of_a_large_cache_samples_enough_rows_to_catch_one_percent():
+    """VERIFY_ROWS rows of a larger cache: 1 % of its rows edited (15 of 1500) is caught (P(miss) < 1e-6)."""
+    big = load_data(DatasetConfig(name="fake", image_size=8, channels=1, num_classes=4, train_size=2000,
+                                  val_fraction=0.25, mean=[0.5], std=[0.25]), torch.device("cpu"))
+    torch.manual_seed(0)
+    net = build_model("mlp", num_classes=4, in_channels=1, image_size=8, args={"hidden": 8}).eval()
+    logits = predict(net, big, "train", 256)
+    kw = dict(dtype="fp32", precision="fp32", batch_size=256)
+    assert len(logits) == 1500 and verify_sample(net, big, logits, **kw) is None
+    edited = logits.clone()
+    edited[::100] += 1.0
+    problem = verify_sample(net, big, edited, **kw)
+    assert problem is not None and f"of {VERIFY_ROWS} rows checked against the teacher differ" in problem
 
 
 def test_truncated_cache_file_is_rejected_and_rebuilt(teacher, data, tmp_path):

@@ -70,6 +70,19 @@ def test_config_dir_targets_from_outside_the_repo_via_cli(tmp_path, user_conf):
     assert listed.returncode == 0 and "tinynet" in listed.stdout and "plugin" in listed.stdout
 
 
+def test_target_added_over_a_named_option_is_reported_as_the_callable_used(tmp_path):
+    """`+student._target_=...` on `student=mlp`: the summary, log and report name TinyNet, not mlp (nor its args);
+    only the config as composed (config.yaml, and its table in the log) still holds ``name=mlp``."""
+    summary = run_in_process(tmp_path, "student=mlp", "+student._target_=kdrun_example_plugin.nets.TinyNet",
+                             "+student.width=8", "dataset=fake", *TINY)
+    assert summary["status"] == "completed"
+    assert (summary["student"]["name"], summary["student"]["args"]) == ("TinyNet", {})
+    log = (tmp_path / "run" / "kdrun.log").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "student TinyNet" in log and "TinyNet" in report
+    assert "student mlp" not in log and "mlp" not in report
+
+
 def test_user_source_change_retrains_the_teacher(tmp_path, monkeypatch):
     """Store keys hold a hash of the file defining a `_target_`: editing it retrains instead of reusing."""
     pkg = tmp_path / "userpkg"

@@ -196,8 +196,18 @@ def test_read_checkpoint_not_a_dict(tmp_path):
 def test_read_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(small_cnn(), path)  # a whole pickled module: would need weights_only=False
-    with pytest.raises(KdrunError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(KdrunError, match="not a readable PyTorch checkpoint") as err:
         read_checkpoint(path)
+    assert "SimpleCnn" in str(err.value) and "state_dict()" in str(err.value)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_read_checkpoint_never_advises_weights_only_false():
+    """/dev/zero: PyTorch's error suggests weights_only=False (running the file's code); kdrun's line does not."""
+    with pytest.raises(KdrunError) as err:
+        read_checkpoint(Path("/dev/zero"), what="teacher.ckpt")
+    assert str(err.value) == ("teacher.ckpt: /dev/zero is not a readable PyTorch checkpoint (it cannot be read with "
+                              "weights_only=True: not a PyTorch checkpoint, or a damaged one)")
 
 
 # --- two processes, one key --------------------------------------------------------------------------------

@@ -254,6 +254,34 @@ def test_a_truncated_teacher_entry_does_not_break_later_runs(first_smoke, tmp_pa
     assert smoke_inproc(base, base / "run2", *SHORT)["teacher"]["reused"] is True
 
 
+def test_a_read_only_store_holding_the_teacher_is_used_as_it_is(first_smoke, tmp_path, monkeypatch):
+    """chmod a-w on the teachers' store (as root chmod stops no write, so ``os.access`` is made to agree): its
+    teacher and logit cache are verified and reused, nothing in it changes; a teacher it lacks is one line."""
+    src, summary = first_smoke
+    base = copy_stores(src, tmp_path)
+    store = base / "teachers"
+    dirs = [store, *(p for p in store.rglob("*") if p.is_dir())]
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*")}
+    if os.geteuid() == 0:
+        access = os.access
+        denied = {d.resolve() for d in dirs}
+        monkeypatch.setattr(os, "access", lambda path, mode, *a, **kw: not (mode & os.W_OK and Path(
+            path).resolve() in denied) and access(path, mode, *a, **kw))
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        again = smoke_inproc(base, base / "run1", *SHORT)
+        with pytest.raises(KdrunError) as err:
+            smoke_inproc(base, base / "run2", *SHORT, "teacher.args.hidden=32")
+    finally:
+        for d in dirs:
+            d.chmod(0o755)
+    assert again["teacher"]["reused"] is True and again["teacher"]["cache"]["built"] is False
+    assert again["student"]["test_acc_best"] == summary["student"]["test_acc_best"]
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*")} == before
+    assert str(err.value).startswith(f"store {store} is read-only and holds no cnn for this key")
+
+
 def test_a_teacher_with_non_finite_logits_never_writes_a_cache(first_smoke, tmp_path):
     """Large values in an entry of an older kdrun (no checksum to catch them): finite weights, inf logits."""
     src, summary = first_smoke
@@ -274,12 +302,16 @@ def test_a_teacher_with_non_finite_logits_never_writes_a_cache(first_smoke, tmp_
     assert again["teacher"]["reused"] is False and again["student"]["test_acc_best"] == summary["student"]["test_acc_best"]
 
 
-def test_the_per_epoch_guard_names_the_cache_file(first_smoke, tmp_path):
+def test_the_per_epoch_guard_names_the_cache_file(first_smoke, tmp_path, monkeypatch):
+    """A damage the load check's random rows missed (made certain here: no load check) meets the per-epoch guard."""
+    import kdrun.teacher.logit_cache
+
+    monkeypatch.setattr(kdrun.teacher.logit_cache, "verify_sample", lambda *args, **kwargs: None)
     src, summary = first_smoke
     base = copy_stores(src, tmp_path)
     (path,) = (base / "teachers" / "logit-cache").glob("*.pt")
     obj = torch.load(path, weights_only=True)
-    obj["logits"] = obj["logits"].roll(1, dims=0)  # misaligned, with a valid checksum: only the guard sees it
+    obj["logits"] = obj["logits"].roll(1, dims=0)  # misaligned, with a valid checksum: the checksum misses it
     obj["checksum"] = hashlib.sha256(obj["logits"].contiguous().numpy().tobytes()).hexdigest()[:16]
     torch.save(obj, path)
     with pytest.raises(KdrunError) as err:

@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -202,6 +203,30 @@ def test_kdrun_summarize_refuses_what_is_not_a_sweep_dir(tmp_path, case):
     assert result.last_err_line.startswith("kdrun-summarize: error: ") and str(target) in result.last_err_line
 
 
+
+def test_csv_text_cells_cannot_run_as_spreadsheet_formulas(tmp_path):
+    """Text cells starting with =, +, -, @, tab or CR get a leading ' (OWASP); numbers, negative ones too, do not."""
+    from kdrun.sweep import report
+    from kdrun.sweep.jobs import collect
+
+    values = {"0": ("-0.5", "=HYPERLINK(\"http://x\")"), "1": ("@SUM(A1)", "+1+2"), "2": ("\tx", "-cmd")}
+    for name, (alpha, tag) in values.items():
+        job = tmp_path / "sweep" / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss.alpha={alpha}", f"+tag={tag}"]))
+        (job / "summary.json").write_text(json.dumps({"status": "failed", "error": "=1+2 " + tag,
+                                                      "delta_vs_baseline": -0.25}))
+    summary = collect(tmp_path / "sweep")
+    report.write_results_csv(summary, tmp_path / "sweep" / "results.csv")
+    report.write_cells_csv(summary, tmp_path / "sweep" / "cells.csv")
+    rows = {r["job"]: r for r in read_csv(tmp_path / "sweep" / "results.csv")}
+    assert [(rows[j]["loss.alpha"], rows[j]["tag"]) for j in values] == [
+        ("-0.5", "'=HYPERLINK(\"http://x\")"), ("'@SUM(A1)", "'+1+2"), ("'\tx", "'-cmd")]
+    assert {r["error"][:6] for r in rows.values()} == {"'=1+2 "}
+    assert {r["delta_vs_baseline"] for r in rows.values()} == {"-0.25"}
+    cells = read_csv(tmp_path / "sweep" / "cells.csv")
+    assert sorted(c["loss.alpha"] for c in cells) == sorted(["-0.5", "'@SUM(A1)", "'\tx"])
+
 # --- launchers and sweepers (the sweep extra) -------------------------------------------------------------
 
 def _interval(summary: dict) -> tuple[float, float]:
@@ -257,6 +282,39 @@ def test_slurm_gpu_launcher_config_composes():
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (1, 1, 1)
     assert launcher["partition"] == "gpu"
+
+
+def test_sweep_into_the_job_dirs_of_a_running_sweep_is_refused_at_start(tmp_path):
+    """The same sweep dir and subdir as a sweep that is running (here: this process holds its claim): one line,
+    exit 2, no job started, nothing written; once released, the sweep runs."""
+    from kdrun.rundir import claim_sweep, release
+
+    claim = claim_sweep(tmp_path / "sweep", "${hydra.job.num}")
+    refused = sweep(tmp_path, "loss.T=1,4")
+    assert refused.returncode == 2, refused.describe()
+    assert refused.stderr.strip().splitlines() == [refused.last_err_line]
+    assert refused.last_err_line.startswith(f"kdrun: error: sweep dir {tmp_path / 'sweep'} (job dirs "
+                                            f"hydra.sweep.subdir=${{hydra.job.num}}) is in use by another kdrun "
+                                            f"sweep (pid {os.getpid()} on ")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [claim.name]
+    release(claim)
+    assert not claim.exists()
+
+
+@pytest.mark.slow
+def test_two_identical_sweeps_into_one_dir_at_once(tmp_path):
+    """Started together, one sweep runs every job (exit 0) and the other is refused at start (exit 2, one line);
+    both used to meet each other's job claims and exit 2 after every job had completed."""
+    base = ["-m", *SMOKE, "loss.T=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", *store_overrides(tmp_path)]
+    procs = [subprocess.Popen([str(KDRUN_SCRIPT), *base], cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=CLI_TIMEOUT_S)[1] for p in procs]
+    outcomes = sorted((p.returncode, err) for p, err in zip(procs, errors))
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert outcomes[1][1].strip().splitlines()[-1].startswith(f"kdrun: error: sweep dir {tmp_path / 'sweep'}")
+    rows = read_csv(tmp_path / "sweep" / "results.csv")
+    assert sorted((r["job"], r["status"]) for r in rows) == [("0", "completed"), ("1", "completed")]
+    assert not list((tmp_path / "sweep").glob(".kdrun-sweep*"))  # released at exit
 
 
 def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):

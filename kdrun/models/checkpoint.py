@@ -5,6 +5,7 @@ that persisted keys hold (:func:`weights_hash`, :func:`weights_sha256`). A file'
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -20,11 +21,23 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
     except FileNotFoundError:
         raise KdrunError(f"{what}: {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise KdrunError(f"{what}: {path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise KdrunError(f"{what}: {path} is not a readable PyTorch checkpoint{_why_unreadable(exc)}") from None
     if not isinstance(obj, dict):
         raise KdrunError(f"{what}: {path} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     return obj
+
+
+def _why_unreadable(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line. PyTorch's own message advises
+    ``weights_only=False``, which would run the file's code: never repeated here."""
+    message = str(exc)
+    if "weights_only" not in message:
+        return f" ({type(exc).__name__}: {message.splitlines()[0] if message else ''})"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return (f": it holds Python objects ({found.group(1)}) that kdrun does not load (it reads weights_only=True, "
+                f"which runs no code from the file); save the weights instead: torch.save(model.state_dict(), path)")
+    return " (it cannot be read with weights_only=True: not a PyTorch checkpoint, or a damaged one)"
 
 
 def state_dict_of(checkpoint: dict) -> dict:

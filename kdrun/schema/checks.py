@@ -34,9 +34,10 @@ def check_min(key: str, value: int, lo: int) -> None:
         raise ConfigError(key, f"must be >= {lo}, got {value}")
 
 
-def check_dir_path(key: str, value: str) -> None:
+def check_dir_path(key: str, value: str, read_only_ok: bool = False) -> None:
     """A directory kdrun will create and write into: no component over the file system's name limit, no
-    component that is an existing regular file, and its nearest existing ancestor writable (nothing is created)."""
+    component that is an existing regular file, and its nearest existing ancestor writable (nothing is created).
+    ``read_only_ok``: the directory itself may exist read-only (a shared store, used as it is)."""
     path = Path(os.path.expanduser(str(value)))
     limit = 255
     for part in path.parts:
@@ -52,5 +53,7 @@ def check_dir_path(key: str, value: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(key, f"{value} cannot be a directory: {probe} is a file")
+    if read_only_ok and probe == path.absolute():
+        return
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(key, f"{value} cannot be created or written: {probe} is not writable")

@@ -30,6 +30,8 @@ class ModelConfig:
             for arg in self.kwargs:
                 if not registry.accepts(fn, arg):
                     raise ConfigError(f"{key}.{arg}", f"{self.target} takes no argument {arg!r}")
+            if self.name in registry.names("model"):  # `+student._target_=...` over `student=mlp`: mlp is not what runs
+                self.name, self.args = None, {}
             self.name = self.name or self.target.replace(":", ".").rsplit(".", 1)[-1]
         else:
             if self.kwargs:

@@ -103,9 +103,9 @@ def check_gpus(device: str, devices: int) -> None:
 
 @dataclass
 class StoreConfig:
-    teachers: str = "outputs/teachers"    # content-addressed store of trained teachers
-    baselines: str = "outputs/baselines"  # ... and of CE-only baseline students
+    teachers: str = "outputs/teachers"    # content-addressed store of trained teachers (a read-only one is
+    baselines: str = "outputs/baselines"  # ... and of CE-only baseline students       used as it is: kdrun.store)
 
     def __post_init__(self):
-        check_dir_path("store.teachers", self.teachers)
-        check_dir_path("store.baselines", self.baselines)
+        check_dir_path("store.teachers", self.teachers, read_only_ok=True)
+        check_dir_path("store.baselines", self.baselines, read_only_ok=True)

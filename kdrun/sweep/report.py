@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,20 +34,37 @@ def write_results_csv(summary: SweepSummary, path: Path) -> None:
     """One row per job: swept keys, status, accuracies, Δ vs baseline, wall time, run dir, error."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error"])
+        writer.writerow(_row(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error"]))
         for job in summary.jobs:
-            writer.writerow([job.name, *(job.overrides.get(k, "") for k in summary.keys), job.status,
-                             *(_csv(job.get(*p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
-                             "" if job.status == "completed" else job.error])
+            writer.writerow(_row([job.name, *(job.overrides.get(k, "") for k in summary.keys), job.status,
+                                  *(_csv(job.get(*p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
+                                  "" if job.status == "completed" else job.error]))
 
 
 def write_cells_csv(summary: SweepSummary, path: Path) -> None:
     """One row per cell (swept keys without seed): the statistics over seeds."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*summary.cell_keys, *CELL_FIGURES, "best"])
+        writer.writerow(_row([*summary.cell_keys, *CELL_FIGURES, "best"]))
         for cell in summary.cells:
-            writer.writerow([*cell.params.values(), *(_csv(cell.stats[k]) for k in CELL_FIGURES), cell.best])
+            writer.writerow(_row([*cell.params.values(), *(_csv(cell.stats[k]) for k in CELL_FIGURES), cell.best]))
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _row(cells: list) -> list:
+    return [escape_formula(cell) for cell in cells]
+
+
+def escape_formula(cell: Any) -> Any:
+    """``cell``, with a ``'`` in front when it is text a spreadsheet would run as a formula (OWASP "CSV
+    injection"): text starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return. Numbers, ``-0.5`` and
+    ``"-0.5"`` included, stay as they are."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_START) and not NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
 
 
 def _csv(value: Any) -> Any:

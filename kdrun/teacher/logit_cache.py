@@ -6,8 +6,10 @@ of a sweep (T and alpha are applied at loss time). A cache file is keyed by a ha
 weights, the dataset identity (split, normalisation, fingerprint), the precision and the storage dtype, and
 carries a checksum of its logits. It is guarded three ways:
 
-* on load: key, shape and checksum must match and the logits be finite, else the file is set aside and
-  rebuilt (never trusted);
+* on load: key, shape and checksum must match, the logits be finite, and the teacher recomputed on
+  ``VERIFY_ROWS`` randomly drawn rows agree with them (:func:`verify_sample`: the checksum catches accidents, not
+  an edit that recomputed it), else the file is set aside and rebuilt (never trusted); a read-only store's
+  cache is used as it is, or the logits computed for the run and not saved;
 * on build: non-finite logits are never written; the run stops and the teacher's store entry, which
   produced them, is set aside (:func:`kdrun.store.set_aside`) so the next run trains it again;
 * every epoch: the teacher is recomputed on a random sample of cached indices and must agree within
@@ -36,10 +38,12 @@ from kdrun.data.dataset import Data
 from kdrun.errors import KdrunError
 from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
+from kdrun.store import read_only
 from kdrun.train.infer import autocast, predict
 
 log = logging.getLogger("kdrun")
-CHECK_SAMPLES = 64
+CHECK_SAMPLES = 64  # rows recomputed every epoch
+VERIFY_ROWS = 920   # rows recomputed at load: a 0.5 % corruption is caught with probability >= 99 % (verify_sample)
 TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (atol, rtol) of the per-epoch check
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -75,23 +79,67 @@ def teacher_logits(teacher: nn.Module, data: Data, *, mode: str, dtype: str, pre
     key = json.dumps({"teacher": weights_hash(teacher), "data": data.identity, "precision": precision,
                       "dtype": dtype}, sort_keys=True)
     path = Path(root) / "logit-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_suffix(".lock"))):
+
+    def load() -> tuple[Optional[torch.Tensor], Optional[str]]:
         logits, problem = _load(path, key, len(data.train), data.num_classes) if path.exists() else (None, None)
-        if problem:
-            set_aside(path, problem, "teacher logit cache", "rebuilding")
-        remove_partial_writes(path)
-        built, seconds = logits is None, 0.0
+        if logits is not None:
+            problem = verify_sample(teacher, data, logits, dtype=dtype, precision=precision, batch_size=batch_size)
+        return (None, problem) if problem else (logits, None)
+
+    def build() -> torch.Tensor:
+        logits = predict(teacher, data, "train", batch_size, precision, channels_last).cpu().to(DTYPES[dtype])
+        if not bool(torch.isfinite(logits).all()):
+            _refuse_non_finite(logits, path, teacher_entry)
+        return logits
+
+    start = time.perf_counter()
+    if read_only(path.parent if path.parent.is_dir() else Path(root)):  # a shared store: use it as it is
+        logits, problem = load()
+        built = logits is None
         if built:
-            start = time.perf_counter()
-            logits = predict(teacher, data, "train", batch_size, precision, channels_last).cpu().to(DTYPES[dtype])
-            seconds = time.perf_counter() - start
-            if not bool(torch.isfinite(logits).all()):
-                _refuse_non_finite(logits, path, teacher_entry)
-            save_torch(path, {"logits": logits, "key": key, "checksum": _checksum(logits)})
-    info.update(path=str(path.resolve()), built=built, build_s=round(seconds, 3), dtype=dtype)
-    log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused'} ({why}) {path}")
+            logits = build()
+            log.warning(f"teacher logit cache: store {root} is read-only and holds no usable cache "
+                        f"({problem or 'none stored'}); computed for this run, not saved")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_suffix(".lock"))):
+            logits, problem = load()
+            if problem:
+                set_aside(path, problem, "teacher logit cache", "rebuilding")
+            remove_partial_writes(path)
+            built = logits is None
+            if built:
+                logits = build()
+                save_torch(path, {"logits": logits, "key": key, "checksum": _checksum(logits)})
+    seconds = time.perf_counter() - start
+    info.update(path=str(path.resolve()), built=built, build_s=round(seconds, 3) if built else 0.0,
+                verify_s=None if built else round(seconds, 3), dtype=dtype)
+    log.info(f"teacher logit cache: {'built in %.2fs' % seconds if built else 'reused (verified in %.2fs)' % seconds} "
+             f"({why}) {path}")
     return logits.to(data.train.y.device), info
+
+
+def verify_sample(teacher: nn.Module, data: Data, logits: torch.Tensor, *, dtype: str, precision: str,
+                  batch_size: int) -> Optional[str]:
+    """Recompute the teacher on ``VERIFY_ROWS`` rows of the cached ``logits`` drawn unpredictably (not from the
+    run's seed) and compare within ``dtype``'s tolerance; None when they agree, else what is wrong.
+
+    When at least 0.5 % of the rows are wrong, all ``VERIFY_ROWS`` = 920 drawn rows are right with probability
+    at most (1 - 0.005)^920 < 1 %: such an edit is caught at load 99 times in 100 (the checksum cannot catch an
+    edit whose checksum was recomputed). An edit of a few rows of a large cache can pass; the per-epoch check
+    (:func:`make_check`) then samples more."""
+    n = len(logits)
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    idx = torch.randperm(n, generator=generator)[:VERIFY_ROWS].sort().values.to(data.train.y.device)
+    bad, worst = 0, 0.0
+    for part in idx.split(batch_size):
+        wrong, err = disagreement(teacher, data.inputs("train", part), logits[part.cpu()].to(part.device),
+                                  device=data.train.y.device, precision=precision, dtype=dtype)
+        bad, worst = bad + int(wrong.sum()), max(worst, err)
+    if bad:
+        return (f"{bad} of {len(idx)} rows checked against the teacher differ (max |diff| {worst:.3g}): its logits "
+                f"were modified")
+    return None
 
 
 def _refuse_non_finite(logits: torch.Tensor, path: Path, teacher_entry: Optional[Path]) -> None:
@@ -159,19 +207,27 @@ def make_check(teacher: nn.Module, data: Data, cached: torch.Tensor, *, dtype: s
 
 
 @torch.no_grad()
+def disagreement(teacher: nn.Module, inputs: torch.Tensor, want: torch.Tensor, *, device: torch.device,
+                 precision: str, dtype: str) -> tuple[torch.Tensor, float]:
+    """Run ``teacher`` on ``inputs`` and compare with the cached logits ``want`` within ``dtype``'s tolerance:
+    a bool per row (True: outside the tolerance) and the largest difference."""
+    atol, rtol = TOLERANCE[dtype]
+    teacher.eval()
+    with autocast(device, precision):
+        live = teacher(inputs).float()
+    want = want.float()
+    err = (live - want).abs()
+    return ~(err <= atol + rtol * want.abs()).all(dim=1), err.max().item()  # NaN: outside
+
+
 def check_live(teacher: nn.Module, inputs: Callable[[], torch.Tensor], want: torch.Tensor, *, device: torch.device,
                precision: str, dtype: str, epoch: int, what: str, sampled: str, path, again: str) -> float:
     """The per-epoch check of a cache (``what``) against the live teacher: run it on ``inputs()`` (sampled entries)
     and compare with the cached logits ``want`` within ``dtype``'s tolerance; a disagreement stops the run (a stale
     or misaligned cache must not silently teach wrong targets). Returns the largest difference."""
-    atol, rtol = TOLERANCE[dtype]
-    teacher.eval()
-    with autocast(device, precision):
-        live = teacher(inputs()).float()
-    want = want.float()
-    err = (live - want).abs()
-    if not torch.all(err <= atol + rtol * want.abs()):
-        raise KdrunError(f"{what} disagrees with the live teacher at epoch {epoch} (max |diff| {err.max().item():.3g} "
+    wrong, err = disagreement(teacher, inputs(), want, device=device, precision=precision, dtype=dtype)
+    if bool(wrong.any()):
+        raise KdrunError(f"{what} disagrees with the live teacher at epoch {epoch} (max |diff| {err:.3g} "
                          f"on {sampled}): the cache is stale or misaligned; delete {path} (the next run {again} it) "
                          f"or run with teacher.cache=off")
-    return err.max().item()
+    return err

@@ -51,6 +51,7 @@ from torch import nn
 from kdrun.data.dataset import Batch, Data, finite_views
 from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
+from kdrun.store import read_only
 from kdrun.teacher.logit_cache import DTYPES, check_live, remove_partial_writes, set_aside
 from kdrun.train.hooks import TeacherSource
 
@@ -91,6 +92,9 @@ def view_cache(teacher: nn.Module, data: Data, info: dict, *, dtype: str, precis
     ``teacher.cache=auto`` under augmentation): updated with the decision and, during training, the hits and
     misses of every epoch. ``epochs`` is the training's last epoch (the cache is saved when it ends)."""
     use, why, facts = plan(data, dtype, budget_mb)
+    cache_dir = Path(root) / "view-cache"
+    if use and read_only(cache_dir if cache_dir.is_dir() else Path(root)):
+        use, why = False, f"store {root} is read-only (the view cache is written during training): teacher run live"
     info.update(kind="views", used=use, why=why, **facts)
     if not use:
         log.info(f"teacher view cache not used: {why}")
