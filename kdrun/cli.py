@@ -212,10 +212,7 @@ def _list(what: str) -> int:
     if kind == "model":
         table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
                       "model_name, pretrained=False, weights=None", "kdrun (optional extra)")
-    Console().print(table)
-    broken = {k: v for k, v in registry.load_plugins().items() if v != "ok"}
-    for name, why in broken.items():
-        print(f"kdrun: warning: plugin {name!r} failed to load: {why}", file=sys.stderr)
+    Console().print(table)  # a plugin that failed to load was warned about once, when it was loaded
     return 0
 
 
