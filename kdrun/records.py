@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -129,6 +130,26 @@ def git_sha() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "") if sha else None
+
+
+def not_regular(path: Path) -> Optional[str]:
+    """What ``path`` is when it exists and is not a regular file ("a FIFO (named pipe)", "a directory", ...),
+    else None. Checked before opening a file a user names: ``open()`` of a FIFO blocks until a writer comes."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a broken link, no permission: the open() that follows says so
+        return None
+    kinds = ((stat.S_ISREG, None), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_regular(path: Path, what: str) -> None:
+    """Raise :class:`kdrun.errors.InputError` "<what>: <path> is a FIFO (named pipe), not a regular file" (or a
+    directory, a device, ...) instead of opening it; a missing file passes (its open() says so)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise InputError(f"{what}: {path} is {kind}, not a regular file")
 
 
 def file_sha256(path: Path, full: bool = False) -> str:

@@ -29,6 +29,7 @@ from kdrun.results import RunResult, RunSummary
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
+from kdrun.train import interrupt
 
 log = logging.getLogger("kdrun")
 
@@ -57,6 +58,8 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
         exc = caught
         if isinstance(caught, FloatingPointError):  # the loss diverged (engine.fit): one line, exit 1
             exc = RunFailed(f"{caught}; the stages that finished are kept in {out_dir / 'summary.json'}")
+        if interrupt.forced() and not isinstance(caught, Interrupted):  # a second signal, raised where the program
+            exc = interrupt.interrupted()                                 # was and wrapped there (an open(), a load)
         if summary.result is not None:  # failed in (or after) the mode: keep the stages that finished
             _report(conf, summary.result, out_dir, summary, note="The run did not complete: the models that finished.")
         summary.status, summary.error = "failed", f"{type(exc).__name__}: {exc}"
