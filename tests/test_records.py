@@ -160,3 +160,22 @@ def test_a_full_disk_is_one_line_from_the_cli(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == \
         f"kdrun: error: no space left on {run_dir / 'checkpoints'} (writing student_last.pt)"
     assert read_json(run_dir / "summary.json")["status"] == "failed"
+
+
+def test_the_run_log_drops_what_a_full_disk_refuses_without_a_traceback(tmp_path, capsys):
+    import logging
+
+    from kdrun.console import RunLogHandler
+
+    handler = RunLogHandler(tmp_path / "kdrun.log")
+
+    class FullStream:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+    handler.stream.close()
+    handler.stream = FullStream()
+    handler.emit(logging.LogRecord("kdrun", logging.INFO, __file__, 1, "epoch 3", None, None))
+    assert capsys.readouterr().err == ""
