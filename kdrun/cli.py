@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
 from kdrun.memo import MEMO
+from kdrun.records import space_message
 from kdrun.schema import keys_at
 from kdrun.schema.configstore import register_configs
 
@@ -50,6 +51,7 @@ class ClaimRunDir(Callback):
             return
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
+        MEMO.run_dirs.append(path)
 
 
 class RecordSweepDir(Callback):
@@ -149,6 +151,8 @@ def explain(exc: BaseException) -> str | None:
 
     if isinstance(exc, KdrunError):
         return str(exc)
+    if (full := space_message(exc, MEMO.run_dirs[-1] if MEMO.run_dirs else None)) is not None:
+        return full  # Hydra writing .hydra/ or its log into the run dir
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, name = exc.missing_cfg_file.rsplit("/", 1)
         return f"{group}: unknown value {name!r}; choose one of: {', '.join(exc.options or [])}"
@@ -303,7 +307,7 @@ def main() -> None:
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if space_message(exc) else 2)  # a full disk: not a config error (kdrun.errors: the rule)
     if MEMO.interrupted:
         _report_interrupted(sweep)
     failed_in_sweeps = _summarize_sweeps()

@@ -48,6 +48,7 @@ class ProcessMemo:
     # the kdrun command (kdrun.cli): what its Hydra callbacks and jobs tell main()
     resume: bool = False                                                  # `kdrun resume=DIR`
     refused: list[Exception] = field(default_factory=list)                # KdrunError: the run dir was not claimed
+    run_dirs: list[Path] = field(default_factory=list)                    # run dirs claimed (kdrun.cli.ClaimRunDir)
     failed_jobs: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, KdrunError) of a job
     interrupted: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, Interrupted): signal
     sweep_dirs: list[Path] = field(default_factory=list)                  # sweep dirs this process started

@@ -107,11 +107,22 @@ def no_space(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        full = _space_error(exc)
-        if full is None:
+        message = space_message(exc, Path(path).parent, Path(path).name)
+        if message is None:
             raise
-        what = "no space left on" if full.errno == errno.ENOSPC else "disk quota exceeded on"
-        raise NoSpace(f"{what} {Path(path).parent} (writing {Path(path).name})") from exc
+        raise NoSpace(message) from exc
+
+
+def space_message(exc: BaseException, folder: Optional[Path] = None, name: Optional[str] = None) -> Optional[str]:
+    """"no space left on <folder> (writing <name>)" when ``exc`` is, or wraps, ENOSPC ("disk quota exceeded on"
+    for EDQUOT), else None. Without ``folder``: the error's own file name, else "the device"."""
+    full = _space_error(exc)
+    if full is None:
+        return None
+    what = "no space left on" if full.errno == errno.ENOSPC else "disk quota exceeded on"
+    if folder is None and full.filename:
+        folder, name = Path(full.filename).parent, Path(full.filename).name
+    return f"{what} {folder or 'the device'}" + (f" (writing {name})" if name else "")
 
 
 def _atomic(path: Path, write: Callable[[int], None]) -> None:

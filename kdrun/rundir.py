@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from kdrun.errors import InputError
-from kdrun.records import refuse_existing
+from kdrun.records import no_space, refuse_existing
 
 CLAIM = ".kdrun-claim"
 MAX_SUFFIX = 100
@@ -94,8 +94,12 @@ def _claim(path: Path, resume: bool = False) -> None:
         except OSError as exc:
             raise InputError(f"cannot write into run dir {path} ({exc.strerror or exc}); choose another "
                              f"hydra.run.dir") from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(me) + "\n")
+        try:
+            with no_space(claim_file), os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(me) + "\n")
+        except BaseException:
+            claim_file.unlink(missing_ok=True)
+            raise
         break
     else:
         raise RunDirTaken(f"run dir {path} is being claimed by other runs; choose another hydra.run.dir")

@@ -179,3 +179,26 @@ def test_the_run_log_drops_what_a_full_disk_refuses_without_a_traceback(tmp_path
     handler.stream = FullStream()
     handler.emit(logging.LogRecord("kdrun", logging.INFO, __file__, 1, "epoch 3", None, None))
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_before_the_run_is_one_line_naming_the_run_dir(tmp_path, monkeypatch):
+    """Claiming the run dir, or Hydra writing ``.hydra/`` into it, on a full disk: one line naming the dir."""
+    import io
+
+    from kdrun.cli import explain
+    from kdrun.memo import MEMO
+    from kdrun.rundir import CLAIM, claim
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdopen", lambda fd, *args, **kwargs: (os.close(fd), Full())[1])
+        with pytest.raises(NoSpace, match=rf"^no space left on {tmp_path / 'run'} \(writing {CLAIM}\)$"):
+            claim(tmp_path / "run")
+    assert not (tmp_path / "run" / CLAIM).exists()
+    monkeypatch.setattr(MEMO, "run_dirs", [tmp_path / "run"])
+    assert explain(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == f"no space left on {tmp_path / 'run'}"
+    monkeypatch.setattr(MEMO, "run_dirs", [])
+    assert explain(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "config.yaml"))) == \
+        f"disk quota exceeded on {tmp_path} (writing config.yaml)"
