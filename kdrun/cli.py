@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
 from kdrun.memo import MEMO
+from kdrun.records import space_message
 from kdrun.schema import keys_at
 from kdrun.schema.configstore import register_configs
 
@@ -51,6 +52,7 @@ class ClaimRunDir(Callback):
             return
         with read_write(config.hydra):
             config.hydra.run.dir = str(path)
+        MEMO.run_dirs.append(path)
 
 
 class SweepRefused(BaseException):
@@ -247,6 +249,8 @@ def explain(exc: BaseException) -> str | None:
 
     if isinstance(exc, KdrunError):
         return str(exc)
+    if (full := space_message(exc, MEMO.run_dirs[-1] if MEMO.run_dirs else None)) is not None:
+        return full  # Hydra writing .hydra/ or its log into the run dir
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, name = exc.missing_cfg_file.rsplit("/", 1)
         return f"{group}: unknown value {name!r}; choose one of: {', '.join(exc.options or [])}"
@@ -310,10 +314,7 @@ def _list(what: str) -> int:
     if kind == "model":
         table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
                       "model_name, pretrained=False, weights=None", "kdrun (optional extra)")
-    Console().print(table)
-    broken = {k: v for k, v in registry.load_plugins().items() if v != "ok"}
-    for name, why in broken.items():
-        print(f"kdrun: warning: plugin {name!r} failed to load: {why}", file=sys.stderr)
+    Console().print(table)  # a plugin that failed to load was warned about once, when it was loaded
     return 0
 
 
@@ -412,7 +413,7 @@ def main() -> None:
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if space_message(exc) else 2)  # a full disk: not a config error (kdrun.errors: the rule)
     if MEMO.interrupted:
         _report_interrupted(sweep)
     failed_in_sweeps = _summarize_sweeps()

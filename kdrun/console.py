@@ -16,12 +16,22 @@ def attach_file_log(out_dir: Path) -> Optional[logging.Handler]:
     if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = RunLogHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's log file (``kdrun.log``). A record that cannot be written (a full disk) is dropped, without the
+    traceback ``logging`` prints for it on stderr: the run reports the full disk once, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 def pct(value: Optional[float], unit: str = "%") -> str:

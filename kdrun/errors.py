@@ -27,6 +27,11 @@ class RunFailed(KdrunError):
     """A run that failed while running (e.g. its loss diverged); the stages that finished are kept. Exit code 1."""
 
 
+class NoSpace(RunFailed):
+    """A write failed for want of space (``ENOSPC``) or quota (``EDQUOT``): "no space left on <dir>". What was
+    written before stays; the half-written file is removed. Exit code 1."""
+
+
 def unknown_choice(key: str, value: object, choices) -> ConfigError:
     """The standard 'unknown name' error: names the key, the bad value and every valid choice."""
     return ConfigError(key, f"unknown value {value!r}; choose one of: {', '.join(sorted(choices))}")

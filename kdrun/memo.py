@@ -51,6 +51,7 @@ class ProcessMemo:
     resumed_overrides: list[str] = field(default_factory=list)            # the overrides read from that file
     trust_code: bool = False                                              # --trust-code (kdrun.trust)
     refused: list[Exception] = field(default_factory=list)                # KdrunError: the run dir was not claimed
+    run_dirs: list[Path] = field(default_factory=list)                    # run dirs claimed (kdrun.cli.ClaimRunDir)
     failed_jobs: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, KdrunError) of a job
     interrupted: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, Interrupted): signal
     sweep_dirs: list[Path] = field(default_factory=list)                  # sweep dirs this process started

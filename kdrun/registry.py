@@ -192,9 +192,11 @@ def get(kind: str, name: str, key: str) -> Entry:
 
 
 def load_plugins() -> dict[str, str]:
-    """Import every ``kdrun.plugins`` entry point once; a broken plugin is a warning, not a failed run.
+    """Import every ``kdrun.plugins`` entry point once; a broken plugin is a warning, not a failed run, also one
+    that raises ``SystemExit`` (``sys.exit()``, or an argument parser reading kdrun's command line) on import.
 
-    The installed distributions are scanned once per process (every registry look-up calls this)."""
+    The installed distributions are scanned once per process (every registry look-up calls this), so each
+    warning is given once."""
     from importlib.metadata import entry_points
 
     if _SCANNED:
@@ -210,9 +212,11 @@ def load_plugins() -> dict[str, str]:
             if callable(obj) and not inspect.ismodule(obj):
                 obj()
             _PLUGINS[ep.name] = "ok"
-        except Exception as exc:  # noqa: BLE001 - one broken plugin must not break kdrun
-            _PLUGINS[ep.name] = f"{type(exc).__name__}: {exc}"
-            log.warning(f"kdrun plugin {ep.name!r} ({ep.value}) failed to load: {_PLUGINS[ep.name]}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one broken plugin must not break kdrun, nor end it (sys.exit)
+            _PLUGINS[ep.name] = _failure(exc)
+            log.warning(f"kdrun plugin {ep.name!r} ({ep.value}) failed to load, skipped: {_PLUGINS[ep.name]}")
         finally:
             _CURRENT_SOURCE.pop()
     return dict(_PLUGINS)
@@ -288,6 +292,13 @@ def _qualname(obj: Any) -> str:
 def _first_doc_line(obj: Any) -> str:
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _failure(exc: BaseException) -> str:
+    """Why a plugin failed to load, in one line."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) on import"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -22,13 +23,14 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.console import Progress, attach_file_log, pct, show
-from kdrun.errors import Interrupted, RunFailed
+from kdrun.errors import Interrupted, NoSpace, RunFailed
 from kdrun.outputs.trackers import Trackers
-from kdrun.records import JsonlWriter, atomic_write_text, git_sha, versions, write_json
+from kdrun.records import JsonlWriter, atomic_write_text, git_sha, remove_temp_files, versions, write_json
 from kdrun.results import RunResult, RunSummary
 from kdrun.resume import check_resumable
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
+from kdrun.train import interrupt
 
 log = logging.getLogger("kdrun")
 
@@ -43,6 +45,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
     conf: Config = to_object(cfg)
     out_dir = claim(Path(out_dir), resume=resume)  # refuses a dir another live run holds, or one with results
     handler = attach_file_log(out_dir)
+    _remove_temp_files(out_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg_dict))
     started, t0 = dt.datetime.now().astimezone(), time.perf_counter()
@@ -57,6 +60,8 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
         exc = caught
         if isinstance(caught, FloatingPointError):  # the loss diverged (engine.fit): one line, exit 1
             exc = RunFailed(f"{caught}; the stages that finished are kept in {out_dir / 'summary.json'}")
+        if interrupt.forced() and not isinstance(caught, Interrupted):  # a second signal, raised where the program
+            exc = interrupt.interrupted()                                 # was and wrapped there (an open(), a load)
         if summary.result is not None:  # failed in (or after) the mode: keep the stages that finished
             _report(conf, summary.result, out_dir, summary, note="The run did not complete: the models that finished.")
         summary.status, summary.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -71,12 +76,31 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
         summary.wall_time_s = round(time.perf_counter() - t0, 3)
         summary.trackers = trackers.status().get("trackers")
         record = summary.to_json()
-        write_json(out_dir / "summary.json", record)
+        unwritten = _write_summary(out_dir, record)
         trackers.finish(record, out_dir)  # also for a failed run: its summary so far, its artifacts
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+    if unwritten is not None:  # a failed run raises its own error, not this one
+        raise unwritten
     return record
+
+
+def _write_summary(out_dir: Path, record: dict) -> Optional[NoSpace]:
+    """Write ``summary.json``; a full disk is logged and returned, so that it never hides why a run failed."""
+    try:
+        write_json(out_dir / "summary.json", record)
+    except NoSpace as exc:
+        log.error(f"summary.json not written: {exc}")
+        return exc
+    return None
+
+
+def _remove_temp_files(out_dir: Path) -> None:
+    """Temp files of atomic writes that an earlier run into this dir left (killed, or stopped by a full disk)."""
+    for folder in (out_dir, out_dir / "checkpoints", out_dir / "figures"):
+        for tmp in remove_temp_files(folder):
+            log.info(f"removed {tmp}: a partial write of an earlier run")
 
 
 def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, trackers: Trackers) -> None:
@@ -220,6 +244,6 @@ def _config_tree(cfg_dict: dict):
 
 
 def _write_traceback(out_dir: Path, exc: BaseException) -> None:
-    """Append the traceback to ``kdrun.log`` (Hydra does not log job exceptions)."""
-    with open(out_dir / "kdrun.log", "a") as handle:
+    """Append the traceback to ``kdrun.log`` (Hydra does not log job exceptions); not on a full disk."""
+    with contextlib.suppress(OSError), open(out_dir / "kdrun.log", "a") as handle:
         handle.write("".join(traceback.format_exception(exc)))

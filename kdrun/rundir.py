@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from kdrun.errors import InputError
-from kdrun.records import refuse_existing
+from kdrun.records import no_space, refuse_existing
 
 CLAIM = ".kdrun-claim"
 SWEEP_CLAIM = ".kdrun-sweep"  # + "-<hash of hydra.sweep.subdir>": one claim per set of job dirs
@@ -130,8 +130,12 @@ def _take(claim_file: Path, kind: str, what: str, key: str) -> None:
             continue
         except OSError as exc:
             raise InputError(f"cannot write into {what} ({exc.strerror or exc}); choose another {key}") from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(me) + "\n")
+        try:
+            with no_space(claim_file), os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(me) + "\n")
+        except BaseException:
+            claim_file.unlink(missing_ok=True)
+            raise
         return
     raise RunDirTaken(f"{what} is being claimed by other {kind}s; choose another {key}")
 

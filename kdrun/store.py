@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 
 from kdrun.errors import KdrunError
 from kdrun.models.checkpoint import state_dict_of
-from kdrun.records import atomic_write_text, file_sha256, save_torch, write_json
+from kdrun.records import atomic_write_text, file_sha256, fsync_dir, save_torch, write_json
 
 log = logging.getLogger("kdrun")
 CHECKPOINT = "model.pt"
@@ -85,6 +85,7 @@ def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dic
             save_torch(tmp / CHECKPOINT, checkpoint)
             _record_checksum(tmp, file_sha256(tmp / CHECKPOINT, full=True))
             os.replace(tmp, entry)
+            fsync_dir(root)  # its files and the temp dir were synced as they were written
         finally:  # a failed training leaves nothing half-made behind
             shutil.rmtree(tmp, ignore_errors=True)
     return checkpoint, entry, False

@@ -4,10 +4,12 @@ Non-finite and out-of-range values refused with the key; strict JSON outputs; on
 exit-code rule) for run dirs, paths and diverged runs; degenerate settings warned about or refused."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,43 @@ def test_unreadable_teacher_ckpt_exits_2_like_other_checkpoint_errors(tmp_path):
     assert result.returncode == 2, result.describe()  # bad input, fixable before running (kdrun.errors)
     assert "Traceback" not in result.stderr, result.describe()
     assert result.last_err_line.startswith(f"kdrun: error: teacher.ckpt: {bad} is not a readable PyTorch checkpoint")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe: open() of it blocks until a writer comes. ``rescue`` opens it for writing after 10 s, where a
+    reader waits by then (a check that failed would otherwise hang the test)."""
+    path = tmp_path / "teacher.pt"
+    os.mkfifo(path)
+    timer = threading.Timer(10, _rescue, (path,))
+    timer.start()
+    yield path
+    timer.cancel()
+
+
+def _rescue(path: Path) -> None:
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifo_paths_are_refused_before_they_are_opened(fifo):
+    from kdrun.models.checkpoint import read_checkpoint
+
+    with pytest.raises(ConfigError, match=rf"^teacher\.ckpt: {fifo} is a FIFO \(named pipe\), not a regular file$"):
+        to_object(compose_config(f"teacher.ckpt={fifo}"))
+    with pytest.raises(ConfigError, match=rf"^student\.init: {fifo} is a FIFO \(named pipe\), not a regular file"):
+        to_object(compose_config(f"student.init={fifo}"))
+    with pytest.raises(InputError, match=rf"^teacher\.ckpt: {fifo} is a FIFO \(named pipe\), not a regular file$"):
+        read_checkpoint(fifo, what="teacher.ckpt")
+    with pytest.raises(InputError, match=r"is a directory, not a regular file$"):
+        read_checkpoint(fifo.parent, what="teacher.ckpt")
+
+
+def test_a_fifo_teacher_ckpt_is_one_line_from_the_cli(tmp_path, fifo):
+    result = run_kdrun("experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", f"teacher.ckpt={fifo}",
+                       *store_overrides(tmp_path), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.describe()
+    assert result.last_err_line == f"kdrun: error: teacher.ckpt: {fifo} is a FIFO (named pipe), not a regular file"
 
 
 # --- claiming run dirs ------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@ user code in store keys, timm, and one-line errors for bad user code (in-process
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import read_json, run_kdrun, store_overrides
+from conftest import CLI_TIMEOUT_S, PYTHON, cli_env, read_json, run_kdrun, store_overrides
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -306,3 +307,44 @@ def test_a_plugin_mode_states_its_constraints(plugin_options, tmp_path):
     GlobalHydra.instance().clear()
     summary = run_in_process(tmp_path, "mode=curriculum", "loss=half_mse", "dataset=fake", *TINY)
     assert summary["status"] == "completed" and summary["loss"]["alpha"] == 0.25
+
+
+HOSTILE = {  # a plugin module's body, and the line naming why it was skipped
+    "exits": ("import sys\nsys.exit(3)\n", "it called sys.exit(3) on import"),
+    "parses_argv": ("import argparse\nargparse.ArgumentParser().parse_args()\n", "it called sys.exit(2) on import"),
+    "raises": ("raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+}
+
+
+def _installed_plugin(site: Path, module: str, body: str) -> None:
+    """``module`` as an installed distribution with a ``kdrun.plugins`` entry point, found on ``site``."""
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(body)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[kdrun.plugins]\n{module} = {module}\n")
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog, case):
+    body, why = HOSTILE[case]
+    _installed_plugin(tmp_path, f"hostile_{case}", body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_SCANNED", [])
+    monkeypatch.setattr(registry, "_PLUGINS", {})
+    monkeypatch.setattr("sys.argv", ["kdrun", "--list", "models"])
+    loaded = registry.load_plugins()
+    assert loaded[f"hostile_{case}"] == why and loaded["example"] == "ok"
+    warnings = [r.getMessage() for r in caplog.records if f"hostile_{case}" in r.getMessage()]
+    assert warnings == [f"kdrun plugin 'hostile_{case}' (hostile_{case}) failed to load, skipped: {why}"]
+
+
+def test_list_survives_a_plugin_that_exits_and_warns_once(tmp_path):
+    _installed_plugin(tmp_path / "site", "hostile_exits", HOSTILE["exits"][0])
+    env = {**cli_env(), "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([PYTHON, "-m", "kdrun", "--list", "models"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "tinynet" in proc.stdout, proc.stderr
+    assert proc.stderr.count("hostile_exits") == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "it called sys.exit(3) on import" in proc.stderr

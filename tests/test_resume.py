@@ -318,3 +318,30 @@ def resume_and_compare(base: Path, killed: Path, config: tuple, stage: str) -> t
     a, b = read_json(killed / "summary.json"), read_json(base / "whole" / "summary.json")
     assert a["status"] == "completed" and a["resumed"] is True
     return a, b
+
+
+def test_a_second_signal_where_errors_are_wrapped_still_records_interrupted(tmp_path, monkeypatch):
+    """Two SIGTERMs while ``teacher.ckpt`` is being opened (a slow file system): the second raises inside the
+    checkpoint read, which wraps errors in its own message; the run is recorded ``interrupted`` all the same."""
+    import kdrun.models.checkpoint
+    from kdrun.errors import Interrupted
+    from kdrun.train import interrupt
+
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    real_load = torch.load
+
+    def slow_open(path, *args, **kwargs):
+        if Path(path) == ckpt:
+            signal.raise_signal(signal.SIGTERM)  # the first asks for a stop at the next safe point
+            signal.raise_signal(signal.SIGTERM)  # the second stops at once, here
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(kdrun.models.checkpoint.torch, "load", slow_open)
+    try:
+        with interrupt.stop_on_signals(), pytest.raises(Interrupted, match="^interrupted by SIGTERM$"):
+            smoke_inproc(tmp_path, tmp_path / "run", f"teacher.ckpt={ckpt}", "baseline=false")
+    finally:
+        interrupt.reset()
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["status"] == "interrupted" and summary["interrupted"]["signal"] == "SIGTERM"

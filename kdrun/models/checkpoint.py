@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError
+from kdrun.records import check_regular
 
 
 def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no code execution); clear error when it is not one."""
+    """Load a checkpoint with ``weights_only=True`` (no code execution); clear error when it is not one. Anything
+    but a regular file (a FIFO would block forever, a directory, a device) is refused before it is opened."""
+    check_regular(path, what)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -29,7 +29,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError, KdrunError, keyed
 from kdrun.models.checkpoint import read_checkpoint, state_dict_of, weights_sha256
-from kdrun.records import file_sha256
+from kdrun.records import file_sha256, not_regular
 
 log = logging.getLogger("kdrun")
 # registry name -> torchvision weights enum (its DEFAULT entry names the file in the hub cache)
@@ -77,6 +77,8 @@ def check_config(model_cfg, role: str = "student") -> None:
         raise ConfigError(f"{role}.init", f"{role} cannot start from the teacher; expected {sources}")
     elif spec not in (None, "teacher") and Path(spec).is_dir():
         raise ConfigError(f"{role}.init", f"{spec} is a directory, not a checkpoint file (expected {sources})")
+    elif spec not in (None, "teacher") and (kind := not_regular(Path(spec))):
+        raise ConfigError(f"{role}.init", f"{spec} is {kind}, not a regular file (expected {sources})")
     elif spec not in (None, "teacher") and not Path(spec).is_file():
         raise ConfigError(f"{role}.init", f"{spec} does not exist (expected {sources})")
     # freeze prefixes need the model: checked by kdrun.stages.common.preflight, before any training (no model is built

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from kdrun.outputs.metrics import ECE_BINS, describe_trails, evaluate_logits, trails
-from kdrun.records import atomic_write_text, read_jsonl, write_json
+from kdrun.records import atomic_write_bytes, atomic_write_text, read_jsonl, write_json
 from kdrun.results import RunResult
 
 log = logging.getLogger("kdrun")
@@ -131,10 +130,7 @@ def _save(fig, out_dir: Path, name: str) -> str:
     """Save ``fig`` as ``figures/<name>.png`` atomically; return its path relative to ``out_dir``."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    path = out_dir / FIGURES / f"{name}.png"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(out_dir / FIGURES / f"{name}.png", buffer.getvalue())
     return f"{FIGURES}/{name}.png"
 
 

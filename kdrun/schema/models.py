@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 from kdrun import registry
 from kdrun.errors import ConfigError
+from kdrun.records import not_regular
 from kdrun.schema.checks import check_choice, check_min, check_positive, check_range
 from kdrun.schema.training import OptimConfig, SchedConfig
 
@@ -91,6 +93,8 @@ class TeacherConfig(ModelConfig):
         if self.ckpt and (self.init is not None or self.freeze):
             raise ConfigError("teacher.init", "has no effect with teacher.ckpt (a trained teacher is used as is); "
                                               "set one of them")
+        if self.ckpt and (kind := not_regular(Path(self.ckpt))):  # a FIFO would block the run in open()
+            raise ConfigError("teacher.ckpt", f"{self.ckpt} is {kind}, not a regular file")
         super().__post_init__()
 
 

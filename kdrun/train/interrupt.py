@@ -23,6 +23,12 @@ def requested() -> Optional[int]:
     return _received[0] if _received else None
 
 
+def forced() -> bool:
+    """Whether a second signal came: it stops at once, raising wherever the program is, where code that catches
+    errors (a file being opened, a checkpoint read) may wrap it; the run is recorded as interrupted all the same."""
+    return len(_received) > 1
+
+
 def interrupted(stage: Optional[str] = None, epoch: Optional[int] = None,
                 epochs: Optional[int] = None) -> Interrupted:
     """The :class:`Interrupted` error for the signal received, at ``stage`` after ``epoch`` of ``epochs``."""
