@@ -102,30 +102,36 @@ def compose_config(*overrides, hydra: bool = False):
         return compose("config", overrides=[str(o) for o in overrides], return_hydra_config=hydra)
 
 
-def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None) -> dict:
+def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool = False) -> dict:
     """``kdrun OVERRIDES`` in this process: compose, then ``kdrun.run.run(cfg, out_dir)``; returns the summary.
+    ``resume``: continue the run in ``out_dir`` (as ``kdrun resume=OUT_DIR`` does, with the same ``OVERRIDES``).
 
     Run from ``cwd`` (default: the parent of ``out_dir``) like a user's shell. A user error propagates as
     :class:`kdrun.errors.KdrunError` (``ConfigError`` for a bad value); ``str(exc)`` is the line the CLI prints
     after ``kdrun: error:``. Composition errors (unknown group option or key) propagate as Hydra's exceptions.
+
+    The run report (``report.md`` and its five PNG figures: most of a warm smoke run's time) is off unless the
+    overrides say ``report=true``: a test of the report asks for it (tests/test_report.py).
     """
     import logging
 
     from kdrun.run import run
 
     out_dir = Path(out_dir)
+    if not any(str(o).startswith("report=") for o in overrides):
+        overrides = ("report=false", *overrides)
     cfg = compose_config(*overrides)
     root, level = logging.getLogger(), logging.getLogger().level  # run() raises it to INFO for its log file
     try:
         with working_dir(cwd or out_dir.parent):
-            return run(cfg, out_dir)
+            return run(cfg, out_dir, resume=resume)
     finally:
         root.setLevel(level)
 
 
-def smoke_inproc(base: Path, run_dir: Path, *extra) -> dict:
+def smoke_inproc(base: Path, run_dir: Path, *extra, resume: bool = False) -> dict:
     """The 2-epoch digits preset (``experiment=smoke``) in-process, stores under ``base``."""
-    return run_inproc(run_dir, "experiment=smoke", *store_overrides(base), *extra, cwd=base)
+    return run_inproc(run_dir, "experiment=smoke", *store_overrides(base), *extra, cwd=base, resume=resume)
 
 
 SWEEP_SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per job: parallel jobs share 2 cores

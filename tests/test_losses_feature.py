@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import THREADS, compose_config, read_json, read_jsonl, run_kdrun, smoke_inproc, store_overrides, working_dir
+from conftest import THREADS, compose_config, read_json, read_jsonl, smoke_inproc
 from torch import nn
 
 from kdrun import registry
@@ -317,7 +317,6 @@ def test_self_distillation_with_feature_losses(stores, tmp_path, name, method):
 
 def test_fitnet_resumes_to_the_same_weights_and_regressors(stores, tmp_path, monkeypatch):
     from kdrun.errors import Interrupted
-    from kdrun.run import run as run_cfg
     from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
@@ -334,9 +333,7 @@ def test_fitnet_resumes_to_the_same_weights_and_regressors(stores, tmp_path, mon
         with pytest.raises(Interrupted, match="after student epoch 2/"):
             run(stores, tmp_path / "stopped", *overrides)
     interrupt.reset()
-    cfg = compose_config("experiment=smoke", *store_overrides(stores), *STUDENT, *overrides)
-    with working_dir(stores):
-        resumed = run_cfg(cfg, tmp_path / "stopped", resume=True)
+    resumed = smoke_inproc(stores, tmp_path / "stopped", *STUDENT, *overrides, resume=True)
     whole = read_json(tmp_path / "whole" / "summary.json")
     assert resumed["status"] == "completed" and resumed["student"] == whole["student"]
     for which in ("best", "last"):
@@ -347,10 +344,8 @@ def test_fitnet_resumes_to_the_same_weights_and_regressors(stores, tmp_path, mon
                 assert torch.equal(a[part][key], b[part][key]), f"{which} {part} {key} differs after resume"
 
 
-def test_cli_runs_at_on_the_smoke_preset(tmp_path):
-    result = run_kdrun("experiment=smoke", *STUDENT, "loss=at", "loss.beta=10", f"hydra.run.dir={tmp_path / 'run'}",
-                       *store_overrides(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0, result.describe()
-    summary = read_json(tmp_path / "run" / "summary.json")
+def test_at_runs_on_the_smoke_preset_and_says_why_the_teacher_is_live(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="kdrun"):
+        summary = smoke_inproc(tmp_path, tmp_path / "run", *STUDENT, "loss=at", "loss.beta=10")
     assert summary["loss"]["name"] == "at" and summary["status"] == "completed"
-    assert "teacher logits: live (feature loss at reads the teacher's features: live teacher)" in result.output
+    assert "teacher logits: live (feature loss at reads the teacher's features: live teacher)" in caplog.text

@@ -111,7 +111,7 @@ def assert_png(path):
 
 def test_smoke_run_writes_the_report(tmp_path):
     run_dir = tmp_path / "run"
-    summary = smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1")
+    summary = smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1", "report=true")
     report = read_json(run_dir / "report.json")
     assert list(report["models"]) == ["teacher", "baseline", "student"]
     assert report["split"] == "test" and report["num_classes"] == 10 and report["ece_bins"] == 15
@@ -143,7 +143,7 @@ def test_failed_run_reports_the_models_that_finished(tmp_path):
     """The baseline diverges (optim.lr is the student's): the report shows the teacher, which finished."""
     run_dir = tmp_path / "run"
     with pytest.raises(Exception):
-        smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1", "optim.lr=1e12")
+        smoke_inproc(tmp_path, run_dir, "trainer.num_threads=1", "optim.lr=1e12", "report=true")
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "failed" and list(summary["report"]["models"]) == ["teacher"]
     assert "did not complete" in (run_dir / "report.md").read_text()
@@ -225,8 +225,8 @@ def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(MEMO, "frozen_scores", Last())  # an earlier test's run may have evaluated the same teacher
     monkeypatch.setattr(stages, "evaluate", lambda model, data, ctx, role=None:
                         calls.append(role) or evaluate(model, data, ctx, role))
-    first = smoke_inproc(tmp_path, tmp_path / "a", "baseline=false", "loss.T=2")
-    second = smoke_inproc(tmp_path, tmp_path / "b", "baseline=false", "loss.T=3")
+    first = smoke_inproc(tmp_path, tmp_path / "a", "baseline=false", "loss.T=2", "report=true")
+    second = smoke_inproc(tmp_path, tmp_path / "b", "baseline=false", "loss.T=3", "report=true")
     assert calls.count("teacher") == 1 and second["teacher"]["reused"] is True
     assert first["teacher"]["test_acc"] == second["teacher"]["test_acc"]
     a, b = read_json(tmp_path / "a" / "report.json"), read_json(tmp_path / "b" / "report.json")

@@ -21,7 +21,7 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
-SMOKE = ("trainer.num_threads=1",)
+SMOKE = ("trainer.num_threads=1", "report=true")  # the report's PNGs go to the trackers
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's own
 STAGES = ("teacher", "baseline", "student")  # fresh stores: all three are trained in the run
 
