@@ -24,6 +24,7 @@ from conftest import (
     cli_env,
     compose_config,
     read_json,
+    run_kdrun,
     run_sweep,
     store_entries,
     store_overrides,
@@ -200,6 +201,22 @@ def test_kdrun_summarize_refuses_what_is_not_a_sweep_dir(tmp_path, case):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.last_err_line]
     assert result.last_err_line.startswith("kdrun-summarize: error: ") and str(target) in result.last_err_line
+
+
+@pytest.mark.parametrize("dated", [False, True], ids=["chosen", "timestamped"])
+def test_unwritable_sweep_dir_is_one_line_before_any_job(tmp_path, dated):
+    """A sweep dir below a regular file cannot be created (as for a directory without write permission, also for
+    root): one line naming hydra.sweep.dir, exit 2, no job run."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / ("${now:%H-%M-%S}" if dated else "sweep")
+    result = run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={target}", *store_overrides(tmp_path), "seed=0,1",
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in result.output and "warning" not in result.stderr, result.describe()
+    assert result.stderr.strip().splitlines() == [result.last_err_line], result.describe()
+    last = result.last_err_line
+    assert last.startswith("kdrun: error: cannot create") and "hydra.sweep.dir" in last, result.describe()
+    assert not (tmp_path / "teachers").exists()
 
 
 # --- launchers and sweepers (the sweep extra) -------------------------------------------------------------
