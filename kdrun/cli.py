@@ -67,27 +67,30 @@ class RecordSweepDir(Callback):
     ``on_multirun_end``, so the summary cannot live there. A timestamped sweep dir (``${now:...}``, the
     default) that exists already (another sweep started in the same second) is replaced by the next free
     ``<dir>-N`` (:func:`kdrun.rundir.fresh_dir`); the jobs' configs are recomposed from the hydra overrides,
-    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``. A sweep whose job dirs another running sweep
-    holds (the same dir and ``hydra.sweep.subdir``: :func:`kdrun.rundir.claim_sweep`) is refused, exit 2.
+    so the new dir is added to them as ``hydra.sweep.dir=<dir>-N``. A sweep dir that cannot be created or written
+    is refused before any job runs (kept in ``MEMO.refused``; :func:`main` says it as one line, exit 2). A sweep
+    whose job dirs another running sweep holds (the same dir and ``hydra.sweep.subdir``:
+    :func:`kdrun.rundir.claim_sweep`) is refused, exit 2.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from omegaconf import OmegaConf, read_write
 
-        from kdrun.rundir import claim_sweep, fresh_dir, release
+        from kdrun.rundir import claim_sweep, fresh_dir, release, writable_dir
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")):
-            try:
+        try:
+            if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir", "")):
                 fresh = fresh_dir(sweep_dir)
-            except KdrunError as exc:  # Hydra would turn it into a warning: say it, keep Hydra's own dir
-                print(f"kdrun: warning: {exc}", file=sys.stderr)
-                fresh = sweep_dir
-            if fresh != sweep_dir:
-                with read_write(config.hydra):
-                    config.hydra.sweep.dir = str(fresh)
-                    config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
-                sweep_dir = fresh
+                if fresh != sweep_dir:
+                    with read_write(config.hydra):
+                        config.hydra.sweep.dir = str(fresh)
+                        config.hydra.overrides.hydra.append(f"hydra.sweep.dir={fresh}")
+                    sweep_dir = fresh
+            writable_dir(sweep_dir)
+        except KdrunError as exc:  # Hydra would turn it into a warning: kept for main(), which says it as one line
+            MEMO.refused.append(exc)
+            return
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))
         try:
             claim_file = claim_sweep(sweep_dir, subdir)

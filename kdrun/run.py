@@ -130,6 +130,10 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
                        "shape": [data.channels, data.image_size, data.image_size]}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
+    if not len(data.test):  # allowed (a dataset may have no test images): said once, then test_acc is null
+        summary.warn(f"dataset={conf.dataset.name}: the test split is empty: no test metrics (test_acc null); "
+                     f"the report uses val")
+        log.warning(summary.warnings[-1])
     mode_entry = registry.get("mode", conf.mode.name, "mode")
     mode = mode_entry.obj
     mode_teacher = mode_entry.needs is not None and mode_entry.needs.teacher  # builds teacher.* on every class
@@ -139,8 +143,9 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
         summary.result = ctx.result
         preflight(ctx, data, teacher=loss.needs_teacher and mode_teacher)
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
-    summary.warnings = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
-    for warning in summary.warnings:
+    chance = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
+    summary.warnings = [*(summary.warnings or []), *chance]
+    for warning in chance:
         log.warning(warning)
     student = ctx.result.student
     summary.objective = student.val_acc_best if student.val_acc_best is not None else float("nan")

@@ -15,6 +15,7 @@ sweep into the same job dirs is refused before it starts any job.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -58,7 +59,8 @@ def fresh_dir(path: Path) -> Path:
     for i in range(MAX_SUFFIX):
         candidate = path if i == 0 else path.with_name(f"{path.name}-{i}")
         try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
+            if i == 0:  # a parent that is a regular file raises FileExistsError too: not a taken name
+                _mkdir_parent(candidate)
             candidate.mkdir()
             return candidate
         except FileExistsError:
@@ -68,6 +70,26 @@ def fresh_dir(path: Path) -> Path:
                              f"hydra.sweep.dir") from None
     raise InputError(f"sweep dirs {path} to {path.name}-{MAX_SUFFIX - 1} are all taken; choose another "
                      f"hydra.sweep.dir")
+
+
+def _mkdir_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a component is a regular file
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory") from None
+
+
+def writable_dir(path: Path) -> None:
+    """Create ``path`` (a sweep dir) if missing; :class:`InputError` (one line) when it cannot be created or
+    written (a component is a regular file, no permission, a read-only disk)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise InputError(f"cannot create or write sweep dir {path} ({exc.strerror or exc}); choose another "
+                         f"hydra.sweep.dir") from None
 
 
 def _claim(path: Path, resume: bool = False) -> None:

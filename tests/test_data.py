@@ -12,7 +12,7 @@ import torch
 from conftest import CONF_DIR, THREADS
 from omegaconf import OmegaConf
 
-from kdrun.data.dataset import Split, augment_batch, load_data, to_unit_float
+from kdrun.data.dataset import Split, augment_batch, batch_sizes, load_data, to_unit_float
 from kdrun.data.sources import read_idx
 from kdrun.errors import KdrunError
 from kdrun.schema import AugmentConfig, DatasetConfig
@@ -136,6 +136,20 @@ def test_batches_cover_every_index_once_per_epoch(digits):
         epochs.append(flat)
     assert not torch.equal(epochs[0], torch.arange(n)), "shuffle=True did not shuffle"
     assert not torch.equal(epochs[0], epochs[1]), "two epochs in the same order"
+
+
+@pytest.mark.parametrize("n, sizes", [(65, [32, 33]), (64, [32, 32]), (66, [32, 32, 2]), (33, [33]), (1, [1])])
+def test_a_last_training_batch_of_one_sample_joins_the_one_before(n, sizes):
+    """BatchNorm in train mode cannot take a batch of one; only n ≡ 1 (mod batch_size) changes, the order never."""
+    assert batch_sizes(n, 32, merge_single=True) == sizes
+    if n < 4:  # too few for the fake data's four classes
+        return
+    data = load_data(dataset_cfg("fake", train_size=n, val_fraction=0.0), CPU)
+    plain = list(data.batches("train", 32, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    merged = list(data.batches("train", 32, shuffle=True, generator=torch.Generator().manual_seed(0),
+                               merge_single=True))
+    assert [len(b.idx) for b in merged] == sizes
+    assert torch.equal(torch.cat([b.idx for b in plain]), torch.cat([b.idx for b in merged]))
 
 
 def test_batches_without_shuffle_are_in_order(digits):

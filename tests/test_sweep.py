@@ -25,6 +25,7 @@ from conftest import (
     cli_env,
     compose_config,
     read_json,
+    run_kdrun,
     run_sweep,
     store_entries,
     store_overrides,
@@ -226,6 +227,23 @@ def test_csv_text_cells_cannot_run_as_spreadsheet_formulas(tmp_path):
     assert {r["delta_vs_baseline"] for r in rows.values()} == {"-0.25"}
     cells = read_csv(tmp_path / "sweep" / "cells.csv")
     assert sorted(c["loss.alpha"] for c in cells) == sorted(["-0.5", "'@SUM(A1)", "'\tx"])
+
+
+@pytest.mark.parametrize("dated", [False, True], ids=["chosen", "timestamped"])
+def test_unwritable_sweep_dir_is_one_line_before_any_job(tmp_path, dated):
+    """A sweep dir below a regular file cannot be created (as for a directory without write permission, also for
+    root): one line naming hydra.sweep.dir, exit 2, no job run."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / ("${now:%H-%M-%S}" if dated else "sweep")
+    result = run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={target}", *store_overrides(tmp_path), "seed=0,1",
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.describe()
+    assert "Traceback" not in result.output and "warning" not in result.stderr, result.describe()
+    assert result.stderr.strip().splitlines() == [result.last_err_line], result.describe()
+    last = result.last_err_line
+    assert last.startswith("kdrun: error: cannot create") and "hydra.sweep.dir" in last, result.describe()
+    assert not (tmp_path / "teachers").exists()
+
 
 # --- launchers and sweepers (the sweep extra) -------------------------------------------------------------
 

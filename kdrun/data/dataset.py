@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Optional
 
@@ -77,14 +78,17 @@ class Data:
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
                 generator: Optional[torch.Generator] = None,
-                augment: bool = False) -> Iterator[Batch]:
+                augment: bool = False, merge_single: bool = False) -> Iterator[Batch]:
         """Yield :class:`Batch` ``(x, y, idx, views)``: normalised float images (augmented with ``augment``), labels,
-        their indices in the split and the view ids they are shown as (None when not augmented)."""
+        their indices in the split and the view ids they are shown as (None when not augmented).
+
+        ``merge_single`` (training): a last batch of one sample joins the one before (:func:`batch_sizes`)."""
         part = self.split(split)
         n = len(part)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(part.y.device)
-        chunks = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+        bounds = itertools.accumulate(batch_sizes(n, batch_size, merge_single), initial=0)
+        chunks = [order[lo:hi] for lo, hi in itertools.pairwise(bounds)]
         if isinstance(part.x, LazyImages):  # streaming: DataLoader workers decode the next batches meanwhile
             raws = (raw.to(part.y.device, non_blocking=True) for raw in part.x.stream(chunks))
         else:
@@ -110,6 +114,17 @@ class Data:
         if views is not None:
             x = apply_views(x, self.augment, views)
         return (x - self.mean) / self.std
+
+
+def batch_sizes(n: int, batch_size: int, merge_single: bool = False) -> list[int]:
+    """The sizes of the batches of ``n`` samples: ``batch_size`` each, the last one smaller. With ``merge_single``
+    a last batch of one sample is merged into the one before (of ``batch_size + 1``): BatchNorm in train mode
+    cannot normalise a single sample ("Expected more than 1 value per channel"), and for small data merging
+    keeps every sample in every epoch, where dropping it would not. Only ``n`` ≡ 1 (mod ``batch_size``) changes."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if merge_single and len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
 
 
 def augment_identity(aug: AugmentConfig) -> dict:

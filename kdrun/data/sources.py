@@ -242,6 +242,9 @@ def fake(channels: Optional[int] = 1, image_size: Optional[int] = 8, num_classes
          train_size: Optional[int] = 256, split_seed: int = 0) -> dict:
     rng = np.random.default_rng(split_seed)
     c, s, k, n = channels or 1, image_size or 8, num_classes or 4, train_size or 256
+    if k > n:  # labels are arange(n) % k: classes beyond n would hold no image (and 1e9 of them no memory)
+        raise ConfigError("dataset.num_classes", f"{k} classes for dataset.train_size={n} images: every class needs "
+                                                 f"a train image; set num_classes <= train_size")
     prototypes = rng.normal(0.0, 1.0, size=(k, c, s, s)).astype(np.float32)
 
     def make(m):

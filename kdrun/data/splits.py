@@ -10,7 +10,10 @@ A dataset is a callable returning a mapping with ``train`` and optionally ``val`
   ``dataset.num_workers`` DataLoader workers (``dataset.stream=true`` forces it; labels are read from its
   ``targets`` attribute when it has one, else by one pass over the items).
 
-Optional ``num_classes`` in the mapping; otherwise it is ``max(label) + 1``. A missing ``val`` is carved from
+Optional ``num_classes`` in the mapping (at most twice the number of distinct labels in the splits: a class
+no split holds is never learned nor measured); otherwise it is ``max(label) + 1``. The train split must not be
+empty; an empty test split is allowed: the run then has no test metrics (``test_acc`` null) and says so in a
+warning. A missing ``val`` is carved from
 ``train`` (``dataset.val_fraction``); a missing ``test`` is a stratified ``dataset.test_fraction`` of train.
 
 kdrun passes the callable the ``dataset.*`` keys its signature names (``root``, ``split_seed``, your own keys).
@@ -67,14 +70,29 @@ def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: i
     shapes = {name: tuple(x.shape[1:]) for name, (x, _) in splits.items()}
     if len(set(shapes.values())) > 1:
         raise ConfigError(key, f"{what}: splits have different image shapes {shapes}")
+    if not len(splits["train"][1]):
+        sizes = ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items())
+        raise ConfigError(key, f"{what}['train'] is empty ({sizes} images); a run needs training images")
     top = max(int(y.max()) for _, y in splits.values() if len(y))
     num_classes = int(out.get("num_classes") or top + 1)
+    _check_num_classes(num_classes, [y for _, y in splits.values()], what)
     for name, (_, y) in splits.items():
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ConfigError(key, f"{what}['{name}'] has labels in [{int(y.min())}, {int(y.max())}], outside "
                                    f"[0, {num_classes}) (num_classes={num_classes})")
     splits["num_classes"] = num_classes
     return splits
+
+
+def _check_num_classes(num_classes: int, labels: list, what: str) -> None:
+    """Refuse a declared ``num_classes`` most of whose classes no split holds (e.g. 1e9 for four labels): every
+    class costs the models an output, and a class never seen is never learned nor measured. At least half of the
+    declared classes must occur."""
+    seen = len(np.unique(np.concatenate([np.asarray(y) for y in labels])))
+    if num_classes > 2 * seen:
+        raise ConfigError("dataset.num_classes", f"{what} declares {num_classes} classes but its labels name only "
+                                                 f"{seen}; at least half the classes must occur: declare at most "
+                                                 f"{2 * seen}, or leave num_classes out (max label + 1)")
 
 
 def _split(part: Any, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:

@@ -8,8 +8,9 @@ module imports no torch and listing the catalog stays fast.
 
 A config may instead name any callable with ``_target_: package.module.Callable``; it gets
 ``num_classes``, ``in_channels`` and ``image_size`` when its signature accepts them, plus the node's other
-keys, and must return an ``nn.Module`` whose forward gives ``(N, num_classes)`` logits (checked on one batch
-by :func:`check_logits` before any training).
+keys, and must return an ``nn.Module`` with trainable parameters whose forward gives ``(N, num_classes)`` finite
+floating-point logits (checked on one batch by :func:`check_logits` before any training,
+:mod:`kdrun.stages.preflight`).
 """
 from __future__ import annotations
 
@@ -265,7 +266,8 @@ def _checked_module(model: Any, key: str, what: str) -> nn.Module:
 
 
 def check_logits(model: nn.Module, x, num_classes: int, key: str, what: str) -> None:
-    """Run ``model`` (eval mode, no grad) on the batch ``x``; refuse output that is not ``(N, num_classes)``.
+    """Run ``model`` (eval mode, no grad) on the batch ``x``; refuse output that is not ``(N, num_classes)``
+    floating-point finite logits.
 
     Nothing changes: no parameter, buffer or random state is touched, and the model's mode is restored.
     """
@@ -285,6 +287,11 @@ def check_logits(model: nn.Module, x, num_classes: int, key: str, what: str) -> 
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape != (len(x), num_classes):
         raise ConfigError(key, f"{what} returns {shape} on a batch of {len(x)}; expected logits of shape "
                                f"({len(x)}, {num_classes}) (N, num_classes)")
+    if not out.is_floating_point():
+        raise ConfigError(key, f"{what} returns {out.dtype} logits; expected floating-point scores (e.g. float32)")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError(key, f"{what} returns non-finite logits (nan or inf) on {len(x)} train images; expected "
+                               f"finite scores")
 
 
 def identity(model_cfg) -> dict:

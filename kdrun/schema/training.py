@@ -54,7 +54,8 @@ class SchedConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 128      # training batch; a last batch of one sample joins the one before (BatchNorm cannot
+    #                            normalise one sample in train mode; small data keeps every sample every epoch)
     eval_batch_size: int = 1024
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     precision: str = "fp32"    # fp32 | bf16 | fp16

@@ -2,7 +2,8 @@
 
 * :mod:`~kdrun.stages.common`: :class:`RunContext` (what every stage is handed, with the :class:`Teachers`
   this run obtained), building and evaluating a model, the per-epoch log hooks, store keys of trained models,
-  the checks run before any training;
+  the layer pairs' check run before any training;
+* :mod:`~kdrun.stages.preflight`: :func:`preflight`, the models' checks run before any training;
 * :mod:`~kdrun.stages.teacher`: :func:`obtain_teacher` (from ``teacher.ckpt`` or the store, trained on a miss)
   and :func:`teacher_targets` (the :mod:`kdrun.teacher` source that serves its logits);
 * :mod:`~kdrun.stages.student`: :func:`prepare_student`, :func:`obtain_baseline` / :func:`baseline_model` (the
@@ -27,9 +28,9 @@ from kdrun.stages.common import (
     evaluate,
     evaluate_frozen,
     n_params,
-    preflight,
     recipe_student,
 )
+from kdrun.stages.preflight import preflight
 from kdrun.stages.student import baseline_model, distil, obtain_baseline, prepare_student, train_student
 from kdrun.stages.teacher import obtain_teacher, teacher_data, teacher_targets
 

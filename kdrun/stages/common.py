@@ -1,7 +1,7 @@
 """What every stage shares: :class:`RunContext` (the validated config, the run dir, the device, the run's teachers and
 result), building and evaluating a model, the per-epoch hooks that log and trim ``metrics.jsonl``, the store key and
-CE training of a stored model (teacher, baseline), the student's recipe, and the checks run before any training
-(:func:`preflight`, :func:`check_layers`).
+CE training of a stored model (teacher, baseline), the student's recipe, and the layer pairs' check run before any
+training (:func:`check_layers`; the models' own checks are :func:`kdrun.stages.preflight.preflight`).
 
 A stage consumes the validated :class:`kdrun.schema.Config` (keys named in its docstring) and returns a typed
 result (:mod:`kdrun.results`); the mode puts it into ``ctx.result``, which the run writes to ``summary.json``.
@@ -98,25 +98,6 @@ def build(model_cfg: ModelConfig, data: Data, key: str, device: torch.device, se
         check_logits(model, data.inputs("train", torch.arange(min(2, len(data.train)), device=device)),
                      data.num_classes, f"{key}._target_", model_cfg.target)
     return model
-
-
-def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
-    """Build the student (and the ``teacher`` when the mode uses ``teacher.*`` on all classes) once for ``data``
-    before any training: a user model's logits are checked on one batch (:func:`build`) and ``*.freeze``
-    prefixes are resolved, and a resumed run's resume checkpoints must have been written by the user's code as it is
-    now (:func:`check_resume_code`), so such mistakes cost no training time. The random state is restored, so nothing
-    that follows changes."""
-    from kdrun.models.transfer import frozen_names
-
-    check_resume_code(ctx)
-
-    roles = [("teacher", ctx.cfg.teacher)] if teacher else []
-    checked = [(key, c) for key, c in [*roles, ("student", ctx.cfg.student)] if c.target or c.freeze]
-    with torch.random.fork_rng(devices=[]):
-        for key, model_cfg in checked:  # built-ins without freeze have nothing to check: not built here
-            model = build(model_cfg, data, key, ctx.device, 0)
-            if model_cfg.freeze:
-                frozen_names(model, model_cfg.freeze, key)
 
 
 def check_resume_code(ctx: RunContext) -> None:

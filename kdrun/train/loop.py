@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from kdrun.data.dataset import Data
+from kdrun.data.dataset import Data, batch_sizes
 from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss
 from kdrun.schema import OptimConfig, SchedConfig
@@ -101,7 +101,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int):
 def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss, *,
         teacher: Optional[TeacherSource] = None, hooks: Sequence[Hook] = (), progress=None,
         desc: str = "train", checkpoint: Optional[Checkpoint] = None) -> FitResult:
-    """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``.
+    """Train ``model`` on ``data.train`` for ``recipe.epochs``; select the best epoch on ``data.val``. A last batch
+    of one sample joins the one before (:func:`kdrun.data.dataset.batch_sizes`: BatchNorm needs two).
 
     Consumes ``recipe`` (epochs, batch size, optimizer, schedule, seed, precision, speed settings).
     ``teacher`` gives the teacher's logits for each batch (:mod:`kdrun.teacher.sources`: a live frozen model, cached
@@ -131,7 +132,7 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     main = dp is None or dp.main  # only rank 0 validates, keeps the best epoch and writes checkpoints
     device = data.train.y.device
     state, pairs = _start(model, data, recipe, loss_fn, teacher)
-    steps = math.ceil(len(data.train) / recipe.batch_size)
+    steps = len(batch_sizes(len(data.train), recipe.batch_size, merge_single=True))
     best = KeepBest(model, loss_fn, pairs is not None)
     hooks = _hooks(state, list(hooks), best if main else None, pairs, steps, desc, recipe.epochs,
                    checkpoint if main else None, device)
@@ -149,7 +150,8 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
             for hook in hooks:
                 hook.before_epoch(epoch, model)
             for step, batch in enumerate(data.batches("train", recipe.batch_size, shuffle=True,
-                                                      generator=state.generator, augment=True)):
+                                                      generator=state.generator, augment=True,
+                                                      merge_single=True)):
                 weight, count = None, len(batch.y)
                 if dp is not None:  # trainer.devices: this rank's slice of the batch, its loss weight (Rank.shard)
                     batch, weight, count = dp.shard(batch)
