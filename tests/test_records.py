@@ -16,16 +16,13 @@ from conftest import (
     CLI_TIMEOUT_S,
     PYTHON,
     cli_env,
-    compose_config,
     read_json,
     smoke_inproc,
     store_overrides,
-    working_dir,
 )
 
 from kdrun.errors import NoSpace
 from kdrun.records import JsonlWriter, atomic_write_text, read_jsonl, remove_temp_files, save_torch, write_json
-from kdrun.run import run
 
 
 def _fd_path(fd: int) -> str:
@@ -136,8 +133,7 @@ def test_a_full_disk_in_a_run_records_failed_then_resume_completes_and_sweeps_te
     monkeypatch.undo()  # space again
     (run_dir / "checkpoints" / ".student_resume.pt.tmp-999999-0a1b2c3d").write_bytes(b"\0" * 100)  # a SIGKILL
     (run_dir / ".summary.json.ab12cd34").write_text("")  # a temp name of an earlier kdrun
-    with working_dir(tmp_path):
-        resumed = run(compose_config("experiment=smoke", "baseline=false", *store_overrides(tmp_path)), run_dir, resume=True)
+    resumed = smoke_inproc(tmp_path, run_dir, "baseline=false", resume=True)
     assert resumed["status"] == "completed" and temp_files(run_dir) == []
 
 

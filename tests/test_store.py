@@ -202,12 +202,17 @@ def test_read_checkpoint_refuses_pickled_code(tmp_path):
     assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
 
 
-def test_read_checkpoint_never_advises_weights_only_false():
-    """/dev/zero: PyTorch's error suggests weights_only=False (running the file's code); kdrun's line does not."""
+def test_read_checkpoint_never_advises_weights_only_false(tmp_path):
+    """A file of zero bytes: PyTorch's error suggests weights_only=False (running the file's code); kdrun's line
+    does not. /dev/zero itself is refused before it is opened (a device, not a regular file)."""
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(b"\0" * 4096)
     with pytest.raises(KdrunError) as err:
-        read_checkpoint(Path("/dev/zero"), what="teacher.ckpt")
-    assert str(err.value) == ("teacher.ckpt: /dev/zero is not a readable PyTorch checkpoint (it cannot be read with "
+        read_checkpoint(zeros, what="teacher.ckpt")
+    assert str(err.value) == (f"teacher.ckpt: {zeros} is not a readable PyTorch checkpoint (it cannot be read with "
                               "weights_only=True: not a PyTorch checkpoint, or a damaged one)")
+    with pytest.raises(KdrunError, match="^teacher.ckpt: /dev/zero is a character device, not a regular file$"):
+        read_checkpoint(Path("/dev/zero"), what="teacher.ckpt")
 
 
 # --- two processes, one key --------------------------------------------------------------------------------
