@@ -18,7 +18,7 @@ PAIRS = {"cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4"),
          "cifar100_wrn_40_2_wrn_16_2": ("wrn_40_2", "wrn_16_2")}
 # CIFAR-100 with CIFAR's shape, but 64 random images (one batch of 64): seconds on a CPU.
 FAKE_CIFAR100 = ("dataset=fake", "dataset.image_size=32", "dataset.channels=3", "dataset.num_classes=100",
-                 "dataset.train_size=64", "dataset.mean=[0,0,0]", "dataset.std=[1,1,1]", "teacher.epochs=1",
+                 "dataset.train_size=100", "dataset.mean=[0,0,0]", "dataset.std=[1,1,1]", "teacher.epochs=1",
                  "trainer.epochs=1", "trainer.device=cpu", "trainer.num_threads=1", "trainer.progress=false")
 
 
