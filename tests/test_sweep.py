@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -139,16 +140,18 @@ def test_sweep_console_table_markdown_and_line_plot(seed_sweep):
 
 
 def test_kdrun_summarize_reproduces_the_summary(seed_sweep, tmp_path):
-    base, _ = seed_sweep
-    before = {name: (base / "sweep" / name).read_text() for name in ("results.csv", "cells.csv", "summary.md")}
+    shared, _ = seed_sweep
+    sweep_dir = tmp_path / "sweep"  # a copy: other tests read the shared sweep meanwhile
+    shutil.copytree(shared / "sweep", sweep_dir, symlinks=True)
+    before = {name: (sweep_dir / name).read_text() for name in ("results.csv", "cells.csv", "summary.md")}
     for name in SWEEP_FILES:
-        (base / "sweep" / name).unlink()
-    result = summarize(base / "sweep", cwd=tmp_path)
+        (sweep_dir / name).unlink()
+    result = summarize(sweep_dir, cwd=tmp_path)
     assert result.returncode == 0, result.describe()
     assert "grouped over seeds" in result.stdout
     for name, text in before.items():
-        assert (base / "sweep" / name).read_text() == text, name
-    assert (base / "sweep" / "results.png").is_file()
+        assert (sweep_dir / name).read_text() == text, name
+    assert (sweep_dir / "results.png").is_file()
 
 
 # --- failed, crashed and interrupted jobs ---------------------------------------------------------------
