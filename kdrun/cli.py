@@ -163,6 +163,16 @@ def _resume_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def _exit_if_complete(run_dir: Path) -> None:
+    """``kdrun resume=DIR`` of a complete run (:func:`kdrun.resume.completed`): one line, exit 0, before Hydra writes
+    anything into it: nothing is trained, reported, exported or tracked again."""
+    from kdrun.resume import completed
+
+    if (finished := completed(run_dir)) is not None:
+        print(f"kdrun: {run_dir} is complete (finished at {finished}); nothing to resume")
+        sys.exit(0)
+
+
 def _is_hydra(path: str) -> bool:
     """Whether a key, group or package path lies under ``hydra`` (``hydra``, ``hydra.x``, ``hydra/x``,
     ``_global_.hydra.x``)."""
@@ -403,6 +413,7 @@ def main() -> None:
     try:
         if argv != (resumed := _resume_argv(argv)):
             MEMO.resume = True
+            _exit_if_complete(MEMO.resumed_from.parent.parent)
             sys.argv[1:] = argv = resumed
         _job()
     except SweepRefused as refused:

@@ -14,7 +14,7 @@ grimp = pytest.importorskip("grimp")  # installed with import-linter (the test e
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAME = {"__init__", "__main__", "cli", "run", "rundir", "resume", "errors", "registry", "results", "records", "console",
-         "store", "version", "memo", "trust"}
+         "store", "storetool", "version", "memo", "trust"}
 FOLDERS = {"data", "models", "losses", "train", "teacher", "stages", "modes", "outputs", "schema", "sweep"}
 
 
