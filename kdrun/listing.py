@@ -129,7 +129,11 @@ def _read_option(group: str, option: str) -> Optional[tuple]:
         node = OmegaConf.structured(stored.node) if stored is not None else None
         return None if node is None or "defaults" in node else (node, stored.package or group, [])
     text = path.read_text(encoding="utf-8")
-    header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
+    header = None
+    for line in text.splitlines():  # Hydra reads `# @package` in the comments that open the file
+        if not line.startswith("#"):
+            break
+        header = header or re.match(r"#\s*@package\s+(\S+)", line)
     package = header.group(1) if header else group
     body = OmegaConf.create(text) or OmegaConf.create({})
     if not isinstance(body, DictConfig):
