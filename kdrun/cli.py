@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
+from kdrun.listing import config_groups
 from kdrun.memo import MEMO
 from kdrun.records import space_message
 from kdrun.schema import keys_at
@@ -298,57 +299,48 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text))
 
 
-LISTABLE = {"models": "model", "datasets": "dataset", "losses": "loss", "modes": "mode"}
-
-
-def _list(what: str) -> int:
-    """``kdrun --list models|datasets|losses|modes``: built-ins and plugins, each with its source."""
+def _list(what: str, rest: list[str] = ()) -> int:
+    """``kdrun --list WHAT``: every option of a config group with the values a run of it uses, built-ins and
+    plugins, each with its source; ``kdrun --list layers MODEL [overrides]``: a model's layers and their output
+    shapes (:mod:`kdrun.listing`)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    if what not in LISTABLE:
-        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: {', '.join(LISTABLE)}", file=sys.stderr)
-        return 2
-    from kdrun import registry
+    from kdrun import listing
 
-    kind = LISTABLE[what]
-    found = registry.entries(kind)
-    table = Table(title=f"kdrun {what} ({kind}=NAME)" if kind != "model" else
-                  "kdrun models (teacher=NAME or student=NAME)")
-    table.add_column("name", no_wrap=True)  # names are what users type: never cut
-    table.add_column("description")
-    table.add_column("args (defaults)")
-    table.add_column("source", no_wrap=True)
-    skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
-    for name, entry in found.items():  # a loss's or mode's keys: its registered config, whose defaults runs use
-        params = entry.params(skip=skip)
-        table.add_row(name, escape(entry.description), ", ".join(f"{k}={v}" for k, v in params.items()), entry.source)
-    if kind == "model":
-        table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
-                      "model_name, pretrained=False, weights=None", "kdrun (optional extra)")
+    if what != "layers" and listing.ALIASES.get(what, what) not in listing.LISTS:
+        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: {', '.join([*listing.LISTS, 'layers'])}",
+              file=sys.stderr)
+        return 2
+    if what == "layers":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            print("kdrun: error: --list layers: name a model (`kdrun --list models`), or teacher or student for the "
+                  "configured one: kdrun --list layers cnn [dataset=NAME]", file=sys.stderr)
+            return 2
+        title, found = listing.layers(rest[0], rest[1:])
+        table = Table(title=escape(title))
+        for column in ("name", "output shape", "default use (loss=at, loss=fitnet)"):
+            table.add_column(column, no_wrap=column == "name")
+        for name, shape, use in found:
+            table.add_row(name, "x".join(map(str, shape)) if shape else "(not run, or not a tensor)", use)
+    else:
+        if rest:
+            print(f"kdrun: error: --list {what} takes no overrides (only --list layers does)", file=sys.stderr)
+            return 2
+        group, found = listing.rows(what)
+        role = {"student": "teacher=NAME or student=NAME; keys under teacher.* / student.*",
+                "experiment": "experiment=NAME; what each preset changes in the default config"}.get(
+                    group, f"{group}=NAME; keys under {group}.*")
+        table = Table(title=f"kdrun {listing.ALIASES.get(what, what)} ({role})")
+        table.add_column("name", no_wrap=True)  # names are what users type: never cut
+        table.add_column("description")
+        table.add_column("defaults (what a run of it uses)")
+        table.add_column("source", no_wrap=True)
+        for row in found:
+            table.add_row(row.name, escape(row.description), escape(row.shown(group) or "-"), row.source)
     Console().print(table)  # a plugin that failed to load was warned about once, when it was loaded
     return 0
-
-
-HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own groups and kdrun's per-option schemas: not choices
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Every user-facing config group and its options: the YAMLs under ``conf/`` and the options generated
-    from the registries (models, plugins). Call after :func:`kdrun.schema.configstore.register_configs`."""
-    from importlib.resources import files
-
-    from hydra.core.config_store import ConfigStore
-
-    groups: dict[str, set[str]] = {}
-    for folder in files("kdrun.conf").iterdir():
-        if folder.is_dir() and folder.name not in HIDDEN_GROUPS:
-            groups[folder.name] = {f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")}
-    for group, node in ConfigStore.instance().repo.items():
-        if isinstance(node, dict) and group not in HIDDEN_GROUPS:
-            groups.setdefault(group, set()).update(name.removesuffix(".yaml") for name in node)
-    return {group: sorted(options) for group, options in sorted(groups.items()) if options}
 
 
 def _help(overrides: list[str]) -> int:
@@ -368,6 +360,19 @@ def _help(overrides: list[str]) -> int:
     print(f"{text.header}\n\n== Config groups (choose one option each: group=option) ==\n{groups}\n\n"
           f"== Config ==\n{OmegaConf.to_yaml(cfg)}\n{text.footer}")
     return 0
+
+
+def _one_line(command) -> int:
+    """``command()``'s exit code; a config or user error (a bad override next to ``--help`` or ``--list layers``)
+    is one line, exit 2, as for a run."""
+    try:
+        return command()
+    except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"kdrun: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _summarize_sweeps() -> int:
@@ -396,17 +401,10 @@ def main() -> None:
         MEMO.trust_code = True
         sys.argv[1:] = argv = [a for a in argv if a != TRUST_FLAG]
     if argv[:1] == ["--list"]:
-        sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
-    register_configs()  # after --list: generated options include installed plugins
+        sys.exit(_one_line(lambda: _list(argv[1] if len(argv) > 1 else "models", argv[2:])))
+    register_configs()
     if argv[:1] in (["--help"], ["-h"]) and not any(a.startswith(("-", "hydra")) for a in argv[1:]):
-        try:
-            sys.exit(_help(argv[1:]))
-        except Exception as exc:  # noqa: BLE001 - a bad override next to --help: one line, as for a run
-            message = explain(exc)
-            if message is None:
-                raise
-            print(f"kdrun: error: {message}", file=sys.stderr)
-            sys.exit(2)
+        sys.exit(_one_line(lambda: _help(argv[1:])))
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     sweep = "-m" in argv or "--multirun" in argv

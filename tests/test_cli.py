@@ -331,23 +331,23 @@ def test_list_models_via_console_script(tmp_path):
         assert name in listed, f"{name} not listed"
 
 
-@pytest.mark.parametrize("what,kind", [("losses", "loss"), ("modes", "mode")])
-def test_list_shows_each_options_registered_defaults(what, kind, capsys, monkeypatch):
-    """`--list losses|modes` shows every option's keys with the defaults of its registered config (the ones a
-    run uses: tests/test_schema.py compares them with the composed configs)."""
-    from kdrun import registry
+@pytest.mark.parametrize("what", ["losses", "modes", "datasets"])
+def test_list_prints_each_options_values(what, capsys, monkeypatch):
+    """`--list WHAT` prints each option's values as overrides write them (tests/test_schema.py compares the values
+    with the composed configs)."""
+    from kdrun import listing
     from kdrun.cli import _list
 
     monkeypatch.setenv("COLUMNS", "400")  # no cut cells
     assert _list(what) == 0
     rows = {cells[0]: cells for line in capsys.readouterr().out.splitlines()
             if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 4}
-    for name, entry in registry.entries(kind).items():
-        assert rows[name][2] == ", ".join(f"{k}={v}" for k, v in entry.params().items())
-    if kind == "loss":
-        assert rows["mse"][2] == "T=1.0, alpha=0.5" and rows["hard"][2] == "T=1.0, alpha=0.5"
-    else:
-        assert rows["semi"][2].startswith("labeled_fraction=0.1, labels_per_class=None")
+    group, found = listing.rows(what)
+    assert {row.name: row.shown(group) or "-" for row in found} == {name: cells[2] for name, cells in rows.items()}
+    expected = {"losses": ("mse", "T=1.0, alpha=0.5"), "modes": ("merge", "class_splits=null, combine=confidence, "
+                                                                           "loss.alpha=1.0"),
+                "datasets": ("digits", "val_fraction=0.15, test_fraction=0.2, split_seed=0")}[what]
+    assert rows[expected[0]][2] == expected[1]
 
 
 def test_list_unknown_is_an_error(capsys):
@@ -355,7 +355,37 @@ def test_list_unknown_is_an_error(capsys):
 
     assert _list("widgets") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kdrun: error: --list:") and "models, datasets, losses, modes" in err and "\n" not in err
+    assert err.startswith("kdrun: error: --list:") and "models, datasets, losses, modes, optim" in err
+    assert "layers" in err and "\n" not in err
+    assert _list("layers") == 2 and "name a model" in capsys.readouterr().err
+    assert _list("losses", ["loss=kd"]) == 2 and "takes no overrides" in capsys.readouterr().err
+
+
+def test_list_layers_of_a_model_via_console_script(tmp_path):
+    """`kdrun --list layers cnn`: the module names with their output shapes on digits, the default feature layers
+    marked, nothing written."""
+    result = run_kdrun("--list", "layers", "cnn", cwd=tmp_path, script=True)
+    assert result.returncode == 0, result.describe()
+    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 3}
+    assert rows["features.3"] == ["32x4x4", "at: stage 1, fitnet: hint"]
+    assert rows["features.7"] == ["64x2x2", "at: stage 2"] and rows["classifier"] == ["10", ""]
+    assert "dataset=digits" in result.stdout and "1x8x8" in result.stdout
+    assert list(tmp_path.iterdir()) == [], "--list layers wrote files"
+
+
+def test_list_layers_of_the_configured_models():
+    """`--list layers teacher|student [overrides]`: the model the command line configures (its args, the dataset's
+    input), also a `_target_` model, whose lack of default feature layers the title says."""
+    from kdrun import listing
+
+    title, found = listing.layers("teacher", ["teacher.args.channels=16", "dataset=fake", "dataset.image_size=16"])
+    rows = {name: (shape, use) for name, shape, use in found}
+    assert rows["features.3"] == ((16, 8, 8), "at: stage 1, fitnet: hint") and rows["features.7"][0] == (32, 4, 4)
+    assert "teacher=cnn on dataset=fake (input 1x16x16" in title and "no default" not in title
+    title, found = listing.layers("student", ["+student._target_=kdrun_example_plugin.nets.TinyNet", "dataset=fake"])
+    assert "no default feature layers: set loss.student_layers" in title
+    assert ("head", (4,), "") in found and all(use == "" for _, _, use in found)
 
 
 def test_console_script_is_installed():

@@ -167,7 +167,8 @@ def test_a_users_model_without_defaults_is_asked_for_layer_names():
     with pytest.raises(ConfigError) as err:
         FeaturePairs(ATLoss(), Mine(), tiny("cnn"), torch.randn(2, 1, 8, 8))
     assert str(err.value) == ("loss.student_layers: no default feature layers for Mine: set loss.student_layers and "
-                              "loss.teacher_layers to module names (print(model) shows them); its modules: body, head")
+                              "loss.teacher_layers to module names (`kdrun --list layers` shows them); its modules: "
+                              "body, head")
     with pytest.raises(ConfigError, match=r"^loss.teacher_layers: 1 student layers \['body'\] and 2 teacher layers "
                                           r"\['features.3', 'features.7'\] do not pair up"):
         FeaturePairs(ATLoss(student_layers=["body"]), Mine(), tiny("cnn"), torch.randn(2, 1, 8, 8))
