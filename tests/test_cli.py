@@ -56,7 +56,7 @@ def error_line(via_cli: bool, base: Path, run_dir: Path, *overrides: str) -> str
     try:
         smoke_inproc(base, run_dir, *overrides)
     except Exception as exc:  # noqa: BLE001 - what main() reports as one line; anything else is re-raised
-        message = explain(exc)
+        message = explain(exc, ["experiment=smoke", *overrides])
         if message is None:
             raise
     else:
@@ -152,6 +152,11 @@ def test_teacher_store_entry(shared):
     build_model("cnn", num_classes=10, in_channels=1, image_size=8).load_state_dict(stored["model"])
 
 
+def test_a_completed_run_ends_saying_where_its_results_are(shared):
+    lines = [line for line in shared["first"].stdout.splitlines() if line.strip()]
+    assert lines[-1] == "results: run1 (summary.json, report.md, kdrun.log)", shared["first"].describe()
+
+
 def test_output_shows_the_loss_formula_and_log_file_too(shared):
     first = shared["first"]
     assert FORMULA in first.output
@@ -173,7 +178,8 @@ def test_second_run_reuses_the_teacher(shared):
 
 def test_multirun_trains_one_teacher(seed_sweep):
     """`kdrun -m experiment=smoke loss.T=1,4 seed=0,1` (conftest.py's session sweep, shared with test_sweep.py)."""
-    base, _ = seed_sweep
+    base, result = seed_sweep
+    assert result.stdout.strip().splitlines()[-1] == "results: sweep (summary.md, results.csv, results.png)"
     summaries = [read_json(p) for p in sorted((base / "sweep").glob("*/summary.json"))]
     assert len(summaries) == 4
     assert all(s["status"] == "completed" for s in summaries)
@@ -209,12 +215,20 @@ CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before th
     (["+foo=1"], ["foo", "unknown config key"]),
     (["+loss.foo=2"], ["loss.foo", "unknown config key"]),
     (["optim.name=rmsprop"], ["optim.name", "rmsprop", "adamw", "sgd"]),
+    (["loss.T=1,4"], ["loss.T=1,4: several values: a sweep over them needs -m: kdrun -m experiment=smoke ",
+                      " loss.T=1,4 ", "loss.T=[1,4]"]),
+    (["seed=range(2)"], ["seed=range(2): several values: a sweep over them needs -m: kdrun -m "]),
+    (["export=onnx"], ["export: takes a list: export=[onnx]"]),
+    (["loss=fitnet", "loss.teacher_layers=features.3"], ["loss.teacher_layers=[features.3]"]),
+    (["mode.generations=3"], ["mode.generations: unknown config key; it is a key of mode=self: add mode=self"]),
+    (["student.args.width_mult=0.5"], ["it is a key of student=mobilenet: add student=mobilenet"]),
+    (["loss.beta=2"], ["loss.beta: unknown config key; it is a key of loss=at, loss=dist, loss=dkd, loss=fitnet"]),
 ]
 
 
 # Printed by the real CLI: one of each way a config is refused (unknown group option, unknown key, wrong type at
 # composition; a range check inside the job). The others are checked in-process: same message, same code path.
-CLI_CONFIG_ERRORS = {"loss.alpha=1.5", "teacher=foo", "loss.Tx=3", "loss.T=abc"}
+CLI_CONFIG_ERRORS = {"loss.alpha=1.5", "teacher=foo", "loss.Tx=3", "loss.T=abc", "loss.T=1,4"}
 
 
 @pytest.mark.parametrize("overrides,fragments", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS])
@@ -223,7 +237,7 @@ def test_config_errors_are_one_line(tmp_path, overrides, fragments):
     last = error_line(" ".join(overrides) in CLI_CONFIG_ERRORS, tmp_path, run, *overrides)
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
-    assert not (run / "summary.json").exists()
+    assert not run.exists(), f"a refused config left {sorted(p.name for p in run.iterdir())}"
     assert not (tmp_path / "teachers").exists(), "a refused config still trained something"
 
 

@@ -84,9 +84,10 @@ def test_signal_stops_at_a_safe_point(tmp_path, sig, code):
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"kdrun: interrupted by {sig.name} after student epoch "), lines[0]
-    assert lines[0].endswith(f"/400; resume with: kdrun resume={run_dir}"), lines[0]
+    assert len(lines) == 2, stderr  # where the results are, then why it stopped
+    assert lines[0].startswith("kdrun: results: run (summary.json, ") and "kdrun.log" in lines[0], lines[0]
+    assert lines[1].startswith(f"kdrun: interrupted by {sig.name} after student epoch "), lines[1]
+    assert lines[1].endswith(f"/400; resume with: kdrun resume={run_dir}"), lines[1]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "interrupted"
     stopped = summary["interrupted"]
