@@ -58,7 +58,7 @@ def heatmap(summary: SweepSummary, table, path: Path) -> None:
     k1, k2 = summary.cell_keys
     values = [[cells[(r, c)].stats["test_mean"] if (r, c) in cells and cells[(r, c)].stats["n"] else math.nan
                for c in cols] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.4 + 0.9 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.5 * len(cols)), 1.4 + 0.9 * len(rows)))  # 6.4: the title
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="mean student test accuracy (%)")
     ax.set_xticks(range(len(cols)), [param(c) for c in cols])
