@@ -430,6 +430,9 @@ def fashion_mnist():  # a user's function that happens to share a built-in's nam
 def wrong_count():
     return {**_splits(40, 3), "classes": ["cat", "dog"]}
 
+def not_a_list():
+    return {**_splits(40, 3), "classes": 3}
+
 class Items(torch.utils.data.Dataset):
     classes = ["left", "right"]
 
@@ -513,3 +516,5 @@ def test_class_names_come_from_the_loaded_dataset(userdata):
     assert borrowed.num_classes == 10 and borrowed.class_names is None
     with pytest.raises(ConfigError, match=r"^dataset._target_: userdata.wrong_count: 2 class names for 3 classes"):
         load_data(user_cfg("userdata.wrong_count"), CPU)
+    with pytest.raises(ConfigError, match=r"^dataset._target_: userdata.not_a_list: classes must be a list"):
+        load_data(user_cfg("userdata.not_a_list"), CPU)

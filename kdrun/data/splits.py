@@ -105,6 +105,8 @@ def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: i
     if names is None:  # a torch Dataset's own class names (torchvision's datasets have them)
         names = getattr(out["train"], "classes", None)
         names = list(names) if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else None
+    elif isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ConfigError(key, f"{what}: classes must be a list of class names, got a {type(names).__name__}")
     splits = {name: _split(out[name], f"{what}['{name}']", key, stream, workers)
               for name in SPLITS if out.get(name) is not None}
     for name, (x, _) in splits.items():
@@ -124,11 +126,9 @@ def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: i
 
 
 def _class_names(names: Any, num_classes: int, what: str, key: str) -> Optional[list[str]]:
-    """``names`` (a dataset's ``classes``) checked: one distinct string per class, in label order; None: none."""
+    """``names`` (a dataset's ``classes``, a list) checked: one distinct name per class, in label order; None: none."""
     if names is None:
         return None
-    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
-        raise ConfigError(key, f"{what}: classes must be a list of class names, got a {type(names).__name__}")
     names = [str(n) for n in names]
     if len(names) != num_classes:
         raise ConfigError(key, f"{what}: {len(names)} class names for {num_classes} classes; classes must name "
