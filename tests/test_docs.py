@@ -168,8 +168,8 @@ def first_experiment(tmp_path, monkeypatch) -> Path:
 
 
 def test_first_experiment_one_run(first_experiment):
-    """Step 3's command (2 epochs each), in-process from the walkthrough's folder: the dataset's class names
-    reach the summary."""
+    """Step 3's command in-process from the walkthrough's folder (1 epoch each; no baseline, report or
+    compression): the dataset's class names reach the summary."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -180,7 +180,9 @@ def test_first_experiment_one_run(first_experiment):
     assert command[1] == "--config-dir"
     conf_dir, args = first_experiment / command[2], command[3:]
     out_dir = first_experiment / next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
-    overrides = [a for a in args if not a.startswith("hydra.")] + TINY_EPOCHS + ["report=false"]
+    overrides = [a for a in args if not a.startswith("hydra.")] + ["teacher.epochs=1", "trainer.epochs=1",
+                                                                     "baseline=false", "report=false",
+                                                                     "compression=false"]
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module("kdrun.conf", version_base="1.3"):  # with --config-dir's search path
