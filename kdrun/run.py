@@ -132,7 +132,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     data = load_data(conf.dataset, device)
     summary.dataset = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
                        "test": len(data.test), "num_classes": data.num_classes,
-                       "shape": [data.channels, data.image_size, data.image_size]}
+                       "shape": [data.channels, data.image_size, data.image_size], "class_names": data.class_names}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
     if not len(data.test):  # allowed (a dataset may have no test images): said once, then test_acc is null
@@ -193,7 +193,8 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary,
     if not conf.report:
         return None
     try:
-        written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note)
+        written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note,
+                               (summary.dataset or {}).get("class_names"))
     except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
         warning = f"report: not written ({type(exc).__name__}: {exc})"
         log.warning(warning)

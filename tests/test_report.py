@@ -172,18 +172,19 @@ def test_report_of_a_mode_with_more_stages(tmp_path):
     report = read_json(run_dir / "report.json")
     assert list(report["models"]) == ["baseline", "gen1", "student"]
     assert report["student_trails_teacher"] is None and written.trails_line is None
-    assert report["class_names"] == [str(i) for i in range(3)]  # fashion_mnist's names only fit 10 classes
+    assert report["class_names"] == [str(i) for i in range(3)]  # a dataset called fashion_mnist names nothing
     assert_png(run_dir / report["figures"]["learning_curves"])
     assert "## Where the student trails" not in (run_dir / "report.md").read_text()
     assert math.isclose(written.summary["models"]["gen1"]["accuracy"], report["models"]["gen1"]["accuracy"])
 
 
-def test_class_names_of_builtin_datasets():
+def test_class_names_are_the_loaded_datasets():
+    """The names the loaded dataset gave (never looked up by the dataset's name), else the class indices."""
     from kdrun.outputs.report import class_names
 
-    assert class_names("fashion_mnist", 10)[9] == "Ankle boot"
-    assert class_names("cifar10", 10)[0] == "airplane"
-    assert class_names("digits", 10) == [str(i) for i in range(10)]
+    assert class_names(["cat", "dog", "owl"], 3) == ["cat", "dog", "owl"]
+    assert class_names(None, 3) == ["0", "1", "2"]
+    assert class_names(["cat", "dog", "owl"], 2) == ["0", "1"]  # a class-subset model (mode=merge) is left out
 
 
 def test_sweep_summary_links_each_jobs_report(seed_sweep):

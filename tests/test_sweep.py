@@ -355,3 +355,25 @@ def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):
     rows = read_csv(tmp_path / "sweep" / "results.csv")
     assert sorted((r["job"], r["loss.T"], r["status"]) for r in rows) == [("gpu0-0", "1", "completed"),
                                                                           ("gpu1-0", "4", "completed")]
+
+
+def test_heat_map_title_fits_a_two_by_two_grid(tmp_path, monkeypatch):
+    """The narrowest heat map (two values per key) still shows its three title lines whole."""
+    import matplotlib.pyplot as plt
+
+    from kdrun.sweep.jobs import collect
+    from kdrun.sweep.plot import write_png
+
+    for i, (t, alpha) in enumerate([(2, 0.5), (2, 0.9), (4, 0.5), (4, 0.9)]):
+        (tmp_path / str(i) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(i) / ".hydra" / "overrides.yaml").write_text(f"- loss.T={t}\n- loss.alpha={alpha}\n")
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps({
+            "status": "completed", "student": {"val_acc_best": 80.0 + i, "test_acc_best": 80.0 + i},
+            "baseline": {"val_acc": 78.0, "test_acc": 78.0}, "teacher": {"val_acc": 90.0, "test_acc": 90.0},
+            "delta_vs_baseline": 2.0 + i}))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    write_png(collect(tmp_path), tmp_path / "results.png")
+    fig = figures[0]
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)

@@ -24,11 +24,6 @@ from kdrun.results import RunResult
 
 log = logging.getLogger("kdrun")
 FIGURES = "figures"
-CLASS_NAMES = {  # built-in datasets whose classes have names other than their index
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-}
 COLOURS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:red"}
 MIN_BIN_COUNT = 20  # reliability.png: a bin with fewer samples (accuracy's std error > 0.1) is hollow, not joined
 
@@ -42,8 +37,9 @@ class Written:
     trails_line: Optional[str]
 
 
-def class_names(dataset: str, num_classes: int) -> list[str]:
-    names = CLASS_NAMES.get(dataset)
+def class_names(names: Optional[list[str]], num_classes: int) -> list[str]:
+    """The class names the loaded dataset gave (:attr:`kdrun.data.dataset.Data.class_names`) when they name
+    ``num_classes`` classes, else the class indices."""
     return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
@@ -57,17 +53,19 @@ def _ordered(predictions: dict) -> list[str]:
     return first + [r for r in predictions if r not in (*first, "student")] + ["student"] * ("student" in predictions)
 
 
-def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note: str = "") -> Optional[Written]:
+def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note: str = "",
+                 names: Optional[list[str]] = None) -> Optional[Written]:
     """Write ``report.json``, ``report.md`` and ``figures/*.png`` into ``out_dir`` for the models in
     ``result.predictions`` (None, nothing written, when there are none). ``note``: a line for the top of
-    ``report.md`` (e.g. that the run failed and only the finished stages are shown)."""
+    ``report.md`` (e.g. that the run failed and only the finished stages are shown); ``names``: the loaded
+    dataset's class names (None: the class indices)."""
     t0 = time.perf_counter()
     preds = result.predictions
     if not preds:
         return None
     num_classes = max(p.num_classes for p in preds.values())  # a class-subset teacher (mode=merge) is left out
     roles = [r for r in _ordered(preds) if preds[r].num_classes == num_classes]
-    names = class_names(dataset, num_classes)
+    names = class_names(names, num_classes)
     models = {}
     for role in roles:
         p = preds[role]
