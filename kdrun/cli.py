@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.errors import InputError, Interrupted, KdrunError
+from kdrun.listing import config_groups
 from kdrun.memo import MEMO
 from kdrun.records import space_message
 from kdrun.schema import keys_at
@@ -30,9 +32,10 @@ class ClaimRunDir(Callback):
     """``hydra.callbacks.run_dir`` (conf/config.yaml): claim the run dir before Hydra writes into it.
 
     Hydra writes ``.hydra/*.yaml`` and opens the log before the job runs, so the claim (:mod:`kdrun.rundir`)
-    happens here. A timestamped dir (``${now:...}``, the default) another run holds becomes the next free
-    ``<dir>-N``; any other dir that is held or holds results is refused, and Hydra then writes no ``.hydra/``
-    (a finished run's files stay as they are). Hydra turns a callback's exception into a warning, so the
+    happens here, after the config's checks (:func:`validate`: a refused config leaves no dir). A timestamped
+    dir (``${now:...}``, the default) another run holds becomes the next free ``<dir>-N``; any other dir that
+    is held or holds results is refused, and Hydra then writes no ``.hydra/`` (a finished run's files stay as
+    they are). Hydra turns a callback's exception into a warning, so the
     refusal is kept in ``MEMO.refused`` (:mod:`kdrun.memo`) for :func:`_job` and :func:`main`.
     """
 
@@ -41,6 +44,8 @@ class ClaimRunDir(Callback):
 
         from kdrun.rundir import claim
 
+        if not MEMO.resume:  # a config run() would refuse: refused here, before any file exists
+            validate(config)
         unresolved = str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", ""))
         try:
             path = claim(Path(str(config.hydra.run.dir)), fresh="${now:" in unresolved,
@@ -55,9 +60,30 @@ class ClaimRunDir(Callback):
         MEMO.run_dirs.append(path)
 
 
-class SweepRefused(BaseException):
-    """A sweep refused before its first job (:class:`RecordSweepDir`); :func:`main` says why in one line. Not an
-    ``Exception``: Hydra would turn that into a warning and start the jobs."""
+class Refused(BaseException):
+    """A run refused for its config (:func:`validate`) or a sweep refused before its first job
+    (:class:`RecordSweepDir`); :func:`main` says why in one line. Not an ``Exception``: Hydra would turn that into
+    a warning and go on."""
+
+
+def validate(config: DictConfig) -> None:
+    """The range and cross-key checks :func:`kdrun.run.run` makes first (:func:`kdrun.schema.to_object`), made on
+    the composed ``config`` before the run dir is claimed, so that a refused config leaves no run dir (Hydra
+    writes ``.hydra/`` and the log before the job). A :class:`KdrunError` raises :class:`Refused`; anything else
+    is left to the job, which meets it again."""
+    from omegaconf import open_dict, read_write
+
+    from kdrun.schema import to_object
+
+    task = config.copy()
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    try:
+        to_object(task)
+    except KdrunError as exc:
+        raise Refused(exc) from None
+    except Exception:  # noqa: BLE001,S110 - e.g. an interpolation that needs the job: the job reports it
+        pass
 
 
 class RecordSweepDir(Callback):
@@ -95,7 +121,7 @@ class RecordSweepDir(Callback):
         try:
             claim_file = claim_sweep(sweep_dir, subdir)
         except KdrunError as exc:  # another sweep runs these job dirs: stop before the first job
-            raise SweepRefused(exc) from None
+            raise Refused(exc) from None
         atexit.register(release, claim_file)
         MEMO.sweep_dirs.append(sweep_dir.resolve())
 
@@ -161,6 +187,16 @@ def _resume_argv(argv: list[str]) -> list[str]:
             MEMO.resumed_from, MEMO.resumed_overrides = saved, overrides[:-1]
             return [*argv[:i], *rest, *overrides]
     return argv
+
+
+def _exit_if_complete(run_dir: Path) -> None:
+    """``kdrun resume=DIR`` of a complete run (:func:`kdrun.resume.completed`): one line, exit 0, before Hydra writes
+    anything into it: nothing is trained, reported, exported or tracked again."""
+    from kdrun.resume import completed
+
+    if (finished := completed(run_dir)) is not None:
+        print(f"kdrun: {run_dir} is complete (finished at {finished}); nothing to resume")
+        sys.exit(0)
 
 
 def _is_hydra(path: str) -> bool:
@@ -236,17 +272,44 @@ def _override_targets(overrides: list[str]) -> list[str]:
     return found
 
 
+RUN_FILES = ("summary.json", "report.md", "kdrun.log")       # what a person opens first, in that order
+SWEEP_FILES = ("summary.md", "results.csv", "results.png")
+
+
+def results_line(path: Path, names: tuple[str, ...] = RUN_FILES) -> str | None:
+    """``results: DIR (files)``: where a run (or a sweep, ``names=SWEEP_FILES``) put its results, ``DIR`` relative
+    to the working directory when under it, with those of ``names`` it holds; None when it holds none."""
+    present = [name for name in names if (path / name).is_file()]
+    if not present:
+        return None
+    try:
+        shown = Path(path).resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, OSError):
+        shown = Path(path)
+    return f"results: {shown} ({', '.join(present)})"
+
+
+def _say_where(stream) -> None:
+    """The results line of every run dir and sweep dir of this command (:func:`results_line`), on ``stream``:
+    stdout after a completed run, stderr just before the error line of a failed or interrupted one."""
+    lines = [results_line(d) for d in MEMO.run_dirs] + [results_line(d, SWEEP_FILES) for d in MEMO.summarized]
+    for line in filter(None, lines):
+        print(f"kdrun: {line}" if stream is sys.stderr else line, file=stream, flush=True)
+
+
 def _report_interrupted(sweep: bool) -> None:
     """One line on stderr, exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
     _summarize_sweeps()
+    _say_where(sys.stderr)
     out_dir, exc = MEMO.interrupted[0]
     hint = "the same command again (completed jobs are skipped)" if sweep else f"kdrun resume={out_dir}"
     print(f"kdrun: {exc}; resume with: {hint}", file=sys.stderr)
     sys.exit(exc.exit_code)
 
 
-def explain(exc: BaseException) -> str | None:
-    """A one-line, key-naming message for a config or user error; None for anything else (a bug)."""
+def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
+    """A one-line, key-naming message for a config or user error; None for anything else (a bug). ``argv``: the
+    command's arguments, for a message that shows the command to type instead (default: ``sys.argv[1:]``)."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -270,11 +333,22 @@ def explain(exc: BaseException) -> str | None:
         hint = f"; valid keys under {where}: {', '.join(valid)}" if valid else ""
         if parent.endswith(".args"):
             hint = "; the model's args are listed by `kdrun --list models`"
+        if owners := key_owners(cause.full_key):  # `mode.generations=3` without `mode=self`
+            hint = f"; it is a key of {owners[0]}: add {owners[0]}" if len(owners) == 1 else \
+                f"; it is a key of {', '.join(owners)}: choose one of them"
         return f"{cause.full_key}: unknown config key{hint}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        if "is not a ListConfig" in cause.msg:  # `export=onnx`: a list-valued key given one bare value
+            return f"{cause.full_key}: takes a list: {cause.full_key}=[{cause.value}]"
         return f"{cause.full_key}: {_first_line(cause.msg)}"
     if isinstance(exc, ConfigCompositionException):
         text = str(exc)
+        match = re.match(r"(?:Ambiguous value for argument|Sweep parameters) '([^']+)'", text)
+        if match:  # `loss.T=1,4` without -m
+            args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")]
+            list_form = re.sub(r"=(.*)$", r"=[\1]", match.group(1)) if "Ambiguous" in text else None
+            also = f" (or, where a list is meant: {list_form})" if list_form else ""
+            return f"{match.group(1)}: several values: a sweep over them needs -m: kdrun -m {shlex.join(args)}{also}"
         match = re.search(r"Could not override '([^']+)'", text)
         if match and "No match in the defaults list" in text:
             return f"{match.group(1)}: unknown config group or key (see `kdrun --help`)"
@@ -284,61 +358,69 @@ def explain(exc: BaseException) -> str | None:
     return None
 
 
+OWNER_KINDS = {"loss": "loss", "mode": "mode", "dataset": "dataset", "teacher": "model", "student": "model"}
+
+
+def key_owners(full_key: str) -> list[str]:
+    """The options that declare the unknown key ``full_key``: ``mode.generations`` -> ``["mode=self"]``,
+    ``student.args.width_mult`` -> ``["student=mobilenet"]`` (from the registry, plugins included)."""
+    from kdrun import registry
+
+    group, *rest = full_key.split(".")
+    kind = OWNER_KINDS.get(group)
+    if kind == "model":
+        rest = rest[1:] if rest[:1] == ["args"] else []
+    if kind is None or not rest:
+        return []
+    return [f"{group}={name}" for name, entry in registry.entries(kind).items() if rest[0] in entry.params()]
+
+
 def _first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text))
 
 
-LISTABLE = {"models": "model", "datasets": "dataset", "losses": "loss", "modes": "mode"}
-
-
-def _list(what: str) -> int:
-    """``kdrun --list models|datasets|losses|modes``: built-ins and plugins, each with its source."""
+def _list(what: str, rest: list[str] = ()) -> int:
+    """``kdrun --list WHAT``: every option of a config group with the values a run of it uses, built-ins and
+    plugins, each with its source; ``kdrun --list layers MODEL [overrides]``: a model's layers and their output
+    shapes (:mod:`kdrun.listing`)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    if what not in LISTABLE:
-        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: {', '.join(LISTABLE)}", file=sys.stderr)
-        return 2
-    from kdrun import registry
+    from kdrun import listing
 
-    kind = LISTABLE[what]
-    found = registry.entries(kind)
-    table = Table(title=f"kdrun {what} ({kind}=NAME)" if kind != "model" else
-                  "kdrun models (teacher=NAME or student=NAME)")
-    table.add_column("name", no_wrap=True)  # names are what users type: never cut
-    table.add_column("description")
-    table.add_column("args (defaults)")
-    table.add_column("source", no_wrap=True)
-    skip = {"model": ("num_classes", "in_channels", "image_size"), "loss": ("self",)}.get(kind, ())
-    for name, entry in found.items():  # a loss's or mode's keys: its registered config, whose defaults runs use
-        params = entry.params(skip=skip)
-        table.add_row(name, escape(entry.description), ", ".join(f"{k}={v}" for k, v in params.items()), entry.source)
-    if kind == "model":
-        table.add_row("timm", escape("any timm model: teacher=timm teacher.model_name=NAME (pip install kdrun[timm])"),
-                      "model_name, pretrained=False, weights=None", "kdrun (optional extra)")
+    if what != "layers" and listing.ALIASES.get(what, what) not in listing.LISTS:
+        print(f"kdrun: error: --list: unknown value {what!r}; choose one of: {', '.join([*listing.LISTS, 'layers'])}",
+              file=sys.stderr)
+        return 2
+    if what == "layers":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            print("kdrun: error: --list layers: name a model (`kdrun --list models`), or teacher or student for the "
+                  "configured one: kdrun --list layers cnn [dataset=NAME]", file=sys.stderr)
+            return 2
+        title, found = listing.layers(rest[0], rest[1:])
+        table = Table(title=escape(title))
+        for column in ("name", "output shape", "default use (loss=at, loss=fitnet)"):
+            table.add_column(column, no_wrap=column == "name")
+        for name, shape, use in found:
+            table.add_row(name, "x".join(map(str, shape)) if shape else "(not run, or not a tensor)", use)
+    else:
+        if rest:
+            print(f"kdrun: error: --list {what} takes no overrides (only --list layers does)", file=sys.stderr)
+            return 2
+        group, found = listing.rows(what)
+        role = {"student": "teacher=NAME or student=NAME; keys under teacher.* / student.*",
+                "experiment": "experiment=NAME; what each preset changes in the default config"}.get(
+                    group, f"{group}=NAME; keys under {group}.*")
+        table = Table(title=f"kdrun {listing.ALIASES.get(what, what)} ({role})")
+        table.add_column("name", no_wrap=True)  # names are what users type: never cut
+        table.add_column("description")
+        table.add_column("defaults (what a run of it uses)")
+        table.add_column("source", no_wrap=True)
+        for row in found:
+            table.add_row(row.name, escape(row.description), escape(row.shown(group) or "-"), row.source)
     Console().print(table)  # a plugin that failed to load was warned about once, when it was loaded
     return 0
-
-
-HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own groups and kdrun's per-option schemas: not choices
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Every user-facing config group and its options: the YAMLs under ``conf/`` and the options generated
-    from the registries (models, plugins). Call after :func:`kdrun.schema.configstore.register_configs`."""
-    from importlib.resources import files
-
-    from hydra.core.config_store import ConfigStore
-
-    groups: dict[str, set[str]] = {}
-    for folder in files("kdrun.conf").iterdir():
-        if folder.is_dir() and folder.name not in HIDDEN_GROUPS:
-            groups[folder.name] = {f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")}
-    for group, node in ConfigStore.instance().repo.items():
-        if isinstance(node, dict) and group not in HIDDEN_GROUPS:
-            groups.setdefault(group, set()).update(name.removesuffix(".yaml") for name in node)
-    return {group: sorted(options) for group, options in sorted(groups.items()) if options}
 
 
 def _help(overrides: list[str]) -> int:
@@ -360,6 +442,19 @@ def _help(overrides: list[str]) -> int:
     return 0
 
 
+def _one_line(command) -> int:
+    """``command()``'s exit code; a config or user error (a bad override next to ``--help`` or ``--list layers``)
+    is one line, exit 2, as for a run."""
+    try:
+        return command()
+    except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"kdrun: error: {message}", file=sys.stderr)
+        return 2
+
+
 def _summarize_sweeps() -> int:
     """Summarise the sweeps this process ran (results.csv, summary.md, results.png, tables); return the
     number of failed jobs (not of missing ones: another process may be running them into the same dir).
@@ -369,6 +464,7 @@ def _summarize_sweeps() -> int:
     failed = 0
     while MEMO.sweep_dirs:
         sweep_dir = MEMO.sweep_dirs.pop(0)
+        MEMO.summarized.append(sweep_dir)
         try:
             failed += sum(job.status == "failed" for job in summarize(sweep_dir).jobs)
         except Exception as exc:  # noqa: BLE001 - the jobs' results are on disk: kdrun-summarize can retry
@@ -377,42 +473,55 @@ def _summarize_sweeps() -> int:
     return failed
 
 
+def shadowing() -> str | None:
+    """Why the ``kdrun`` package Python imported is not the one this module belongs to, or None. A folder named
+    ``kdrun`` earlier on ``sys.path`` (``PYTHONPATH``, the current directory) takes the package's name, while its
+    modules still come from the installed kdrun: things fail later with "cannot import name ... from 'kdrun'".
+    (A folder without this module cannot run this check: there ``import kdrun.cli`` itself fails.)"""
+    package = sys.modules.get("kdrun")
+    own = Path(__file__).resolve().parent
+    found = getattr(package, "__file__", None)
+    if found is not None and Path(found).resolve().parent == own:
+        return None
+    where = Path(found).parent if found else ", ".join(getattr(package, "__path__", [])) or "?"
+    return (f"the folder {where} shadows the kdrun package at {own}: Python imports it as `kdrun` because it comes "
+            f"first on sys.path (PYTHONPATH or the current directory); rename it or take it off PYTHONPATH")
+
+
 def main() -> None:
     """Entry point of `kdrun` and `python -m kdrun`."""
     from kdrun.trust import TRUST_FLAG
 
+    if (shadowed := shadowing()) is not None:
+        print(f"kdrun: error: {shadowed}", file=sys.stderr)
+        sys.exit(2)
     argv = sys.argv[1:]
     if TRUST_FLAG in argv:  # kdrun's own option (kdrun.trust), not Hydra's
         MEMO.trust_code = True
         sys.argv[1:] = argv = [a for a in argv if a != TRUST_FLAG]
     if argv[:1] == ["--list"]:
-        sys.exit(_list(argv[1] if len(argv) > 1 else "models"))
-    register_configs()  # after --list: generated options include installed plugins
+        sys.exit(_one_line(lambda: _list(argv[1] if len(argv) > 1 else "models", argv[2:])))
+    register_configs()
     if argv[:1] in (["--help"], ["-h"]) and not any(a.startswith(("-", "hydra")) for a in argv[1:]):
-        try:
-            sys.exit(_help(argv[1:]))
-        except Exception as exc:  # noqa: BLE001 - a bad override next to --help: one line, as for a run
-            message = explain(exc)
-            if message is None:
-                raise
-            print(f"kdrun: error: {message}", file=sys.stderr)
-            sys.exit(2)
+        sys.exit(_one_line(lambda: _help(argv[1:])))
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     sweep = "-m" in argv or "--multirun" in argv
     try:
         if argv != (resumed := _resume_argv(argv)):
             MEMO.resume = True
+            _exit_if_complete(MEMO.resumed_from.parent.parent)
             sys.argv[1:] = argv = resumed
         _job()
-    except SweepRefused as refused:
+    except Refused as refused:
         print(f"kdrun: error: {refused.args[0]}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(refused.args[0], InputError) else 1)  # kdrun.errors: the rule
     except Exception as exc:  # noqa: BLE001 - anything not explained is re-raised with its traceback
         _summarize_sweeps()
-        message = None if user_wants_traceback else explain(exc)
+        message = None if user_wants_traceback else explain(exc, argv)
         if MEMO.refused and not user_wants_traceback:  # an unusable run dir: Hydra failed to create or log into it
             message = str(MEMO.refused[-1])
+        _say_where(sys.stderr)
         if message is None:
             raise
         print(f"kdrun: error: {message}", file=sys.stderr)
@@ -420,6 +529,7 @@ def main() -> None:
     if MEMO.interrupted:
         _report_interrupted(sweep)
     failed_in_sweeps = _summarize_sweeps()
+    _say_where(sys.stderr if failed_in_sweeps or MEMO.failed_jobs else sys.stdout)
     if failed_in_sweeps and not MEMO.failed_jobs:  # jobs of other processes (parallel launchers) failed
         print(f"kdrun: error: {failed_in_sweeps} sweep job(s) failed; see summary.md in the sweep dir",
               file=sys.stderr)

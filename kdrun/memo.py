@@ -55,6 +55,7 @@ class ProcessMemo:
     failed_jobs: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, KdrunError) of a job
     interrupted: list[tuple[Path, Exception]] = field(default_factory=list)  # (run dir, Interrupted): signal
     sweep_dirs: list[Path] = field(default_factory=list)                  # sweep dirs this process started
+    summarized: list[Path] = field(default_factory=list)                  # those summarised (kdrun.cli)
 
     def clear(self) -> None:
         """Forget everything, as a fresh process would."""

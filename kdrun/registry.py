@@ -231,8 +231,12 @@ def import_target(path: str, key: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - ImportError, or an error raised by the user's module
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]:  # not on the path
+            hint = ("; a module of your own must be importable: install its package, or put the folder holding "
+                    "it on PYTHONPATH (e.g. `export PYTHONPATH=$PWD`)")
         raise ConfigError(key, f"cannot import {module_name!r} for {path!r}: {type(exc).__name__}: "
-                               f"{_first_line(exc)}") from None
+                               f"{_first_line(exc)}{hint}") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

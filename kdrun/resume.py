@@ -5,10 +5,12 @@ same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt``
 the teacher and the CE baseline come from their stores. A resume checkpoint also keeps the source hashes of the
 user's code it was trained with (:func:`user_code`), so a resume after that code changed is refused instead of training
 one model for some epochs and another for the rest. A ``config.yaml`` or ``.hydra/overrides.yaml`` edited so that it
-no longer parses is one line naming it.
+no longer parses is one line naming it. A run dir that is complete (:func:`completed`) is not run again: resuming it
+says so and changes nothing.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Optional
@@ -97,6 +99,37 @@ def earlier_attempt(run_dir: Path, cfg: DictConfig) -> Optional[dict]:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def completed(run_dir: Path) -> Optional[str]:
+    """When ``run_dir`` holds a complete run, the time it finished (ISO 8601); else None. Complete: its
+    ``summary.json`` says ``status: completed`` and every stage that logged epochs to ``metrics.jsonl`` has its
+    final checkpoints, ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt``."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "completed":
+        return None
+    stages = set()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None  # a line cut short: not what a completed run leaves
+        if isinstance(record, dict) and record.get("stage"):
+            stages.add(str(record["stage"]))
+    final = [run_dir / "checkpoints" / f"{stage}_{which}.pt" for stage in sorted(stages) for which in ("best", "last")]
+    if not all(path.is_file() for path in final):
+        return None
+    try:
+        started = dt.datetime.fromisoformat(str(summary["started_at"]))
+        return (started + dt.timedelta(seconds=float(summary["wall_time_s"]))).isoformat(timespec="seconds")
+    except (KeyError, TypeError, ValueError):
+        stamp = (run_dir / "summary.json").stat().st_mtime
+        return dt.datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
 
 
 def user_code(conf, teacher: bool = True) -> dict:

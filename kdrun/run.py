@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 import traceback
@@ -27,7 +28,7 @@ from kdrun.errors import Interrupted, NoSpace, RunFailed
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text, git_sha, remove_temp_files, versions, write_json
 from kdrun.results import RunResult, RunSummary
-from kdrun.resume import check_resumable
+from kdrun.resume import check_resumable, completed
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
 from kdrun.train import interrupt
@@ -39,9 +40,13 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
     """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict.
 
     ``resume``: continue the run in ``out_dir`` (same config): finished student stages are taken from their
-    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.train.loop.fit`)."""
+    checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.train.loop.fit`); a
+    complete run (:func:`kdrun.resume.completed`) is left as it is and its summary returned."""
     if resume:
         check_resumable(Path(out_dir), cfg)
+        if (finished := completed(Path(out_dir))) is not None:
+            log.info(f"{out_dir} is complete (finished at {finished}); nothing to resume")
+            return json.loads((Path(out_dir) / "summary.json").read_text())
     conf: Config = to_object(cfg)
     out_dir = claim(Path(out_dir), resume=resume)  # refuses a dir another live run holds, or one with results
     handler = attach_file_log(out_dir)
@@ -127,7 +132,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     data = load_data(conf.dataset, device)
     summary.dataset = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
                        "test": len(data.test), "num_classes": data.num_classes,
-                       "shape": [data.channels, data.image_size, data.image_size]}
+                       "shape": [data.channels, data.image_size, data.image_size], "class_names": data.class_names}
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
     if not len(data.test):  # allowed (a dataset may have no test images): said once, then test_acc is null
@@ -188,7 +193,8 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary,
     if not conf.report:
         return None
     try:
-        written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note)
+        written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note,
+                               (summary.dataset or {}).get("class_names"))
     except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
         warning = f"report: not written ({type(exc).__name__}: {exc})"
         log.warning(warning)

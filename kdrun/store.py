@@ -15,15 +15,22 @@ or on a read-only disk) is used as it is: its entries are verified and reused, w
 not hold cannot be trained there. Temp dirs ``.<entry>.tmp-<pid>`` of
 killed processes are removed on the next use of the store. Lock files stay: they are empty, and the lock
 itself (``flock``) dies with its holder, so a lock file of a killed process never blocks anyone.
+
+Each use of an entry by a run appends one line to its ``uses.jsonl`` (time, run dir, pid, host, whether that run
+trained it; not in a read-only store), which ``kdrun-store`` (:mod:`kdrun.storetool`) lists and prunes by. A miss
+says why (:func:`why_missed`): the parts of the key in which the closest stored entry differs (the source hash of
+the user's model file, the recipe, the data's identity), before the model is trained.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +45,7 @@ from kdrun.records import atomic_write_text, file_sha256, fsync_dir, save_torch,
 log = logging.getLogger("kdrun")
 CHECKPOINT = "model.pt"
 CHECKSUM = "model.sha256"  # "<sha256 hex>  model.pt": `sha256sum -c model.sha256` in the entry checks it
+USES = "uses.jsonl"  # one JSON line per run that used the entry (record_use)
 CHECKED = "store_checksum"  # meta flag of entries written with a checksum: a missing model.sha256 is damage
 
 
@@ -50,32 +58,38 @@ def _lock(entry: Path) -> FileLock:
     return FileLock(str(entry.parent / f".{entry.name}.lock"))
 
 
-def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dict]) -> tuple[dict, Path, bool]:
+def train_or_reuse(root: Path, name: str, key: dict, train: Callable[[Path], dict],
+                   run: Optional[str] = None) -> tuple[dict, Path, bool]:
     """Return ``(checkpoint, entry_dir, reused)`` for ``key``, calling ``train(tmp_dir) -> checkpoint`` on a miss.
 
     ``train`` writes whatever it likes (metrics.jsonl, ...) into ``tmp_dir``; the checkpoint it returns is
     saved there with its checksum, and the dir is renamed into place atomically. A stored entry that fails
-    verification is set aside and trained again.
+    verification is set aside and trained again. A miss is logged with :func:`why_missed`. ``run``: the run dir
+    using the entry, recorded in its ``uses.jsonl`` (:func:`record_use`).
     """
     root = Path(root)
     entry = root / f"{name}-{key_hash(key)}"
     if read_only(root):
-        return _reuse_read_only(entry, name), entry, True
+        return _reuse_read_only(entry, name, key), entry, True
     root.mkdir(parents=True, exist_ok=True)
     with _lock(entry):
         remove_stale_temps(root, held=entry.name)
         if (entry / CHECKPOINT).exists():
             checkpoint, problem = _verified(entry)
             if problem is None:
+                record_use(entry, run, trained=False)
                 return checkpoint, entry, True
             _set_aside(entry, problem)
-        elif entry.exists():  # an incomplete entry (no checkpoint): set it aside, never delete results
-            os.replace(entry, entry.with_name(entry.name + f".incomplete-{os.getpid()}"))
+        else:
+            log.info(f"store: no {name} for this key in {root} ({entry.name}); {why_missed(root, key)}")
+            if entry.exists():  # an incomplete entry (no checkpoint): set it aside, never delete results
+                os.replace(entry, entry.with_name(entry.name + f".incomplete-{os.getpid()}"))
         tmp = root / f".{entry.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             write_json(tmp / "key.json", key)
+            record_use(tmp, run, trained=True)
             checkpoint = train(tmp)
             bad = nan_weights(checkpoint)
             if bad:
@@ -96,13 +110,14 @@ def read_only(directory: Path) -> bool:
     return Path(directory).is_dir() and not os.access(directory, os.W_OK | os.X_OK)
 
 
-def _reuse_read_only(entry: Path, name: str) -> dict:
+def _reuse_read_only(entry: Path, name: str, key: dict) -> dict:
     """The checkpoint of ``entry`` in a store this process may not write (a shared one, or one on a read-only
     disk): verified like any entry and used as it is, without a lock, writing nothing. A missing or bad entry
     can be neither trained nor set aside there: one line says so."""
     if not (entry / CHECKPOINT).exists():
-        raise KdrunError(f"store {entry.parent} is read-only and holds no {name} for this key ({entry.name}); "
-                         f"point store.teachers / store.baselines at a writable store to train it")
+        raise KdrunError(f"store {entry.parent} is read-only and holds no {name} for this key ({entry.name}; "
+                         f"{why_missed(entry.parent, key)}); point store.teachers / store.baselines at a writable "
+                         f"store to train it")
     checkpoint, problem = _verified(entry)
     if problem is not None:
         raise KdrunError(f"store entry {entry} is corrupt ({problem}) and its store is read-only, so it can be "
@@ -229,3 +244,96 @@ def _remove_temp(tmp: Path) -> None:
         log.warning(f"removed {tmp}: the temp dir of a killed kdrun process (pid {tmp.name.rpartition('-')[2]})")
 
 
+
+
+def record_use(entry: Path, run: Optional[str], trained: bool) -> None:
+    """Append this use of ``entry`` by the run dir ``run`` to its ``uses.jsonl``: one line, appended (``O_APPEND``:
+    concurrent runs each add theirs). Best effort: a store that cannot take it (another user's entry) is used all
+    the same. Nothing without ``run``."""
+    if run is None:
+        return
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    line = json.dumps({"at": now, "run": str(run), "pid": os.getpid(),
+                       "host": socket.gethostname(), "trained": trained})
+    try:
+        with open(entry / USES, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        log.debug(f"store entry {entry}: use not recorded ({type(exc).__name__}: {exc})")
+
+
+def entries(root: Path) -> list[Path]:
+    """The complete entries of the store ``root``: dirs holding a ``model.pt`` (not temp or set-aside dirs, caches)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and ".corrupt-" not in p.name and ".incomplete-" not in p.name and (p / CHECKPOINT).is_file())
+
+
+def read_key(entry: Path) -> Optional[dict]:
+    """The key ``entry`` was stored under (``key.json``); None when it has none that reads."""
+    try:
+        key = json.loads((Path(entry) / "key.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return key if isinstance(key, dict) else None
+
+
+def flat_key(node, prefix: str = "") -> dict:
+    """A key as ``{dotted part: value}`` (nested dicts dotted; lists and scalars as values)."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in flat_key(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def why_missed(root: Path, key: dict) -> str:
+    """Why ``key`` has no entry in ``root``: the parts of the key in which the closest entry (fewest parts differ;
+    same model name first, then the newest) differs, with both values; a changed source hash names its file."""
+    new = flat_key(json.loads(json.dumps(key, default=str)))
+    best = None
+    for entry in entries(root):
+        old = read_key(entry)
+        if old is None:
+            continue
+        old = flat_key(old)
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+        rank = (len(diff), old.get("model.name") != new.get("model.name"), -entry.stat().st_mtime)
+        if best is None or rank < best[0]:
+            best = (rank, entry, diff, old)
+    if best is None:
+        return "the store holds no entry to compare with"
+    _, entry, diff, old = best
+    parts = "; ".join(_difference(k, old, new) for k in diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4
+                                                                      else "")
+    return f"the closest entry, {entry.name}, differs in {parts}"
+
+
+_ABSENT = "<absent>"
+
+
+def _difference(part: str, old: dict, new: dict) -> str:
+    """``part: old -> new``; a ``source_sha256`` part also names the callable and its file, as the config does now."""
+    short = lambda v: (v if len(v) <= 24 else v[:12] + "…") if isinstance(v, str) else json.dumps(v, default=str)[:40]
+    text = f"{part}: {short(old.get(part, _ABSENT))} -> {short(new.get(part, _ABSENT))}"
+    if part.endswith("source_sha256"):
+        owner = part.rpartition(".")[0]
+        what = new.get(f"{owner}.target" if owner else "target") or new.get(f"{owner}.name" if owner else "name")
+        where = _source_of(str(what)) if what else None
+        text = f"{part} (the code of {what}{f' in {where}' if where else ''}): " + text.partition(": ")[2]
+    return text
+
+
+def _source_of(target: str) -> Optional[str]:
+    """The file defining the importable ``target`` (a plugin's registered name: its object's file), or None."""
+    from kdrun import registry
+
+    try:
+        if "." in target or ":" in target:
+            obj = registry.import_target(target, "target")
+        else:
+            found = registry.entries("model").get(target)
+            obj = found.obj if found is not None else None
+        return registry.source_file(obj) if obj is not None else None
+    except Exception:  # noqa: BLE001 - only an explanation: never a reason to fail
+        return None

@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import kdrun.conf
@@ -138,8 +138,11 @@ SWEEP_SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per jo
 
 
 def run_sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
-    """``kdrun -m experiment=smoke ARGS`` in ``base``, sweep dir ``base/sweep``, stores under ``base``."""
+    """``kdrun -m experiment=smoke ARGS`` in ``base``, sweep dir ``base/sweep``, stores under ``base``; without the
+    jobs' run reports unless ``ARGS`` say ``report=true`` (as :func:`run_inproc`)."""
     store = store_overrides(base) if stores else []
+    if not any(str(a).startswith("report=") for a in args):
+        args = ("report=false", *args)
     return run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
 
 
@@ -199,10 +202,21 @@ def kdrun_help(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def seed_sweep(tmp_path_factory):
-    """A T x seed multirun of the real CLI (``loss.T=1,4 seed=0,1``: 4 jobs, fresh stores), run once per
-    session: (base dir, CliResult). Read by test_sweep.py and test_cli.py; nothing may write into it except
-    test_kdrun_summarize_reproduces_the_summary, which rewrites the sweep summary files identically."""
-    base = tmp_path_factory.mktemp("seeds")
-    result = run_sweep(base, "loss.T=1,4", "seed=0,1")
-    assert result.returncode == 0, result.describe()
+    """A T x seed multirun of the real CLI (``loss.T=1,4 seed=0,1``: 4 jobs, fresh stores), run once per test
+    session, also under pytest-xdist (the first worker to need it runs it under a file lock; the others read its
+    dir): (base dir, CliResult). Read by test_sweep.py, test_cli.py and test_report.py: nothing may write into it
+    (a test that rewrites its files works on a copy)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    base, saved = root / "seed_sweep", root / "seed_sweep.json"
+    with FileLock(str(root / "seed_sweep.lock")):
+        if saved.exists():
+            return base, CliResult(**json.loads(saved.read_text()))
+        base.mkdir(exist_ok=True)
+        result = run_sweep(base, "loss.T=1,4", "seed=0,1", "report=true")  # the summary links each job's report
+        assert result.returncode == 0, result.describe()
+        saved.write_text(json.dumps(asdict(result)))
     return base, result

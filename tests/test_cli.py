@@ -56,7 +56,7 @@ def error_line(via_cli: bool, base: Path, run_dir: Path, *overrides: str) -> str
     try:
         smoke_inproc(base, run_dir, *overrides)
     except Exception as exc:  # noqa: BLE001 - what main() reports as one line; anything else is re-raised
-        message = explain(exc)
+        message = explain(exc, ["experiment=smoke", *overrides])
         if message is None:
             raise
     else:
@@ -152,6 +152,11 @@ def test_teacher_store_entry(shared):
     build_model("cnn", num_classes=10, in_channels=1, image_size=8).load_state_dict(stored["model"])
 
 
+def test_a_completed_run_ends_saying_where_its_results_are(shared):
+    lines = [line for line in shared["first"].stdout.splitlines() if line.strip()]
+    assert lines[-1] == "results: run1 (summary.json, report.md, kdrun.log)", shared["first"].describe()
+
+
 def test_output_shows_the_loss_formula_and_log_file_too(shared):
     first = shared["first"]
     assert FORMULA in first.output
@@ -173,7 +178,8 @@ def test_second_run_reuses_the_teacher(shared):
 
 def test_multirun_trains_one_teacher(seed_sweep):
     """`kdrun -m experiment=smoke loss.T=1,4 seed=0,1` (conftest.py's session sweep, shared with test_sweep.py)."""
-    base, _ = seed_sweep
+    base, result = seed_sweep
+    assert result.stdout.strip().splitlines()[-1] == "results: sweep (summary.md, results.csv, results.png)"
     summaries = [read_json(p) for p in sorted((base / "sweep").glob("*/summary.json"))]
     assert len(summaries) == 4
     assert all(s["status"] == "completed" for s in summaries)
@@ -209,12 +215,20 @@ CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before th
     (["+foo=1"], ["foo", "unknown config key"]),
     (["+loss.foo=2"], ["loss.foo", "unknown config key"]),
     (["optim.name=rmsprop"], ["optim.name", "rmsprop", "adamw", "sgd"]),
+    (["loss.T=1,4"], ["loss.T=1,4: several values: a sweep over them needs -m: kdrun -m experiment=smoke ",
+                      " loss.T=1,4 ", "loss.T=[1,4]"]),
+    (["seed=range(2)"], ["seed=range(2): several values: a sweep over them needs -m: kdrun -m "]),
+    (["export=onnx"], ["export: takes a list: export=[onnx]"]),
+    (["loss=fitnet", "loss.teacher_layers=features.3"], ["loss.teacher_layers=[features.3]"]),
+    (["mode.generations=3"], ["mode.generations: unknown config key; it is a key of mode=self: add mode=self"]),
+    (["student.args.width_mult=0.5"], ["it is a key of student=mobilenet: add student=mobilenet"]),
+    (["loss.beta=2"], ["loss.beta: unknown config key; it is a key of loss=at, loss=dist, loss=dkd, loss=fitnet"]),
 ]
 
 
 # Printed by the real CLI: one of each way a config is refused (unknown group option, unknown key, wrong type at
 # composition; a range check inside the job). The others are checked in-process: same message, same code path.
-CLI_CONFIG_ERRORS = {"loss.alpha=1.5", "teacher=foo", "loss.Tx=3", "loss.T=abc"}
+CLI_CONFIG_ERRORS = {"loss.alpha=1.5", "teacher=foo", "loss.Tx=3", "loss.T=abc", "loss.T=1,4"}
 
 
 @pytest.mark.parametrize("overrides,fragments", CONFIG_ERRORS, ids=[" ".join(o) for o, _ in CONFIG_ERRORS])
@@ -223,7 +237,7 @@ def test_config_errors_are_one_line(tmp_path, overrides, fragments):
     last = error_line(" ".join(overrides) in CLI_CONFIG_ERRORS, tmp_path, run, *overrides)
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
-    assert not (run / "summary.json").exists()
+    assert not run.exists(), f"a refused config left {sorted(p.name for p in run.iterdir())}"
     assert not (tmp_path / "teachers").exists(), "a refused config still trained something"
 
 
@@ -331,23 +345,23 @@ def test_list_models_via_console_script(tmp_path):
         assert name in listed, f"{name} not listed"
 
 
-@pytest.mark.parametrize("what,kind", [("losses", "loss"), ("modes", "mode")])
-def test_list_shows_each_options_registered_defaults(what, kind, capsys, monkeypatch):
-    """`--list losses|modes` shows every option's keys with the defaults of its registered config (the ones a
-    run uses: tests/test_schema.py compares them with the composed configs)."""
-    from kdrun import registry
+@pytest.mark.parametrize("what", ["losses", "modes", "datasets"])
+def test_list_prints_each_options_values(what, capsys, monkeypatch):
+    """`--list WHAT` prints each option's values as overrides write them (tests/test_schema.py compares the values
+    with the composed configs)."""
+    from kdrun import listing
     from kdrun.cli import _list
 
     monkeypatch.setenv("COLUMNS", "400")  # no cut cells
     assert _list(what) == 0
     rows = {cells[0]: cells for line in capsys.readouterr().out.splitlines()
             if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 4}
-    for name, entry in registry.entries(kind).items():
-        assert rows[name][2] == ", ".join(f"{k}={v}" for k, v in entry.params().items())
-    if kind == "loss":
-        assert rows["mse"][2] == "T=1.0, alpha=0.5" and rows["hard"][2] == "T=1.0, alpha=0.5"
-    else:
-        assert rows["semi"][2].startswith("labeled_fraction=0.1, labels_per_class=None")
+    group, found = listing.rows(what)
+    assert {row.name: row.shown(group) or "-" for row in found} == {name: cells[2] for name, cells in rows.items()}
+    expected = {"losses": ("mse", "T=1.0, alpha=0.5"), "modes": ("merge", "class_splits=null, combine=confidence, "
+                                                                           "loss.alpha=1.0"),
+                "datasets": ("digits", "val_fraction=0.15, test_fraction=0.2, split_seed=0")}[what]
+    assert rows[expected[0]][2] == expected[1]
 
 
 def test_list_unknown_is_an_error(capsys):
@@ -355,7 +369,37 @@ def test_list_unknown_is_an_error(capsys):
 
     assert _list("widgets") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kdrun: error: --list:") and "models, datasets, losses, modes" in err and "\n" not in err
+    assert err.startswith("kdrun: error: --list:") and "models, datasets, losses, modes, optim" in err
+    assert "layers" in err and "\n" not in err
+    assert _list("layers") == 2 and "name a model" in capsys.readouterr().err
+    assert _list("losses", ["loss=kd"]) == 2 and "takes no overrides" in capsys.readouterr().err
+
+
+def test_list_layers_of_a_model_via_console_script(tmp_path):
+    """`kdrun --list layers cnn`: the module names with their output shapes on digits, the default feature layers
+    marked, nothing written."""
+    result = run_kdrun("--list", "layers", "cnn", cwd=tmp_path, script=True)
+    assert result.returncode == 0, result.describe()
+    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 3}
+    assert rows["features.3"] == ["32x4x4", "at: stage 1, fitnet: hint"]
+    assert rows["features.7"] == ["64x2x2", "at: stage 2"] and rows["classifier"] == ["10", ""]
+    assert "dataset=digits" in result.stdout and "1x8x8" in result.stdout
+    assert list(tmp_path.iterdir()) == [], "--list layers wrote files"
+
+
+def test_list_layers_of_the_configured_models():
+    """`--list layers teacher|student [overrides]`: the model the command line configures (its args, the dataset's
+    input), also a `_target_` model, whose lack of default feature layers the title says."""
+    from kdrun import listing
+
+    title, found = listing.layers("teacher", ["teacher.args.channels=16", "dataset=fake", "dataset.image_size=16"])
+    rows = {name: (shape, use) for name, shape, use in found}
+    assert rows["features.3"] == ((16, 8, 8), "at: stage 1, fitnet: hint") and rows["features.7"][0] == (32, 4, 4)
+    assert "teacher=cnn on dataset=fake (input 1x16x16" in title and "no default" not in title
+    title, found = listing.layers("student", ["+student._target_=kdrun_example_plugin.nets.TinyNet", "dataset=fake"])
+    assert "no default feature layers: set loss.student_layers" in title
+    assert ("head", (4,), "") in found and all(use == "" for _, _, use in found)
 
 
 def test_console_script_is_installed():

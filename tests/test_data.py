@@ -295,6 +295,7 @@ def test_uint8_conversion_matches_torchvision_bit_for_bit(tmp_path, fake_fmnist_
         theirs = torch.stack([reference(Image.fromarray(img)) for img in raw])
         assert ours.dtype == theirs.dtype == torch.float32
         assert torch.equal(ours, theirs), f"{split}: max diff {(ours - theirs).abs().max()}"
+    assert data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"  # the IDX files' too
     unit = to_unit_float(data.train.x[:3])
     assert torch.equal(unit, torch.stack([transforms.ToTensor()(Image.fromarray(img)) for img in train_x[:3]]))
 
@@ -349,6 +350,7 @@ def test_imagefolder_streaming_matches_in_memory(tmp_path):
     streamed = load_data(DatasetConfig(stream="true", **common), torch.device("cpu"))
     assert isinstance(streamed.train.x, LazyImages) and not isinstance(memory.train.x, LazyImages)
     assert (memory.channels, memory.image_size, memory.num_classes) == (3, 8, 3)
+    assert memory.class_names == streamed.class_names == ["class0", "class1", "class2"]  # the folder names
     drop = lambda identity: {k: v for k, v in identity.items() if k != "fingerprint"}  # pixels vs file list
     assert drop(memory.identity) == drop(streamed.identity)
     for split in ("train", "val", "test"):
@@ -408,3 +410,125 @@ def test_non_finite_pixels_of_a_torch_dataset_are_refused(tmp_path, monkeypatch,
         data = load_data(cfg, CPU)
         for split in ("train", "val"):  # item 7 is in one of them
             list(data.batches(split, 8))
+
+
+# --- a user's data: what it is passed, its errors, its class names ----------------------------------------
+
+USER_DATA = """
+import numpy as np
+import torch
+
+SEEN = {}
+
+def _splits(n=40, k=2):
+    x = np.random.default_rng(0).random((n, 1, 4, 4), dtype=np.float32)
+    return {"train": (x, np.arange(n) % k), "test": (x[:10], np.arange(10) % k)}
+
+def load(root="/data/x", split_seed=7, download=True, n=40):
+    SEEN.update(root=root, split_seed=split_seed, download=download, n=n)
+    return _splits(n)
+
+def needs_seed(split_seed):
+    SEEN.update(split_seed=split_seed)
+    return _splits()
+
+def missing_file(root="/no/such/dir/x.npz"):
+    return np.load(root)
+
+def named(n=40):
+    return {**_splits(n, 3), "classes": ["cat", "dog", "owl"]}
+
+def fashion_mnist():  # a user's function that happens to share a built-in's name: it names no classes
+    return _splits(100, 10)
+
+def wrong_count():
+    return {**_splits(40, 3), "classes": ["cat", "dog"]}
+
+def not_a_list():
+    return {**_splits(40, 3), "classes": 3}
+
+class Items(torch.utils.data.Dataset):
+    classes = ["left", "right"]
+
+    def __init__(self, n, broken=False):
+        self.n, self.broken = n, broken
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.broken and i == 3:
+            raise KeyError("no item 3 on disk")
+        return torch.full((1, 4, 4), float(i % 2)), i % 2
+
+def torch_dataset():
+    return {"train": Items(20), "test": Items(6)}
+
+def broken_dataset():
+    return {"train": Items(20, broken=True), "test": Items(6)}
+"""
+
+
+@pytest.fixture
+def userdata(tmp_path, monkeypatch):
+    """A module ``userdata`` of dataset callables, importable for the test."""
+    import importlib
+    import sys
+
+    (tmp_path / "userdata.py").write_text(USER_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("userdata", None)
+    return importlib.import_module("userdata")
+
+
+def user_cfg(target: str, **keys) -> DatasetConfig:
+    """The ``dataset`` node of a user's YAML (``_target_`` plus ``keys``) as the schema makes it."""
+    from kdrun.schema import open_node
+
+    node = {**{k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items()
+               if k not in ("target", "kwargs")}, "name": None, "_target_": target, **keys}
+    return open_node(DatasetConfig, node, "dataset")
+
+
+def test_kdrun_keys_reach_a_user_dataset_only_when_set(userdata):
+    """kdrun's own dataset.* keys left at kdrun's defaults (root: null, split_seed: 0, download: false) keep the
+    function's defaults; set ones are passed; a required one gets kdrun's value."""
+    from kdrun.data.splits import call_dataset
+
+    call_dataset(user_cfg("userdata.load"))
+    assert userdata.SEEN == {"root": "/data/x", "split_seed": 7, "download": True, "n": 40}
+    call_dataset(user_cfg("userdata.load", root="/elsewhere", split_seed=3, n=30))
+    assert userdata.SEEN == {"root": "/elsewhere", "split_seed": 3, "download": True, "n": 30}
+    call_dataset(user_cfg("userdata.needs_seed"))
+    assert userdata.SEEN["split_seed"] == 0
+
+
+def test_an_error_in_a_user_dataset_is_one_line_naming_it(userdata):
+    from kdrun.data.splits import call_dataset
+    from kdrun.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        call_dataset(user_cfg("userdata.missing_file"))
+    assert err.value.key == "dataset._target_" and "\n" not in str(err.value)
+    assert str(err.value).startswith("dataset._target_: userdata.missing_file() raised FileNotFoundError: ")
+    assert "/no/such/dir/x.npz" in str(err.value)
+    assert isinstance(err.value.__cause__, FileNotFoundError)  # the traceback the run's log gets
+    with pytest.raises(ConfigError) as err:
+        call_dataset(user_cfg("userdata.broken_dataset", stream="false"))
+    assert str(err.value) == ("dataset._target_: userdata.broken_dataset['train']: reading its items raised "
+                              "KeyError: 'no item 3 on disk'")
+
+
+def test_class_names_come_from_the_loaded_dataset(userdata):
+    """A mapping's ``classes`` or a torch Dataset's ``classes`` attribute; never a built-in's names by a name match."""
+    from kdrun.errors import ConfigError
+
+    named = load_data(user_cfg("userdata.named"), CPU)
+    assert named.class_names == ["cat", "dog", "owl"] and named.num_classes == 3
+    assert load_data(user_cfg("userdata.torch_dataset", num_workers=0), CPU).class_names == ["left", "right"]
+    borrowed = load_data(user_cfg("userdata.fashion_mnist"), CPU)
+    assert borrowed.num_classes == 10 and borrowed.class_names is None
+    with pytest.raises(ConfigError, match=r"^dataset._target_: userdata.wrong_count: 2 class names for 3 classes"):
+        load_data(user_cfg("userdata.wrong_count"), CPU)
+    with pytest.raises(ConfigError, match=r"^dataset._target_: userdata.not_a_list: classes must be a list"):
+        load_data(user_cfg("userdata.not_a_list"), CPU)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, cli_env, compose_config, read_json, run_kdrun, smoke_inproc, store_overrides
 
+import kdrun
 from kdrun.errors import ConfigError, InputError, RunFailed
 from kdrun.rundir import CLAIM, claim
 from kdrun.schema import to_object
@@ -148,6 +149,7 @@ def test_unreadable_teacher_ckpt_exits_2_like_other_checkpoint_errors(tmp_path):
     assert result.returncode == 2, result.describe()  # bad input, fixable before running (kdrun.errors)
     assert "Traceback" not in result.stderr, result.describe()
     assert result.last_err_line.startswith(f"kdrun: error: teacher.ckpt: {bad} is not a readable PyTorch checkpoint")
+    assert result.stderr.strip().splitlines()[-2] == "kdrun: results: run (summary.json, kdrun.log)"  # just before
 
 
 @pytest.fixture
@@ -185,6 +187,25 @@ def test_a_fifo_teacher_ckpt_is_one_line_from_the_cli(tmp_path, fifo):
                        *store_overrides(tmp_path), cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.describe()
     assert result.last_err_line == f"kdrun: error: teacher.ckpt: {fifo} is a FIFO (named pipe), not a regular file"
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["package", "namespace"])
+def test_a_folder_shadowing_the_package_is_named_at_start(tmp_path, init):
+    """A folder named kdrun first on sys.path (PYTHONPATH here) takes the package's name; its modules still come
+    from the installed kdrun, which says so before anything fails on the missing names."""
+    (tmp_path / "site" / "kdrun").mkdir(parents=True)
+    if init:
+        (tmp_path / "site" / "kdrun" / "__init__.py").write_text("")
+    env = {**cli_env(), "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([PYTHON, "-m", "kdrun", "--list", "models"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if not proc.stderr.startswith("kdrun: error: ") and "No module named" in proc.stderr:
+        pytest.skip("not an editable install: the folder hides kdrun's modules too, before kdrun's code runs")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"kdrun: error: the folder {tmp_path / 'site' / 'kdrun'} shadows the kdrun package "
+                                   f"at {Path(kdrun.__file__).resolve().parent}: Python imports it as `kdrun` because "
+                                   f"it comes first on sys.path (PYTHONPATH or the current directory); rename it or "
+                                   f"take it off PYTHONPATH")
 
 
 # --- claiming run dirs ------------------------------------------------------------------------------------

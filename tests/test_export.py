@@ -84,9 +84,70 @@ def test_onnx_has_a_dynamic_batch_axis(smoke_run):
             assert out.shape == (batch, 10) and torch.allclose(torch.from_numpy(out), model(x), atol=1e-4)
 
 
+def test_exported_student_carries_its_preprocessing(smoke_run):
+    """mean / std, input shape and class names were only in summary.json: student.json beside the exported files
+    and the ONNX file's metadata_props carry them."""
+    run_dir, summary = smoke_run
+    record = summary["export"]
+    for stage in ("student", "student_pruned"):
+        assert record["preprocessing"][stage] == f"checkpoints/{stage}.json"
+        info = read_json(run_dir / "checkpoints" / f"{stage}.json")
+        assert info["mean"] == record["input"]["mean"] and info["std"] == record["input"]["std"]
+        assert info["input_shape"] == ["batch", 1, 8, 8] and info["dtype"] == "float32"
+        assert (info["input_name"], info["output_name"]) == ("images", "logits")
+        assert info["class_names"] == [str(i) for i in range(10)] and info["dataset"] == "digits"
+        assert info["files"] == {fmt: f"{stage}{export.EXPORT_FORMATS[fmt]}" for fmt in FORMATS}
+        assert "(x - mean) / std" in info["preprocess"]
+    if HAS_ONNX:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(run_dir / "checkpoints" / "student.onnx")).metadata_props}
+        info = read_json(run_dir / "checkpoints" / "student.json")
+        assert json.loads(props["mean"]) == info["mean"] and json.loads(props["std"]) == info["std"]
+        assert json.loads(props["class_names"]) == info["class_names"] and props["dataset"] == "digits"
+        assert json.loads(props["input_shape"]) == ["batch", 1, 8, 8] and "files" not in props
+    assert export.deployment({"meta": {"num_classes": 10, "name": "mlp"}}, {"dataset": {"name": "fashion_mnist"}},
+                             {"shape": ["batch", 1, 28, 28]})["class_names"][9] == "Ankle boot"
+
+
+def test_the_deploy_docs_snippet_classifies_a_raw_image(smoke_run, tmp_path, capsys, monkeypatch):
+    """docs/deploy.md's onnxruntime snippet, run as written on a PNG file: it prints the class the PyTorch
+    student predicts for that image."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from kdrun.data.dataset import to_unit_float
+
+    run_dir, summary = smoke_run
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    snippet = re.search(r"<!-- tested: tests/test_export.py -->\n```python\n(.*?)```", text, re.S).group(1)
+    info = read_json(run_dir / "checkpoints" / "student.json")
+    data = load_digits_test()
+    for index in range(3):  # the test image as an 8-bit grey PNG
+        raw = (to_unit_float(data.test.x[index:index + 1])[0, 0] * 255).round().to(torch.uint8)
+        Image.fromarray(raw.numpy(), mode="L").save(tmp_path / "my_image.png")
+        x = (raw.float() / 255 - torch.tensor(info["mean"])) / torch.tensor(info["std"])
+        model, _ = export.load_student(run_dir / "checkpoints" / "student_best.pt")
+        with torch.no_grad():
+            expected = info["class_names"][int(model(x[None, None]).argmax())]
+        monkeypatch.chdir(tmp_path)
+        code = snippet.replace("outputs/2026-11-23/10-00-00", str(run_dir))
+        exec(compile(code, "deploy.md", "exec"), {})
+        assert capsys.readouterr().out.strip() == expected
+
+
+def load_digits_test():
+    from kdrun.data.dataset import load_data
+    from kdrun.schema import DatasetConfig, open_node
+
+    return load_data(open_node(DatasetConfig, {"name": "digits"}, "dataset"), torch.device("cpu"))
+
+
 def test_kdrun_export_cli_on_a_finished_run(smoke_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(smoke_run[0], run_dir)
+    (run_dir / "checkpoints" / "student.json").unlink()
     for fmt in FORMATS:
         (run_dir / "checkpoints" / f"student{export.EXPORT_FORMATS[fmt]}").unlink()
     before = read_json(run_dir / "summary.json")["export"]
@@ -97,6 +158,7 @@ def test_kdrun_export_cli_on_a_finished_run(smoke_run, tmp_path):
     assert "checkpoints/student.ts" in proc.stdout
     after = read_json(run_dir / "summary.json")["export"]
     assert (run_dir / "checkpoints" / "student.ts").exists()
+    assert read_json(run_dir / "checkpoints" / "student.json")["files"] == {"torchscript": "student.ts"}
     assert after["student"]["torchscript"]["max_abs_diff"] < 1e-4
     assert after["formats"] == FORMATS  # a format not exported now keeps its earlier record
     if HAS_ONNX:

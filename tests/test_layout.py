@@ -13,8 +13,8 @@ import pytest
 grimp = pytest.importorskip("grimp")  # installed with import-linter (the test extra)
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAME = {"__init__", "__main__", "cli", "run", "rundir", "resume", "errors", "registry", "results", "records", "console",
-         "store", "version", "memo", "trust"}
+FRAME = {"__init__", "__main__", "cli", "listing", "run", "rundir", "resume", "errors", "registry", "results", "records",
+         "console", "store", "storetool", "version", "memo", "trust"}
 FOLDERS = {"data", "models", "losses", "train", "teacher", "stages", "modes", "outputs", "schema", "sweep"}
 
 

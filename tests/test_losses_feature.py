@@ -127,15 +127,22 @@ def test_forward_needs_features_and_fitnet_needs_setup():
 
 # --- layers: names, defaults, shapes ----------------------------------------------------------------------------
 
-def test_unmatched_pair_is_one_line_naming_both_layers_and_shapes():
+def test_unmatched_pair_is_one_line_naming_both_layers_shapes_and_the_layers_that_fit():
     x = torch.randn(2, 1, 8, 8)
     with pytest.raises(ConfigError) as err:
         FeaturePairs(FitNetLoss(), tiny("mlp"), tiny("cnn"), x)
     assert str(err.value) == ("loss.student_layers: loss=fitnet cannot pair student layer 'net.2' (2, 256) with "
                               "teacher layer 'features.3' (2, 4, 4, 4): needs two (N, C, H, W) maps or two (N, D) "
-                              "vectors")
+                              "vectors; teacher layers that fit student layer 'net.2': classifier, classifier.0, "
+                              "classifier.1, classifier.2, classifier.3, classifier.4 (loss.teacher_layers); student "
+                              "layers that fit teacher layer 'features.3': none (loss.student_layers)")
+    pairs = FeaturePairs(FitNetLoss(teacher_layers=["classifier.1"]), tiny("mlp"), tiny("cnn"), x)  # as it says
+    assert (pairs.student_names, pairs.teacher_names) == (["net.2"], ["classifier.1"])
     with pytest.raises(ConfigError, match=r"loss=at cannot pair student layer 'classifier.1' \(2, 256\) with teacher "
-                                          r"layer 'features.3' \(2, 4, 4, 4\): needs \(N, C, H, W\) feature maps"):
+                                          r"layer 'features.3' \(2, 4, 4, 4\): needs \(N, C, H, W\) feature maps on "
+                                          r"both sides; teacher layers that fit student layer 'classifier.1': none "
+                                          r"\(loss.teacher_layers\); student layers that fit teacher layer 'features.3': "
+                                          r"features, features.0, .*, features.6, \.\.\. \(1 more\)"):
         FeaturePairs(ATLoss(student_layers=["classifier.1"], teacher_layers=["features.3"]), tiny("cnn"),
                      tiny("cnn"), x)
 
@@ -167,7 +174,8 @@ def test_a_users_model_without_defaults_is_asked_for_layer_names():
     with pytest.raises(ConfigError) as err:
         FeaturePairs(ATLoss(), Mine(), tiny("cnn"), torch.randn(2, 1, 8, 8))
     assert str(err.value) == ("loss.student_layers: no default feature layers for Mine: set loss.student_layers and "
-                              "loss.teacher_layers to module names (print(model) shows them); its modules: body, head")
+                              "loss.teacher_layers to module names (`kdrun --list layers` shows them); its modules: "
+                              "body, head")
     with pytest.raises(ConfigError, match=r"^loss.teacher_layers: 1 student layers \['body'\] and 2 teacher layers "
                                           r"\['features.3', 'features.7'\] do not pair up"):
         FeaturePairs(ATLoss(student_layers=["body"]), Mine(), tiny("cnn"), torch.randn(2, 1, 8, 8))

@@ -118,7 +118,8 @@ def _user_module(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
 
 
 BAD = {
-    "not_importable": ("teacher", "_target_: no_such_pkg.Net\n", "teacher._target_", "No module named"),
+    "not_importable": ("teacher", "_target_: no_such_pkg.Net\n", "teacher._target_",
+                       "No module named 'no_such_pkg'; a module of your own must be importable"),
     "not_a_module": ("teacher", "_target_: badmods.not_module\n", "teacher._target_", "not a torch.nn.Module"),
     "wrong_logits": ("student", "_target_: badmods.wrong_shape\n", "student._target_", "expected logits of shape"),
     "unknown_kwarg": ("teacher", "_target_: badmods.wrong_shape\ndepth: 3\n", "teacher.depth", "no argument"),
@@ -150,6 +151,27 @@ def test_bad_user_code_is_one_config_error(tmp_path, monkeypatch, case):
                        config_dir=tmp_path / "conf")
     assert err.value.key == key and fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_user_datasets_class_names_reach_the_report(tmp_path, monkeypatch):
+    """The names the dataset returns, in report.json, report.md and summary.json; a function that shares a
+    built-in's name (fashion_mnist) borrows nothing from it."""
+    _user_module(tmp_path, monkeypatch, "named_data", """
+        import numpy as np
+        def fashion_mnist(n=120):
+            rng = np.random.default_rng(0)
+            y = np.arange(n) % 3
+            x = (rng.random((n, 1, 6, 6)) * 0.3 + y[:, None, None, None] * 0.3).astype(np.float32)
+            return {"train": (x, y), "test": (x[:30], y[:30]), "classes": ["cat", "dog", "owl"]}
+    """)
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "named.yaml").write_text("_target_: named_data.fashion_mnist\n")
+    summary = run_in_process(tmp_path, "dataset=named", "report=true", *TINY, config_dir=tmp_path / "conf")
+    assert summary["dataset"]["class_names"] == ["cat", "dog", "owl"]
+    report = read_json(tmp_path / "run" / "report.json")
+    assert report["class_names"] == ["cat", "dog", "owl"]
+    assert [c["name"] for c in report["models"]["student"]["classes"]] == ["cat", "dog", "owl"]
+    assert "| owl |" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_timm_teacher_distils_into_a_kdrun_student_on_digits(tmp_path):

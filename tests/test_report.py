@@ -172,18 +172,19 @@ def test_report_of_a_mode_with_more_stages(tmp_path):
     report = read_json(run_dir / "report.json")
     assert list(report["models"]) == ["baseline", "gen1", "student"]
     assert report["student_trails_teacher"] is None and written.trails_line is None
-    assert report["class_names"] == [str(i) for i in range(3)]  # fashion_mnist's names only fit 10 classes
+    assert report["class_names"] == [str(i) for i in range(3)]  # a dataset called fashion_mnist names nothing
     assert_png(run_dir / report["figures"]["learning_curves"])
     assert "## Where the student trails" not in (run_dir / "report.md").read_text()
     assert math.isclose(written.summary["models"]["gen1"]["accuracy"], report["models"]["gen1"]["accuracy"])
 
 
-def test_class_names_of_builtin_datasets():
+def test_class_names_are_the_loaded_datasets():
+    """The names the loaded dataset gave (never looked up by the dataset's name), else the class indices."""
     from kdrun.outputs.report import class_names
 
-    assert class_names("fashion_mnist", 10)[9] == "Ankle boot"
-    assert class_names("cifar10", 10)[0] == "airplane"
-    assert class_names("digits", 10) == [str(i) for i in range(10)]
+    assert class_names(["cat", "dog", "owl"], 3) == ["cat", "dog", "owl"]
+    assert class_names(None, 3) == ["0", "1", "2"]
+    assert class_names(["cat", "dog", "owl"], 2) == ["0", "1"]  # a class-subset model (mode=merge) is left out
 
 
 def test_sweep_summary_links_each_jobs_report(seed_sweep):
@@ -231,3 +232,103 @@ def test_a_later_job_reuses_the_teachers_evaluation(tmp_path, monkeypatch):
     assert first["teacher"]["test_acc"] == second["teacher"]["test_acc"]
     a, b = read_json(tmp_path / "a" / "report.json"), read_json(tmp_path / "b" / "report.json")
     assert a["models"]["teacher"] == b["models"]["teacher"]
+
+
+# --- figures a reader looks at -----------------------------------------------------------------------------------
+
+def drawn_figures(monkeypatch) -> dict:
+    """name -> the matplotlib figure the report saves as ``figures/<name>.png``."""
+    from kdrun.outputs import report
+
+    figures, save = {}, report._save
+    monkeypatch.setattr(report, "_save", lambda fig, out_dir, name: figures.setdefault(name, fig) and
+                        save(fig, out_dir, name))
+    return figures
+
+
+def test_reliability_diagram_leaves_sparse_bins_out_of_its_line(tmp_path, monkeypatch):
+    """A small test split's bins of 1-3 images zig-zag between accuracy 0 and 1: they are drawn hollow, apart
+    from the line; report.json keeps every bin (ECE counts them)."""
+    from kdrun.outputs.report import MIN_BIN_COUNT, reliability_png
+
+    figures = drawn_figures(monkeypatch)
+    probs = [[0.95, 0.05]] * 40 + [[0.5, 0.5]] * 2 + [[0.3, 0.7]] * 3  # bins of 40, 2 and 3 images
+    labels = np.array([0] * 38 + [1] * 2 + [1] * 2 + [1] * 3)
+    model = evaluate_logits(logits_of(probs), labels, ["a", "b"])
+    assert sorted(b["count"] for b in model["calibration"]["bins"] if b["count"]) == [2, 3, 40]
+    (tmp_path / "figures").mkdir()
+    reliability_png(tmp_path, {"student": model})
+    top = figures["reliability"].axes[0]
+    (line,) = [ln for ln in top.get_lines() if "ECE" in ln.get_label()]
+    assert list(line.get_xdata()) == pytest.approx([0.95])  # the two sparse bins are not joined to it
+    hollow = [c for c in top.collections if len(c.get_offsets()) and not c.get_facecolor().any()]
+    assert sorted(x for c in hollow for x, _ in c.get_offsets()) == pytest.approx([0.5, 0.7])
+    assert f"< {MIN_BIN_COUNT} images" in top.get_title()
+    assert_png(tmp_path / "figures" / "reliability.png")
+
+
+def test_learning_curves_show_each_loss_family_on_a_log_scale(tmp_path, monkeypatch):
+    """A KD student's total loss (16 at epoch 1) flattened every CE curve on one linear axis: the CE with the
+    labels of every stage (a KD stage's CE part) has a panel of its own, the KD losses another, both log scale."""
+    from kdrun.outputs.report import curves_png
+
+    figures = drawn_figures(monkeypatch)
+    ce = [{"epoch": e, "train/loss": v, "train/loss_ce": v, "train/loss_kd": 0.0, "val/acc": 90.0 + e}
+          for e, v in ((1, 1.8), (2, 0.3), (3, 0.05))]
+    kd = [{"epoch": e, "train/loss": t, "train/loss_ce": c, "train/loss_kd": t, "val/acc": 80.0 + e}
+          for e, t, c in ((1, 16.0, 1.9), (2, 2.0, 0.4), (3, 0.3, 0.08))]
+    (tmp_path / "figures").mkdir()
+    curves_png(tmp_path, {"teacher": ce, "student": kd})
+    ce_ax, kd_ax, acc_ax = figures["learning_curves"].axes
+    assert ce_ax.get_yscale() == kd_ax.get_yscale() == "log" and acc_ax.get_yscale() == "linear"
+    plotted = {ln.get_label(): list(ln.get_ydata()) for ln in ce_ax.get_lines()}
+    assert plotted == {"teacher": [1.8, 0.3, 0.05], "student": [1.9, 0.4, 0.08]}  # the student's CE part
+    assert [list(ln.get_ydata()) for ln in kd_ax.get_lines()] == [[16.0, 2.0, 0.3]]
+    assert len(acc_ax.get_lines()) == 2
+    curves_png(tmp_path, {"teacher": ce})  # no KD stage: no KD panel
+    assert len(figures["learning_curves"].axes) == 3  # the first figure drawn is kept; draw again to compare
+    figures.clear()
+    curves_png(tmp_path, {"teacher": ce})
+    assert len(figures["learning_curves"].axes) == 2
+
+
+def sweep_cell(params: dict, delta: float, p_value: float, best: bool = False):
+    from kdrun.sweep.jobs import NOISE_P, Cell
+
+    stats = {"n": 3, "jobs": 3, "failed": 0, "test_mean": 97.0 + delta, "test_std": 0.3, "val_mean": 97.0 + delta,
+             "delta_mean": delta, "p_value": p_value, "within_noise": p_value >= NOISE_P, "baseline_mean": 97.0,
+             "teacher_mean": 99.0}
+    return Cell(params, [], stats, best)
+
+
+def test_sweep_heat_map_marks_a_significant_loss_apart_from_a_gain_and_fits_its_text(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from kdrun.sweep import plot
+    from kdrun.sweep.jobs import SweepSummary
+    from kdrun.sweep.report import grid
+
+    cells = [sweep_cell({"loss.T": 4, "loss.alpha": 0.9}, +1.5, 0.01, best=True),
+             sweep_cell({"loss.T": 8, "loss.alpha": 0.9}, -1.5, 0.01),
+             sweep_cell({"loss.T": 1, "loss.alpha": 0.9}, +0.2, 0.6)]
+    summary = SweepSummary(tmp_path, ["loss.T", "loss.alpha", "seed"], ["loss.T", "loss.alpha"], [], cells)
+    drawn, savefig = [], Figure.savefig
+
+    def texts(fig):
+        """Every visible text of ``fig`` and where it lands, drawn at the figure's own size and dpi."""
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        return fig.bbox.frozen(), [(t.get_text(), t.get_window_extent(renderer)) for t in fig.findobj(Text)
+                                   if t.get_visible() and t.get_text().strip()]
+
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(texts(fig)) or savefig(fig, *a, **k))
+    plot.heatmap(summary, grid(summary), tmp_path / "results.png")
+    ((box, placed),) = drawn
+    cells = {text.splitlines()[0]: text for text, _ in placed if text.startswith("9")}
+    assert cells["98.50"].endswith("+1.50 ▲") and cells["95.50"].endswith("-1.50 ▼")
+    assert cells["97.20"].endswith("+0.20 ~")
+    assert any("▼ significant loss" in text for text, _ in placed)  # the legend line says which is which
+    for text, extent in placed:  # nothing clipped: a one-column grid cut its title's lines
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1 and extent.y1 <= box.y1 + 1, text
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC

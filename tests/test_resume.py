@@ -7,6 +7,7 @@ Real processes for what only they show (signals, SIGKILL, exit codes, the one li
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import time
@@ -83,9 +84,10 @@ def test_signal_stops_at_a_safe_point(tmp_path, sig, code):
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"kdrun: interrupted by {sig.name} after student epoch "), lines[0]
-    assert lines[0].endswith(f"/400; resume with: kdrun resume={run_dir}"), lines[0]
+    assert len(lines) == 2, stderr  # where the results are, then why it stopped
+    assert lines[0].startswith("kdrun: results: run (summary.json, ") and "kdrun.log" in lines[0], lines[0]
+    assert lines[1].startswith(f"kdrun: interrupted by {sig.name} after student epoch "), lines[1]
+    assert lines[1].endswith(f"/400; resume with: kdrun resume={run_dir}"), lines[1]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "interrupted"
     stopped = summary["interrupted"]
@@ -156,6 +158,40 @@ def test_resume_argv(tmp_path):
     assert _resume_argv(["loss.T=3"]) == ["loss.T=3"]
 
 
+def test_resuming_a_complete_run_changes_nothing(tmp_path, monkeypatch, caplog, capsys):
+    """A complete run dir is left as it is: ``run(resume=True)`` returns its summary, ``kdrun resume=DIR`` says it is
+    complete in one line and exits 0 before Hydra writes anything (no student, report, export or tracker again)."""
+    import kdrun.cli
+    from kdrun.memo import MEMO
+    from kdrun.resume import completed
+
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=smoke", *store_overrides(tmp_path), "trainer.checkpoint_every=0", "report=false"]
+    first = run_inproc(run_dir, *overrides, cwd=tmp_path)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    files = lambda: {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(run_dir.rglob("*"))}
+    before = files()
+    finished = completed(run_dir)
+    assert finished is not None and finished >= first["started_at"]
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        again = run_inproc(run_dir, *overrides, cwd=tmp_path, resume=True)
+    assert again == read_json(run_dir / "summary.json")
+    assert f"{run_dir} is complete (finished at {finished}); nothing to resume" in caplog.messages
+    monkeypatch.setattr("sys.argv", ["kdrun", f"resume={run_dir}"])
+    capsys.readouterr()  # the runs' tables
+    try:
+        with working_dir(tmp_path), pytest.raises(SystemExit) as exited:
+            kdrun.cli.main()
+    finally:
+        MEMO.clear()
+    assert exited.value.code in (0, None)
+    assert capsys.readouterr().out.strip() == f"kdrun: {run_dir} is complete (finished at {finished}); nothing to resume"
+    assert files() == before
+    (run_dir / "checkpoints" / "student_last.pt").unlink()  # a stage without its final checkpoint: not complete
+    assert completed(run_dir) is None
+
+
 # --- in-process: every mode's stages resume -----------------------------------------------------------------
 
 def stop_after(monkeypatch, stage: str, epoch: int) -> None:
@@ -184,7 +220,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
+def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, mode):
     from kdrun.errors import Interrupted
     from kdrun.train import interrupt
 
@@ -200,8 +236,14 @@ def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, mode):
                            if f'"stage": "{stage}"' in line]
     before = stage_lines()
     assert len(before) == epoch
-    resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["status"] == "completed"
+    said = [r.getMessage() for r in caplog.records if r.name == "kdrun"]
+    assert sum(m.startswith(f"resuming {stage} from epoch {epoch}/") for m in said) == 1, said  # one line a stage
+    if stage == "student_pruned":  # the distilled student was complete: said so, not trained again
+        assert sum(m.startswith("student: complete (") for m in said) == 1, said
     assert resumed["student"] == whole["student"]
     assert resumed.get("student_pruned") == whole.get("student_pruned")
     assert stage_lines()[:epoch] == before  # the stage went on from its checkpoint: its epochs not trained again

@@ -41,9 +41,17 @@ def base(tmp_path_factory) -> Path:
 
 
 def completed_run(base: Path, tmp_path: Path) -> Path:
-    """A copy of the module's completed run, in ``tmp_path/run``."""
+    """A copy of the module's completed run, in ``tmp_path/run``, made unfinished (:func:`unfinished`)."""
     shutil.copytree(base / "first", tmp_path / "run")
-    return tmp_path / "run"
+    return unfinished(tmp_path / "run")
+
+
+def unfinished(run_dir: Path) -> Path:
+    """``run_dir`` as if stopped after its stages trained (``summary.json`` says ``interrupted``), so that a resume
+    reads its checkpoints: a complete run is left as it is (:func:`kdrun.resume.completed`)."""
+    summary = read_json(run_dir / "summary.json")
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    return run_dir
 
 
 def resume(base: Path, run_dir: Path, *extra: str, fast: tuple = FAST) -> dict:
@@ -78,14 +86,14 @@ def test_resume_refuses_a_checkpoint_of_other_user_code(base, tmp_path, monkeypa
     extra = ("report=false", "student=resumenet", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
     run_dir = tmp_path / "run"
     smoke_inproc(base, run_dir, *extra)  # with a baseline (the other runs of this module train none)
-    assert resume(base, run_dir, *extra, fast=())["status"] == "completed"  # the same code: resumed
+    assert resume(base, unfinished(run_dir), *extra, fast=())["status"] == "completed"  # the same code: resumed
     baselines = store_entries(base / "baselines")
     assert len(baselines) == 1
 
     net.write_text(net.read_text().replace("nn.ReLU()", "nn.Tanh()"))
     monkeypatch.delitem(sys.modules, "resumenet")
     with pytest.raises(InputError) as err:
-        resume(base, run_dir, *extra, fast=())
+        resume(base, unfinished(run_dir), *extra, fast=())
     assert store_entries(base / "baselines") == baselines
     message = str(err.value)
     assert "\n" not in message
@@ -98,8 +106,8 @@ def test_resume_refuses_a_checkpoint_of_other_user_code(base, tmp_path, monkeypa
 # --- item: metrics.jsonl matches what the weights were trained on ------------------------------------------------
 
 def test_resume_without_a_resume_checkpoint_logs_each_epoch_once(base, tmp_path):
-    """The resume checkpoint deleted once the run completed (as docs/outputs.md suggests): the stage is trained
-    again, and metrics.jsonl lists its epochs once."""
+    """The resume checkpoint deleted once the stage completed (as docs/outputs.md suggests), the run stopped later:
+    the stage is trained again, and metrics.jsonl lists its epochs once."""
     run_dir = completed_run(base, tmp_path)
     (run_dir / "checkpoints" / "student_resume.pt").unlink()
     assert resume(base, run_dir)["status"] == "completed"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from functools import cache
 
 import pytest
 from conftest import CONF_DIR, config_groups, group_options
@@ -15,10 +16,10 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from kdrun import registry
+from kdrun import listing, registry
 from kdrun.errors import ConfigError
 from kdrun.models import list_models, model_args
-from kdrun.schema import Config, keys_at, to_object
+from kdrun.schema import Config, DatasetConfig, StudentConfig, keys_at, to_object
 from kdrun.schema.configstore import register_configs
 
 MODEL_NAMES = [name for name, _ in list_models()]
@@ -125,6 +126,61 @@ def test_help_output_lists_every_group_and_option(kdrun_help):
         assert line is not None, f"group {group} missing from --help\n{result.stdout}"
         listed = [opt.strip() for opt in line.split(":", 1)[1].split(",")]
         assert sorted(listed) == group_options(group)
+
+
+def test_help_names_what_a_new_user_needs(kdrun_help):
+    """`--help` names the keys and commands beyond the groups: resume, export, trackers, kdrun-export, --list."""
+    result, _ = kdrun_help
+    for needed in ("resume=outputs/", "export=[torchscript,onnx]", "logger=[tensorboard]", "kdrun-export ",
+                   "--list layers ", "--list models", "--trust-code"):
+        assert needed in result.stdout, needed
+
+
+# `kdrun --list WHAT` for every group it lists (kdrun.listing): each option with the values its run uses
+LISTED = [(what, group, option) for what, group in listing.LISTS.items() for option in group_options(group)]
+
+
+@cache
+def listed(what: str) -> dict:
+    return {row.name: row for row in listing.rows(what)[1]}
+
+
+@cache
+def default_config() -> dict:
+    return flat(OmegaConf.to_container(compose_cfg(), resolve=True))
+
+
+def flat(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict) or (not data and prefix):
+        return {prefix[:-1]: data}
+    return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
+@pytest.mark.parametrize("what", list(listing.LISTS))
+def test_list_shows_every_option_of_its_group(hydra_ctx, what):
+    assert sorted(listed(what)) == group_options(listing.LISTS[what])
+
+
+@pytest.mark.parametrize("what,group,option", LISTED, ids=[f"{w}:{o}" for w, _, o in LISTED])
+def test_list_shows_what_the_composed_config_holds(hydra_ctx, what, group, option):
+    """Each value `kdrun --list WHAT` shows for an option is the one ``kdrun GROUP=OPTION`` composes, and no key of
+    the option is left out (issue: `--list losses` showed T=4.0, alpha=0.9 for hard and mse, runs used T=1.0,
+    alpha=0.5; `--list datasets` showed root=None for cifar10 and no val_fraction for digits)."""
+    row = listed(what)[option]
+    holds = flat(OmegaConf.to_container(compose_cfg(f"{group}={option}"), resolve=True))
+    assert {key: holds.get(key, "<not in the config>") for key in row.values} == row.values
+    default = default_config()
+    changed = {key for key in holds if key.split(".")[0] != group and holds[key] != default.get(key)}
+    own = {key for key in holds if key.startswith(f"{group}.") and key != f"{group}.name"}
+    if group == "student":  # a registered model's args; a `_target_` node's own keys (timm: model_name, ...)
+        schema = {f.name for f in dataclasses.fields(StudentConfig)}
+        own = {key for key in own if key.startswith("student.args.") or key.split(".")[1] not in {*schema, "_target_"}}
+    elif group == "dataset":  # the keys its callable takes and those its option sets
+        takes = registry.signature_defaults(registry.get("dataset", option, "dataset").obj)
+        schema = flat(OmegaConf.to_container(OmegaConf.structured(DatasetConfig)), "dataset.")
+        own = {key for key in own if key.split(".")[1] in takes or holds[key] != schema.get(key)}
+    missing = (own | changed) - set(row.values)
+    assert not missing, f"not listed: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("override,key,fragment", [

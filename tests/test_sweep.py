@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -139,16 +140,18 @@ def test_sweep_console_table_markdown_and_line_plot(seed_sweep):
 
 
 def test_kdrun_summarize_reproduces_the_summary(seed_sweep, tmp_path):
-    base, _ = seed_sweep
-    before = {name: (base / "sweep" / name).read_text() for name in ("results.csv", "cells.csv", "summary.md")}
+    shared, _ = seed_sweep
+    sweep_dir = tmp_path / "sweep"  # a copy: other tests read the shared sweep meanwhile
+    shutil.copytree(shared / "sweep", sweep_dir, symlinks=True)
+    before = {name: (sweep_dir / name).read_text() for name in ("results.csv", "cells.csv", "summary.md")}
     for name in SWEEP_FILES:
-        (base / "sweep" / name).unlink()
-    result = summarize(base / "sweep", cwd=tmp_path)
+        (sweep_dir / name).unlink()
+    result = summarize(sweep_dir, cwd=tmp_path)
     assert result.returncode == 0, result.describe()
     assert "grouped over seeds" in result.stdout
     for name, text in before.items():
-        assert (base / "sweep" / name).read_text() == text, name
-    assert (base / "sweep" / "results.png").is_file()
+        assert (sweep_dir / name).read_text() == text, name
+    assert (sweep_dir / "results.png").is_file()
 
 
 # --- failed, crashed and interrupted jobs ---------------------------------------------------------------
@@ -352,3 +355,25 @@ def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):
     rows = read_csv(tmp_path / "sweep" / "results.csv")
     assert sorted((r["job"], r["loss.T"], r["status"]) for r in rows) == [("gpu0-0", "1", "completed"),
                                                                           ("gpu1-0", "4", "completed")]
+
+
+def test_heat_map_title_fits_a_two_by_two_grid(tmp_path, monkeypatch):
+    """The narrowest heat map (two values per key) still shows its three title lines whole."""
+    import matplotlib.pyplot as plt
+
+    from kdrun.sweep.jobs import collect
+    from kdrun.sweep.plot import write_png
+
+    for i, (t, alpha) in enumerate([(2, 0.5), (2, 0.9), (4, 0.5), (4, 0.9)]):
+        (tmp_path / str(i) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(i) / ".hydra" / "overrides.yaml").write_text(f"- loss.T={t}\n- loss.alpha={alpha}\n")
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps({
+            "status": "completed", "student": {"val_acc_best": 80.0 + i, "test_acc_best": 80.0 + i},
+            "baseline": {"val_acc": 78.0, "test_acc": 78.0}, "teacher": {"val_acc": 90.0, "test_acc": 90.0},
+            "delta_vs_baseline": 2.0 + i}))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    write_png(collect(tmp_path), tmp_path / "results.png")
+    fig = figures[0]
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)

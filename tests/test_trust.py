@@ -6,6 +6,7 @@ The attacks run as attacks: a real `kdrun resume=DIR` on a planted `.hydra/overr
 would create a marker file or truncate a file if it got through."""
 from __future__ import annotations
 
+import json
 import shutil
 import textwrap
 from pathlib import Path
@@ -197,6 +198,8 @@ def finished_run(tmp_path_factory) -> Path:
 def test_a_config_dir_run_resumes_without_trust_code(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
+    summary = read_json(run_dir / "summary.json")  # as if stopped after training: a complete run is not resumed
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     resumed = run_kdrun("--config-dir", finished_run.parent / "conf", f"resume={run_dir}", cwd=finished_run.parent)
     assert resumed.returncode == 0, resumed.describe()
     summary = read_json(run_dir / "summary.json")

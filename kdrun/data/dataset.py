@@ -64,6 +64,7 @@ class Data:
     std: torch.Tensor
     augment: AugmentConfig
     identity: dict = field(default_factory=dict)  # what makes this data this data (store keys)
+    class_names: Optional[list[str]] = None  # in label order, as the dataset gives them (None: it names none)
 
     @property
     def channels(self) -> int:
@@ -244,7 +245,8 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     }
     if cfg.target or splits["source"] != "kdrun":  # a user's dataset code: its changes must change the identity
         identity["source"] = {"target": cfg.target, "kwargs": dict(cfg.kwargs), "sha256": splits["source_sha256"]}
-    return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity)
+    return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity,
+                splits["class_names"])
 
 
 def _normalisation(cfg: DatasetConfig, train: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +293,7 @@ def with_classes(data: Data, classes: list[int], tag: dict) -> Data:
     def restrict(split: Split) -> Split:
         keep = torch.nonzero(torch.isin(split.y.cpu(), torch.as_tensor(classes))).flatten()
         return _take(split, keep, lookup[split.y.cpu()[keep]].to(split.y.device))
+    names = None if data.class_names is None else [data.class_names[c] for c in classes]
     return dataclasses.replace(data, train=restrict(data.train), val=restrict(data.val), test=restrict(data.test),
                                num_classes=len(classes), identity={**data.identity, "classes": list(classes),
-                                                                   "subset": tag})
+                                                                   "subset": tag}, class_names=names)

@@ -3,8 +3,9 @@ for folders too large for memory.
 
 Every dataset callable follows the contract of a user's dataset (see :func:`kdrun.data.splits.call_dataset`): it
 takes keyword arguments (filled from the ``dataset.*`` keys of the same name) and returns a mapping with
-``train`` and optionally ``val`` / ``test``, each ``(x, y)``. The built-ins return numpy ``x [N,C,H,W]``
-(uint8 or float32 in [0, 1]) or a :class:`LazyImages`.
+``train`` and optionally ``val`` / ``test``, each ``(x, y)``, and ``classes`` (class names) where the classes
+have names other than their index. The built-ins return numpy ``x [N,C,H,W]`` (uint8 or float32 in [0, 1]) or a
+:class:`LazyImages`.
 
 Loaders say what to do when files are missing (torchvision download, the Debian package); they never
 download unless ``dataset.download=true``.
@@ -129,6 +130,8 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> dict:
     return {"train": (x[train_idx], y[train_idx]), "test": (x[test_idx], y[test_idx])}
 
 
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]  # torchvision's FashionMNIST.classes, also for the IDX files
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -162,7 +165,8 @@ def _mnist_family(name: str, root: Optional[str], idx_dir: Optional[str], downlo
                 f"{root}/{cls_name}/raw){' nor in dataset.idx_dir=' + str(idx_dir) if idx_dir else ''}. "
                 f"Pass dataset.download=true to fetch them with torchvision{hint}") from None
         tx, ty, vx, vy = (read_idx(f) for f in files)
-    return {"train": (tx[:, None], ty.astype(np.int64)), "test": (vx[:, None], vy.astype(np.int64))}
+    out = {"train": (tx[:, None], ty.astype(np.int64)), "test": (vx[:, None], vy.astype(np.int64))}
+    return {**out, "classes": FASHION_CLASSES} if name == "fashion_mnist" else out  # MNIST's names are its indices
 
 
 @register_dataset("fashion_mnist", "Fashion-MNIST (60k/10k, 28x28 grey): torchvision layout or Debian's IDX files")
@@ -201,7 +205,8 @@ def _cifar(name: str, root: Optional[str], download: bool, cls_name: str) -> dic
             f"Pass dataset.download=true to fetch them with torchvision, or copy the extracted "
             f"python-version archive into {root}") from None
     chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))
-    return {"train": (chw(train.data), np.array(train.targets)), "test": (chw(test.data), np.array(test.targets))}
+    return {"train": (chw(train.data), np.array(train.targets)), "test": (chw(test.data), np.array(test.targets)),
+            "classes": list(train.classes)}
 
 
 @register_dataset("cifar10", "CIFAR-10 (50k/10k, 32x32 colour): torchvision layout under dataset.root")
@@ -214,11 +219,13 @@ def cifar100(root: Optional[str] = None, download: bool = False) -> dict:
     return _cifar("cifar100", root, download, "CIFAR100")
 
 
-@register_dataset("imagefolder", "Your own images: root/train/<class>/..., root/val/<class>/... (optional test/)")
+@register_dataset("imagefolder", "Your own images: root/train/<class>/ (val is carved from it), root/val/<class>/ "
+                                 "(the test split, unless root/test/ exists)")
 def imagefolder(root: str, image_size: Optional[int] = 32, stream: str = "auto", num_workers: int = 2) -> dict:
     """root/train, root/val (and root/test) class folders (found and labelled by :func:`kdrun.data.images.scan_folders`:
-    train's class names define the labels). Decoded into memory once when they fit and ``dataset.stream`` is not
-    true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
+    train's class names define the labels and are returned as ``classes``). val/ is the test split (with a test/,
+    val/ joins train instead); the validation split is carved from train. Decoded into memory once when they fit
+    and ``dataset.stream`` is not true; else streamed from disk by ``dataset.num_workers`` DataLoader workers."""
     root, size = Path(root), image_size or 32
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
@@ -232,9 +239,10 @@ def imagefolder(root: str, image_size: Optional[int] = 32, stream: str = "auto",
     if stream == "true" or (stream == "auto" and nbytes > MAX_IN_MEMORY_BYTES):
         log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
                  f"({num_workers} DataLoader workers)")
-        return {"train": (train, ty), "test": (test, vy), "num_classes": k}
+        return {"train": (train, ty), "test": (test, vy), "num_classes": k, "classes": found["classes"]}
     check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
-    return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy), "num_classes": k}
+    return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy), "num_classes": k,
+            "classes": found["classes"]}
 
 
 @register_dataset("fake", "Random learnable tensors (class prototypes plus noise): for tests and smoke runs")

@@ -11,40 +11,52 @@ A dataset is a callable returning a mapping with ``train`` and optionally ``val`
   ``targets`` attribute when it has one, else by one pass over the items).
 
 Optional ``num_classes`` in the mapping (at most twice the number of distinct labels in the splits: a class
-no split holds is never learned nor measured); otherwise it is ``max(label) + 1``. The train split must not be
-empty; an empty test split is allowed: the run then has no test metrics (``test_acc`` null) and says so in a
-warning. A missing ``val`` is carved from
-``train`` (``dataset.val_fraction``); a missing ``test`` is a stratified ``dataset.test_fraction`` of train.
+no split holds is never learned nor measured); otherwise the larger of ``max(label) + 1`` and ``len(classes)``.
+Optional ``classes``: the class names in label order (the reports show them); without it, the train split's
+``classes`` attribute when it is a torch Dataset that has one as torchvision's have, else the class indices. The
+train split must not be empty; an empty test split is allowed: the run then has no test metrics (``test_acc``
+null) and says so in a warning. A missing ``val`` is carved from ``train`` (``dataset.val_fraction``); a missing
+``test`` is a stratified ``dataset.test_fraction`` of train.
 
-kdrun passes the callable the ``dataset.*`` keys its signature names (``root``, ``split_seed``, your own keys).
+What the callable is passed (:func:`dataset_kwargs`): every key of its YAML that is not one of kdrun's
+``dataset.*`` keys, and each of kdrun's keys its signature names only when set (not null, and changed from
+kdrun's default or required by the callable); otherwise the callable's own default applies. An exception raised
+in the callable is one :class:`~kdrun.errors.ConfigError` line naming it (the traceback goes to the run's log).
 """
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from kdrun import registry
 from kdrun.data.sources import MAX_IN_MEMORY_BYTES, LazyImages, check_fits, stratified
-from kdrun.errors import ConfigError, InputError
+from kdrun.errors import ConfigError, InputError, KdrunError
+from kdrun.schema import DatasetConfig
 
 SPLITS = ("train", "val", "test")
+NOT_PASSED = ("name", "target", "kwargs", "augment")  # kdrun's keys that are never a dataset callable's argument
 log = logging.getLogger("kdrun")
 
 
 def call_dataset(cfg) -> dict:
-    """``{"train": (x, y), "test": (x, y), ["val": (x, y)], "num_classes", "source", "source_sha256"}``."""
+    """``{"train": (x, y), "test": (x, y), ["val": (x, y)], "num_classes", "class_names", "source",
+    "source_sha256"}`` (``class_names``: None when the dataset names no classes)."""
     if cfg.target:
         fn, what, key, source = registry.import_target(cfg.target, "dataset._target_"), cfg.target, \
             "dataset._target_", "target"
     else:
         entry = registry.get("dataset", cfg.name, "dataset")
         fn, what, key, source = entry.obj, f"dataset={cfg.name}", "dataset", entry.source
-    params = registry.signature_defaults(fn)
-    kwargs = {name: getattr(cfg, name) for name in params if hasattr(cfg, name)}  # dataset.* keys it names
-    kwargs.update(cfg.kwargs)  # the node's own keys (checked against the signature at validation)
-    out = fn(**kwargs)
+    kwargs = dataset_kwargs(fn, cfg)
+    try:
+        out = fn(**kwargs)
+    except KdrunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the dataset's code: one line naming it (the traceback: the run's log)
+        raise ConfigError(key, f"{what}({', '.join(kwargs)}) raised {raised(exc)}") from exc
     splits = check_splits(out, what, key, stream=str(cfg.stream).lower(), workers=cfg.num_workers)
     if "test" not in splits:
         x, y = splits["train"]
@@ -54,15 +66,49 @@ def call_dataset(cfg) -> dict:
     return {**splits, "source": source, "source_sha256": registry.source_hash(fn) if source != "kdrun" else None}
 
 
+def raised(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception raised by a user's code."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def dataset_kwargs(fn, cfg) -> dict:
+    """The keyword arguments a dataset callable ``fn`` gets from the ``dataset`` node ``cfg``: its own keys
+    (``cfg.kwargs``: the node's keys kdrun does not know, checked against the signature at validation) and each
+    of kdrun's ``dataset.*`` keys that its signature names, when that key is set: not null, and either changed
+    from kdrun's default or required by ``fn`` (no default of its own). So ``def load(root="/data/x")`` keeps
+    ``/data/x`` until ``dataset.root`` is set, and ``def load(split_seed=7)`` its 7 until ``dataset.split_seed`` is."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    defaults = registry.config_defaults(DatasetConfig)
+    kwargs = {}
+    for p in params:
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.name not in defaults or p.name in NOT_PASSED:
+            continue
+        value = getattr(cfg, p.name)
+        if value is not None and (value != defaults[p.name] or p.default is p.empty):
+            kwargs[p.name] = value
+    return {**kwargs, **cfg.kwargs}
+
+
 def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: int = 0) -> dict:
     """Validate and normalise a dataset callable's return value (see the module docstring)."""
     if not isinstance(out, Mapping) or "train" not in out:
         got = f"a mapping with keys {sorted(map(str, out))}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
         raise ConfigError(key, f"{what} returned {got}; expected a mapping with 'train' and optionally "
                                f"'val' / 'test', each (x, y) or a torch Dataset")
-    unknown = [k for k in out if k not in (*SPLITS, "num_classes")]
+    unknown = [k for k in out if k not in (*SPLITS, "num_classes", "classes")]
     if unknown:
-        raise ConfigError(key, f"{what} returned unknown key {unknown[0]!r}; expected train, val, test, num_classes")
+        raise ConfigError(key, f"{what} returned unknown key {unknown[0]!r}; expected train, val, test, num_classes, "
+                               f"classes")
+    names = out.get("classes")
+    if names is None:  # a torch Dataset's own class names (torchvision's datasets have them)
+        names = getattr(out["train"], "classes", None)
+        names = list(names) if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else None
+    elif isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ConfigError(key, f"{what}: classes must be a list of class names, got a {type(names).__name__}")
     splits = {name: _split(out[name], f"{what}['{name}']", key, stream, workers)
               for name in SPLITS if out.get(name) is not None}
     for name, (x, _) in splits.items():
@@ -74,13 +120,14 @@ def check_splits(out: Any, what: str, key: str, stream: str = "auto", workers: i
         sizes = ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items())
         raise ConfigError(key, f"{what}['train'] is empty ({sizes} images); a run needs training images")
     top = max(int(y.max()) for _, y in splits.values() if len(y))
-    num_classes = int(out.get("num_classes") or top + 1)
+    num_classes = int(out.get("num_classes") or max(top + 1, len(names) if names is not None else 0))
     _check_num_classes(num_classes, [y for _, y in splits.values()], what)
     for name, (_, y) in splits.items():
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ConfigError(key, f"{what}['{name}'] has labels in [{int(y.min())}, {int(y.max())}], outside "
                                    f"[0, {num_classes}) (num_classes={num_classes})")
     splits["num_classes"] = num_classes
+    splits["class_names"] = _class_names(names, num_classes, what, key)
     return splits
 
 
@@ -93,6 +140,20 @@ def _check_num_classes(num_classes: int, labels: list, what: str) -> None:
         raise ConfigError("dataset.num_classes", f"{what} declares {num_classes} classes but its labels name only "
                                                  f"{seen}; at least half the classes must occur: declare at most "
                                                  f"{2 * seen}, or leave num_classes out (max label + 1)")
+
+
+def _class_names(names: Any, num_classes: int, what: str, key: str) -> Optional[list[str]]:
+    """``names`` (a dataset's ``classes``, a list) checked: one distinct name per class, in label order; None: none."""
+    if names is None:
+        return None
+    names = [str(n) for n in names]
+    if len(names) != num_classes:
+        raise ConfigError(key, f"{what}: {len(names)} class names for {num_classes} classes; classes must name "
+                               f"every class, in label order")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(key, f"{what}: class name {twice!r} is given twice; class names must be distinct")
+    return names
 
 
 def _split(part: Any, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:
@@ -136,7 +197,17 @@ def _integral(y: np.ndarray) -> bool:
 
 
 def _from_dataset(ds, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:
-    """A map-style Dataset: read once into arrays when it fits (and ``stream`` is not true), else streamed."""
+    """A map-style Dataset: read once into arrays when it fits (and ``stream`` is not true), else streamed. An
+    exception raised by its code (``len``, an item) is one line naming the split."""
+    try:
+        return _read_dataset(ds, what, key, stream, workers)
+    except KdrunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the dataset's code
+        raise ConfigError(key, f"{what}: reading its items raised {raised(exc)}") from exc
+
+
+def _read_dataset(ds, what: str, key: str, stream: str, workers: int) -> tuple[Any, np.ndarray]:
     import torch
 
     n = len(ds)

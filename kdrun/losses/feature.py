@@ -146,9 +146,15 @@ class FeatureLoss(DistillationLoss):
         if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == 4 and ft.dim() == 4):
             raise self.mismatch(sn, tn, fs, ft, "needs (N, C, H, W) feature maps on both sides")
 
+    def fits(self, fs, ft) -> bool:
+        """Whether a student output ``fs`` and a teacher output ``ft`` can be a layer pair: two maps."""
+        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == 4 and ft.dim() == 4
+
     def mismatch(self, sn: str, tn: str, fs, ft, why: str) -> ConfigError:
-        return ConfigError("loss.student_layers", f"loss={self.name} cannot pair student layer {sn!r} {_shape(fs)} "
-                                                  f"with teacher layer {tn!r} {_shape(ft)}: {why}")
+        error = ConfigError("loss.student_layers", f"loss={self.name} cannot pair student layer {sn!r} {_shape(fs)} "
+                                                   f"with teacher layer {tn!r} {_shape(ft)}: {why}")
+        error.pair = (sn, tn)  # FeaturePairs adds the layers that would fit (kdrun.losses.hooks)
+        return error
 
     def feature_term(self, student_features, teacher_features) -> torch.Tensor:
         raise NotImplementedError
@@ -218,6 +224,10 @@ class FitNetLoss(FeatureLoss):
     def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
         if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor)):
             raise self.mismatch(sn, tn, fs, ft, "needs tensors")
+
+    def fits(self, fs, ft) -> bool:
+        """Two maps or two vectors (the regressor is a 1x1 conv or a Linear)."""
+        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == ft.dim() in (2, 4)
 
     def setup(self, student_features, teacher_features, names=None) -> None:
         """Check the pairs and build one fresh regressor per pair (a new student gets new regressors)."""

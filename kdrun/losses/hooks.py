@@ -82,7 +82,13 @@ class FeaturePairs:
         self.student_names, self.teacher_names = loss.layer_names(student, teacher)
         feats_s = _probe(student, self.student_names, x, "loss.student_layers")
         feats_t = _probe(teacher, self.teacher_names, x, "loss.teacher_layers")
-        loss.setup(feats_s, feats_t, (self.student_names, self.teacher_names))
+        try:
+            loss.setup(feats_s, feats_t, (self.student_names, self.teacher_names))
+        except ConfigError as exc:
+            if getattr(exc, "pair", None) is None or not hasattr(loss, "fits"):
+                raise
+            raise ConfigError(exc.key, f"{exc.args[0].removeprefix(exc.key + ': ')}; "
+                                       f"{_fitting(loss, exc.pair, student, teacher, x)}") from None
         self._student: Optional[FeatureHooks] = None
         self._teacher: Optional[FeatureHooks] = None
 
@@ -105,6 +111,23 @@ class FeaturePairs:
     def teacher(self) -> list[torch.Tensor]:
         """The teacher's features of the last forward, in pair order."""
         return [self._teacher[n] for n in self.teacher_names]
+
+
+def _fitting(loss: nn.Module, pair: tuple[str, str], student: nn.Module, teacher: nn.Module, x: torch.Tensor,
+             most: int = 8) -> str:
+    """The layers that would pair with either side of the refused ``pair`` (``loss.fits``), for its error."""
+    s_names, t_names = [n for n, _ in student.named_modules() if n], [n for n, _ in teacher.named_modules() if n]
+    s_out = _probe(student, s_names, x, "loss.student_layers")
+    t_out = _probe(teacher, t_names, x, "loss.teacher_layers")
+    fs, ft = s_out[s_names.index(pair[0])], t_out[t_names.index(pair[1])]
+    teacher_fit = [n for n, out in zip(t_names, t_out) if loss.fits(fs, out)]
+    student_fit = [n for n, out in zip(s_names, s_out) if loss.fits(out, ft)]
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "") \
+            if names else "none"
+    return (f"teacher layers that fit student layer {pair[0]!r}: {some(teacher_fit)} (loss.teacher_layers); "
+            f"student layers that fit teacher layer {pair[1]!r}: {some(student_fit)} (loss.student_layers)")
 
 
 def _probe(model: nn.Module, names: list, x: torch.Tensor, key: str) -> list:

@@ -1,7 +1,10 @@
 """Each built-in architecture's feature layers: the module names of its stage outputs, shallow to deep, and
 its FitNets hint; a user's model class declares its own with a ``kdrun_feature_layers`` attribute.
-Feature losses (:mod:`kdrun.losses.feature`) pair them by default."""
+Feature losses (:mod:`kdrun.losses.feature`) pair them by default; :func:`layer_shapes` gives every layer's
+output shape (``kdrun --list layers MODEL``)."""
 from __future__ import annotations
+
+from typing import Optional
 
 from torch import nn
 
@@ -43,8 +46,40 @@ def default_feature_layers(model: nn.Module, key: str = "loss.student_layers") -
     else:
         modules = ", ".join(n for n, _ in model.named_modules() if n)
         raise ConfigError(key, f"no default feature layers for {type(model).__name__}: set loss.student_layers and "
-                               f"loss.teacher_layers to module names (print(model) shows them); its modules: "
+                               f"loss.teacher_layers to module names (`kdrun --list layers` shows them); its modules: "
                                f"{modules}")
     if hint is None and stages:
         hint = stages[(len(stages) - 1) // 2]
     return {"hint": hint, "stages": stages}
+
+
+def layer_shapes(model: nn.Module, x, depth: int = 2) -> list[tuple[str, Optional[tuple]]]:
+    """``(name, output shape of one sample)`` of ``model``'s modules on one forward of ``x`` (eval mode, no grad), in
+    ``named_modules`` order: those at most ``depth`` dots deep and the default feature layers (any depth).
+    The shape is None for a module the forward did not call or whose output is not a tensor."""
+    import torch
+
+    try:
+        found = default_feature_layers(model)
+        feature = {*found["stages"], found["hint"]}
+    except ConfigError:  # a user's model that declares none: its modules are listed all the same
+        feature = set()
+    names = [n for n, _ in model.named_modules() if n and (n.count(".") < depth or n in feature)]
+    modules, shapes = dict(model.named_modules()), {}
+
+    def capture(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+        return hook
+
+    handles = [modules[n].register_forward_hook(capture(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [(n, shapes.get(n)) for n in names]

@@ -10,8 +10,11 @@
   dynamic batch axis, output ``logits``; re-loaded with onnxruntime. Both come with the ``export`` extra
   (``pip install 'kdrun[export]'``); without onnxruntime the file is still written and the check is skipped
   with one warning.
+* ``checkpoints/student.json``: what a deployed model needs besides its weights (:func:`deployment`): the input's
+  name, shape and normalisation (``mean``, ``std``), the output's name and the class names; the same keys are in
+  the ONNX file's ``metadata_props`` (lists as JSON);
 * the same for a pruned student (``student_pruned_best.pt``, :mod:`kdrun.stages.pruning`): ``student_pruned.ts``,
-  ``student_pruned.onnx``, its zeros in the weights.
+  ``student_pruned.onnx``, ``student_pruned.json``, its zeros in the weights.
 
 Each re-loaded model is run on the first :data:`CHECK_IMAGES` test images (normalised as in training) and its
 logits compared with the PyTorch model's: ``summary.json`` ``export`` records per model and format the file,
@@ -36,6 +39,8 @@ from kdrun.trust import TRUST_FLAG, Trusted, targets
 log = logging.getLogger("kdrun")
 CHECK_IMAGES = 64  # test images the re-loaded exports are compared on
 MODELS = (("student", "student_best.pt"), ("student_pruned", "student_pruned_best.pt"))  # exported when present
+PREPROCESS = ("pixels scaled to [0, 1] (8-bit: / 255), then (x - mean) / std per channel; "
+              "layout [batch, channels, height, width], float32")
 TRUST_HOW = f"pass --config-dir with the config dir the run used, or {TRUST_FLAG}"
 
 
@@ -79,13 +84,33 @@ def export_run(run_dir: Path, formats, data=None, config: Optional[dict] = None,
         model, checkpoint = load_student(path, config, trusted)
         if "input" not in out:
             inputs, out["input"] = _check_inputs(checkpoint, data)
-        out[stage] = export_model(model, path.parent / stage, formats, inputs, run_dir)
+        deploy = deployment(checkpoint, config, out["input"], stage)
+        out[stage] = export_model(model, path.parent / stage, formats, inputs, run_dir, deploy)
+        out.setdefault("preprocessing", {})[stage] = str((path.parent / f"{stage}.json").relative_to(run_dir))
     return out
 
 
-def export_model(model, stem: Path, formats, inputs, run_dir: Optional[Path] = None) -> dict:
-    """Write ``model`` as ``stem.<suffix>`` per format, re-load it, compare its logits on ``inputs``."""
+def deployment(checkpoint: dict, config: Optional[dict], inputs: dict, stage: str = "student") -> dict:
+    """What a deployed model needs besides its weights, for ``<stage>.json`` and the ONNX ``metadata_props``:
+    the input's name, shape and normalisation, the output's name and the class names (as in the run report)."""
+    from kdrun.outputs.report import class_names
+
+    meta = checkpoint["meta"]
+    dataset = (config or checkpoint.get("config") or {}).get("dataset") or {}
+    mean, std = inputs.get("mean", dataset.get("mean")), inputs.get("std", dataset.get("std"))
+    return {"model": stage, "architecture": meta.get("name"), "dataset": dataset.get("name"),
+            "input_name": "images", "input_shape": inputs["shape"], "dtype": "float32", "mean": mean, "std": std,
+            "preprocess": PREPROCESS, "output_name": "logits",
+            "class_names": class_names(dataset.get("name"), meta["num_classes"])}
+
+
+def export_model(model, stem: Path, formats, inputs, run_dir: Optional[Path] = None,
+                 deploy: Optional[dict] = None) -> dict:
+    """Write ``model`` as ``stem.<suffix>`` per format, re-load it, compare its logits on ``inputs``. ``deploy``
+    (:func:`deployment`): also written as ``stem.json`` (with ``files``: the exported files beside it) and into
+    the ONNX file's ``metadata_props``."""
     import torch
+
 
     model, x = model.cpu().eval(), inputs.cpu().float()
     with torch.no_grad():
@@ -99,6 +124,8 @@ def export_model(model, stem: Path, formats, inputs, run_dir: Optional[Path] = N
                 warnings.simplefilter("ignore", category=FutureWarning)
                 warnings.simplefilter("ignore", category=DeprecationWarning)
                 _WRITERS[fmt](model, x[:2], path)
+                if fmt == "onnx" and deploy is not None:
+                    _onnx_metadata(path, deploy)
                 entry["bytes"] = path.stat().st_size
                 outputs = _RUNNERS[fmt](path, x)
         except Exception as exc:  # noqa: BLE001 - one model that does not export must not lose the run
@@ -116,6 +143,12 @@ def export_model(model, stem: Path, formats, inputs, run_dir: Optional[Path] = N
             log.info(f"export {fmt}: {entry['file']} ({entry['bytes']:,} bytes), max |Δ logits| vs PyTorch "
                      f"{entry['max_abs_diff']:.2e} on {len(x)} images")
         out[fmt] = entry
+    if deploy is not None:
+        from kdrun.records import write_json
+
+        files = {fmt: stem.name + suffix for fmt, suffix in EXPORT_FORMATS.items()
+                 if stem.with_name(stem.name + suffix).exists()}  # also those of an earlier export
+        write_json(stem.with_name(stem.name + ".json"), {**deploy, "files": files})
     return out
 
 
@@ -142,6 +175,21 @@ def _write_onnx(model, example, path: Path) -> None:
     import onnx
 
     onnx.checker.check_model(str(path))
+
+
+def _onnx_metadata(path: Path, deploy: dict) -> None:
+    """Write ``deploy`` into the ONNX file's ``metadata_props``: strings as they are, the rest as JSON
+    (onnxruntime: ``session.get_modelmeta().custom_metadata_map``)."""
+    import onnx
+
+    from kdrun.records import atomic_write_bytes
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in deploy.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def _run_onnx(path: Path, x):

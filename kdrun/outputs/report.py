@@ -24,12 +24,8 @@ from kdrun.results import RunResult
 
 log = logging.getLogger("kdrun")
 FIGURES = "figures"
-CLASS_NAMES = {  # built-in datasets whose classes have names other than their index
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-}
 COLOURS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:red"}
+MIN_BIN_COUNT = 20  # reliability.png: a bin with fewer samples (accuracy's std error > 0.1) is hollow, not joined
 
 
 @dataclass
@@ -41,8 +37,9 @@ class Written:
     trails_line: Optional[str]
 
 
-def class_names(dataset: str, num_classes: int) -> list[str]:
-    names = CLASS_NAMES.get(dataset)
+def class_names(names: Optional[list[str]], num_classes: int) -> list[str]:
+    """The class names the loaded dataset gave (:attr:`kdrun.data.dataset.Data.class_names`) when they name
+    ``num_classes`` classes, else the class indices."""
     return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
@@ -56,17 +53,19 @@ def _ordered(predictions: dict) -> list[str]:
     return first + [r for r in predictions if r not in (*first, "student")] + ["student"] * ("student" in predictions)
 
 
-def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note: str = "") -> Optional[Written]:
+def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note: str = "",
+                 names: Optional[list[str]] = None) -> Optional[Written]:
     """Write ``report.json``, ``report.md`` and ``figures/*.png`` into ``out_dir`` for the models in
     ``result.predictions`` (None, nothing written, when there are none). ``note``: a line for the top of
-    ``report.md`` (e.g. that the run failed and only the finished stages are shown)."""
+    ``report.md`` (e.g. that the run failed and only the finished stages are shown); ``names``: the loaded
+    dataset's class names (None: the class indices)."""
     t0 = time.perf_counter()
     preds = result.predictions
     if not preds:
         return None
     num_classes = max(p.num_classes for p in preds.values())  # a class-subset teacher (mode=merge) is left out
     roles = [r for r in _ordered(preds) if preds[r].num_classes == num_classes]
-    names = class_names(dataset, num_classes)
+    names = class_names(names, num_classes)
     models = {}
     for role in roles:
         p = preds[role]
@@ -163,49 +162,84 @@ def confusion_png(out_dir: Path, role: str, model: dict, names: list[str]) -> st
 
 def reliability_png(out_dir: Path, models: dict) -> str:
     """Accuracy against mean confidence per bin (the diagonal is perfect calibration) and the share of samples
-    per bin, one line per model."""
-    fig, axes = _figure(5.5, 7, dict(left=0.13, right=0.97, bottom=0.07, top=0.95, hspace=0.3), rows=2)
+    per bin, one line per model. A bin of fewer than :data:`MIN_BIN_COUNT` samples is a hollow marker, left out
+    of the line: its accuracy is too noisy to read (a small test split zig-zags between 0 and 1). ECE itself is
+    unchanged (every bin counts, by its share)."""
+    fig, axes = _figure(5.5, 7, dict(left=0.16, right=0.97, bottom=0.07, top=0.93, hspace=0.32), rows=2)
     top, bottom = axes[0][0], axes[1][0]
     top.plot([0, 1], [0, 1], ls="--", color="black", lw=0.8, label="perfect calibration")
+    sparse = False
     for role, model in models.items():
         cal = model["calibration"]
         full = [b for b in cal["bins"] if b["count"]]
         colour = COLOURS.get(role)
         n = max(1, model["n"])
-        conf, acc, share = ([b[k] for b in full] for k in ("confidence", "accuracy", "count"))
-        top.plot(conf, acc, color=colour, lw=1, alpha=0.6, label=f"{label(role)} (ECE {cal['ece']:.3f})")
-        top.scatter(conf, acc, s=[8 + 150 * c / n for c in share], color=colour)  # area: the bin's share
-        bottom.plot([(b["lower"] + b["upper"]) / 2 for b in full], [c / n for c in share], marker=".", color=colour)
-    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean top-1 confidence in bin", ylabel="accuracy in bin",
-            title=f"reliability ({ECE_BINS} equal-width confidence bins; marker area: share of samples)")
-    top.title.set_fontsize(9)
-    top.legend(fontsize=8, loc="upper left")
+        solid = [b for b in full if b["count"] >= MIN_BIN_COUNT]
+        few = [b for b in full if b["count"] < MIN_BIN_COUNT]
+        sparse = sparse or bool(few)
+        (drawn,) = top.plot([b["confidence"] for b in solid], [b["accuracy"] for b in solid], color=colour, lw=1.2,
+                            alpha=0.8, label=f"{label(role)} (ECE {cal['ece']:.3f})")
+        colour = drawn.get_color()  # a stage without a colour of its own (gen1, ...) keeps the one it got
+        top.scatter([b["confidence"] for b in solid], [b["accuracy"] for b in solid], color=colour,
+                    s=[8 + 150 * b["count"] / n for b in solid])  # area: the bin's share
+        top.scatter([b["confidence"] for b in few], [b["accuracy"] for b in few], s=14, facecolors="none",
+                    edgecolors=colour, linewidths=0.8, alpha=0.7)
+        bottom.plot([(b["lower"] + b["upper"]) / 2 for b in full], [b["count"] / n for b in full], marker=".",
+                    color=colour)
+    if sparse:
+        top.scatter([], [], s=14, facecolors="none", edgecolors="grey", label=f"bin of < {MIN_BIN_COUNT} images")
+    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean top-1 confidence in bin", ylabel="accuracy in bin")
+    top.set_title(f"reliability: {ECE_BINS} equal-width confidence bins; marker area: share of samples;\n"
+                  f"hollow: a bin of < {MIN_BIN_COUNT} images (too few to read), not joined", fontsize=9)
+    top.legend(fontsize=8, loc="best")
     bottom.set(xlim=(0, 1), yscale="log", xlabel="top-1 confidence", ylabel="share of samples (log)")
     return _save(fig, out_dir, "reliability")
 
 
+def _ce_part(record: dict) -> Optional[float]:
+    """The cross-entropy with the train labels of an epoch: a KD stage's CE part, a CE stage's loss."""
+    return record.get("train/loss_ce", record.get("train/loss"))
+
+
+def _distils(records: list[dict]) -> bool:
+    """Whether a stage's loss is more than its CE part (a KD, feature or relation loss)."""
+    return any(r.get("train/loss") is not None and r.get("train/loss_ce") is not None
+               and abs(r["train/loss"] - r["train/loss_ce"]) > 1e-6 * max(1.0, abs(r["train/loss_ce"]))
+               for r in records)
+
+
 def curves_png(out_dir: Path, curves: dict) -> str:
-    """Train loss (left) and val accuracy (right) per epoch, one line per model."""
+    """Per epoch, one line per model: the cross-entropy with the train labels (every stage's, comparable: a KD
+    stage's CE part), each KD stage's own total loss (a different objective per loss, so a panel of its own) and
+    val accuracy. Losses on a log scale: they fall by orders of magnitude."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _figure(10, 4, dict(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22), cols=2)
-    loss_ax, acc_ax = axes[0]
+    kd = [role for role, records in curves.items() if _distils(records)]
+    fig, axes = _figure(5 * (2 + bool(kd)), 4, dict(left=0.06, right=0.98, bottom=0.13, top=0.9, wspace=0.25),
+                        cols=2 + bool(kd))
+    ce_ax, acc_ax, kd_ax = axes[0][0], axes[0][-1], axes[0][1] if kd else None
     for role, records in curves.items():
         epochs = [r["epoch"] for r in records]
         colour = COLOURS.get(role)
-        loss_ax.plot(epochs, [r.get("train/loss") for r in records], marker=".", color=colour, label=label(role))
-        if any(r.get("train/loss_kd") for r in records):  # a KD stage: its CE part compares with the CE stages
-            loss_ax.plot(epochs, [r.get("train/loss_ce") for r in records], ls="--", color=colour,
-                         label=f"{label(role)}: its CE part")
+        (drawn,) = ce_ax.plot(epochs, [_ce_part(r) for r in records], marker=".", color=colour, label=label(role),
+                              ls="--" if role in kd else "-")
+        colour = drawn.get_color()
+        if role in kd:
+            kd_ax.plot(epochs, [r.get("train/loss") for r in records], marker=".", color=colour, label=label(role))
         if any(r.get("val/acc") is not None for r in records):
             acc_ax.plot(epochs, [r.get("val/acc") for r in records], marker=".", color=colour, label=label(role))
-    loss_ax.set(xlabel="epoch", ylabel="train loss", title="train loss (each stage's own; dashed: the CE part)")
+    ce_ax.set(xlabel="epoch", ylabel="cross-entropy (log)", yscale="log",
+              title="CE with the train labels\n(dashed: a KD stage's CE part)")
+    if kd_ax is not None:
+        kd_ax.set(xlabel="epoch", ylabel="train loss (log)", yscale="log",
+                  title="each KD stage's total loss\n(its own objective: not comparable with CE)")
     acc_ax.set(xlabel="epoch", ylabel="val accuracy %", title="val accuracy")
-    for ax in (loss_ax, acc_ax):
+    for ax in axes[0]:
+        ax.title.set_fontsize(10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[1]:  # no val split: the accuracy panel has no curve
             ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     return _save(fig, out_dir, "learning_curves")
 
 

@@ -76,7 +76,7 @@ def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResu
     key = store_key("baseline", cfg.student, data, recipe, init)
     checkpoint, entry, reused = train_or_reuse(Path(cfg.store.baselines), cfg.student.name, key,
                                                train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student",
-                                                               model))
+                                                               model), run=str(ctx.out_dir.resolve()))
     load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
     info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,

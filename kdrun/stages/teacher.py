@@ -87,7 +87,8 @@ def obtain_teacher(ctx: RunContext, data: Data) -> tuple[nn.Module, TeacherResul
             init = initialise(start, cfg.teacher, own.num_classes, role="teacher")
         key = store_key("teacher", cfg.teacher, own, recipe, init)
         train = train_ce_entry("teacher", cfg.teacher, own, recipe, ctx, "teacher", start)
-        checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key, train)
+        checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), cfg.teacher.name, key, train,
+                                                    run=str(ctx.out_dir.resolve()))
         load_weights(model, checkpoint, key="teacher", model_name=cfg.teacher.name,
                      num_classes=data.num_classes, source=f"store entry {entry}")
         where = dict(source="store", store_dir=str(entry.resolve()), reused=reused, epochs=recipe.epochs, init=init)

@@ -51,14 +51,36 @@ def _subtitle(summary: SweepSummary) -> str:
     return ", ".join(parts)
 
 
+def mark(stats: dict) -> str:
+    """A cell's mark for Δ vs the baseline: ``▲`` a significant gain, ``▼`` a significant loss (paired t-test
+    p < :data:`NOISE_P`), ``~`` within noise; empty without a baseline."""
+    if stats["delta_mean"] is None:
+        return ""
+    if stats["within_noise"]:
+        return "~"
+    return "▲" if stats["delta_mean"] > 0 else "▼"
+
+
+MARK_COLOURS = {"▲": "tab:green", "▼": "tab:orange"}  # the corner marker of a significant cell
+LEGEND = (f"▲ significant gain, ▼ significant loss vs baseline (paired t-test p < {NOISE_P});\n"
+          f"~ within noise (p ≥ {NOISE_P} or n < 2); red box: best on val")
+
+
 def heatmap(summary: SweepSummary, table, path: Path) -> None:
-    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline, ~ if within noise."""
+    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline and its mark (:func:`mark`)."""
     plt = _pyplot()
+    fig = heatmap_figure(plt, summary, table)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def heatmap_figure(plt, summary: SweepSummary, table):
+    """The heat map's figure, wide enough for its title and legend lines."""
     rows, cols, cells = table
     k1, k2 = summary.cell_keys
     values = [[cells[(r, c)].stats["test_mean"] if (r, c) in cells and cells[(r, c)].stats["n"] else math.nan
                for c in cols] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.4 + 0.9 * len(rows)))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.9 + 0.9 * len(rows)))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="mean student test accuracy (%)")
     ax.set_xticks(range(len(cols)), [param(c) for c in cols])
@@ -69,24 +91,39 @@ def heatmap(summary: SweepSummary, table, path: Path) -> None:
     middle = (min(finite) + max(finite)) / 2 if finite else 0
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
-            cell = cells.get((r, c))
-            if cell is None or not cell.stats["n"]:
-                ax.text(j, i, grid_text(cell), ha="center", va="center", color="red")
-                continue
-            s = cell.stats
-            text = f"{s['test_mean']:.2f}"
-            if s["delta_mean"] is not None:
-                text += f"\nΔ {s['delta_mean']:+.2f}{' ~' if s['within_noise'] else ''}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="black" if s["test_mean"] > middle else "white",
-                    fontweight="bold" if cell.best else "normal")
-            if cell.best:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_title(f"mean student test accuracy over seeds; Δ vs baseline\n{_subtitle(summary)}\n"
-                 f"~ = Δ within noise (paired t-test p ≥ {NOISE_P} or n < 2); box = best on val", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            _cell(plt, ax, i, j, cells.get((r, c)), middle)
+    title = fig.suptitle(f"mean student test accuracy over seeds; Δ vs baseline\n{_subtitle(summary)}", fontsize=9)
+    legend = fig.text(0.5, 0.02, LEGEND, ha="center", va="bottom", fontsize=8)
+    _fit(fig, [title, legend])
+    return fig
+
+
+def _cell(plt, ax, i: int, j: int, cell, middle: float) -> None:
+    if cell is None or not cell.stats["n"]:
+        ax.text(j, i, grid_text(cell), ha="center", va="center", color="red")
+        return
+    s = cell.stats
+    text, sign = f"{s['test_mean']:.2f}", mark(s)
+    if sign:
+        text += f"\nΔ {s['delta_mean']:+.2f} {sign}"
+    ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if s["test_mean"] > middle else "white",
+            fontweight="bold" if cell.best else "normal")
+    if sign in MARK_COLOURS:
+        ax.plot(j + 0.35, i - 0.3, marker="^" if sign == "▲" else "v", markersize=9, color=MARK_COLOURS[sign],
+                markeredgecolor="black", markeredgewidth=0.6)
+    if cell.best:
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+
+
+def _fit(fig, texts) -> None:
+    """Widen ``fig`` until every one of ``texts`` fits (a narrow grid clipped its title), then lay it out with
+    room for the legend lines at the bottom."""
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.get_size_inches()
+    need = max(t.get_window_extent(renderer).width for t in texts) / fig.dpi + 0.3
+    fig.set_size_inches(max(width, need), height)
+    bottom = (texts[-1].get_window_extent(renderer).height / fig.dpi + 0.15) / height
+    fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
 def line(summary: SweepSummary, path: Path) -> None:

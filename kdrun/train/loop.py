@@ -8,6 +8,7 @@ checkpoints, signals, a feature loss's layer hooks and the diagnosis of a diverg
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from kdrun.train.builtin_hooks import (
 from kdrun.train.hooks import Hook, TeacherSource
 from kdrun.train.infer import accuracy, model_format, preferred_format
 from kdrun.train.state import TrainState
+
+log = logging.getLogger("kdrun")
 
 
 @dataclass
@@ -225,7 +228,8 @@ def _hooks(state: TrainState, hooks: list, best: Optional[KeepBest], pairs, step
 
 def _resume(checkpoint: Checkpoint, state: TrainState, hooks: Sequence[Hook], desc: str, epochs: int) -> None:
     """Load a resume checkpoint, checked (:mod:`kdrun.train.resume_file`: a damaged one is one line), into the hooks
-    (first: one may change the model's structure), then the state."""
+    (first: one may change the model's structure), then the state; log one line: the epoch it resumes from, or
+    that the stage is complete."""
     path = checkpoint.path
     saved = resume_file.read(path, desc, epochs, checkpoint.code)
     for hook, name in zip(hooks, hook_names(hooks)):
@@ -239,6 +243,10 @@ def _resume(checkpoint: Checkpoint, state: TrainState, hooks: Sequence[Hook], de
         state.load_state_dict(saved)
     for hook in hooks:
         hook.after_resume(saved["epoch"])
+    if saved["epoch"] == epochs:
+        log.info(f"{desc}: complete ({epochs}/{epochs} epochs in {path}); not trained again")
+    else:
+        log.info(f"resuming {desc} from epoch {saved['epoch']}/{epochs} ({path})")
 
 
 def _record(epoch: int, means: list, part_names: tuple, val_acc: Optional[float], lr: float, seconds: float) -> dict:
