@@ -52,13 +52,14 @@ def _subtitle(summary: SweepSummary) -> str:
 
 
 def heatmap(summary: SweepSummary, table, path: Path) -> None:
-    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline, ~ if within noise."""
+    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline, ~ if within noise, ! if a job
+    of it has warnings."""
     plt = _pyplot()
     rows, cols, cells = table
     k1, k2 = summary.cell_keys
     values = [[cells[(r, c)].stats["test_mean"] if (r, c) in cells and cells[(r, c)].stats["n"] else math.nan
                for c in cols] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.4 + 0.9 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.5 * len(cols)), 1.4 + 0.9 * len(rows)))  # the title's width
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="mean student test accuracy (%)")
     ax.set_xticks(range(len(cols)), [param(c) for c in cols])
@@ -77,13 +78,16 @@ def heatmap(summary: SweepSummary, table, path: Path) -> None:
             text = f"{s['test_mean']:.2f}"
             if s["delta_mean"] is not None:
                 text += f"\nΔ {s['delta_mean']:+.2f}{' ~' if s['within_noise'] else ''}"
+            text += " !" if s["warned"] else ""
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if s["test_mean"] > middle else "white",
                     fontweight="bold" if cell.best else "normal")
             if cell.best:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    warned = "\n! = a job of the cell has warnings (listed in summary.md)" \
+        if any(c.stats["warned"] for c in cells.values()) else ""
     ax.set_title(f"mean student test accuracy over seeds; Δ vs baseline\n{_subtitle(summary)}\n"
-                 f"~ = Δ within noise (paired t-test p ≥ {NOISE_P} or n < 2); box = best on val", fontsize=9)
+                 f"~ = Δ within noise (paired t-test p ≥ {NOISE_P} or n < 2); box = best on val{warned}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
