@@ -160,7 +160,7 @@ def _job(cfg: DictConfig) -> float:
         return float("nan")
     try:
         with interrupt.stop_on_signals():
-            return run(cfg, out_dir, resume=resume)["objective"]
+            return run(cfg, out_dir, resume=resume, overrides=HydraConfig.get().overrides.task)["objective"]
     except Interrupted as exc:  # recorded in summary.json; main() reports it (not raised: Hydra would add a line)
         MEMO.interrupted.append((out_dir, exc))
         return float("nan")

@@ -13,11 +13,12 @@ A built-in and a plugin register the same way::
 
 A loss or a mode is registered once, with everything kdrun asks about it: its ``config`` dataclass (keys,
 types, defaults written once, range checks in ``__post_init__``), what it ``needs`` (:class:`Needs` for a
-loss, :class:`ModeNeeds` for a mode) and its cross-key ``rules`` (functions of the validated config that
-raise :class:`~kdrun.errors.ConfigError`). The schema, ``--list`` and the run read them here instead of
-testing names. Where the implementation imports torch, the registration decorates the config and names the
-implementation by ``target="package.module.Name"`` (imported when first used), so listing and validating
-options never import torch; a plugin may do the same::
+loss, :class:`ModeNeeds` for a mode), its cross-key ``rules`` (functions of the validated config that
+raise :class:`~kdrun.errors.ConfigError`) and ``warnings`` (functions of it that return a line or None: a
+valid config that cannot show what it is run for, logged and kept in ``summary.json``). The schema,
+``--list`` and the run read them here instead of testing names. Where the implementation imports torch,
+the registration decorates the config and names the implementation by ``target="package.module.Name"``
+(imported when first used), so listing and validating options never import torch; a plugin may do the same::
 
     @register_loss("mykd", "...", target="my_pkg.losses.MyKD", needs=Needs(features=False))
     @dataclass
@@ -72,13 +73,16 @@ class ModeNeeds:
     teacher: bool = False      # builds ``teacher.*`` on every class (checked on one batch before any training)
     plain_loss: bool = False   # accepts a loss that never reads the teacher (loss=ce: the student alone)
     prune: bool = False        # supports ``student.prune`` (a pruned copy of the distilled student)
+    teacher_keys: bool = True  # reads ``teacher.*`` at all (False: mode=self; a teacher override is then warned about)
+    teacher_term: bool = False  # distils through a term of its own beside the loss's (semi's unlabelled pool), so a
+    #                             loss whose teacher term has weight 0 still distils and reads its T
 
 
 @dataclass(frozen=True)
 class Entry:
     """One registered thing: ``obj`` is the factory / class / function (imported from ``target`` when the
-    registration names it by path); ``source`` says where it comes from; ``config``, ``needs``, ``rules`` and
-    ``note`` as given to :func:`register`."""
+    registration names it by path); ``source`` says where it comes from; ``config``, ``needs``, ``rules``,
+    ``warnings`` and ``note`` as given to :func:`register`."""
 
     kind: str
     name: str
@@ -88,6 +92,7 @@ class Entry:
     config: Optional[type] = None  # the option's dataclass: its keys, defaults and range checks
     needs: Any = None              # Needs (loss) or ModeNeeds (mode); None: not stated
     rules: tuple = ()              # cross-key checks: rule(config) raises ConfigError
+    warnings: tuple = ()           # cross-key cautions: warning(config) returns a line or None; the run goes on
     note: str = ""                 # a loss's reading of its weights, logged beside its formula
     target: Optional[str] = None   # "package.module.Name" of the implementation, imported on first use
 
@@ -111,7 +116,8 @@ _CURRENT_SOURCE: list[str] = []  # while a plugin loads: its name, so its entrie
 
 
 def register(kind: str, name: str, description: str = "", *, config: Optional[type] = None, needs: Any = None,
-             rules: tuple = (), note: str = "", target: Optional[str] = None) -> Callable[[Callable], Callable]:
+             rules: tuple = (), warnings: tuple = (), note: str = "",
+             target: Optional[str] = None) -> Callable[[Callable], Callable]:
     """Decorator registering ``obj`` as ``name`` of ``kind`` (one of :data:`KINDS`).
 
     With ``target``, the decorated object is the option's config dataclass and ``target`` names the
@@ -135,7 +141,7 @@ def register(kind: str, name: str, description: str = "", *, config: Optional[ty
         if cfg is not None and config_defaults(cfg).get("name") != name:
             raise ValueError(f"the config of {kind} {name!r} ({_qualname(cfg)}) must declare name: str = {name!r}")
         _REGISTRY[kind][name] = Entry(kind, name, None if target else obj, doc, source, config=cfg, needs=needs,
-                                      rules=tuple(rules), note=note, target=target)
+                                      rules=tuple(rules), warnings=tuple(warnings), note=note, target=target)
         return obj
     return decorator
 
@@ -151,22 +157,26 @@ def register_dataset(name: str, description: str = ""):
 
 
 def register_loss(name: str, description: str = "", *, config: Optional[type] = None, needs: Optional[Needs] = None,
-                  rules: tuple = (), note: str = "", target: Optional[str] = None):
+                  rules: tuple = (), warnings: tuple = (), note: str = "", target: Optional[str] = None):
     """Register a loss: an ``nn.Module`` class (or a factory returning one) whose ``forward(student_logits,
     teacher_logits, labels, ...)`` returns ``(loss, parts)``; its constructor takes ``T``, ``alpha`` and its
     own keyword args. ``config``: its dataclass (defaults, range checks); ``needs``: what it reads
-    (:class:`Needs`); ``rules``: cross-key checks ``rule(cfg)``; ``note``: how to read its weights (logged);
-    ``target``: decorate the config instead and name the class by path (see the module docstring)."""
-    return register("loss", name, description, config=config, needs=needs, rules=rules, note=note, target=target)
+    (:class:`Needs`); ``rules``: cross-key checks ``rule(cfg)``; ``warnings``: ``warning(cfg) -> str | None``, a
+    config the run accepts but warns about; ``note``: how to read its weights (logged); ``target``: decorate the
+    config instead and name the class by path (see the module docstring)."""
+    return register("loss", name, description, config=config, needs=needs, rules=rules, warnings=warnings, note=note,
+                    target=target)
 
 
 def register_mode(name: str, description: str = "", *, config: Optional[type] = None,
-                  needs: Optional[ModeNeeds] = None, rules: tuple = (), target: Optional[str] = None):
+                  needs: Optional[ModeNeeds] = None, rules: tuple = (), warnings: tuple = (),
+                  target: Optional[str] = None):
     """Register a distillation mode: a function ``(ctx, data, loss) -> None`` built from kdrun's stages.
     ``config``: its dataclass (its ``mode.*`` keys); ``needs``: :class:`ModeNeeds`; ``rules``: cross-key checks
-    ``rule(cfg)`` on the whole validated config, e.g. which losses the mode accepts; ``target``: as for
-    :func:`register_loss`."""
-    return register("mode", name, description, config=config, needs=needs, rules=rules, target=target)
+    ``rule(cfg)`` on the whole validated config, e.g. which losses the mode accepts; ``warnings`` and ``target``:
+    as for :func:`register_loss`."""
+    return register("mode", name, description, config=config, needs=needs, rules=rules, warnings=warnings,
+                    target=target)
 
 
 def entries(kind: str, *, builtins: bool = True) -> dict[str, Entry]:

@@ -233,6 +233,23 @@ class RunResult(Result):
                            f"classes): it learned nothing; check the learning rate, epochs and the data")
         return out
 
+    def kd_warnings(self) -> list[str]:
+        """A warning when the run cannot show what KD gives: a teacher no better on test than the CE-only baseline
+        (nothing beyond the labels to transfer; a sweep's gap closed is undefined), a student with more parameters
+        than its teacher (no compression)."""
+        teacher, baseline, student, out = self.teacher, self.baseline, self.student, []
+        t_acc, b_acc = getattr(teacher, "test_acc", None), getattr(baseline, "test_acc", None)
+        if t_acc is not None and b_acc is not None and t_acc <= b_acc:
+            out.append(f"teacher: test accuracy {t_acc:.2f}% is no better than the CE-only baseline's {b_acc:.2f}%: "
+                       f"it has nothing beyond the labels to teach (gap closed is undefined); train it longer or "
+                       f"choose a stronger teacher")
+        t_params, s_params = getattr(teacher, "params", None), getattr(student, "params", None)
+        if t_params and s_params and s_params > t_params:
+            out.append(f"student {student.name} has {s_params / t_params:.1f}× more parameters than teacher "
+                       f"{teacher.name} ({s_params:,} vs {t_params:,}): distilling into a larger model compresses "
+                       f"nothing")
+        return out
+
     def delta_vs_baseline(self) -> Optional[float]:
         """Test accuracy of the best student minus the baseline's (None without either)."""
         if self.baseline is None or self.student is None or self.student.test_acc_best is None:

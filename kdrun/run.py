@@ -19,7 +19,7 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,12 +36,14 @@ from kdrun.train import interrupt
 log = logging.getLogger("kdrun")
 
 
-def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
+def run(cfg: DictConfig, out_dir: Path, resume: bool = False, overrides: Sequence[str] = ()) -> dict:
     """Run one experiment described by ``cfg`` into ``out_dir``; return the summary dict.
 
     ``resume``: continue the run in ``out_dir`` (same config): finished student stages are taken from their
     checkpoints, an interrupted one continues from its last checkpointed epoch (:func:`kdrun.train.loop.fit`); a
-    complete run (:func:`kdrun.resume.completed`) is left as it is and its summary returned."""
+    complete run (:func:`kdrun.resume.completed`) is left as it is and its summary returned.
+    ``overrides``: the command line's ``key=value`` overrides ``cfg`` was composed with; an option among them that
+    the run does not read is a warning (:mod:`kdrun.schema.advice`)."""
     if resume:
         check_resumable(Path(out_dir), cfg)
         if (finished := completed(Path(out_dir))) is not None:
@@ -59,7 +61,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict:
                          resumed=True if resume else None)
     trackers = Trackers.start(conf.logger, conf.logger_options, cfg_dict, out_dir)  # none: nothing imported
     try:
-        _execute(conf, cfg_dict, out_dir, summary, trackers)
+        _execute(conf, cfg_dict, out_dir, summary, trackers, overrides)
         summary.status = "completed"
     except BaseException as caught:
         exc = caught
@@ -108,14 +110,17 @@ def _remove_temp_files(out_dir: Path) -> None:
             log.info(f"removed {tmp}: a partial write of an earlier run")
 
 
-def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, trackers: Trackers) -> None:
+def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, trackers: Trackers,
+             overrides: Sequence[str]) -> None:
     """Load the data, run the mode; ``summary.result`` is the mode's result from the moment the mode starts;
-    ``trackers`` receive every stage's epochs."""
+    ``trackers`` receive every stage's epochs. Warnings (:mod:`kdrun.schema.advice`, the data's, then the
+    results') are logged when found and kept in ``summary.warnings``."""
     import torch
 
     from kdrun import registry
     from kdrun.data.dataset import load_data
     from kdrun.losses import base as losses
+    from kdrun.schema.advice import config_warnings
     from kdrun.stages import RunContext, preflight
     from kdrun.train.infer import resolve_device
 
@@ -125,6 +130,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     note = (registered.note if registered else "") or "alpha weighs the soft KD term; KL batchmean"
     log.info(f"loss: {loss.formula()}   ({note})")
     show(_config_tree(cfg_dict), "config:")
+    _warn(summary, config_warnings(conf, overrides, loss.needs_teacher))
     if conf.trainer.num_threads:
         torch.set_num_threads(conf.trainer.num_threads)
     device = resolve_device(conf.trainer.device)
@@ -136,9 +142,9 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
     if not len(data.test):  # allowed (a dataset may have no test images): said once, then test_acc is null
-        summary.warn(f"dataset={conf.dataset.name}: the test split is empty: no test metrics (test_acc null); "
-                     f"the report uses val")
-        log.warning(summary.warnings[-1])
+        _warn(summary, [f"dataset={conf.dataset.name}: the test split is empty: no test metrics (test_acc null); "
+                        f"the report uses val"])
+    _warn(summary, data.warnings)
     mode_entry = registry.get("mode", conf.mode.name, "mode")
     mode = mode_entry.obj
     mode_teacher = mode_entry.needs is not None and mode_entry.needs.teacher  # builds teacher.* on every class
@@ -148,16 +154,21 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
         summary.result = ctx.result
         preflight(ctx, data, teacher=loss.needs_teacher and mode_teacher)
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
-    chance = ctx.result.chance_warnings(data.num_classes)  # completed, but degenerate
-    summary.warnings = [*(summary.warnings or []), *chance]
-    for warning in chance:
-        log.warning(warning)
+    # completed, but degenerate (a model at chance) or unable to show KD (a teacher no better than the baseline)
+    _warn(summary, [*ctx.result.chance_warnings(data.num_classes), *ctx.result.kd_warnings()])
     student = ctx.result.student
     summary.objective = student.val_acc_best if student.val_acc_best is not None else float("nan")
     summary.delta_vs_baseline = delta = ctx.result.delta_vs_baseline()
     trails_line = _report(conf, ctx.result, out_dir, summary)
     lines = [line for line in (trails_line, _deploy(conf, ctx, data, out_dir, summary)) if line]
     show(results_table(ctx.result, delta, "\n".join(lines) or None), "results:")
+
+
+def _warn(summary: RunSummary, warnings: Sequence[str]) -> None:
+    """Log each of ``warnings`` and add it to ``summary.warnings``."""
+    for warning in warnings:
+        log.warning(warning)
+        summary.warn(warning)
 
 
 def _deploy(conf: Config, ctx, data, out_dir: Path, summary: RunSummary) -> Optional[str]:
@@ -175,8 +186,7 @@ def _deploy(conf: Config, ctx, data, out_dir: Path, summary: RunSummary) -> Opti
         try:  # the students are trained and saved by now: a model that does not export or time is a warning
             value = make()
         except Exception as exc:  # noqa: BLE001
-            summary.warn(f"{key} failed: {type(exc).__name__}: {exc}")
-            log.warning(summary.warnings[-1])
+            _warn(summary, [f"{key} failed: {type(exc).__name__}: {exc}"])
             continue
         if value is not None:
             setattr(summary, key, value)
@@ -196,9 +206,7 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary,
         written = write_report(out_dir, result, conf.dataset.name, conf.mode.name, note,
                                (summary.dataset or {}).get("class_names"))
     except Exception as exc:  # noqa: BLE001 -- the models are trained and saved; say what is missing
-        warning = f"report: not written ({type(exc).__name__}: {exc})"
-        log.warning(warning)
-        summary.warn(warning)
+        _warn(summary, [f"report: not written ({type(exc).__name__}: {exc})"])
         return None
     if written is None:
         return None

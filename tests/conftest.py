@@ -124,7 +124,7 @@ def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool 
     root, level = logging.getLogger(), logging.getLogger().level  # run() raises it to INFO for its log file
     try:
         with working_dir(cwd or out_dir.parent):
-            return run(cfg, out_dir, resume=resume)
+            return run(cfg, out_dir, resume=resume, overrides=[str(o) for o in overrides])
     finally:
         root.setLevel(level)
 

@@ -65,6 +65,7 @@ class Data:
     augment: AugmentConfig
     identity: dict = field(default_factory=dict)  # what makes this data this data (store keys)
     class_names: Optional[list[str]] = None  # in label order, as the dataset gives them (None: it names none)
+    warnings: list = field(default_factory=list)  # what the config asked of the data in vain (run's warnings)
 
     @property
     def channels(self) -> int:
@@ -212,9 +213,13 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     splits = call_dataset(cfg)
     train_x, train_y = splits["train"]
     test_x, test_y = splits["test"]
+    warnings = []
     if cfg.train_subset is not None and cfg.train_subset < len(train_y):
         keep, _ = stratified(len(train_y), train_y, cfg.train_subset, cfg.split_seed, "dataset.train_subset")
         train_x, train_y = train_x[keep], train_y[keep]
+    elif cfg.train_subset is not None and cfg.train_subset > len(train_y):
+        warnings.append(f"dataset.train_subset={cfg.train_subset}: not used (the train split of {cfg.name} holds "
+                        f"{len(train_y):,} images, all kept)")
     if "val" in splits:  # the dataset's own validation split
         (val_x, val_y), train_idx = splits["val"], np.arange(len(train_y))
     else:
@@ -246,7 +251,7 @@ def _load_data(cfg: DatasetConfig, device: torch.device) -> Data:
     if cfg.target or splits["source"] != "kdrun":  # a user's dataset code: its changes must change the identity
         identity["source"] = {"target": cfg.target, "kwargs": dict(cfg.kwargs), "sha256": splits["source_sha256"]}
     return Data(train, val, test, num_classes, mean.to(device), std.to(device), cfg.augment, identity,
-                splits["class_names"])
+                splits["class_names"], warnings)
 
 
 def _normalisation(cfg: DatasetConfig, train: Split) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import List, Optional
 from kdrun.errors import ConfigError
 from kdrun.registry import Needs, register_loss
 from kdrun.schema.checks import check_min, check_positive, check_range
-from kdrun.schema.losses import LossBase
+from kdrun.schema.losses import LossBase, no_teacher_term
 
 BASE, LOGIT, FEATURE = "kdrun.losses.base", "kdrun.losses.logit", "kdrun.losses.feature"
 FEATURES = Needs(features=True, logit_cache=False)  # reads both models' features: the teacher runs live
@@ -29,6 +29,15 @@ def hint_before_the_end(cfg) -> None:
                                               f"{cfg.loss.hint_epochs}")
 
 
+def warmup_within_training(cfg) -> Optional[str]:
+    """dkd: a warm-up longer than training never gives the KD term its full weight."""
+    warmup, epochs = cfg.loss.warmup, cfg.trainer.epochs
+    if warmup <= epochs:
+        return None
+    return (f"loss.warmup={warmup} > trainer.epochs={epochs}: the KD term's weight min(epoch/{warmup}, 1) never "
+            f"passes {epochs}/{warmup} = {epochs / warmup:.2f}; set loss.warmup <= trainer.epochs (0: no warm-up)")
+
+
 @register_loss("kd", "Hinton KD: (1-alpha)·CE + alpha·T²·KL(p_t^T ‖ p_s^T), KL batchmean", target=f"{BASE}.KDLoss",
                needs=Needs())
 @dataclass
@@ -36,6 +45,9 @@ class KDLossConfig(LossBase):
     """loss=kd: L = (1-alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)), KL batchmean."""
 
     standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
+
+    def unread(self) -> dict[str, str]:
+        return no_teacher_term(("T", "standardize")) if self.alpha == 0 else {}
 
 
 @register_loss("soft_ce", "(1-alpha)·CE + alpha·T²·CE(p_t^T, p_s^T): KD plus the teacher's entropy",
@@ -46,6 +58,9 @@ class SoftCELossConfig(LossBase):
 
     name: str = "soft_ce"
     standardize: bool = False   # z-score each sample's logits before the softmax (Sun et al. 2024)
+
+    def unread(self) -> dict[str, str]:
+        return no_teacher_term(("T", "standardize")) if self.alpha == 0 else {}
 
 
 @register_loss("mse", "(1-alpha)·CE + alpha·MSE(s, t) on the logits, mean over batch and classes (T unused)",
@@ -58,6 +73,9 @@ class MSELossConfig(LossBase):
     T: float = 1.0       # unused by mse (kept for the common loss keys)
     alpha: float = 0.5   # weight of the MSE term in [0, 1]
 
+    def unread(self) -> dict[str, str]:
+        return {"T": "loss=mse compares raw logits, without a temperature"}
+
 
 @register_loss("hard", "(1-alpha)·CE(y, s) + alpha·CE(argmax t, s): the teacher's hard labels (T unused)",
                target=f"{LOGIT}.HardLoss", needs=Needs())
@@ -68,6 +86,9 @@ class HardLossConfig(LossBase):
     name: str = "hard"
     T: float = 1.0       # unused by hard
     alpha: float = 0.5   # weight of the teacher's argmax labels in [0, 1]; 1 = teacher labels only
+
+    def unread(self) -> dict[str, str]:
+        return {"T": "loss=hard takes the teacher's argmax, without a temperature"}
 
 
 @register_loss("dist", "DIST (Huang et al. 2022): (1-alpha)·CE + alpha·T²·(beta·inter + gamma·intra) Pearson",
@@ -86,9 +107,13 @@ class DISTLossConfig(LossBase):
         check_range("loss.beta", self.beta, 0.0, math.inf, hi_open=True)
         check_range("loss.gamma", self.gamma, 0.0, math.inf, hi_open=True)
 
+    def unread(self) -> dict[str, str]:
+        return no_teacher_term(("T", "beta", "gamma")) if self.alpha == 0 else {}
+
 
 @register_loss("dkd", "Decoupled KD (Zhao et al. 2022): ce_weight·CE + warm-up·(alpha·TCKD + beta·NCKD)",
-               target=f"{LOGIT}.DKDLoss", needs=Needs(), note="alpha weighs TCKD, beta NCKD")
+               target=f"{LOGIT}.DKDLoss", needs=Needs(), note="alpha weighs TCKD, beta NCKD",
+               warnings=(warmup_within_training,))
 @dataclass
 class DKDLossConfig(LossBase):
     """loss=dkd: L = ce_weight·CE + min(epoch/warmup, 1)·(alpha·TCKD + beta·NCKD), each T²·KL (Zhao et al. 2022).
@@ -108,6 +133,11 @@ class DKDLossConfig(LossBase):
         for key in ("alpha", "beta", "ce_weight"):
             check_range(f"loss.{key}", getattr(self, key), 0.0, math.inf, hi_open=True)
         check_min("loss.warmup", self.warmup, 0)
+
+    def unread(self) -> dict[str, str]:
+        if self.alpha == 0 and self.beta == 0:
+            return no_teacher_term(("T", "warmup", "standardize"), "loss.alpha=0 and loss.beta=0 leave no teacher term")
+        return {}
 
 
 @dataclass
@@ -131,6 +161,12 @@ class FeatureLossConfig(LossBase):
             raise ConfigError("loss.teacher_layers", f"has {len(self.teacher_layers)} names, loss.student_layers "
                                                      f"{len(self.student_layers)}: give one teacher layer per "
                                                      f"student layer")
+
+    def unread(self) -> dict[str, str]:
+        unread = no_teacher_term(("T",), "loss.alpha=0 leaves no soft KD term") if self.alpha == 0 else {}
+        if self.beta == 0:
+            unread.update(no_teacher_term(("student_layers", "teacher_layers"), "loss.beta=0 leaves no feature term"))
+        return unread
 
 
 @register_loss("fitnet", "FitNets hint (Romero et al. 2015): (1-alpha)·CE + alpha·T²·KL + beta·MSE(regressor(s), t)",
@@ -177,3 +213,6 @@ class CELossConfig(LossBase):
         super().__post_init__()
         if self.alpha != 0:
             raise ConfigError("loss.alpha", f"loss=ce has no teacher term: alpha must be 0, got {self.alpha}")
+
+    def unread(self) -> dict[str, str]:
+        return {"T": "loss=ce has no teacher term"}

@@ -51,7 +51,7 @@ class OfflineMode:
 
 
 @register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train",
-               target=f"{MODES}.semi.semi", needs=ModeNeeds(teacher=True), rules=(kd_only,))
+               target=f"{MODES}.semi.semi", needs=ModeNeeds(teacher=True, teacher_term=True), rules=(kd_only,))
 @dataclass
 class SemiMode:
     """mode=semi: only part of train keeps its labels; the teacher's targets supervise the rest."""
@@ -78,9 +78,15 @@ class SemiMode:
         if self.iterations < 1:
             raise ConfigError("mode.iterations", f"must be >= 1, got {self.iterations}")
 
+    def unread(self) -> dict[str, str]:
+        """The keys without effect given the others (:meth:`kdrun.schema.losses.LossBase.unread`)."""
+        return {"confidence": "mode.unlabeled_target=soft keeps every unlabelled image"} \
+            if self.unlabeled_target == "soft" else {}
+
 
 @register_mode("self", "Self-distillation: born-again generations, or a snapshot of the student as its teacher",
-               target=f"{MODES}.selfdistill.self_distill", needs=ModeNeeds(), rules=(snapshot_before_the_end,))
+               target=f"{MODES}.selfdistill.self_distill", needs=ModeNeeds(teacher_keys=False),
+               rules=(snapshot_before_the_end,))
 @dataclass
 class SelfMode:
     """mode=self: born-again generations or an in-training snapshot teacher (no separate teacher)."""
@@ -97,6 +103,11 @@ class SelfMode:
             raise ConfigError("mode.generations", f"must be >= 1, got {self.generations}")
         if self.method == "snapshot" and (self.teacher_epoch is None or self.teacher_epoch < 1):
             raise ConfigError("mode.teacher_epoch", f"mode.method=snapshot needs an epoch >= 1, got {self.teacher_epoch}")
+
+    def unread(self) -> dict[str, str]:
+        """The keys of the other method (:meth:`kdrun.schema.losses.LossBase.unread`)."""
+        other = ("generations", "ensemble") if self.method == "snapshot" else ("teacher_epoch",)
+        return dict.fromkeys(other, f"mode.method={self.method} does not read it")
 
 
 @register_mode("merge", "Teachers trained on class subsets, merged into one student over all classes",

@@ -9,7 +9,8 @@ threads on two busy cores a call can wait for a descheduled thread: timings 1000
 Random inputs of the data's shape.
 Then per student, against the teacher: parameter ratio (pruned: against its nonzero parameters), size and
 speed ratios, and the accuracy given up (test accuracy, percentage points), as one line:
-``student: 9.8× fewer params, 6.1× faster at batch 1, −0.9 pt``.
+``student: 9.8× fewer params, 6.1× faster at batch 1, −0.9 pt`` (a student larger than its teacher: ``39.0× more
+params``; slower: ``2.0× slower``).
 
 Latencies are a guide, not a benchmark: the timed calls are few, and other processes share the CPU.
 Unstructured pruning zeroes weights but keeps dense tensors, so it changes neither the size nor the speed here.
@@ -102,14 +103,26 @@ def versus(teacher: dict, student: dict) -> dict:
 
 
 def line(role: str, entry: dict) -> str:
-    """``student: 9.8× fewer params, 6.1× faster at batch 1, −0.9 pt`` (an entry with ``vs_teacher``)."""
+    """``student: 9.8× fewer params, 6.1× faster at batch 1, −0.9 pt`` (an entry with ``vs_teacher``); a student
+    larger or slower than its teacher reads ``39.0× more params``, ``2.0× slower``."""
     vs = entry["vs_teacher"]
     params = "nonzero params" if "nonzero_params" in entry else "params"
     who = "pruned student" if role == "student_pruned" else role
-    text = f"{who}: {vs['params_ratio']:.1f}× fewer {params}, {vs['speedup_batch_1']:.1f}× faster at batch 1"
+    text = (f"{who}: {times(vs['params_ratio'], 'fewer', 'more', 'as many')} {params}, "
+            f"{times(vs['speedup_batch_1'], 'faster', 'slower', 'as fast')} at batch 1")
     if vs["acc_delta_pt"] is not None:
         text += f", {vs['acc_delta_pt']:+.1f} pt".replace("-", "−")
     return text
+
+
+def times(ratio: Optional[float], less: str, more: str, same: str) -> str:
+    """A teacher / student ratio in words: ``9.8× fewer`` (ratio 9.8), ``39.0× more`` (ratio 1/39), ``as many``
+    (1.0 to one decimal either way); ``?`` when the ratio is unknown (a zero)."""
+    if not ratio:
+        return f"?× {less}"
+    if round(ratio, 1) == 1.0 or round(1 / ratio, 1) == 1.0:
+        return same
+    return f"{ratio:.1f}× {less}" if ratio > 1 else f"{1 / ratio:.1f}× {more}"
 
 
 def report(models: dict[str, Measured], shape: tuple) -> dict:

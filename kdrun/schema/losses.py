@@ -21,6 +21,16 @@ class LossBase:
         check_range("loss.alpha", self.alpha, 0.0, 1.0)
         check_positive("loss.T", self.T)
 
+    def unread(self) -> dict[str, str]:
+        """This loss's keys that have no effect given its other values, each with why: a key the user sets that
+        is in here is warned about (:func:`kdrun.schema.advice.config_warnings`). None by default."""
+        return {}
+
+
+def no_teacher_term(keys: tuple, why: str = "loss.alpha=0 leaves no teacher term") -> dict[str, str]:
+    """``unread`` of a loss whose teacher term has weight 0: ``keys`` (those of that term), each with ``why``."""
+    return dict.fromkeys(keys, why)
+
 
 @dataclass
 class LossConfig(LossBase):

@@ -9,7 +9,9 @@ the combinations of swept keys other than ``seed``, and each cell aggregates its
 * Δ = KD − baseline on test, paired by seed: mean, 95 % CI (t distribution) and the p-value of a paired
   t-test (``scipy.stats.ttest_rel``); the gain is *within noise* when p ≥ 0.05 or fewer than 2 pairs;
 * % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies;
-* the student's training seconds per epoch (``time_s`` of its ``metrics.jsonl`` epochs, validation excluded).
+* the student's training seconds per epoch (``time_s`` of its ``metrics.jsonl`` epochs, validation excluded);
+* how many of its jobs carry warnings in their ``summary.json`` (``warned``), and whether the teacher's mean test
+  accuracy is no better than the baseline's (``teacher_not_better``: nothing to distil, gap closed undefined).
 
 The best cell is the one with the highest mean **val** accuracy (selection on val, like every run; its test
 accuracy is the figure to report). Nothing here writes files or prints: that is :mod:`kdrun.sweep.report`
@@ -59,6 +61,12 @@ class Job:
         if self.summary is None:
             return self.logged_error() or "no summary.json: the job was interrupted, crashed or is still running"
         return self.summary.get("error", "")
+
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings of the job's ``summary.json`` (a completed run that cannot show KD, an option it ignored)."""
+        found = self.get("warnings")
+        return [str(w) for w in found] if isinstance(found, list) else []
 
     def logged_error(self) -> str:
         """The last ERROR line of the job's log (a job refused before it started has no summary.json)."""
@@ -261,6 +269,8 @@ def cell_stats(cell: Cell) -> dict[str, Any]:
     if pairs and teacher and stats["teacher_mean"] - stats["baseline_mean"] > 0:
         gap = 100 * stats["delta_mean"] / (stats["teacher_mean"] - stats["baseline_mean"])
     stats["gap_closed_pct"] = gap
+    stats["teacher_not_better"] = bool(pairs and teacher and stats["teacher_mean"] <= stats["baseline_mean"])
+    stats["warned"] = sum(bool(j.warnings) for j in cell.jobs)
     stats["within_noise"] = not (stats["p_value"] is not None and stats["p_value"] < NOISE_P)
     stats.update(_mean_std("epoch_s", [e for e in (j.epoch_seconds() for j in done) if e is not None]))
     return stats

@@ -67,7 +67,8 @@ LEGEND = (f"▲ significant gain, ▼ significant loss vs baseline (paired t-tes
 
 
 def heatmap(summary: SweepSummary, table, path: Path) -> None:
-    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline and its mark (:func:`mark`)."""
+    """Rows: first swept key, columns: second; each cell: mean test %, Δ vs baseline and its mark (:func:`mark`), !
+    if a job of it has warnings."""
     plt = _pyplot()
     fig = heatmap_figure(plt, summary, table)
     fig.savefig(path, dpi=120)
@@ -93,7 +94,9 @@ def heatmap_figure(plt, summary: SweepSummary, table):
         for j, c in enumerate(cols):
             _cell(plt, ax, i, j, cells.get((r, c)), middle)
     title = fig.suptitle(f"mean student test accuracy over seeds; Δ vs baseline\n{_subtitle(summary)}", fontsize=9)
-    legend = fig.text(0.5, 0.02, LEGEND, ha="center", va="bottom", fontsize=8)
+    warned = "\n! = a job of the cell has warnings (listed in summary.md)" \
+        if any(c.stats.get("warned") for c in cells.values()) else ""
+    legend = fig.text(0.5, 0.02, LEGEND + warned, ha="center", va="bottom", fontsize=8)
     _fit(fig, [title, legend])
     return fig
 
@@ -106,6 +109,7 @@ def _cell(plt, ax, i: int, j: int, cell, middle: float) -> None:
     text, sign = f"{s['test_mean']:.2f}", mark(s)
     if sign:
         text += f"\nΔ {s['delta_mean']:+.2f} {sign}"
+    text += " !" if s.get("warned") else ""
     ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if s["test_mean"] > middle else "white",
             fontweight="bold" if cell.best else "normal")
     if sign in MARK_COLOURS:

@@ -23,22 +23,24 @@ JOB_FIGURES = {  # results.csv column -> path in summary.json
 }
 CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
                 "baseline_std", "teacher_mean", "delta_mean", "delta_std", "ci_low", "ci_high", "p_value",
-                "gap_closed_pct", "within_noise", "epoch_s_mean")
+                "gap_closed_pct", "within_noise", "epoch_s_mean", "warned")
 LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
           f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
-          f"n < 2); gap closed = Δ / (teacher − baseline); s/epoch = the student's training seconds per epoch; "
-          f"best = highest mean val accuracy")
+          f"n < 2); gap closed = Δ / (teacher − baseline), - when the teacher is no better than the baseline; "
+          f"s/epoch = the student's training seconds per epoch; best = highest mean val accuracy; N warned = jobs "
+          f"whose summary.json has warnings (listed under Warnings)")
 
 
 def write_results_csv(summary: SweepSummary, path: Path) -> None:
-    """One row per job: swept keys, status, accuracies, Δ vs baseline, wall time, run dir, error."""
+    """One row per job: swept keys, status, accuracies, Δ vs baseline, wall time, run dir, error, warnings (its
+    ``summary.json``'s, joined by `` | ``)."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(_row(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error"]))
+        writer.writerow(_row(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error", "warnings"]))
         for job in summary.jobs:
             writer.writerow(_row([job.name, *(job.overrides.get(k, "") for k in summary.keys), job.status,
                                   *(_csv(job.get(*p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
-                                  "" if job.status == "completed" else job.error]))
+                                  "" if job.status == "completed" else job.error, " | ".join(job.warnings)]))
 
 
 def write_cells_csv(summary: SweepSummary, path: Path) -> None:
@@ -94,6 +96,10 @@ def _note(cell: Cell) -> str:
     notes = ["best"] if cell.best else []
     if s["n"] and s["delta_mean"] is not None:
         notes.append("within noise" if s["within_noise"] else "gain" if s["delta_mean"] > 0 else "loss")
+    if s["teacher_not_better"]:
+        notes.append("teacher ≤ baseline")
+    if s["warned"]:
+        notes.append(f"{s['warned']} warned")
     for status in ("failed", "missing"):
         count = sum(job.status == status for job in cell.jobs)
         if count:
@@ -141,7 +147,7 @@ def grid_text(cell: Optional[Cell]) -> str:
     if cell is None or not cell.stats["n"]:
         return "" if cell is None else "missing" if all(j.status == "missing" for j in cell.jobs) else "failed"
     s = cell.stats
-    return ms(s["test_mean"], s["test_std"]) + (" ~" if s["within_noise"] else "")
+    return ms(s["test_mean"], s["test_std"]) + (" ~" if s["within_noise"] else "") + (" !" if s["warned"] else "")
 
 
 def markdown(summary: SweepSummary) -> str:
@@ -166,15 +172,29 @@ def markdown(summary: SweepSummary) -> str:
             texts = [grid_text(cells.get((r, c))) for c in cols]
             texts = [f"**{t}**" if cells.get((r, c)) and cells[(r, c)].best else t for t, c in zip(texts, cols)]
             lines.append(f"| {param(r)} | " + " | ".join(texts) + " |")
-        lines.append("")
+        lines += ["", "~ = gain within noise; ! = jobs with warnings.", ""]
     if summary.failed:
         lines += ["## Failed or missing jobs", "", "| job | overrides | status | error |", "| --- | --- | --- | --- |"]
         lines += [f"| {j.name} | {_overrides(j, summary)} | {j.status} | {j.error} |" for j in summary.failed]
         lines.append("")
+    lines += _warnings(summary)
     if (summary.sweep_dir / "results.png").is_file():
         lines += ["![results](results.png)", ""]
     lines += _job_reports(summary)
     return "\n".join(lines)
+
+
+def _warnings(summary: SweepSummary) -> list[str]:
+    """Each warning of the jobs' ``summary.json`` once, with the jobs that carry it (none: no section)."""
+    jobs: dict[str, list[str]] = {}
+    for job in summary.jobs:
+        for warning in job.warnings:
+            jobs.setdefault(warning, []).append(job.name)
+    if not jobs:
+        return []
+    lines = ["## Warnings", "", "| jobs | warning |", "| --- | --- |"]
+    lines += [f"| {', '.join(names)} | {warning.replace('|', '/')} |" for warning, names in jobs.items()]
+    return [*lines, ""]
 
 
 def _job_reports(summary: SweepSummary) -> list[str]:
@@ -214,7 +234,8 @@ def print_tables(summary: SweepSummary) -> None:
     if pivot:
         rows, cols, cells = pivot
         k1, k2 = summary.cell_keys
-        table = Table(title=f"student test % by {k1} × {k2}", caption="mean ± std over seeds; ~ = within noise")
+        table = Table(title=f"student test % by {k1} × {k2}",
+                      caption="mean ± std over seeds; ~ = within noise; ! = jobs with warnings")
         table.add_column(f"{k1} \\ {k2}", justify="right")
         for c in cols:
             table.add_column(escape(param(c)), justify="right")
