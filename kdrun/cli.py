@@ -334,7 +334,7 @@ def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
         if parent.endswith(".args"):
             hint = "; the model's args are listed by `kdrun --list models`"
         if owners := key_owners(cause.full_key):  # `mode.generations=3` without `mode=self`
-            hint = f"; it is a key of {owners[0]}: add {owners[0]}" if len(owners) == 1 else \
+            hint += f"; it is a key of {owners[0]}: choose {owners[0]}" if len(owners) == 1 else \
                 f"; it is a key of {', '.join(owners)}: choose one of them"
         return f"{cause.full_key}: unknown config key{hint}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):

@@ -220,9 +220,11 @@ CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before th
     (["seed=range(2)"], ["seed=range(2): several values: a sweep over them needs -m: kdrun -m "]),
     (["export=onnx"], ["export: takes a list: export=[onnx]"]),
     (["loss=fitnet", "loss.teacher_layers=features.3"], ["loss.teacher_layers=[features.3]"]),
-    (["mode.generations=3"], ["mode.generations: unknown config key; it is a key of mode=self: add mode=self"]),
-    (["student.args.width_mult=0.5"], ["it is a key of student=mobilenet: add student=mobilenet"]),
-    (["loss.beta=2"], ["loss.beta: unknown config key; it is a key of loss=at, loss=dist, loss=dkd, loss=fitnet"]),
+    (["mode.generations=3"], ["mode.generations: unknown config key; valid keys under 'mode': name; ",
+                              "it is a key of mode=self: choose mode=self"]),
+    (["student.args.width_mult=0.5"], ["it is a key of student=mobilenet: choose student=mobilenet"]),
+    (["loss.beta=2"], ["loss.beta: unknown config key; valid keys under 'loss': ",
+                       "; it is a key of loss=at, loss=dist, loss=dkd, loss=fitnet"]),
 ]
 
 

@@ -106,8 +106,11 @@ def test_exported_student_carries_its_preprocessing(smoke_run):
         assert json.loads(props["mean"]) == info["mean"] and json.loads(props["std"]) == info["std"]
         assert json.loads(props["class_names"]) == info["class_names"] and props["dataset"] == "digits"
         assert json.loads(props["input_shape"]) == ["batch", 1, 8, 8] and "files" not in props
-    assert export.deployment({"meta": {"num_classes": 10, "name": "mlp"}}, {"dataset": {"name": "fashion_mnist"}},
-                             {"shape": ["batch", 1, 28, 28]})["class_names"][9] == "Ankle boot"
+    names = [f"class {i}" for i in range(10)]  # the loaded dataset's names; never looked up by the dataset's name
+    deploy = lambda names: export.deployment({"meta": {"num_classes": 10, "name": "mlp"}},
+                                             {"dataset": {"name": "fashion_mnist"}}, {"shape": ["batch", 1, 28, 28]},
+                                             names=names)["class_names"]
+    assert deploy(names) == names and deploy(None) == [str(i) for i in range(10)]
 
 
 def test_the_deploy_docs_snippet_classifies_a_raw_image(smoke_run, tmp_path, capsys, monkeypatch):
@@ -206,7 +209,7 @@ def test_a_format_that_fails_is_a_warning_and_an_error_record(tmp_path, monkeypa
 def test_check_images_fall_back_to_random_when_the_data_is_gone(caplog):
     checkpoint = {"meta": {"in_channels": 1, "image_size": 8}, "config": {"dataset": {"name": "no_such_dataset"}}}
     with caplog.at_level(logging.WARNING, logger="kdrun"):
-        inputs, record = export._check_inputs(checkpoint)
+        inputs, record, _ = export._check_inputs(checkpoint)
     assert inputs.shape == (export.CHECK_IMAGES, 1, 8, 8) and record["checked_on"] == "random"
     assert len(caplog.records) == 1 and "checking on random inputs" in caplog.records[0].getMessage()
 

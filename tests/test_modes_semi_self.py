@@ -142,7 +142,8 @@ def test_snapshot_self_teacher(tmp_path):
     (["mode=self", "mode.method=snapshot", "mode.teacher_epoch=2"], ["mode.teacher_epoch", "< trainer.epochs (2)"]),
     (["mode=self", "mode.method=snapshot"], ["mode.teacher_epoch", "needs an epoch"]),
     (["mode=self", "mode.labeled_fraction=0.1"], ["mode.labeled_fraction", "unknown config key", "generations"]),
-    (["mode=offline", "mode.generations=2"], ["mode.generations", "unknown config key", "'mode': name"]),
+    (["mode=offline", "mode.generations=2"], ["mode.generations", "unknown config key", "'mode': name",
+                                              "it is a key of mode=self"]),
 ])
 def test_mode_errors_are_one_line(tmp_path, overrides, fragments):
     last = error_line(False, tmp_path, tmp_path / "run", *overrides)  # one line, as the CLI prints it

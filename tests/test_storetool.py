@@ -43,6 +43,7 @@ def test_a_miss_names_the_key_part_that_changed(tmp_path, user_package, caplog):
     store = tmp_path / "teachers"
     train_or_reuse(store, "SmallCNN", key(), train)
     train_or_reuse(store, "SmallCNN", key(epochs=5), train)  # farther from the next key than the first entry
+    caplog.clear()  # the misses above, logged when an earlier test left kdrun's logger at INFO
     with caplog.at_level(logging.INFO, logger="kdrun"):
         train_or_reuse(store, "SmallCNN", key(source="b" * 16), train)
     miss = [m for m in caplog.messages if m.startswith("store: no SmallCNN")]

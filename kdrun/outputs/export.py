@@ -83,16 +83,18 @@ def export_run(run_dir: Path, formats, data=None, config: Optional[dict] = None,
             continue
         model, checkpoint = load_student(path, config, trusted)
         if "input" not in out:
-            inputs, out["input"] = _check_inputs(checkpoint, data)
-        deploy = deployment(checkpoint, config, out["input"], stage)
+            inputs, out["input"], names = _check_inputs(checkpoint, data)
+        deploy = deployment(checkpoint, config, out["input"], stage, names)
         out[stage] = export_model(model, path.parent / stage, formats, inputs, run_dir, deploy)
         out.setdefault("preprocessing", {})[stage] = str((path.parent / f"{stage}.json").relative_to(run_dir))
     return out
 
 
-def deployment(checkpoint: dict, config: Optional[dict], inputs: dict, stage: str = "student") -> dict:
+def deployment(checkpoint: dict, config: Optional[dict], inputs: dict, stage: str = "student",
+               names: Optional[list] = None) -> dict:
     """What a deployed model needs besides its weights, for ``<stage>.json`` and the ONNX ``metadata_props``:
-    the input's name, shape and normalisation, the output's name and the class names (as in the run report)."""
+    the input's name, shape and normalisation, the output's name and the class names (``names``, the loaded
+    dataset's, as in the run report; the class indices when it names none)."""
     from kdrun.outputs.report import class_names
 
     meta = checkpoint["meta"]
@@ -101,7 +103,7 @@ def deployment(checkpoint: dict, config: Optional[dict], inputs: dict, stage: st
     return {"model": stage, "architecture": meta.get("name"), "dataset": dataset.get("name"),
             "input_name": "images", "input_shape": inputs["shape"], "dtype": "float32", "mean": mean, "std": std,
             "preprocess": PREPROCESS, "output_name": "logits",
-            "class_names": class_names(dataset.get("name"), meta["num_classes"])}
+            "class_names": class_names(names, meta["num_classes"])}
 
 
 def export_model(model, stem: Path, formats, inputs, run_dir: Optional[Path] = None,
@@ -207,9 +209,9 @@ _RUNNERS = {"torchscript": _run_torchscript, "onnx": _run_onnx}
 
 
 def _check_inputs(checkpoint: dict, data=None):
-    """The first :data:`CHECK_IMAGES` normalised test images and the input record (shape, normalisation); from
-    ``data``, else the run's dataset from the checkpoint's config; random images (one warning) if it cannot be
-    loaded."""
+    """The first :data:`CHECK_IMAGES` normalised test images, the input record (shape, normalisation) and the
+    dataset's class names (None: it names none); from ``data``, else the run's dataset from the checkpoint's
+    config; random images and no names (one warning) if it cannot be loaded."""
     import torch
 
     meta = checkpoint["meta"]
@@ -228,8 +230,9 @@ def _check_inputs(checkpoint: dict, data=None):
         norm = {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()}
     else:
         inputs, source, norm = torch.randn(CHECK_IMAGES, *shape, generator=torch.Generator().manual_seed(0)), "random", {}
+    names = getattr(data, "class_names", None) if data is not None else None
     return inputs, {"shape": ["batch", *shape], "dtype": "float32", "checked_on": source, **norm,
-                    "note": "images scaled to [0, 1], then (x - mean) / std per channel"}
+                    "note": "images scaled to [0, 1], then (x - mean) / std per channel"}, names
 
 
 def finished_run(run_dir: Path) -> dict:
