@@ -20,7 +20,7 @@ $(DEPS_STAMP):  # content-keyed (DEPS_KEY), so a fresh clone reuses a matching e
 
 # A cached environment may hold an editable install of another checkout: point it at this one.
 install: $(DEPS_STAMP)
-	@$(PY) -c "import kdrun, pathlib, sys; sys.exit(pathlib.Path(kdrun.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null \
+	@$(PY) -I -c "import kdrun, pathlib, sys; sys.exit(pathlib.Path(kdrun.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null \
 	  || $(PY) -m pip install --quiet --no-deps -e .
 
 demo: install
@@ -28,7 +28,7 @@ demo: install
 
 # The example plugin package (examples/kdrun-example-plugin): the tests use it through its entry point.
 install-plugin: install
-	@$(PY) -c "import kdrun_example_plugin, pathlib, sys; sys.exit(not pathlib.Path(kdrun_example_plugin.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()))" 2>/dev/null \
+	@$(PY) -I -c "import kdrun_example_plugin, pathlib, sys; sys.exit(not pathlib.Path(kdrun_example_plugin.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()))" 2>/dev/null \
 	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e examples/kdrun-example-plugin
 
 # ruff, and the layering declared in pyproject.toml ([tool.importlinter]): no import cycles, no layer importing one above it.
