@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,6 +145,21 @@ def run_sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
     if not any(str(a).startswith("report=") for a in args):
         args = ("report=false", *args)
     return run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
+
+
+def user_mlp_module(folder: Path, name: str, monkeypatch, hidden: int = 32) -> Path:
+    """Write ``folder/<name>.py`` defining ``make(num_classes, in_channels, image_size, hidden=HIDDEN)``, a user's
+    one-hidden-layer mlp for ``_target_: <name>.make``, and put ``folder`` on ``sys.path``; returns the file (a
+    test edits it to change the user's code)."""
+    path = Path(folder) / f"{name}.py"
+    path.write_text(textwrap.dedent(f"""
+        from torch import nn
+        def make(num_classes, in_channels, image_size, hidden={hidden}):
+            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(folder))
+    return path
 
 
 def store_overrides(base: Path) -> list[str]:

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TIMEOUT_S, PYTHON, cli_env, read_json, run_kdrun, store_overrides
+from conftest import CLI_TIMEOUT_S, PYTHON, cli_env, read_json, run_kdrun, store_overrides, user_mlp_module
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -88,14 +88,7 @@ def test_user_source_change_retrains_the_teacher(tmp_path, monkeypatch):
     """Store keys hold a hash of the file defining a `_target_`: editing it retrains instead of reusing."""
     pkg = tmp_path / "userpkg"
     pkg.mkdir()
-    net = pkg / "usernet.py"
-    net.write_text(textwrap.dedent("""
-        from torch import nn
-        def make(num_classes, in_channels, image_size, hidden=32):
-            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_classes))
-    """))
-    monkeypatch.syspath_prepend(str(pkg))
+    net = user_mlp_module(pkg, "usernet", monkeypatch, hidden=32)
     conf = tmp_path / "conf" / "teacher"
     conf.mkdir(parents=True)
     (conf / "usernet.yaml").write_text("_target_: usernet.make\nhidden: 32\n")

@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from conftest import (
     smoke_inproc,
     store_entries,
     store_overrides,
+    user_mlp_module,
     working_dir,
 )
 
@@ -73,14 +73,7 @@ def test_resume_refuses_a_checkpoint_of_other_user_code(base, tmp_path, monkeypa
     """The student's ``_target_`` file edited between the run and its resume (same shapes): refused before anything
     trains (no baseline for the edited code), naming the callable, its file and both hashes; unchanged code
     resumes."""
-    net = tmp_path / "resumenet.py"
-    net.write_text(textwrap.dedent("""
-        from torch import nn
-        def make(num_classes, in_channels, image_size, hidden=16):
-            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_classes))
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    net = user_mlp_module(tmp_path, "resumenet", monkeypatch, hidden=16)
     (tmp_path / "conf" / "student").mkdir(parents=True)
     (tmp_path / "conf" / "student" / "resumenet.yaml").write_text("_target_: resumenet.make\nhidden: 16\n")
     extra = ("report=false", "student=resumenet", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
