@@ -17,8 +17,8 @@ loss, :class:`ModeNeeds` for a mode), its cross-key ``rules`` (functions of the 
 raise :class:`~kdrun.errors.ConfigError`) and ``warnings`` (functions of it that return a line or None: a
 valid config that cannot show what it is run for, logged and kept in ``summary.json``). The schema,
 ``--list`` and the run read them here instead of testing names. Where the implementation imports torch,
-the registration decorates the config and names the implementation by ``target="package.module.Name"``
-(imported when first used), so listing and validating options never import torch; a plugin may do the same::
+the registration may decorate the config and name the implementation by ``target="package.module.Name"``
+(imported when first used), so that the config can be read without torch; a plugin may do the same::
 
     @register_loss("mykd", "...", target="my_pkg.losses.MyKD", needs=Needs(features=False))
     @dataclass
@@ -34,7 +34,8 @@ A config may also name a callable directly with ``_target_: package.module.Calla
 imports it with a one-line error naming the key, and :func:`source_hash` hashes the file that defines it, so
 store keys change when the user's code does.
 
-This module imports no torch (``kdrun --help`` stays fast).
+This module imports no torch. The built-in methods of :mod:`kdrun.losses.methods` are one file each, config and
+``nn.Module`` together, so the first look-up of the loss registry imports torch.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ KINDS = ("model", "dataset", "loss", "mode")
 ENTRY_POINT_GROUP = "kdrun.plugins"
 # the modules that hold the built-ins of each kind (imported on first use of that kind)
 BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.data.sources",),
-                   "loss": ("kdrun.losses.options",), "mode": ("kdrun.modes.options",)}
+                   "loss": ("kdrun.losses.options", "kdrun.losses.methods"), "mode": ("kdrun.modes.options",)}
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,8 @@ class StudentResult(Result):
     val_acc_best: Optional[float] = None
     test_acc_best: Optional[float] = None
     generation: Optional[int] = optional()  # mode=self born_again
+    loss_params: Optional[int] = optional()  # the loss's own learned parameters (adapters, embeddings), trained
+    #                                          with the student and not part of it; buffers (a memory bank) not counted
 
 
 @dataclass

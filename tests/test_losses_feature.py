@@ -182,7 +182,7 @@ def test_a_users_model_without_defaults_is_asked_for_layer_names():
     pairs = FeaturePairs(FitNetLoss(student_layers=["body"]), Mine(), tiny("cnn"), torch.randn(2, 1, 8, 8))
     assert (pairs.student_names, pairs.teacher_names) == (["body"], ["features.3"])  # the teacher's hint
     Mine.kdrun_feature_layers = {"stages": ["body"]}  # a model may declare its own defaults
-    assert default_feature_layers(Mine()) == {"hint": "body", "stages": ["body"]}
+    assert default_feature_layers(Mine()) == {"hint": "body", "stages": ["body"], "embedding": "head:input"}
 
 
 def test_default_stages_of_unequal_depth_pair_the_deepest():
@@ -302,8 +302,9 @@ def test_offline_run_reads_the_live_teacher_and_keeps_the_adapters(stores, tmp_p
         if name == "fitnet":  # conv 8 -> 32 channels (teacher cnn: channels 32) + BN
             assert ckpt["loss_state"]["regressors.0.0.weight"].shape == (32, 8, 1, 1)
             assert "regressors.0.1.running_mean" in ckpt["loss_state"]
+            assert summary["student"]["loss_params"] == 8 * 32 + 2 * 32  # 1x1 conv + BN's weight and bias
         else:
-            assert "loss_state" not in ckpt  # at learns nothing
+            assert "loss_state" not in ckpt and "loss_params" not in summary["student"]  # at learns nothing
 
 
 @pytest.mark.parametrize("name, method", [("fitnet", "born_again"), ("at", "born_again"), ("at", "snapshot")])

@@ -2,13 +2,15 @@
 
 * :mod:`~kdrun.losses.options`: every built-in loss as a config option (its dataclass: keys, defaults, checks;
   what it needs; its rules), registered with :func:`kdrun.registry.register_loss`, naming its class by path.
-  The torch-free half of a loss: listing and validating options never import torch;
+  the torch-free half of the loss families below;
 * :mod:`~kdrun.losses.base`: the contract (:class:`DistillationLoss`), ``kd`` and ``ce``, :func:`build` and
   :func:`~kdrun.losses.base.from_config`;
 * :mod:`~kdrun.losses.logit`: losses on logits (``mse``, ``soft_ce``, ``hard``, ``dkd``, ``dist``);
 * :mod:`~kdrun.losses.feature`: losses on intermediate features (``fitnet``, ``at``) and their base
   :class:`FeatureLoss`;
-* :mod:`~kdrun.losses.hooks`: :class:`FeatureHooks`, forward hooks that capture named modules' outputs.
+* :mod:`~kdrun.losses.hooks`: :class:`FeatureHooks`, forward hooks that capture named modules' outputs;
+* :mod:`~kdrun.losses.methods`: the methods of the KD benchmark tables (``sp``, ...), one file each, config and
+  ``nn.Module`` together: the model for a new method.
 
 Public API (also for your own training loop): ``kdrun.losses.build(name, **params)``, :class:`FeatureHooks`,
 :class:`FeatureLoss`, :class:`DistillationLoss`, :func:`kd_term`.

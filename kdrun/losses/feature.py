@@ -86,7 +86,9 @@ class FeatureLoss(DistillationLoss):
 
     needs_features = True
     extra_parts = ("feat",)
-    role = "stages"        # which default layers the loss pairs: "stages" or "hint"
+    # which default layers the loss pairs (kdrun.models.layers.default_feature_layers): "stages" (every stage's
+    # output), "hint" (the middle stage), "last_stage" (the deepest stage), "embedding" (the classifier's input)
+    role = "stages"
     term_name = "feature"
 
     def __init__(self, T: float = FeatureLossConfig.T, alpha: float = FeatureLossConfig.alpha,
@@ -121,7 +123,19 @@ class FeatureLoss(DistillationLoss):
 
     def _defaults(self, model: nn.Module, key: str) -> list[str]:
         found = default_feature_layers(model, key)
-        names = [found["hint"]] if self.role == "hint" and found["hint"] else found["stages"]
+        if self.role == "embedding":
+            if not found["embedding"]:
+                raise ConfigError("loss", f"loss={self.name} reads the penultimate embedding (the input of the last "
+                                          f"nn.Linear) and {type(model).__name__} has no Linear layer: set "
+                                          f"loss.student_layers and loss.teacher_layers (`kdrun --list layers`)")
+            return [found["embedding"]]
+        names = found["stages"]
+        if self.role == "hint" and found["hint"]:
+            names = [found["hint"]]
+        elif self.role == "last_stage" and names:
+            names = names[-1:]
+        elif self.role == "last_stage" and found["hint"]:  # no conv stages (an mlp): its hidden layer
+            names = [found["hint"]]
         if not names:
             raise ConfigError("loss", f"loss={self.name} needs (N, C, H, W) feature maps and "
                                       f"{type(model).__name__} has none (no conv stages): use a conv model, or "

@@ -4,8 +4,9 @@
         logits = model(x)
     feats["features.3"]          # that module's output on x (the last forward call)
 
-Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them). An unknown name is a
-:class:`ConfigError` listing every valid one. Outputs are cloned by
+Names are those of ``dict(model.named_modules())`` (``print(model)`` shows them); ``"NAME:input"`` captures
+the module's (first) input instead of its output, e.g. ``"fc:input"``: the embedding a classifier reads. An
+unknown name is a :class:`ConfigError` listing every valid one. Outputs are cloned by
 default, because a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, say) would otherwise
 overwrite the captured tensor; the clone keeps the autograd graph, so feature losses can backpropagate.
 
@@ -24,6 +25,8 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 
+INPUT = ":input"  # a name's suffix that captures the module's input rather than its output
+
 
 class FeatureHooks(Mapping[str, torch.Tensor]):
     """Capture the outputs of ``model``'s modules ``names`` on every forward call while attached.
@@ -35,17 +38,28 @@ class FeatureHooks(Mapping[str, torch.Tensor]):
     def __init__(self, model: nn.Module, names: Iterable[str], *, key: str = "features", clone: bool = True):
         self.names = list(names)
         modules = dict(model.named_modules())
-        missing = [n for n in self.names if n not in modules or n == ""]
+        missing = [n for n in self.names if n.removesuffix(INPUT) not in modules or n.removesuffix(INPUT) == ""]
         if missing:
             valid = ", ".join(n for n in modules if n)
-            raise ConfigError(key, f"{type(model).__name__} has no module {missing[0]!r}; its modules: {valid}")
+            raise ConfigError(key, f"{type(model).__name__} has no module {missing[0].removesuffix(INPUT)!r}; its "
+                                   f"modules: {valid} (NAME{INPUT}: a module's input)")
         self.clone = clone
         self._outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._capture(n)) for n in self.names]
+        self._handles = [modules[n.removesuffix(INPUT)].register_forward_pre_hook(self._capture_input(n))
+                         if n.endswith(INPUT) else modules[n].register_forward_hook(self._capture(n))
+                         for n in self.names]
+
+    def _keep(self, name: str, value) -> None:
+        self._outputs[name] = value.clone() if self.clone and isinstance(value, torch.Tensor) else value
 
     def _capture(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
-            self._outputs[name] = output.clone() if self.clone and isinstance(output, torch.Tensor) else output
+            self._keep(name, output)
+        return hook
+
+    def _capture_input(self, name: str):
+        def hook(module: nn.Module, inputs) -> None:
+            self._keep(name, inputs[0] if isinstance(inputs, tuple) and inputs else inputs)
         return hook
 
     def remove(self) -> None:

@@ -2,10 +2,10 @@
 its cross-key rules, registered once with :func:`kdrun.registry.register_loss`; ``target`` names the ``nn.Module``
 that implements it (:mod:`kdrun.losses.base`, :mod:`kdrun.losses.logit`, :mod:`kdrun.losses.feature`).
 
-This is the torch-free half of a loss: validating a config, ``kdrun --help`` and ``kdrun --list losses`` read it
-without importing torch; the loss classes take their constructor defaults from these dataclasses, so a default is
-written once. A new built-in loss adds its class to its family's module, its config here and its commented YAML
-under ``conf/loss/``, exactly as a plugin registers one (README, "Extending kdrun").
+This is the torch-free half of the loss families (base, logit, feature): their classes take their constructor
+defaults from these dataclasses, so a default is written once. A new method is one file of its own in
+:mod:`kdrun.losses.methods` (config and class together, as a plugin's), plus its commented YAML under
+``conf/loss/``.
 """
 from __future__ import annotations
 

@@ -29,20 +29,30 @@ _STAGES = {
 _HINTS = {"kdrun.models.nets.Mlp": "net.2"}  # where the middle stage is not the hint
 
 
+def embedding_layer(model: nn.Module) -> Optional[str]:
+    """The penultimate embedding of ``model``: ``"NAME:input"``, the input of its last ``nn.Linear`` (the
+    classifier; :class:`kdrun.losses.hooks.FeatureHooks` captures a module's input for a ``:input`` name), or
+    None when the model has no Linear layer."""
+    linear = [name for name, module in model.named_modules() if name and isinstance(module, nn.Linear)]
+    return f"{linear[-1]}:input" if linear else None
+
+
 def default_feature_layers(model: nn.Module, key: str = "loss.student_layers") -> dict:
-    """``{"hint": name or None, "stages": [names]}`` of ``model``: its stage outputs, shallow to deep, and the
-    hint (fitnet's layer: the middle stage, ``stages[(n - 1) // 2]``).
+    """``{"hint": name or None, "stages": [names], "embedding": name or None}`` of ``model``: its stage outputs,
+    shallow to deep, the hint (fitnet's layer: the middle stage, ``stages[(n - 1) // 2]``) and the penultimate
+    embedding (the classifier's input: :func:`embedding_layer`, which relation losses such as ``rkd`` read).
 
     Known: every built-in architecture (by class), and any model whose class declares
-    ``kdrun_feature_layers = {"stages": [...], "hint": ...}``. Otherwise a :class:`ConfigError` on ``key``
-    listing the model's module names."""
+    ``kdrun_feature_layers = {"stages": [...], "hint": ..., "embedding": ...}`` (``hint`` and ``embedding``
+    optional). Otherwise a :class:`ConfigError` on ``key`` listing the model's module names."""
     declared = getattr(model, "kdrun_feature_layers", None)
     cls = f"{type(model).__module__}.{type(model).__qualname__}"
     if isinstance(declared, dict):
         stages = list(declared.get("stages", []))
         hint = declared.get("hint")
+        embedding = declared.get("embedding") or embedding_layer(model)
     elif cls in _STAGES:
-        stages, hint = list(_STAGES[cls]), _HINTS.get(cls)
+        stages, hint, embedding = list(_STAGES[cls]), _HINTS.get(cls), embedding_layer(model)
     else:
         modules = ", ".join(n for n, _ in model.named_modules() if n)
         raise ConfigError(key, f"no default feature layers for {type(model).__name__}: set loss.student_layers and "
@@ -50,7 +60,7 @@ def default_feature_layers(model: nn.Module, key: str = "loss.student_layers") -
                                f"{modules}")
     if hint is None and stages:
         hint = stages[(len(stages) - 1) // 2]
-    return {"hint": hint, "stages": stages}
+    return {"hint": hint, "stages": stages, "embedding": embedding}
 
 
 def layer_shapes(model: nn.Module, x, depth: int = 2) -> list[tuple[str, Optional[tuple]]]:
@@ -61,7 +71,7 @@ def layer_shapes(model: nn.Module, x, depth: int = 2) -> list[tuple[str, Optiona
 
     try:
         found = default_feature_layers(model)
-        feature = {*found["stages"], found["hint"]}
+        feature = {*found["stages"], found["hint"], (found["embedding"] or "").removesuffix(":input")}
     except ConfigError:  # a user's model that declares none: its modules are listed all the same
         feature = set()
     names = [n for n, _ in model.named_modules() if n and (n.count(".") < depth or n in feature)]

@@ -125,4 +125,9 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
         scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
                          epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
+    extra = sum(p.numel() for p in loss.parameters()) if isinstance(loss, nn.Module) else 0
+    if extra:
+        info.loss_params = extra
+        log.info(f"{stage}: loss={loss.name} trained {extra:,} parameters of its own (saved as loss_state in "
+                 f"checkpoints/{stage}_*.pt; not part of the student)")
     return model.eval(), info

@@ -27,6 +27,18 @@ from kdrun.train.resume_file import shape_problem
 from kdrun.train.state import TrainState
 
 
+class WithFeatures:
+    """A feature loss called as ``loss(s, t, y, **kw)`` with the hooked layer pairs' outputs added."""
+
+    def __init__(self, loss_fn: nn.Module, pairs):
+        self.loss_fn, self.pairs = loss_fn, pairs
+        self.needs_index = getattr(loss_fn, "needs_index", False)
+
+    def __call__(self, s: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, **kw):
+        return self.loss_fn(s, t, y, student_features=self.pairs.student(), teacher_features=self.pairs.teacher(),
+                            **kw)
+
+
 class FeatureCapture(Hook):
     """Hooks ``pairs`` (:class:`kdrun.losses.hooks.FeaturePairs`) on the student and the teacher source's model for
     each epoch that trains with the feature loss (not the plain-CE epochs before a snapshot teaches), and hands the
@@ -43,9 +55,7 @@ class FeatureCapture(Hook):
             return
         self.attached = contextlib.ExitStack()
         self.attached.enter_context(self.pairs.attach(model, state.teacher.feature_model(model)))
-        loss_fn, pairs = state.loss_fn, self.pairs
-        state.epoch_loss = lambda s, t, y: loss_fn(s, t, y, student_features=pairs.student(),
-                                                   teacher_features=pairs.teacher())
+        state.epoch_loss = WithFeatures(state.loss_fn, self.pairs)
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
         if step + 1 == self.steps:
