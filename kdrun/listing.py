@@ -21,7 +21,8 @@ from typing import Any, Optional
 from kdrun import registry
 from kdrun.errors import ConfigError
 
-HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own groups and kdrun's per-option schemas: not choices
+HIDDEN_GROUPS = ("hydra", "schema", "paper")  # Hydra's own groups, kdrun's per-option schemas and the papers' per-pair
+#                                              loss settings (chosen by experiment + loss): not choices
 # `kdrun --list WHAT` -> the config group listed (models: the teacher and student options, listed as student)
 LISTS = {"models": "student", "datasets": "dataset", "losses": "loss", "modes": "mode", "optim": "optim",
          "sched": "sched", "trainer": "trainer", "experiments": "experiment"}

@@ -39,6 +39,26 @@ def test_cifar100_preset_is_the_literature_recipe(preset):
     assert (cfg.loss.name, cfg.loss.T, cfg.loss.alpha) == ("kd", 4.0, 0.9)
 
 
+PAPER = {("cifar100_wrn_40_2_wrn_16_2", "dkd"): {"beta": 6.0}}  # conf/paper/: a paper's setting for one pair
+
+
+@pytest.mark.parametrize("preset", sorted(PAIRS))
+def test_a_method_under_a_preset_keeps_its_papers_settings(preset):
+    """`experiment=<pair> loss=<method>`: the recipe sets no loss key, so every built-in loss keeps its registered
+    defaults (its paper's CIFAR-100 settings: a feature method's alpha 0, not kd's 0.9), but for conf/paper/."""
+    import dataclasses
+
+    from kdrun import registry
+
+    for name, entry in registry.entries("loss").items():
+        if entry.source != "kdrun":
+            continue
+        loss = compose_config(f"experiment={preset}", f"loss={name}").loss
+        expected = {**dataclasses.asdict(entry.config()), **PAPER.get((preset, name), {})}
+        assert {k: loss[k] for k in expected} == expected, name
+    assert compose_config(f"experiment={preset}", "loss=dkd", "loss.beta=7").loss.beta == 7  # the user still wins
+
+
 def test_milestones_decay_the_lr_from_the_epoch_after_each():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
     sched = make_scheduler(opt, SchedConfig(name="step", gamma=0.1, milestones=[150, 180, 210]), 240)
