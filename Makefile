@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-$(DEPS_KEY)
 DOCS_STAMP := $(VENV)/.docs-$(DEPS_KEY)
 PYTEST_ARGS ?=
 
-.PHONY: install install-plugin demo test lint docs test-all bench clean
+.PHONY: install install-plugin demo test test-e2e lint docs test-all bench clean
 
 $(DEPS_STAMP):  # content-keyed (DEPS_KEY), so a fresh clone reuses a matching environment
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ docs: install $(DOCS_STAMP)
 # pytest-xdist runs one worker per core (one torch thread each, tests/conftest.py), a test file per worker at a time
 # (module fixtures are built once).
 test: install-plugin lint docs
-	$(PY) -m pytest -m "not slow and not gpu" -n auto --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not gpu and not e2e" -n auto --dist loadfile $(PYTEST_ARGS)
+
+# The process-level tests the default suite leaves out: SIGKILL and signal resumes, concurrent runs and sweeps, the
+# sweep launchers (each starts, kills or races several kdrun processes: ~6 s of imports apiece). CI runs them too.
+test-e2e: install-plugin
+	$(PY) -m pytest -m "e2e and not slow and not gpu" -n auto --dist load $(PYTEST_ARGS)
 
 # Everything, including the slower runs on real data sets.
 test-all: install-plugin

@@ -233,6 +233,7 @@ def test_run_dir_held_by_a_live_run_is_refused(tmp_path):
     assert json.loads((run / CLAIM).read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.e2e
 def test_concurrent_cli_runs_in_one_timestamped_dir_both_complete(tmp_path):
     """Two real `kdrun` processes whose timestamped run dir resolves to the same path (as two runs started in
     the same second do with the default outputs/<date>/<time>): both exit 0, each in its own dir."""
@@ -255,6 +256,7 @@ def test_concurrent_cli_runs_in_one_timestamped_dir_both_complete(tmp_path):
     assert sorted(seeds) == [0, 1]
 
 
+@pytest.mark.e2e
 def test_concurrent_sweeps_in_one_timestamped_sweep_dir_both_complete(tmp_path):
     """Two `kdrun -m` whose timestamped sweep dir is the same: the second gets <dir>-1, jobs included."""
     common = ["-m", "kdrun", "-m", "experiment=smoke", "trainer.num_threads=1", "hydra.sweep.dir=sw/${now:%Y}",

@@ -11,6 +11,7 @@ LOGIT = ("kd", "mse", "soft_ce", "hard", "dkd", "dist")
 FEATURE = ("fitnet", "at")
 
 
+@pytest.mark.e2e
 def test_every_loss_in_self_mode_through_the_cli_sweep(tmp_path):
     """``kdrun -m loss=...`` in mode=self (born-again, one KD generation) on the smoke preset with a conv student
     (so that the feature losses have maps): every job completes and the summary has one row per loss."""

@@ -74,6 +74,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_at_a_safe_point(tmp_path, sig, code):
     run_dir = tmp_path / "run"
@@ -100,6 +101,7 @@ def test_signal_stops_at_a_safe_point(tmp_path, sig, code):
     assert logged == list(range(1, stopped["epoch"] + 1))
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     """Killed (SIGKILL, no chance to clean up) during student epoch 4+, resumed: the final weights, best and last,
     are those of an uninterrupted run with the same teacher (shared store), and every epoch is logged once."""
@@ -113,6 +115,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 101))
 
 
+@pytest.mark.e2e
 def test_pruned_stage_resumes_after_sigkill_bit_identically(tmp_path):
     """Killed (SIGKILL) while the gradually pruned student trains (sparsity already ramping up), resumed: it goes on
     from its resume checkpoint (masks, steps and best epoch included), not from scratch, and its checkpoints, best and
@@ -298,6 +301,7 @@ def test_a_resume_checkpoint_of_the_previous_layout_is_read(tmp_path):
 
 # --- sweeps -------------------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_sweep_run_again_skips_completed_jobs(tmp_path):
     first = run_sweep(tmp_path, "seed=0,1,2")
     assert first.returncode == 0, first.describe()

@@ -156,6 +156,7 @@ def test_kdrun_summarize_reproduces_the_summary(seed_sweep, tmp_path):
 
 # --- failed, crashed and interrupted jobs ---------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_summary_after_failed_and_crashed_jobs_and_after_interruption(tmp_path):
     """alpha=1.5 is refused (config error); a user's loss whose forward does not take kdrun's arguments
     (``_target_: torch.nn.Identity``) crashes the job with a TypeError, so Hydra skips its end-of-multirun
@@ -255,6 +256,7 @@ def _interval(summary: dict) -> tuple[float, float]:
     return start, start + summary["wall_time_s"]
 
 
+@pytest.mark.e2e
 def test_joblib_parallel_jobs_train_a_shared_teacher_and_baseline_once(tmp_path):
     result = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "loss.T=1,4")
     assert result.returncode == 0, result.describe()
@@ -269,6 +271,7 @@ def test_joblib_parallel_jobs_train_a_shared_teacher_and_baseline_once(tmp_path)
     assert (tmp_path / "sweep" / "results.csv").is_file()
 
 
+@pytest.mark.e2e
 def test_submitit_local_launcher(tmp_path):
     result = sweep(tmp_path, "hydra/launcher=submitit_local", "loss.T=4")
     assert result.returncode == 0, result.describe()
@@ -279,6 +282,7 @@ def test_submitit_local_launcher(tmp_path):
     assert [r["status"] for r in rows] == ["completed"]
 
 
+@pytest.mark.e2e
 def test_optuna_sweeper_maximises_the_objective(tmp_path):
     result = sweep(tmp_path, "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2", "baseline=false")
     assert result.returncode == 0, result.describe()
@@ -338,6 +342,7 @@ def test_two_identical_sweeps_into_one_dir_at_once(tmp_path):
     assert not list((tmp_path / "sweep").glob(".kdrun-sweep*"))  # released at exit
 
 
+@pytest.mark.e2e
 def test_sweep_sharded_over_two_processes_shares_stores_and_dir(tmp_path):
     """The CUDA_VISIBLE_DEVICES recipe: two `kdrun -m`, each its own part of the grid and subdir prefix, one
     sweep dir and one store; `kdrun-summarize` then sees the whole grid."""
