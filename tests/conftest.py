@@ -236,3 +236,15 @@ def seed_sweep(tmp_path_factory):
         assert result.returncode == 0, result.describe()
         saved.write_text(json.dumps(asdict(result)))
     return base, result
+
+
+@pytest.fixture(scope="session")
+def smoke_stores(tmp_path_factory):
+    """One teacher / baseline store for the smoke runs of every test that only reads what it stores (the loss
+    methods' runs): shared by the pytest-xdist workers of a session, so the smoke teacher is trained once. The stores'
+    own file locks keep concurrent workers safe; a test about the store itself makes its own."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    (root / "smoke_stores").mkdir(exist_ok=True)
+    return root / "smoke_stores"

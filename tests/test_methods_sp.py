@@ -67,18 +67,13 @@ def test_the_sp_loss_adds_ce_kd_and_beta_times_the_term():
     assert loss.formula() == "L = 0.5·CE + 0.5·4·KL(T=2) + 3000·Σ_pairs ‖G_t − G_s‖²/B²"
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("student, mode", [
     (("student=cnn", "student.args.channels=8"), ()),
     (("student=mlp",), ()),  # no conv stages: its hidden layer
     (("student=cnn", "student.args.channels=8"), ("mode=self", "mode.generations=1", "mode.ensemble=false")),
 ], ids=["offline-cnn", "offline-mlp", "self"])
-def test_sp_runs(stores, tmp_path, student, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=sp", "baseline=false",
+def test_sp_runs(smoke_stores, tmp_path, student, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=sp", "baseline=false",
                            *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "sp"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]
