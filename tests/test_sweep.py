@@ -382,3 +382,35 @@ def test_heat_map_title_fits_a_two_by_two_grid(tmp_path, monkeypatch):
     fig = figures[0]
     box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+
+
+def test_a_sweep_over_named_options_is_ranked_best_on_top(tmp_path, monkeypatch):
+    """`-m loss=kd,at,crd seed=0,1,2`: results.png ranks the methods by mean test accuracy (best on top), each with
+    its n and Δ vs the baseline and mark; no line joins them (they are not an axis)."""
+    import matplotlib.pyplot as plt
+
+    from kdrun.sweep.jobs import collect
+    from kdrun.sweep.plot import write_png
+
+    tests = {"kd": [85.0, 85.2, 85.4], "at": [80.0, 83.0, 81.0], "crd": [88.0, 88.1, 88.3]}
+    job = 0
+    for loss, accs in tests.items():
+        for seed, acc in enumerate(accs):
+            run = tmp_path / str(job)
+            (run / ".hydra").mkdir(parents=True)
+            (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
+            (run / "summary.json").write_text(json.dumps({
+                "status": "completed", "student": {"val_acc_best": acc, "test_acc_best": acc},
+                "baseline": {"val_acc": 85.0, "test_acc": 85.0 + 0.1 * seed}, "teacher": {"val_acc": 90.0,
+                                                                                           "test_acc": 90.0},
+                "delta_vs_baseline": acc - 85.0 - 0.1 * seed}))
+            job += 1
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    write_png(collect(tmp_path), tmp_path / "results.png")
+    ax = figures[0].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert [label.split()[0] for label in labels] == ["at", "kd", "crd"]  # bottom to top: best on top
+    assert labels[2] == "crd  (n=3, Δ +3.03 ▲)" and "~" in labels[1]
+    assert not [line for line in ax.get_lines() if len(line.get_xdata()) > 2]  # no line joins the methods
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC

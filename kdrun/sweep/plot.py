@@ -130,11 +130,19 @@ def _fit(fig, texts) -> None:
     fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def line(summary: SweepSummary, path: Path) -> None:
-    """Mean ± std of the student's test accuracy against the one swept key; baseline and teacher as lines."""
+    """Mean ± std of the student's test accuracy against the one swept key; baseline and teacher as lines. A key
+    whose values are names (``loss=kd,dkd,crd``) gets a ranking instead (:func:`ranking`)."""
     plt = _pyplot()
     (key,) = summary.cell_keys
     cells = [c for c in summary.cells if c.stats["n"]]
+    if not all(_numeric(c.params[key]) for c in cells):
+        ranking(plt, summary, key, cells, path)
+        return
     xs = list(range(len(cells)))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(xs, [c.stats["test_mean"] for c in cells], yerr=[c.stats["test_std"] or 0 for c in cells],
@@ -152,5 +160,40 @@ def line(summary: SweepSummary, path: Path) -> None:
     ax.set_title(f"student test accuracy vs {key}\n{_subtitle(summary)}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ranking(plt, summary: SweepSummary, key: str, cells: list, path: Path) -> None:
+    """The options of a named key (methods, say) ranked by mean test accuracy, best on top: mean ± std over seeds as
+    error bars, the n and the Δ vs the baseline with its mark (:func:`mark`) beside each; baseline and teacher
+    means as vertical lines."""
+    cells = sorted(cells, key=lambda c: c.stats["test_mean"])
+    ys = list(range(len(cells)))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.38 * len(cells)))
+    colours = [MARK_COLOURS.get(mark(c.stats), "tab:blue") for c in cells]
+    for y, cell, colour in zip(ys, cells, colours):
+        ax.errorbar(cell.stats["test_mean"], y, xerr=cell.stats["test_std"] or 0, marker="o", capsize=4,
+                    color=colour, linestyle="none")
+    for name, style in (("baseline", "--"), ("teacher", ":")):
+        mean = _mean_of(summary, name)
+        if mean is not None:
+            ax.axvline(mean, linestyle=style, color="gray", label=f"{name} (mean {mean:.2f} %)")
+    labels = []
+    for cell in cells:
+        stats, note = cell.stats, f"n={cell.stats['n']}"
+        if stats["delta_mean"] is not None:
+            note += f", Δ {stats['delta_mean']:+.2f} {mark(stats)}"
+        labels.append(f"{param(cell.params[key])}  ({note})")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_ylim(-0.7, len(cells) - 0.3)
+    ax.set_xlabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(f"student test accuracy by {key}, best on top\n{_subtitle(summary)}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, 0.005, "▲ green: significant gain, ▼ orange: significant loss vs baseline (paired t-test p < "
+                          f"{NOISE_P}); ~ within noise", fontsize=6.5)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
