@@ -123,6 +123,7 @@ class BaselineResult(Result):
     val_acc: Optional[float] = None
     test_acc: Optional[float] = None
     note: Optional[str] = optional()  # what the baseline is in this mode (table note; default "baseline")
+    agreement: Optional[dict] = optional()  # with the teacher: kdrun.outputs.metrics.agreement (top1 %, kl nats)
 
 
 @dataclass
@@ -141,6 +142,7 @@ class StudentResult(Result):
     val_acc_best: Optional[float] = None
     test_acc_best: Optional[float] = None
     generation: Optional[int] = optional()  # mode=self born_again
+    agreement: Optional[dict] = optional()  # best checkpoint vs its teacher: kdrun.outputs.metrics.agreement
     loss_params: Optional[int] = optional()  # the loss's own learned parameters (adapters, embeddings), trained
     #                                          with the student and not part of it; buffers (a memory bank) not counted
 

@@ -156,12 +156,28 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
         mode(ctx, data, loss)  # fills in ctx.result as each stage is done
     # completed, but degenerate (a model at chance) or unable to show KD (a teacher no better than the baseline)
     _warn(summary, [*ctx.result.chance_warnings(data.num_classes), *ctx.result.kd_warnings()])
+    set_agreements(ctx.result)
     student = ctx.result.student
     summary.objective = student.val_acc_best if student.val_acc_best is not None else float("nan")
     summary.delta_vs_baseline = delta = ctx.result.delta_vs_baseline()
     trails_line = _report(conf, ctx.result, out_dir, summary)
     lines = [line for line in (trails_line, _deploy(conf, ctx, data, out_dir, summary)) if line]
     show(results_table(ctx.result, delta, "\n".join(lines) or None), "results:")
+
+
+def set_agreements(result: RunResult) -> None:
+    """The student's and the baseline's agreement with the teacher (:func:`kdrun.outputs.metrics.agreement`), from
+    the test (else val) logits kept for the report: did the student learn the teacher's function, and how much more
+    of it than the same model trained alone? Left unset where a model or the teacher was not scored."""
+    from kdrun.outputs.metrics import agreement
+
+    teacher = result.predictions.get("teacher")
+    if teacher is None:
+        return
+    for role, stage in (("student", result.student), ("baseline", result.baseline)):
+        prediction = result.predictions.get(role)
+        if stage is not None and prediction is not None:
+            stage.agreement = agreement(teacher, prediction)
 
 
 def _warn(summary: RunSummary, warnings: Sequence[str]) -> None:
@@ -214,6 +230,12 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary,
     return written.trails_line
 
 
+def _agrees(stage) -> str:
+    """``"; agrees with teacher 91.64 %"``: a model's top-1 agreement with the teacher (empty when not measured)."""
+    top1 = (getattr(stage, "agreement", None) or {}).get("top1")
+    return "" if top1 is None else f"; agrees with teacher {top1:.2f} %"
+
+
 def results_table(result: RunResult, delta: Optional[float] = None, caption: Optional[str] = None):
     """The final rich table: teacher, CE baseline, KD student (and a pruned one); test accuracy of best-on-val
     checkpoints; ``caption``: lines under it (the classes where the student trails the teacher most, the
@@ -228,12 +250,13 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
         table.add_row("teacher", teacher.name, pct(teacher.val_acc, ""), pct(teacher.test_acc, ""), teacher.note)
     if baseline:
         table.add_row("student, CE only", baseline.name, pct(baseline.val_acc, ""), pct(baseline.test_acc, ""),
-                      baseline.note or "baseline")
+                      (baseline.note or "baseline") + _agrees(baseline))
     for row in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
         table.add_row(row.role, row.name, pct(row.val_acc, ""), pct(row.test_acc, ""), row.note)
     note = "last epoch: " + pct(student.test_acc_last, "")
     if delta is not None:
         note += f"; Δ vs baseline {delta:+.2f}"
+    note += _agrees(student)
     label = result.student_role or ("student, KD" if teacher else "student")
     table.add_row(label, student.name, pct(student.val_acc_best, ""), pct(student.test_acc_best, ""), note)
     if (pruned := result.student_pruned) is not None:  # student.prune (kdrun.stages.pruning)

@@ -11,7 +11,7 @@ import torch
 from conftest import read_json, smoke_inproc
 from PIL import Image
 
-from kdrun.outputs.metrics import Prediction, calibration, describe_trails, evaluate_logits, per_class, trails
+from kdrun.outputs.metrics import Prediction, agreement, calibration, describe_trails, evaluate_logits, per_class, trails
 from kdrun.outputs.report import write_report
 from kdrun.results import BaselineResult, RunResult, RunSummary, TeacherResult
 
@@ -21,6 +21,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def logits_of(probs) -> np.ndarray:
     """Logits whose softmax is ``probs`` (rows summing to 1)."""
     return np.log(np.asarray(probs, dtype=np.float64))
+
+
+# --- agreement with the teacher ----------------------------------------------------------------------------------
+
+def test_agreement_by_hand():
+    """Top-1 agreement counts images where the two argmaxes match, right or wrong; KL(p_t ‖ p_m) at T = 1, mean."""
+    p_t = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]
+    p_m = [[0.5, 0.25, 0.25], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]  # agrees on images 0 and 2, not 1
+    labels = torch.tensor([1, 1, 1])  # whatever the truth
+    teacher = Prediction("test", torch.tensor(logits_of(p_t) + 3.0), labels)  # softmax ignores a shift
+    model = Prediction("test", torch.tensor(logits_of(p_m)), labels)
+    found = agreement(teacher, model)
+    kl = np.mean([sum(a * math.log(a / b) for a, b in zip(t, m)) for t, m in zip(p_t, p_m)])
+    assert found == {"split": "test", "top1": pytest.approx(200 / 3, abs=1e-4), "kl": pytest.approx(kl, abs=1e-6)}
+    assert agreement(teacher, teacher)["top1"] == 100.0 and agreement(teacher, teacher)["kl"] == pytest.approx(0)
+    assert agreement(teacher, Prediction("val", model.logits, labels)) is None  # not the same images
 
 
 # --- expected calibration error ----------------------------------------------------------------------------------
@@ -133,6 +149,12 @@ def test_smoke_run_writes_the_report(tmp_path):
     for link in links:
         assert_png(run_dir / link)
     assert "## Where the student trails the teacher" in text and "ECE = Σ_b (|B_b| / n)" in text
+    for role in ("student", "baseline"):  # agreement with the teacher, in the summary, the report and report.md
+        assert summary[role]["agreement"] == report["models"][role]["agreement"]
+        assert summary["report"]["models"][role]["agreement"] == summary[role]["agreement"]
+        assert 0 <= summary[role]["agreement"]["top1"] <= 100 and summary[role]["agreement"]["kl"] >= 0
+    assert "agreement" not in report["models"]["teacher"]
+    assert f"| {summary['student']['agreement']['top1']:.2f} |" in text and "KL(teacher ‖ model)" in text
     worst = report["student_trails_teacher"]
     assert len(worst) <= 3 and all(w["f1_gap_pt"] > 0 for w in worst)
     if worst:  # named under the final table, which is also in the log

@@ -76,6 +76,9 @@ def test_sweep_writes_results_csv_one_row_per_job(seed_sweep):
         assert float(row["teacher_test_acc"]) == pytest.approx(summary["teacher"]["test_acc"], abs=1e-4)
         assert float(row["delta_vs_baseline"]) == pytest.approx(summary["delta_vs_baseline"], abs=1e-4)
         assert float(row["wall_time_s"]) == pytest.approx(summary["wall_time_s"], abs=1e-3)
+        assert float(row["student_agreement"]) == pytest.approx(summary["student"]["agreement"]["top1"], abs=1e-4)
+        assert float(row["student_kl_to_teacher"]) == pytest.approx(summary["student"]["agreement"]["kl"], abs=1e-4)
+        assert float(row["baseline_agreement"]) == pytest.approx(summary["baseline"]["agreement"]["top1"], abs=1e-4)
 
 
 def test_seed_aggregation_matches_the_job_summaries(seed_sweep):
@@ -95,6 +98,8 @@ def test_seed_aggregation_matches_the_job_summaries(seed_sweep):
         assert float(row["delta_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-3)
         gap = 100 * statistics.mean(diffs) / (teacher - statistics.mean(baseline))
         assert float(row["gap_closed_pct"]) == pytest.approx(gap, abs=1e-2)
+        agree = [s["student"]["agreement"]["top1"] for s in jobs]
+        assert float(row["agree_mean"]) == pytest.approx(statistics.mean(agree), abs=1e-3)
         epoch_s = [statistics.mean(r["time_s"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                                    if r["stage"] == "student")
                    for d in (p.parent for p in (base / "sweep").glob("*/summary.json"))
@@ -134,7 +139,7 @@ def test_sweep_console_table_markdown_and_line_plot(seed_sweep):
     assert "grouped over seeds" in result.stdout and "95 % CI of Δ" in result.stdout
     text = (base / "sweep" / "summary.md").read_text()
     assert "4 jobs: 4 completed, 0 failed" in text
-    assert "| loss.T | n | val % | test % | baseline % | Δ test |" in text
+    assert "| loss.T | n | val % | test % | baseline % | Δ test |" in text and "| agree % | note |" in text
     assert "## Failed" not in text and "![results](results.png)" in text
     assert (base / "sweep" / "results.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -46,6 +46,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def agreement(teacher: Prediction, model: Prediction) -> Optional[dict]:
+    """How much of its teacher's function a model learned, on the split both were scored on: ``top1``, the percent
+    of images where their top-1 classes agree (right or wrong), and ``kl``, KL(p_teacher ‖ p_model) at T = 1 in
+    nats, averaged over the images. None when the two were not scored on the same images."""
+    if teacher.split != model.split or teacher.logits.shape != model.logits.shape:
+        return None
+    t = np.asarray(teacher.logits, dtype=np.float64)
+    m = np.asarray(model.logits, dtype=np.float64)
+    log_t = t - t.max(axis=1, keepdims=True)
+    log_t -= np.log(np.exp(log_t).sum(axis=1, keepdims=True))
+    log_m = m - m.max(axis=1, keepdims=True)
+    log_m -= np.log(np.exp(log_m).sum(axis=1, keepdims=True))
+    kl = float((np.exp(log_t) * (log_t - log_m)).sum(axis=1).mean()) if len(t) else None
+    top1 = float(100.0 * (t.argmax(axis=1) == m.argmax(axis=1)).mean()) if len(t) else None
+    return {"split": model.split, "top1": None if top1 is None else round(top1, 4),
+            "kl": None if kl is None else round(kl, 6)}
+
+
 def calibration(logits: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:
     """Expected calibration error of top-1 confidence (module docstring) and its reliability bins.
 

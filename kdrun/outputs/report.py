@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kdrun.outputs.metrics import ECE_BINS, describe_trails, evaluate_logits, trails
+from kdrun.outputs.metrics import ECE_BINS, agreement, describe_trails, evaluate_logits, trails
 from kdrun.records import atomic_write_bytes, atomic_write_text, read_jsonl, write_json
 from kdrun.results import RunResult
 
@@ -70,6 +70,8 @@ def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note
     for role in roles:
         p = preds[role]
         models[role] = {"split": p.split, **evaluate_logits(p.logits.numpy(), p.labels.numpy(), names)}
+        if role != "teacher" and "teacher" in preds:  # did it learn the teacher's function (kdrun.outputs.metrics)
+            models[role]["agreement"] = agreement(preds["teacher"], p)
     worst = trails(models["teacher"], models["student"]) if {"teacher", "student"} <= set(models) else None
     curves = learning_curves(out_dir, result, roles)
     (out_dir / FIGURES).mkdir(exist_ok=True)
@@ -86,7 +88,9 @@ def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note
     log.info(f"report: report.md, report.json and {len(figures)} figures in {time.perf_counter() - t0:.2f}s")
     summary = {"md": "report.md", "json": "report.json", "split": report["split"],
                "models": {r: {"accuracy": m["accuracy"], "macro_f1": round(m["macro_avg"]["f1"], 4),
-                              "ece": _round(m["calibration"]["ece"])} for r, m in models.items()}}
+                              "ece": _round(m["calibration"]["ece"]),
+                              **({"agreement": m["agreement"]} if m.get("agreement") else {})}
+                          for r, m in models.items()}}
     if worst is not None:
         summary["student_trails_teacher"] = [{"class": w["name"], "f1_gap_pt": w["f1_gap_pt"]} for w in worst]
     return Written(summary, line)
@@ -258,13 +262,22 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
              "of the best-on-val checkpoint.", ""]
     if note:
         lines += [f"> {note}", ""]
-    lines += ["## Summary", "", "| model | role | accuracy % | macro F1 | weighted F1 | ECE |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    agrees = any(m.get("agreement") for m in models.values())
+    lines += ["## Summary", "", "| model | role | accuracy % | macro F1 | weighted F1 | ECE |"
+              + (" agrees with teacher % | KL(teacher ‖ model) |" if agrees else ""),
+              "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if agrees else "")]
     for role, m in models.items():
-        lines.append(f"| {names.get(role, '')} | {label(role)} | {_f(m['accuracy'], 2)} | {_f(m['macro_avg']['f1'])} | "
-                     f"{_f(m['weighted_avg']['f1'])} | {_f(m['calibration']['ece'])} |")
+        row = (f"| {names.get(role, '')} | {label(role)} | {_f(m['accuracy'], 2)} | {_f(m['macro_avg']['f1'])} | "
+               f"{_f(m['weighted_avg']['f1'])} | {_f(m['calibration']['ece'])} |")
+        if agrees:
+            a = m.get("agreement") or {}
+            row += f" {_f(a.get('top1'), 2)} | {_f(a.get('kl'))} |"
+        lines.append(row)
     lines += ["", "Precision, recall and F1 are fractions (scikit-learn's `classification_report`); macro: the mean "
-              "over classes, weighted: by support.", ""]
+              "over classes, weighted: by support."
+              + (" Agreement: the share of images where the model's top-1 class is the teacher's (right or "
+                 "wrong); KL(teacher ‖ model): at T = 1, in nats, averaged over the images. Both ask whether the "
+                 "model learned the teacher's function, which accuracy alone does not show." if agrees else ""), ""]
     worst = report["student_trails_teacher"]
     if worst is not None:
         lines += ["## Where the student trails the teacher", ""]

@@ -202,7 +202,8 @@ def _overrides(path: Path) -> dict[str, Any]:
 
 FIGURES = (("student", "val_acc_best"), ("student", "test_acc_best"), ("student", "test_acc_last"),
            ("baseline", "val_acc"), ("baseline", "test_acc"), ("teacher", "val_acc"), ("teacher", "test_acc"),
-           ("delta_vs_baseline",), ("wall_time_s",))  # the numbers a summary is made of: each a number or null
+           ("delta_vs_baseline",), ("wall_time_s",), ("student", "agreement", "top1"), ("student", "agreement", "kl"),
+           ("baseline", "agreement", "top1"))  # the numbers a summary is made of: each a number or null
 
 
 def _summary(path: Path) -> dict:
@@ -273,6 +274,8 @@ def cell_stats(cell: Cell) -> dict[str, Any]:
     stats["warned"] = sum(bool(j.warnings) for j in cell.jobs)
     stats["within_noise"] = not (stats["p_value"] is not None and stats["p_value"] < NOISE_P)
     stats.update(_mean_std("epoch_s", [e for e in (j.epoch_seconds() for j in done) if e is not None]))
+    stats.update(_mean_std("agree", [a for a in (j.get("student", "agreement", "top1") for j in done) if a is not None]))
+    stats.update(_mean_std("kl", [k for k in (j.get("student", "agreement", "kl") for j in done) if k is not None]))
     return stats
 
 

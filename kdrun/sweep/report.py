@@ -18,16 +18,19 @@ JOB_FIGURES = {  # results.csv column -> path in summary.json
     "baseline_val_acc": ("baseline", "val_acc"), "baseline_test_acc": ("baseline", "test_acc"),
     "student_val_acc": ("student", "val_acc_best"), "student_test_acc": ("student", "test_acc_best"),
     "student_test_acc_last": ("student", "test_acc_last"), "delta_vs_baseline": ("delta_vs_baseline",),
+    "student_agreement": ("student", "agreement", "top1"), "student_kl_to_teacher": ("student", "agreement", "kl"),
+    "baseline_agreement": ("baseline", "agreement", "top1"),
     "teacher_reused": ("teacher", "reused"), "baseline_reused": ("baseline", "reused"),
     "wall_time_s": ("wall_time_s",),
 }
 CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
                 "baseline_std", "teacher_mean", "delta_mean", "delta_std", "ci_low", "ci_high", "p_value",
-                "gap_closed_pct", "within_noise", "epoch_s_mean", "warned")
+                "gap_closed_pct", "within_noise", "epoch_s_mean", "agree_mean", "kl_mean", "warned")
 LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
           f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
           f"n < 2); gap closed = Δ / (teacher − baseline), - when the teacher is no better than the baseline; "
-          f"s/epoch = the student's training seconds per epoch; best = highest mean val accuracy; N warned = jobs "
+          f"s/epoch = the student's training seconds per epoch; agree = top-1 agreement with the teacher on test, % "
+          f"(KL: KL(teacher ‖ student) at T = 1, nats), mean over seeds; best = highest mean val accuracy; N warned = jobs "
           f"whose summary.json has warnings (listed under Warnings)")
 
 
@@ -113,7 +116,13 @@ def cell_row(cell: Cell) -> list[str]:
     return [*(param(v) for v in cell.params.values()), str(s["n"]), ms(s["val_mean"], s["val_std"]),
             ms(s["test_mean"], s["test_std"]), ms(s["baseline_mean"], s["baseline_std"]),
             ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), gap, _secs(s["epoch_s_mean"]),
-            _note(cell)]
+            _agree(s), _note(cell)]
+
+
+def _agree(s: dict) -> str:
+    if s["agree_mean"] is None:
+        return "-"
+    return f"{s['agree_mean']:.2f}" + ("" if s["kl_mean"] is None else f" (KL {s['kl_mean']:.3f})")
 
 
 def _secs(value: Optional[float]) -> str:
@@ -126,7 +135,7 @@ def param(value: Any) -> str:
 
 
 CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "gap closed", "s/epoch",
-                "note"]
+                "agree %", "note"]
 
 
 def grid(summary: SweepSummary) -> Optional[tuple[list, list, dict]]:
