@@ -186,10 +186,11 @@ class FTLoss(FeatureLoss):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += loss.item() * len(batch.y)
-                history.append(total / len(data.train))
-                log.info(f"ft paraphraser epoch {epoch:>3}/{self.init_epochs}  reconstruction MSE {history[-1]:.4f}  "
-                         f"{time.perf_counter() - start:.2f}s")
+                    total = total + loss.detach() * len(batch.y)  # read once an epoch: no sync per step
+                history.append(float(total) / len(data.train))
+                if epoch in (1, self.init_epochs) or epoch % 10 == 0:  # a few lines, not one per epoch
+                    log.info(f"ft paraphraser epoch {epoch:>3}/{self.init_epochs}  reconstruction MSE "
+                             f"{history[-1]:.4f}  {time.perf_counter() - start:.2f}s")
         return {"model": paraphrasers.state_dict(), "meta": {"role": "paraphraser", "reconstruction": history}}
 
     def feature_term(self, student_features, teacher_features) -> torch.Tensor:
