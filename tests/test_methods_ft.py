@@ -192,7 +192,7 @@ def stores(tmp_path_factory):
     return tmp_path_factory.mktemp("stores")
 
 
-COMMON = ("trainer.num_threads=1", "loss=ft", "baseline=false")
+COMMON = ("trainer.num_threads=1", "loss=ft", "baseline=false", "compression=false")  # no latency timing
 CNN = ("student=cnn", "student.args.channels=8", *COMMON)
 
 
@@ -257,6 +257,12 @@ def test_ft_in_mode_self_keeps_the_paraphraser_in_the_run_and_a_resume_reuses_it
     assert summary["status"] == "completed"
     assert "ft paraphraser epoch" not in caplog.text and "reused from this run" in caplog.text
     assert "resuming student from epoch 1/2" in caplog.text
+    smoke_inproc(stores, tmp_path / "whole", *CNN, *mode)  # uninterrupted: the resumed run ends bit-identical
+    resumed, whole = (torch.load(d / "checkpoints" / "student_last.pt", weights_only=True) for d in
+                      (tmp_path / "run", tmp_path / "whole"))
+    for part in ("model", "loss_state"):  # the student, its translator and the paraphraser
+        assert resumed[part].keys() == whole[part].keys()
+        assert all(torch.equal(resumed[part][k], whole[part][k]) for k in whole[part]), part
 
 
 def test_ft_refuses_a_snapshot_teacher(stores, tmp_path):

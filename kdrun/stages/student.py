@@ -1,5 +1,6 @@
 """The student stages: :func:`prepare_student` (built, ``student.init`` / ``student.freeze`` applied), the CE-only
-baseline (:func:`obtain_baseline`, :func:`baseline_model`: stored) and :func:`distil`."""
+baseline (:func:`obtain_baseline`, :func:`baseline_model`: stored), :func:`distil`, and :func:`prepare_loss`, what a
+loss learns of the teacher before the student trains (kept beside the teacher's store entry)."""
 from __future__ import annotations
 
 import dataclasses
@@ -100,7 +101,8 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
 
     Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
     (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
-    given). Test accuracy of both checkpoints is measured once, at the end.
+    given). Test accuracy of both checkpoints is measured once, at the end. A loss with ``prepare`` first learns
+    what it needs of the teacher (:func:`prepare_loss`: ft's paraphraser).
     """
     cfg = ctx.cfg
     recipe = recipe_student(cfg)
