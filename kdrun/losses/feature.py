@@ -82,7 +82,13 @@ class FeatureLoss(DistillationLoss):
     layer pairs. ``forward`` takes ``student_features`` / ``teacher_features``: lists of tensors in pair order.
 
     ``needs_features`` tells the training loop to hook ``layer_names(student, teacher)`` and call
-    :meth:`setup` on one batch's features before the optimizer is built. Parts: ``ce``, ``kd``, ``feat``."""
+    :meth:`setup` on one batch's features before the optimizer is built. Parts: ``ce``, ``kd``, ``feat``.
+
+    A loss that must learn something of the teacher before the student trains (ft's paraphraser) defines
+    ``prepare(teacher, data, prep)``: the student stage calls it with the frozen teacher model before
+    :meth:`setup` and ``fit`` (:func:`kdrun.stages.student.prepare_loss`), and ``prep.keep(name, key, train)``
+    keeps what it trains beside the teacher's store entry, or in the run, so it is trained once. Its modules
+    live in the loss with ``requires_grad`` off: saved with the loss's state, not trained with the student."""
 
     needs_features = True
     extra_parts = ("feat",)

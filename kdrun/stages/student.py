@@ -1,17 +1,21 @@
 """The student stages: :func:`prepare_student` (built, ``student.init`` / ``student.freeze`` applied), the CE-only
-baseline (:func:`obtain_baseline`, :func:`baseline_model`: stored) and :func:`distil`."""
+baseline (:func:`obtain_baseline`, :func:`baseline_model`: stored), :func:`distil`, and :func:`prepare_loss`, what a
+loss learns of the teacher before the student trains (kept beside the teacher's store entry)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from kdrun.console import pct
 from kdrun.data.dataset import Data
-from kdrun.models.checkpoint import checkpoint_dict, load_weights
+from kdrun.errors import ConfigError
+from kdrun.models.checkpoint import checkpoint_dict, load_weights, state_dict_of, weights_hash
 from kdrun.models.transfer import initialise
 from kdrun.records import JsonlWriter, save_torch
 from kdrun.results import BaselineResult, StudentResult
@@ -29,7 +33,7 @@ from kdrun.stages.common import (
     train_ce_entry,
 )
 from kdrun.stages.teacher import obtain_teacher
-from kdrun.store import train_or_reuse
+from kdrun.store import key_hash, read_key, read_only, train_or_reuse
 from kdrun.train.hooks import TeacherSource
 from kdrun.train.loop import FitResult, fit
 
@@ -97,13 +101,16 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
 
     Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
     (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
-    given). Test accuracy of both checkpoints is measured once, at the end.
+    given). Test accuracy of both checkpoints is measured once, at the end. A loss with ``prepare`` first learns
+    what it needs of the teacher (:func:`prepare_loss`: ft's paraphraser).
     """
     cfg = ctx.cfg
     recipe = recipe_student(cfg)
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
     model, init = prepare_student(ctx, data, seed=recipe.seed)
+    if teacher is not None and hasattr(loss, "prepare"):  # e.g. ft's paraphraser, learned from the teacher first
+        prepare_loss(ctx, data, loss, teacher.feature_model(model), stage, recipe, model)
     log.info(f"{stage} {cfg.student.name} ({n_params(model):,} params): {recipe.epochs} epochs, {loss.formula()}")
     writer = ctx.metrics if stage == "student" else JsonlWriter(ctx.out_dir / "metrics.jsonl", stage=stage)
     checkpoint = stage_checkpoint(ctx, stage, cfg.trainer.checkpoint_every, teacher is not None)
@@ -125,9 +132,56 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
         scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
                          epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
-    extra = sum(p.numel() for p in loss.parameters()) if isinstance(loss, nn.Module) else 0
+    extra = sum(p.numel() for p in loss.parameters() if p.requires_grad) if isinstance(loss, nn.Module) else 0
     if extra:
         info.loss_params = extra
         log.info(f"{stage}: loss={loss.name} trained {extra:,} parameters of its own (saved as loss_state in "
                  f"checkpoints/{stage}_*.pt; not part of the student)")
     return model.eval(), info
+
+
+@dataclass
+class Preparation:
+    """What a loss's ``prepare(teacher, data, prep)`` gets from :func:`distil` (see
+    :class:`kdrun.losses.feature.FeatureLoss`): the student's batch size and seed, and ``keep(name, key, train)``,
+    which returns ``(state_dict, how)``: the weights ``train() -> {"model": state_dict, "meta": {...}}`` makes,
+    kept for ``key`` (JSON-able) and reused by a later run or a resumed one, and a few words saying which."""
+
+    batch_size: int
+    seed: int
+    keep: Callable[[str, dict, Callable[[], dict]], tuple[dict, str]]
+
+
+def prepare_loss(ctx: RunContext, data: Data, loss, teacher: nn.Module, stage: str, recipe, student: nn.Module) -> None:
+    """Call ``loss.prepare(teacher, data, prep)`` before the student trains (:class:`Preparation`).
+
+    What it learns of the teacher is kept beside the teacher's store entry (``<store.teachers>/<name>/<teacher
+    entry>/``, keyed with the teacher entry's key; trained there once, under the store's lock) when the teacher
+    came from the store, else in ``checkpoints/<stage>_<name>.pt`` of the run (keyed with the teacher's weights:
+    a resumed run reuses it)."""
+    if teacher is student:  # a snapshot teacher: taken from the student during training
+        raise ConfigError("loss", f"loss={loss.name} learns from the teacher before the student trains, and "
+                                  f"mode.method={getattr(ctx.cfg.mode, 'method', '?')} has no teacher then: use "
+                                  f"mode.method=born_again or mode=offline")
+    obtained = next((t for t in ctx.teachers.by_key.values() if t.model is teacher), None)
+    entry = getattr(obtained.result, "store_dir", None) if obtained is not None else None
+    stores = Path(ctx.cfg.store.teachers)
+
+    def keep(name: str, key: dict, train: Callable[[], dict]) -> tuple[dict, str]:
+        if entry is not None and not read_only(stores):
+            root = stores / name / Path(entry).name
+            full = {"teacher": read_key(Path(entry)) or Path(entry).name, **key}
+            checkpoint, where, reused = train_or_reuse(root, name, full, lambda tmp: train(),
+                                                       run=str(ctx.out_dir.resolve()))
+            return state_dict_of(checkpoint), f"{'reused' if reused else 'trained and stored'} ({where})"
+        path = ctx.out_dir / "checkpoints" / f"{stage}_{name}.pt"
+        digest = key_hash({"teacher_weights": weights_hash(teacher), **key})
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key_hash") == digest:
+                return state_dict_of(saved), f"reused from this run ({path})"
+        checkpoint = train()
+        save_torch(path, {**checkpoint, "key_hash": digest})
+        return state_dict_of(checkpoint), f"trained, kept in the run ({path}; the teacher is not in the store)"
+
+    loss.prepare(teacher, data, Preparation(batch_size=recipe.batch_size, seed=recipe.seed, keep=keep))
