@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import THREADS, read_jsonl, smoke_inproc
+from conftest import THREADS, compose_config, read_jsonl, smoke_inproc
 from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.losses.methods.reviewkd import ReviewKDLoss, ReviewKDLossConfig, hcl
 from kdrun.models import build_model
+from kdrun.schema import to_object
+from kdrun.schema.advice import config_warnings
 
 torch.set_num_threads(THREADS)
 
@@ -189,6 +191,15 @@ def test_defaults_are_mdistillers_and_bad_values_are_refused():
         ReviewKDLossConfig(levels=[4, 0])
     with pytest.raises(ConfigError, match="loss.warmup"):
         ReviewKDLossConfig(warmup=-1)
+
+
+def test_a_warmup_longer_than_training_is_warned_about():
+    overrides = ("loss=reviewkd", "trainer.epochs=2")
+    assert config_warnings(to_object(compose_config(*overrides)), overrides, True) == [
+        "loss.warmup=20 > trainer.epochs=2: the review term's weight min(epoch/20, 1) never passes 2/20 = 0.10; set "
+        "loss.warmup <= trainer.epochs (0: no warm-up)"]
+    overrides = ("loss=reviewkd", "trainer.epochs=2", "loss.warmup=2")
+    assert config_warnings(to_object(compose_config(*overrides)), overrides, True) == []
 
 
 def test_the_default_layers_are_the_stages_and_the_embedding_and_an_mlp_is_refused():

@@ -32,12 +32,21 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.losses.feature import FeatureLoss
-from kdrun.losses.options import FEATURES, FeatureLossConfig, warmup_within_training
+from kdrun.losses.options import FEATURES, FeatureLossConfig
 from kdrun.models.layers import default_feature_layers
 from kdrun.registry import register_loss
 from kdrun.schema.checks import check_min
 
-LEVELS = (4, 2, 1)  # HCL's pyramid of mdistiller's hcl_loss
+LEVELS = [4, 2, 1]  # HCL's pyramid of mdistiller's hcl_loss (never mutated: a default)
+
+
+def warmup_within_training(cfg) -> Optional[str]:
+    """A warm-up longer than training never gives the review term its full weight."""
+    warmup, epochs = cfg.loss.warmup, cfg.trainer.epochs
+    if warmup <= epochs:
+        return None
+    return (f"loss.warmup={warmup} > trainer.epochs={epochs}: the review term's weight min(epoch/{warmup}, 1) never "
+            f"passes {epochs}/{warmup} = {epochs / warmup:.2f}; set loss.warmup <= trainer.epochs (0: no warm-up)")
 
 
 @register_loss("reviewkd", "Knowledge review (Chen et al. 2021): CE + beta·min(epoch/warmup, 1)·Σ HCL(ABF-fused "
