@@ -54,6 +54,12 @@ class RKDLossConfig(FeatureLossConfig):
         check_range("loss.distance_weight", self.distance_weight, 0.0, float("inf"), hi_open=True)
         check_range("loss.angle_weight", self.angle_weight, 0.0, float("inf"), hi_open=True)
 
+    def unread(self) -> dict[str, str]:
+        unread = super().unread()
+        if self.beta == 0:
+            unread.update(dict.fromkeys(("distance_weight", "angle_weight"), unread["student_layers"]))
+        return unread
+
 
 def distances(e: torch.Tensor) -> torch.Tensor:
     """The (B, B) Euclidean distances of a batch's rows, each at least 1e-6, the diagonal 0 (RepDistiller's
