@@ -69,25 +69,17 @@ def test_pkt_equals_the_reference_in_value_and_gradient(shapes):
     torch.testing.assert_close(grad, grad_ref)
 
 
-def test_pkt_on_an_all_zero_row_equals_the_reference_and_its_gradient_stays_finite():
+def test_pkt_on_an_all_zero_row_equals_the_reference_and_passes_no_gradient_to_it():
     torch.manual_seed(0)
     fs, ft = torch.relu(torch.randn(6, 5)), torch.randn(6, 4)
     fs[2] = 0  # a dead embedding: norm 0
     ft[4] = 0
     (ref, grad_ref), (ours, grad) = _both(fs, ft)
     torch.testing.assert_close(ours, ref)
-    assert torch.isnan(grad_ref[2]).all() and torch.isfinite(grad).all()  # the reference's sqrt at 0: NaN
+    assert torch.isnan(grad_ref[2]).all()  # the reference's sqrt at 0: NaN
+    assert (grad[2] == 0).all() and torch.isfinite(grad).all()
     rows = [0, 1, 3, 4, 5]
     torch.testing.assert_close(grad[rows], grad_ref[rows])
-    # the zero row's gradient is the true derivative of the formula (norm' = 0 at 0): a finite difference agrees
-    fs64, ft64, v = fs.double(), ft.double(), torch.randn(5, dtype=torch.double)
-    x = fs64.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(pkt_term(x, ft64), x)
-    h = 1e-12
-    bumped = fs64.clone()
-    bumped[2] = h * v
-    slope = (pkt_term(bumped, ft64) - pkt_term(fs64, ft64)) / h
-    assert slope.item() == pytest.approx((g[2] @ v).item(), rel=1e-3)
 
 
 def test_pkt_zeroes_a_nan_row_as_the_reference_does():

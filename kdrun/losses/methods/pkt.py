@@ -13,8 +13,9 @@ the classifier's input (RepDistiller's ``feat[-1]``; an mlp's hidden layer); any
 distributions are B × B. No learned parameters. ``beta`` 30000 is RepDistiller's CIFAR-100 weight (``-b 30000``,
 ``-a 0``).
 
-An all-zero row (a dead embedding) has norm 0: its derivative is taken with the norm's subgradient 0 (finite,
-``1/eps`` per unit), where RepDistiller's ``sqrt(Σ f²)`` gives NaN.
+An all-zero row (a dead embedding) has no direction: its ``u`` is 0, as in RepDistiller, and it passes no
+gradient, where RepDistiller's ``sqrt(Σ f²)`` differentiates to NaN at 0 (and ``f / (‖f‖ + eps)`` itself to
+``1/eps``); elsewhere the gradients are RepDistiller's.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class PKTLossConfig(FeatureLossConfig):
 def cosine_distribution(f: torch.Tensor) -> torch.Tensor:
     """The (B, B) row-stochastic matrix of a batch: cosine similarities mapped to [0, 1], rows summing to 1."""
     f = f.flatten(1).to(torch.promote_types(f.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
-    u = f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + EPS)
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    u = torch.where(norm > 0, f / (norm + EPS), torch.zeros_like(f))  # a zero row: 0, and no gradient
     u = torch.where(torch.isnan(u), torch.zeros_like(u), u)  # RepDistiller's guard: a NaN entry counts as 0
     sim = (u @ u.t() + 1.0) / 2.0
     return sim / sim.sum(dim=1, keepdim=True)

@@ -9,10 +9,14 @@ embedding of sample i flattened, and ``huber`` the smooth L1 loss (threshold 1, 
     L = (1 − alpha)·CE(y, s) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + beta·rkd
 
 Two identical samples are at least ``sqrt(1e-12) = 1e-6`` apart (RepDistiller's clamp; float round-off may
-leave more), so the normaliser, the mean over positive distances, skips only the diagonal. Default layer: the
-classifier's input (RepDistiller's ``feat[-1]``; an mlp's hidden layer); any two widths pair. No learned
-parameters. ``beta`` 1 is RepDistiller's CIFAR-100 weight (``-b 1``, ``-a 0``), with its weights 25 (distance)
-and 50 (angle). The angle term holds B³ entries and costs B³·D multiply-adds, as the reference's.
+leave more), so the normaliser, the mean over positive distances, skips only the diagonal. Their difference has
+no direction and enters the angles as 0, as in RepDistiller, but passes no gradient: RepDistiller's
+``F.normalize`` differentiates to ``1/eps = 1e12`` there (gradients of order 1e11 on those two rows, enough to
+wreck the student in one step); elsewhere the gradients are RepDistiller's.
+
+Default layer: the classifier's input (RepDistiller's ``feat[-1]``; an mlp's hidden layer); any two widths pair.
+No learned parameters. ``beta`` 1 is RepDistiller's CIFAR-100 weight (``-b 1``, ``-a 0``), with its weights 25
+(distance) and 50 (angle). The angle term holds B³ entries and costs B³·D multiply-adds, as the reference's.
 """
 from __future__ import annotations
 
@@ -76,8 +80,11 @@ def distance_potential(e: torch.Tensor) -> torch.Tensor:
 
 
 def angle_potential(e: torch.Tensor) -> torch.Tensor:
-    """ψ_A: the cosines of the angles e_j − e_i, e_k − e_i for every (i, j, k), flattened (B³ entries)."""
-    n = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    """ψ_A: the cosines of the angles e_j − e_i, e_k − e_i for every (i, j, k), flattened (B³ entries). A
+    difference of norm <= 1e-12 (two identical samples) has no direction: 0, and no gradient through it."""
+    v = e.unsqueeze(0) - e.unsqueeze(1)
+    norm = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+    n = torch.where(norm > 1e-12, v / norm.clamp_min(1e-12), torch.zeros_like(v))
     return torch.bmm(n, n.transpose(1, 2)).flatten()
 
 
@@ -85,7 +92,8 @@ def rkd_term(fs: torch.Tensor, ft: torch.Tensor, distance_weight: float = RKDLos
              angle_weight: float = RKDLossConfig.angle_weight) -> torch.Tensor:
     """``distance_weight·huber(ψ_D_s, ψ_D_t) + angle_weight·huber(ψ_A_s, ψ_A_t)`` of one layer pair (teacher side
     detached); 0 for a batch of one sample, which has no relations."""
-    s, t = fs.float().flatten(1), ft.detach().float().flatten(1)
+    dtype = torch.promote_types(fs.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
+    s, t = fs.flatten(1).to(dtype), ft.detach().flatten(1).to(dtype)
     if len(s) < 2:
         return s.sum() * 0
     total = s.new_zeros(())
