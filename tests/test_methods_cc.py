@@ -3,10 +3,12 @@ its train_student.py and helper/loops.py do), by hand on a tiny batch, its confi
 with a conv student and with an mlp student (the two embeddings counted and saved with the loss), and mode=self."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import THREADS, compose_config, read_jsonl, smoke_inproc
+from conftest import THREADS, compose_config, read_json, read_jsonl, smoke_inproc
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -133,3 +135,33 @@ def test_cc_runs(stores, tmp_path, student, mode):
     state = torch.load(run / "checkpoints" / "student_last.pt", weights_only=False)["loss_state"]
     assert state["embed_s.0.weight"].shape[0] == state["embed_t.0.weight"].shape[0] == 128
     assert summary["student"]["loss_params"] == sum(v.numel() for v in state.values())
+
+
+def test_cc_resumes_to_the_same_student_and_embeddings(stores, tmp_path, monkeypatch):
+    from kdrun.errors import Interrupted
+    from kdrun.stages import EpochLogger
+    from kdrun.train import interrupt
+
+    overrides = ("student=mlp", "trainer.num_threads=1", "loss=cc", "trainer.epochs=3", "baseline=false")
+    smoke_inproc(stores, tmp_path / "whole", *overrides)
+    logged = EpochLogger.after_epoch
+
+    def after_epoch(self, record):  # a stop requested (as by SIGTERM) after student epoch 2
+        logged(self, record)
+        if self.desc == "student" and record["epoch"] == 2:
+            interrupt._received.append(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochLogger, "after_epoch", after_epoch)
+        with pytest.raises(Interrupted, match="after student epoch 2/"):
+            smoke_inproc(stores, tmp_path / "stopped", *overrides)
+    interrupt.reset()
+    resumed = smoke_inproc(stores, tmp_path / "stopped", *overrides, resume=True)
+    assert resumed["status"] == "completed"
+    assert resumed["student"] == read_json(tmp_path / "whole" / "summary.json")["student"]
+    for which in ("best", "last"):
+        a, b = (torch.load(tmp_path / run / "checkpoints" / f"student_{which}.pt", weights_only=False)
+                for run in ("whole", "stopped"))
+        for part in ("model", "loss_state"):
+            assert a[part].keys() == b[part].keys()
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), f"{which} {part} {key} differs after resume"
