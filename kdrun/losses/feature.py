@@ -54,7 +54,7 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _pool_pair(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_pair(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both (N, C, H, W) maps average-pooled to the smaller height and width (no-op when they agree)."""
     size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))
     if tuple(fs.shape[2:]) != size:
@@ -73,7 +73,7 @@ def attention(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 def at_term(fs: torch.Tensor, ft: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """``mean((a(f_s) - a(f_t))^2)`` over batch and positions, maps pooled to the smaller size first."""
-    fs, ft = _pool_pair(fs, ft.detach())
+    fs, ft = pool_pair(fs, ft.detach())
     return (attention(fs, p) - attention(ft, p)).pow(2).mean()
 
 
@@ -264,7 +264,7 @@ class FitNetLoss(FeatureLoss):
         for reg, fs, ft in zip(self.regressors, student_features, teacher_features):
             ft = ft.detach().float()
             if fs.dim() == 4:
-                fs, ft = _pool_pair(fs, ft)
+                fs, ft = pool_pair(fs, ft)
             total = total + F.mse_loss(reg(fs.float()), ft)
         return total
 
@@ -276,4 +276,4 @@ class FitNetLoss(FeatureLoss):
         return text
 
 
-__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "regressor"]
+__all__ = ["ATLoss", "FeatureLoss", "FitNetLoss", "at_term", "attention", "pool_pair", "regressor"]

@@ -29,6 +29,13 @@ def hint_before_the_end(cfg) -> None:
                                               f"{cfg.loss.hint_epochs}")
 
 
+def two_samples_a_batch(cfg) -> None:
+    """A loss that relates the samples of a batch (rkd, cc): a batch holds at least two."""
+    if cfg.trainer.batch_size < 2:
+        raise ConfigError("trainer.batch_size", f"must be >= 2 for loss={cfg.loss.name} (it relates the samples of "
+                                                f"a batch), got {cfg.trainer.batch_size}")
+
+
 def warmup_within_training(cfg) -> Optional[str]:
     """dkd: a warm-up longer than training never gives the KD term its full weight."""
     warmup, epochs = cfg.loss.warmup, cfg.trainer.epochs

@@ -152,9 +152,11 @@ class EpochLogger(Hook):
         self.desc, self.epochs, self.writers = desc, epochs, writers
 
     def after_epoch(self, record: dict) -> None:
+        extra = "".join(f"  {key.removeprefix('train/loss_')} {value:.4g}" for key, value in record.items()
+                        if key.startswith("train/loss_") and key not in ("train/loss_ce", "train/loss_kd"))
         log.info(f"{self.desc} epoch {record['epoch']:>3}/{self.epochs}  loss {record['train/loss']:.4f}  "
-                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}  val {pct(record['val/acc'])}  "
-                 f"lr {record['lr']:.4g}  {record['time_s']:.2f}s")
+                 f"ce {record['train/loss_ce']:.4f}  kd {record['train/loss_kd']:.4f}{extra}  "
+                 f"val {pct(record['val/acc'])}  lr {record['lr']:.4g}  {record['time_s']:.2f}s")
         for write in self.writers:
             write(record)
 

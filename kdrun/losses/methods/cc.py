@@ -27,8 +27,7 @@ from torch import nn
 
 from kdrun.losses.base import _num
 from kdrun.losses.feature import FeatureLoss
-from kdrun.losses.methods.rkd import two_samples_a_batch
-from kdrun.losses.options import FEATURES, FeatureLossConfig
+from kdrun.losses.options import FEATURES, FeatureLossConfig, two_samples_a_batch
 from kdrun.registry import register_loss
 from kdrun.schema.checks import check_min
 

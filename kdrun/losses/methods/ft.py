@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.losses.feature import FeatureLoss, _pool_pair, _shape
+from kdrun.losses.feature import FeatureLoss, _shape, pool_pair
 from kdrun.losses.hooks import FeatureHooks
 from kdrun.losses.options import FEATURES, FeatureLossConfig
 from kdrun.registry import register_loss
@@ -106,7 +106,7 @@ def factor(f: torch.Tensor) -> torch.Tensor:
 
 def ft_term(factor_s: torch.Tensor, factor_t: torch.Tensor) -> torch.Tensor:
     """``mean |φ(factor_s) − φ(factor_t)|`` of one pair of factors, pooled to the smaller size (teacher detached)."""
-    factor_s, factor_t = _pool_pair(factor_s, factor_t.detach())
+    factor_s, factor_t = pool_pair(factor_s, factor_t.detach())
     return (factor(factor_s) - factor(factor_t)).abs().mean()
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses.feature import FeatureLoss, _pool_pair
+from kdrun.losses.feature import FeatureLoss, pool_pair
 from kdrun.losses.options import FEATURES, FeatureLossConfig
 from kdrun.registry import register_loss
 
@@ -51,7 +51,7 @@ def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def nst_term(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """The squared MMD of one layer pair's channel patterns (the teacher side detached)."""
-    fs, ft = _pool_pair(fs, ft.detach())
+    fs, ft = pool_pair(fs, ft.detach())
     s, t = selectivity(fs), selectivity(ft)
     return poly_kernel_mean(t, t) + poly_kernel_mean(s, s) - 2 * poly_kernel_mean(s, t)
 

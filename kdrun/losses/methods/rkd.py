@@ -26,19 +26,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
 from kdrun.losses.base import _num
 from kdrun.losses.feature import FeatureLoss
-from kdrun.losses.options import FEATURES, FeatureLossConfig
+from kdrun.losses.options import FEATURES, FeatureLossConfig, two_samples_a_batch
 from kdrun.registry import register_loss
 from kdrun.schema.checks import check_range
-
-
-def two_samples_a_batch(cfg) -> None:
-    """rkd and cc relate the samples of a batch: a batch holds at least two."""
-    if cfg.trainer.batch_size < 2:
-        raise ConfigError("trainer.batch_size", f"must be >= 2 for loss={cfg.loss.name} (it relates the samples of "
-                                                f"a batch), got {cfg.trainer.batch_size}")
 
 
 @register_loss("rkd", "Relational KD (Park et al. 2019): CE + beta·(25·distance + 50·angle) Huber terms between "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.losses.feature import FeatureLoss, _pool_pair
+from kdrun.losses.feature import FeatureLoss, pool_pair
 from kdrun.losses.options import FEATURES, FeatureLossConfig
 from kdrun.registry import register_loss
 from kdrun.schema.checks import check_min, check_positive
@@ -87,7 +87,7 @@ class VIDRegressor(nn.Module):
         return F.softplus(self.log_scale) + self.eps
 
     def forward(self, fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
-        fs, ft = _pool_pair(fs, ft.detach())
+        fs, ft = pool_pair(fs, ft.detach())
         mean = self.regressor(fs.float()).float()
         var = self.variance().view(1, -1, 1, 1)
         return 0.5 * ((mean - ft.float()).pow(2) / var + var.log()).mean()
