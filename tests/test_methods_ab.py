@@ -221,3 +221,34 @@ def test_ab_runs(stores, tmp_path, mode):
         assert summary["student"]["loss_params"] == (8 * 32 + 32 + 2 * 32) + (16 * 64 + 64 + 2 * 64)
         state = torch.load(tmp_path / "run" / "checkpoints" / "student_last.pt", weights_only=True)["loss_state"]
         assert state["connectors.0.0.weight"].shape == (32, 8, 1, 1)
+
+
+def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(stores, tmp_path, monkeypatch):
+    import signal
+
+    from kdrun.errors import Interrupted
+    from kdrun.stages import EpochLogger
+    from kdrun.train import interrupt
+
+    overrides = ("student=cnn", "student.args.channels=8", "trainer.num_threads=1", "loss=ab", "baseline=false")
+    smoke_inproc(stores, tmp_path / "whole", *overrides)
+    logged = EpochLogger.after_epoch
+
+    def after_epoch(self, record):  # a stop requested (as by SIGTERM) after student epoch 1, the init phase
+        logged(self, record)
+        if self.desc == "student" and record["epoch"] == 1:
+            interrupt._received.append(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochLogger, "after_epoch", after_epoch)
+        with pytest.raises(Interrupted, match="after student epoch 1/"):
+            smoke_inproc(stores, tmp_path / "stopped", *overrides)
+    interrupt.reset()
+    resumed = smoke_inproc(stores, tmp_path / "stopped", *overrides, resume=True)
+    assert resumed["status"] == "completed"
+    for which in ("best", "last"):
+        a, b = (torch.load(d / "checkpoints" / f"student_{which}.pt", weights_only=True)
+                for d in (tmp_path / "whole", tmp_path / "stopped"))
+        for part in ("model", "loss_state"):
+            assert a[part].keys() == b[part].keys()
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), f"{which} {part} {key} differs after resume"
