@@ -252,3 +252,12 @@ def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(stor
             assert a[part].keys() == b[part].keys()
             for key in a[part]:
                 assert torch.equal(a[part][key], b[part][key]), f"{which} {part} {key} differs after resume"
+
+
+@pytest.mark.parametrize("student, teacher", [((4, 9, 9), (8, 5, 5)), ((4, 5, 7), (8, 10, 14)), ((4, 6, 8), (8, 4, 5)),
+                                              ((8, 4, 4), (8, 4, 4)), ((4, 7, 7), (8, 4, 4)), ((4, 8, 9), (8, 4, 5))])
+def test_each_connector_gives_the_teachers_shape(student, teacher):
+    from kdrun.losses.methods.ab import connector
+
+    fs, ft = torch.randn(2, *student), torch.randn(2, *teacher)
+    assert connector(fs, ft)(fs).shape == ft.shape

@@ -103,30 +103,34 @@ def preactivation_layers(model: nn.Module, stages: Sequence[str]) -> Optional[li
     return find(model, stages) if find else None
 
 
-def _conv_for(c_s: int, h_s: int, w_s: int, c_t: int, h_t: int, w_t: int) -> Optional[nn.Module]:
-    """RepDistiller's ``ConvReg`` rule from a (c_s, h_s, w_s) map to a (c_t, h_t, w_t) one, or None if none fits."""
+def _kind(student: Sequence[int], teacher: Sequence[int]) -> Optional[str]:
+    """Which connector joins a (c, h, w) student map to a (c, h, w) teacher map (RepDistiller's ``Connector`` and
+    ``ConvReg`` rule), or None where none gives the teacher's shape."""
+    (c_s, h_s, w_s), (c_t, h_t, w_t) = student, teacher
+    if c_s == c_t and h_s == h_t:
+        return "identity" if w_s == w_t else None
     if h_s == 2 * h_t:
-        return nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+        return "halve" if (w_s - 1) // 2 + 1 == w_t else None
     if h_s * 2 == h_t:
-        return nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
-    if h_s >= h_t and w_s >= w_t:
-        return nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
-    return None
+        return "double" if w_s * 2 == w_t else None
+    return "shrink" if h_s >= h_t and w_s >= w_t else None
 
 
 def connector(fs: torch.Tensor, ft: torch.Tensor) -> Optional[nn.Module]:
     """The learned map from the student's map ``fs`` to the teacher's ``ft`` shape: the identity where channels
-    and height agree, else conv + BatchNorm (no ReLU); None where the shapes cannot be connected."""
+    and height agree, else conv (3x3 stride 2, transposed 4x4 stride 2, or (1 + ΔH)x(1 + ΔW)) + BatchNorm, no
+    ReLU; None where the shapes cannot be connected."""
+    kind = _kind(fs.shape[1:], ft.shape[1:])
     (c_s, h_s, w_s), (c_t, h_t, w_t) = fs.shape[1:], ft.shape[1:]
-    if c_s == c_t and h_s == h_t:
-        return nn.Identity() if w_s == w_t else None
-    conv = _conv_for(c_s, h_s, w_s, c_t, h_t, w_t)
-    if conv is None:
-        return None
-    module = nn.Sequential(conv, nn.BatchNorm2d(c_t)).to(fs.device)
-    with torch.no_grad():
-        out = module.eval()(fs[:1].float())
-    return module.train() if out.shape[1:] == ft.shape[1:] else None
+    if kind is None or kind == "identity":
+        return None if kind is None else nn.Identity()
+    if kind == "halve":
+        conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+    elif kind == "double":
+        conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+    else:
+        conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+    return nn.Sequential(conv, nn.BatchNorm2d(c_t)).to(fs.device)
 
 
 class ABLoss(FeatureLoss):
@@ -158,7 +162,7 @@ class ABLoss(FeatureLoss):
 
     def fits(self, fs, ft) -> bool:
         """Two maps a connector can join (RepDistiller's ``ConvReg`` rule)."""
-        return super().fits(fs, ft) and connector(fs, ft) is not None
+        return super().fits(fs, ft) and _kind(fs.shape[1:], ft.shape[1:]) is not None
 
     def setup(self, student_features, teacher_features, names=None) -> None:
         """Check the pairs and build one fresh connector per pair (a new student gets new connectors)."""
