@@ -261,3 +261,16 @@ def test_each_connector_gives_the_teachers_shape(student, teacher):
 
     fs, ft = torch.randn(2, *student), torch.randn(2, *teacher)
     assert connector(fs, ft)(fs).shape == ft.shape
+
+
+def test_ab_says_when_it_reads_post_relu_stage_outputs(caplog):
+    class Net(nn.Sequential):
+        kdrun_feature_layers = {"stages": ["1"]}
+
+    net = Net(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    with caplog.at_level("WARNING", logger="kdrun"):
+        assert ABLoss().layer_names(net, net) == (["1"], ["1"])
+    assert "loss=ab: kdrun knows no pre-activation layers of Net: it reads the stage outputs ['1'], after their ReLU" \
+           in caplog.text
+    Net.kdrun_feature_layers = {"stages": ["1"], "preact": ["0"]}  # a class may declare them
+    assert ABLoss().layer_names(net, net) == (["0"], ["0"])

@@ -113,8 +113,8 @@ class FSPLoss(FeatureLoss):
         super().check_pair(sn, tn, fs, ft)
         if fs.shape[1] != ft.shape[1]:
             raise self.mismatch(sn, tn, fs, ft, f"FSP matrices need equal channel counts ({fs.shape[1]} vs "
-                                                f"{ft.shape[1]}); choose layers that match with loss.student_layers "
-                                                f"and loss.teacher_layers")
+                                                f"{ft.shape[1]}): pair layers of equal widths (loss.student_layers, "
+                                                f"loss.teacher_layers) or use a teacher of the student's widths")
 
     def setup(self, student_features, teacher_features, names=None) -> None:
         """Check the pairs: at least two layers (the matrices join consecutive ones), equal channels per pair."""
