@@ -96,6 +96,9 @@ class FeatureLoss(DistillationLoss):
     # output), "hint" (the middle stage), "last_stage" (the deepest stage), "embedding" (the classifier's input)
     role = "stages"
     term_name = "feature"
+    # RepDistiller's two-stage methods (ab, fsp): the feature term trains in the first ``hint_epochs`` only; from
+    # then on L = (1 - alpha)·CE + alpha·KD, and the term is still computed, without gradient, for the log
+    init_only = False
 
     def __init__(self, T: float = FeatureLossConfig.T, alpha: float = FeatureLossConfig.alpha,
                  beta: float = FeatureLossConfig.beta, student_layers: Optional[Sequence[str]] = None,
@@ -187,6 +190,10 @@ class FeatureLoss(DistillationLoss):
                              f"per layer pair; kdrun.losses.hooks.FeatureHooks captures them)")
         ce = F.cross_entropy(student_logits.float(), labels)
         kd = kd_term(student_logits, teacher_logits, self.T) if self.alpha > 0 else torch.zeros_like(ce)
+        if self.init_only and self.epoch > getattr(self, "hint_epochs", 0):
+            with torch.no_grad():
+                feat = self.feature_term(student_features, teacher_features)
+            return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce, "kd": kd, "feat": feat}
         feat = self.feature_term(student_features, teacher_features)
         if self.epoch <= getattr(self, "hint_epochs", 0):  # fitnet's hint-only first stage
             return self.beta * feat, {"ce": ce, "kd": kd, "feat": feat}
@@ -196,6 +203,11 @@ class FeatureLoss(DistillationLoss):
         ce = ("CE" if self.alpha == 0 else f"{_num(round(1 - self.alpha, 6))}·CE") if self.alpha < 1 else ""
         kd = f"{_num(self.alpha)}·{_num(self.T * self.T)}·KL(T={_num(self.T)})" if self.alpha > 0 else ""
         feat = f"{_num(self.beta)}·{self.term_name}"
+        if self.init_only:
+            k = getattr(self, "hint_epochs", 0)
+            span = "epoch 1" if k == 1 else f"epochs 1-{k}"
+            return (f"L = {feat} in {span} (init phase), then L = " + " + ".join(p for p in (ce, kd) if p)
+                    + " (the term logged, not trained)")
         return "L = " + " + ".join(p for p in (ce, kd, feat) if p)
 
 
