@@ -385,3 +385,16 @@ def test_crd_resumes_after_sigkill_bit_identically(tmp_path):
         assert a["loss_state"].keys() == b["loss_state"].keys()
         for name in a["loss_state"]:
             assert torch.equal(a["loss_state"][name], b["loss_state"][name]), f"{which} loss_state {name} differs"
+
+
+def test_crd_runs_on_a_streamed_image_folder(stores, tmp_path):
+    """Streamed batches carry their indices into the train split as in-memory ones do: the banks need no refusal."""
+    from test_data import _write_image_folder
+
+    root = _write_image_folder(tmp_path / "images", per_class=12)
+    summary = smoke_inproc(stores, tmp_path / "run", *CNN, *SMALL, "dataset=imagefolder", f"dataset.root={root}",
+                           "dataset.image_size=8", "dataset.stream=true", "dataset.num_workers=0",
+                           "dataset.mean=[0.5,0.5,0.5]", "dataset.std=[0.25,0.25,0.25]", "loss.nce_k=8")
+    assert summary["status"] == "completed" and summary["dataset"]["train"] >= 20
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]
+    assert records and all(r["train/loss_feat"] > 0 for r in records), records
