@@ -237,6 +237,7 @@ def test_crd_equals_the_reference_in_value_gradient_memory_and_z(shapes, nce_k):
         index = torch.randperm(N)[:B]
         rows = ours.negatives(index)
         fs, ft = torch.randn(s_shape, requires_grad=True), torch.randn(t_shape)
+        before = ours.memory_s.clone()
         expected = ref(fs, ft, index, rows).squeeze()
         grads_ref = torch.autograd.grad(expected, [fs, *ref.embed_s.parameters(), *ref.embed_t.parameters()])
         value = ours.contrast(fs, ft, index, rows)
@@ -247,7 +248,10 @@ def test_crd_equals_the_reference_in_value_gradient_memory_and_z(shapes, nce_k):
         torch.testing.assert_close(ours.memory_s, ref.contrast.memory_v1)  # momentum 0.5, renormalised
         torch.testing.assert_close(ours.memory_t, ref.contrast.memory_v2)
         torch.testing.assert_close(ours.z, ref.contrast.params[2:4])
-        assert not torch.equal(ours.memory_s[index], ref.contrast.memory_v1[index] * 0)  # rows were written
+        others = torch.ones(N, dtype=torch.bool).index_fill_(0, index, False)
+        assert torch.equal(ours.memory_s[others], before[others]) and not torch.equal(ours.memory_s[index],
+                                                                                       before[index])
+        torch.testing.assert_close(ours.memory_s[index].norm(dim=1), torch.ones(B))  # the batch's rows: unit norm
 
 
 def test_z_is_set_once_from_the_first_batch_as_the_reference_defines_it():
