@@ -184,7 +184,8 @@ class FeatureLoss(DistillationLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
                 student_features: Optional[Sequence[torch.Tensor]] = None,
-                teacher_features: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, dict]:
+                teacher_features: Optional[Sequence[torch.Tensor]] = None, **kw) -> tuple[torch.Tensor, dict]:
+        """``kw``: what the loss asks of the batch, handed to :meth:`feature_term` (``index`` with ``needs_index``)."""
         if student_features is None or teacher_features is None:
             raise ValueError(f"loss={self.name} needs student_features and teacher_features (lists of tensors, one "
                              f"per layer pair; kdrun.losses.hooks.FeatureHooks captures them)")
@@ -192,9 +193,9 @@ class FeatureLoss(DistillationLoss):
         kd = kd_term(student_logits, teacher_logits, self.T) if self.alpha > 0 else torch.zeros_like(ce)
         if self.init_only and self.epoch > getattr(self, "hint_epochs", 0):
             with torch.no_grad():
-                feat = self.feature_term(student_features, teacher_features)
+                feat = self.feature_term(student_features, teacher_features, **kw)
             return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce, "kd": kd, "feat": feat}
-        feat = self.feature_term(student_features, teacher_features)
+        feat = self.feature_term(student_features, teacher_features, **kw)
         if self.epoch <= getattr(self, "hint_epochs", 0):  # fitnet's hint-only first stage
             return self.beta * feat, {"ce": ce, "kd": kd, "feat": feat}
         return (1 - self.alpha) * ce + self.alpha * kd + self.beta * feat, {"ce": ce, "kd": kd, "feat": feat}

@@ -234,12 +234,15 @@ def recipe_student(cfg: Config) -> Recipe:
 def check_layers(ctx, data, loss: nn.Module, teacher_cfg) -> None:
     """Before any training: resolve ``loss``'s layer pairs on freshly built models (the student config and
     ``teacher_cfg``: ``teacher.*``, or the student's for self-distillation) and check their shapes on one
-    batch, so a wrong layer name or an unmatched pair costs no teacher training. Nothing of the run changes
-    (random state restored; the loss's adapters are built again when its student trains)."""
+    batch, so a wrong layer name or an unmatched pair costs no teacher training; a loss with ``setup_data`` checks
+    the train labels and ``teacher.cache_budget_mb`` (crd's memory banks). Nothing of the run changes (random state
+    restored; the loss's adapters and banks are built again when its student trains)."""
     x = data.inputs("train", torch.arange(min(2, len(data.train)), device=ctx.device))
     with torch.random.fork_rng(devices=[]):
         student = build(ctx.cfg.student, data, "student", ctx.device, 0)
         teacher = build(teacher_cfg, data, "teacher", ctx.device, 0)
+        if hasattr(loss, "setup_data"):  # per-sample state (crd's memory banks): its size and the labels checked
+            loss.setup_data(data.train.y.cpu(), budget_mb=ctx.cfg.teacher.cache_budget_mb)  # forked RNG: CPU
         from kdrun.losses.hooks import FeaturePairs
 
         pairs = FeaturePairs(loss, student, teacher, x)

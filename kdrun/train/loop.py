@@ -116,7 +116,9 @@ def fit(model: nn.Module, data: Data, recipe: Recipe, loss_fn: DistillationLoss,
     A loss with ``needs_features`` (:mod:`kdrun.losses.feature`) gets the outputs of its layer pairs, hooked on
     the student and on the teacher source's model (:class:`kdrun.losses.hooks.FeaturePairs`); its adapters are
     built from one batch before the optimizer, trained with the student, and kept in ``best_loss_state`` /
-    ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before.
+    ``last_loss_state`` and the resume checkpoint. Other losses run exactly as before. A loss with ``setup_data``
+    gets the train labels first, before the optimizer (per-sample state: crd's memory banks); one with
+    ``needs_index`` gets each batch's indices into the train split as ``index=``.
     ``progress`` is a :class:`kdrun.console.Progress` (or None). With ``checkpoint``, training continues from its
     file when there is one (the :class:`~kdrun.train.state.TrainState`: model, optimizer, schedule, RNG states,
     history, teacher snapshot; and every hook's state: best epoch, a pruning schedule's masks; the weights come out
@@ -192,6 +194,8 @@ def _start(model: nn.Module, data: Data, recipe: Recipe, loss_fn: nn.Module,
     dp = distributed.current()
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
+    if hasattr(loss_fn, "setup_data"):  # a loss that keeps per-sample state (crd's memory banks): the train labels
+        loss_fn.setup_data(data.train.y)
     pairs = _feature_pairs(loss_fn, model, teacher, data) if getattr(loss_fn, "needs_features", False) else None
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones: out
     extra_params = [p for p in loss_fn.parameters() if p.requires_grad]  # a feature loss's adapters
