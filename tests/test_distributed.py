@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, read_json, read_jsonl, run_sweep, smoke_inproc, store_overrides, working_dir
+from conftest import read_json, read_jsonl, run_sweep, smoke_inproc
 from torch import nn
 
 from kdrun.data.dataset import load_data
@@ -187,7 +187,6 @@ def test_snapshot_mode_stops_and_resumes_on_two_ranks(tmp_path, monkeypatch):
     from test_resume import assert_same_weights, stop_after
 
     from kdrun.errors import Interrupted
-    from kdrun.run import run
     from kdrun.train import interrupt
 
     overrides = (*SMOKE[:3], "mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5",
@@ -198,9 +197,7 @@ def test_snapshot_mode_stops_and_resumes_on_two_ranks(tmp_path, monkeypatch):
         with pytest.raises(Interrupted, match="after student epoch 3/"):
             smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
     interrupt.reset()
-    cfg = compose_config("experiment=smoke", *store_overrides(tmp_path), *overrides)
-    with working_dir(tmp_path):
-        resumed = run(cfg, tmp_path / "stopped", resume=True)
+    resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["student"] == whole["student"] and resumed["teacher"] == whole["teacher"]
     assert_same_weights(tmp_path / "whole" / "checkpoints" / "student_last.pt",
                         tmp_path / "stopped" / "checkpoints" / "student_last.pt")
