@@ -224,7 +224,8 @@ CONFIG_ERRORS = [  # (overrides, fragments of the error line): refused before th
                               "it is a key of mode=self: choose mode=self"]),
     (["student.args.width_mult=0.5"], ["it is a key of student=mobilenet: choose student=mobilenet"]),
     (["loss.beta=2"], ["loss.beta: unknown config key; valid keys under 'loss': ",
-                       "; it is a key of loss=at, loss=dist, loss=dkd, loss=fitnet"]),
+                       "; it is a key of loss=ab, loss=at, loss=cc, loss=crd, loss=dist, loss=dkd, loss=fitnet",
+                       "loss=vid: choose one of them"]),
 ]
 
 
