@@ -55,7 +55,8 @@ test: install-plugin lint docs
 	$(PY) -m pytest -m "not slow and not gpu and not e2e" -n auto --dist loadfile $(PYTEST_ARGS)
 
 # The process-level tests the default suite leaves out: SIGKILL and signal resumes, concurrent runs and sweeps, the
-# sweep launchers (each starts, kills or races several kdrun processes: ~6 s of imports apiece). CI runs them too.
+# sweep launchers, data-parallel ranks (each starts, kills or races several kdrun processes: ~6 s of imports
+# apiece). CI runs them too.
 test-e2e: install-plugin
 	$(PY) -m pytest -m "e2e and not slow and not gpu" -n auto --dist load $(PYTEST_ARGS)
 

@@ -50,6 +50,7 @@ def one_and_two(tmp_path_factory):
     return base, one, two
 
 
+@pytest.mark.e2e
 def test_two_ranks_train_like_one(one_and_two):
     base, one, two = one_and_two
     assert two["status"] == "completed" and two["teacher"]["reused"] and two["teacher"]["cache"]["used"]
@@ -60,6 +61,7 @@ def test_two_ranks_train_like_one(one_and_two):
     assert losses("two") == pytest.approx(losses("one"), rel=LOSS_RTOL)
 
 
+@pytest.mark.e2e
 def test_rank_0_alone_writes_the_run_dir(one_and_two):
     base, _, _ = one_and_two
     files = lambda run: sorted(str(p.relative_to(base / run)) for p in (base / run).rglob("*"))
@@ -83,6 +85,7 @@ def mlp(seed: int = 0) -> nn.Module:
     return build_model("mlp", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16})
 
 
+@pytest.mark.e2e
 def test_uneven_slices_and_a_live_teacher_on_two_ranks(data):
     """72 train images in batches of 23: three full batches cut 12/11 (loss weights 24/23 and 22/23), then a
     batch of 3 that rank 0 trains alone (rank 1 takes part in the step with weight 0). Random crop and flip:
@@ -121,6 +124,7 @@ class ScaledTeacher(TeacherSource):
         return cls(model, shared[0])
 
 
+@pytest.mark.e2e
 def test_a_teacher_source_of_its_own_crosses_to_the_ranks(data):
     torch.manual_seed(1)
     teacher = build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16})
@@ -147,6 +151,7 @@ class FailsOnRank1(nn.Module):
         return cross_entropy()(s, t, y)
 
 
+@pytest.mark.e2e
 def test_a_worker_error_reaches_rank_0_and_no_rank_is_left(data):
     recipe = Recipe(epochs=1, batch_size=16, optim=OptimConfig(), sched=SchedConfig(), seed=0, devices=2)
     with pytest.raises(Exception, match="rank 1 cannot go on") as err:
@@ -214,6 +219,7 @@ def test_a_multirun_of_the_real_cli_spawns_its_ranks_in_each_job(tmp_path):
         assert [(r["stage"], r["epoch"]) for r in records] == [("student", 1), ("student", 2)]
 
 
+@pytest.mark.e2e
 def test_two_ranks_share_one_view_cache(tmp_path):
     """Under crop + flip, two ranks look their slices up in one view cache (shared memory on CPU) and fill it
     with their own misses: the student equals the one-process run with the live teacher, the saved cache holds

@@ -309,6 +309,7 @@ def test_unusable_run_dir_is_one_line(tmp_path, where):
     assert "hydra.run.dir" in result.last_err_line
 
 
+@pytest.mark.e2e
 def test_diverged_sweep_job_is_one_line_and_exit_1(tmp_path):
     """A job that fails while running (exit 1, unlike a refused config: 2) at the end of `kdrun -m`: one line
     naming the job, the sweep still summarised, strict CSV (no nan)."""

@@ -57,6 +57,7 @@ def test_plugin_options_run_in_process(tmp_path):
     assert "CE(p_t, p_s)" in summary["loss"]["formula"]
 
 
+@pytest.mark.e2e
 def test_config_dir_targets_from_outside_the_repo_via_cli(tmp_path, user_conf):
     """The README's commands, run from a directory outside the repository."""
     result = run_kdrun("--config-dir", user_conf, "teacher=mynet", "student=mynet", "student.width=16",

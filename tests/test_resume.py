@@ -323,6 +323,7 @@ def test_sweep_run_again_skips_completed_jobs(tmp_path):
     assert third["status"] == "completed" and "resumed" not in third
 
 
+@pytest.mark.e2e
 def test_signal_while_the_teacher_trains_leaves_the_store_clean(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(tmp_path, run_dir, "experiment=smoke", "teacher.epochs=400", "trainer.num_threads=1")

@@ -234,6 +234,7 @@ def _worker(root: str, counter: str, barrier, results) -> None:
     results.put((str(entry), reused, float(checkpoint["model"]["classifier.4.bias"].sum())))
 
 
+@pytest.mark.e2e
 def test_two_processes_train_once(tmp_path):
     ctx = mp.get_context("spawn")
     counter = tmp_path / "train_calls.txt"

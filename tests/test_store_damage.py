@@ -348,6 +348,7 @@ FAKE_LONG = ("dataset=fake", "trainer.device=cpu", "trainer.num_threads=1", "tea
              "teacher.epochs=30", "trainer.epochs=1", "baseline=false")
 
 
+@pytest.mark.e2e
 def test_a_killed_teacher_training_leaves_nothing_that_blocks_the_next_run(tmp_path):
     cmd = [PYTHON, "-m", "kdrun", *FAKE_LONG, *store_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run0'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

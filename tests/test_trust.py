@@ -161,6 +161,7 @@ def tiny(num_classes, in_channels, image_size, marker):
 """
 
 
+@pytest.mark.e2e
 def test_trust_code_resumes_with_the_callable_the_run_dir_names(tmp_path):
     (tmp_path / "usernets.py").write_text(textwrap.dedent(USERNETS))  # `python -m kdrun` imports from the cwd
     marker = tmp_path / "used"
