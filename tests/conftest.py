@@ -112,15 +112,16 @@ def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool 
     after ``kdrun: error:``. Composition errors (unknown group option or key) propagate as Hydra's exceptions.
 
     The run report (``report.md`` and its five PNG figures: most of a warm smoke run's time) is off unless the
-    overrides say ``report=true``: a test of the report asks for it (tests/test_report.py).
+    overrides say ``report=true``: a test of the report asks for it (tests/test_report.py). So is the compression
+    report (it times each model's latency for a fixed budget) unless they say ``compression=true``
+    (tests/test_export.py).
     """
     import logging
 
     from kdrun.run import run
 
     out_dir = Path(out_dir)
-    if not any(str(o).startswith("report=") for o in overrides):
-        overrides = ("report=false", *overrides)
+    overrides = (*_quiet(overrides), *overrides)
     cfg = compose_config(*overrides)
     root, level = logging.getLogger(), logging.getLogger().level  # run() raises it to INFO for its log file
     try:
@@ -128,6 +129,13 @@ def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool 
             return run(cfg, out_dir, resume=resume, overrides=[str(o) for o in overrides])
     finally:
         root.setLevel(level)
+
+
+def _quiet(overrides) -> tuple:
+    """``report=false`` and ``compression=false``, each unless ``overrides`` set it: the run report's figures and
+    the compression report's latency timing are most of a warm smoke run's time; their own tests ask for them."""
+    return tuple(f"{key}=false" for key in ("report", "compression")
+                 if not any(str(o).startswith(f"{key}=") for o in overrides))
 
 
 def smoke_inproc(base: Path, run_dir: Path, *extra, resume: bool = False) -> dict:
@@ -140,10 +148,9 @@ SWEEP_SMOKE = ("experiment=smoke", "trainer.num_threads=1")  # one thread per jo
 
 def run_sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
     """``kdrun -m experiment=smoke ARGS`` in ``base``, sweep dir ``base/sweep``, stores under ``base``; without the
-    jobs' run reports unless ``ARGS`` say ``report=true`` (as :func:`run_inproc`)."""
+    jobs' run and compression reports unless ``ARGS`` ask for them (as :func:`run_inproc`)."""
     store = store_overrides(base) if stores else []
-    if not any(str(a).startswith("report=") for a in args):
-        args = ("report=false", *args)
+    args = (*_quiet(args), *args)
     return run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
 
 

@@ -36,7 +36,7 @@ def smoke_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     run_dir = base / "run"
     summary = smoke_inproc(base, run_dir, f"export=[{','.join(FORMATS)}]", f"student.prune.amount={AMOUNT}",
-                           "trainer.num_threads=1")
+                           "trainer.num_threads=1", "compression=true")
     return run_dir, summary
 
 

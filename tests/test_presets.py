@@ -42,21 +42,22 @@ def test_cifar100_preset_is_the_literature_recipe(preset):
 PAPER = {("cifar100_wrn_40_2_wrn_16_2", "dkd"): {"beta": 6.0}}  # conf/paper/: a paper's setting for one pair
 
 
-@pytest.mark.parametrize("preset", sorted(PAIRS))
-def test_a_method_under_a_preset_keeps_its_papers_settings(preset):
-    """`experiment=<pair> loss=<method>`: the recipe sets no loss key, so every built-in loss keeps its registered
-    defaults (its paper's CIFAR-100 settings: a feature method's alpha 0, not kd's 0.9), but for conf/paper/."""
+def test_a_method_under_a_preset_keeps_its_papers_settings():
+    """`experiment=<pair> loss=<method>`: the recipe (shared by both pairs) sets no loss key, so every built-in loss
+    keeps its registered defaults (its paper's CIFAR-100 settings: a feature method's alpha 0, not kd's 0.9), but
+    for conf/paper/ (checked on both pairs)."""
     import dataclasses
 
     from kdrun import registry
 
-    for name, entry in registry.entries("loss").items():
-        if entry.source != "kdrun":
-            continue
+    losses = [(name, "cifar100_resnet32x4_resnet8x4") for name, e in registry.entries("loss").items()
+              if e.source == "kdrun"]
+    for name, preset in [*losses, ("dkd", "cifar100_wrn_40_2_wrn_16_2"), ("sp", "cifar100_wrn_40_2_wrn_16_2")]:
+        entry = registry.get("loss", name, "loss")
         loss = compose_config(f"experiment={preset}", f"loss={name}").loss
         expected = {**dataclasses.asdict(entry.config()), **PAPER.get((preset, name), {})}
         assert {k: loss[k] for k in expected} == expected, name
-    assert compose_config(f"experiment={preset}", "loss=dkd", "loss.beta=7").loss.beta == 7  # the user still wins
+    assert compose_config("experiment=cifar100_wrn_40_2_wrn_16_2", "loss=dkd", "loss.beta=7").loss.beta == 7  # yours wins
 
 
 def test_milestones_decay_the_lr_from_the_epoch_after_each():
