@@ -344,7 +344,7 @@ def test_oneshot_pruning_then_fine_tuning(smoke_run, tmp_path, monkeypatch):
     monkeypatch.setattr(compression, "from_run", boom)  # a report that fails is a warning, not a failed run
     base = smoke_run[0].parent  # its stores: teacher and baseline are reused
     summary = smoke_inproc(base, tmp_path / "oneshot", "student.prune.amount=0.25", "student.prune.schedule=oneshot",
-                           "student.prune.finetune_epochs=1", "trainer.num_threads=1")
+                           "student.prune.finetune_epochs=1", "trainer.num_threads=1", "compression=true")
     pruned = summary["student_pruned"]
     assert pruned["schedule"] == "oneshot" and pruned["epochs"] == 1 and pruned["finetune_lr"] == pytest.approx(0.005)
     assert pruned["zeros"] == round(0.25 * pruned["prunable"]) and pruned["test_acc_before_finetune"] is not None

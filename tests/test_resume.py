@@ -146,7 +146,7 @@ def test_resume_refuses_another_config_and_a_non_run_dir(tmp_path):
     smoke_inproc(tmp_path, tmp_path / "run", "trainer.epochs=1")
     with working_dir(tmp_path), pytest.raises(KdrunError, match=r"differs .* in trainer\.epochs"):
         check_resumable(tmp_path / "run", compose_config("experiment=smoke", *store_overrides(tmp_path),
-                                                         "trainer.epochs=2", "report=false"))
+                                                         "trainer.epochs=2", "report=false", "compression=false"))
 
 
 def test_resume_argv(tmp_path):
@@ -169,7 +169,8 @@ def test_resuming_a_complete_run_changes_nothing(tmp_path, monkeypatch, caplog, 
     from kdrun.resume import completed
 
     run_dir = tmp_path / "run"
-    overrides = ["experiment=smoke", *store_overrides(tmp_path), "trainer.checkpoint_every=0", "report=false"]
+    overrides = ["experiment=smoke", *store_overrides(tmp_path), "trainer.checkpoint_every=0", "report=false",
+                 "compression=false"]
     first = run_inproc(run_dir, *overrides, cwd=tmp_path)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))

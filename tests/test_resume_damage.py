@@ -28,7 +28,7 @@ from conftest import (
 
 from kdrun.errors import InputError
 
-FAST = ("baseline=false", "report=false")
+FAST = ("baseline=false", "report=false", "compression=false")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_resume_refuses_a_checkpoint_of_other_user_code(base, tmp_path, monkeypa
     net = user_mlp_module(tmp_path, "resumenet", monkeypatch, hidden=16)
     (tmp_path / "conf" / "student").mkdir(parents=True)
     (tmp_path / "conf" / "student" / "resumenet.yaml").write_text("_target_: resumenet.make\nhidden: 16\n")
-    extra = ("report=false", "student=resumenet", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
+    extra = ("report=false", "compression=false", "student=resumenet", f"hydra.searchpath=[file://{tmp_path / 'conf'}]")
     run_dir = tmp_path / "run"
     smoke_inproc(base, run_dir, *extra)  # with a baseline (the other runs of this module train none)
     assert resume(base, unfinished(run_dir), *extra, fast=())["status"] == "completed"  # the same code: resumed
