@@ -67,15 +67,31 @@ def run_kdrun(*args, cwd: Path, script: bool = False, timeout: int = CLI_TIMEOUT
     return CliResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
 
+_REGISTERED: list = []  # the registry's entries when the configs were last put in Hydra's ConfigStore
+
+
+def _register_configs() -> None:
+    """:func:`kdrun.schema.configstore.register_configs`, again only when the registry changed since the last call
+    (a test that registers a model, loss or mode of its own): storing ~80 structured configs is about a third of
+    an in-process smoke run's time, and the ConfigStore outlives Hydra's global state."""
+    from kdrun import registry
+    from kdrun.schema.configstore import register_configs
+
+    state = [(kind, tuple((name, id(entry)) for name, entry in sorted(registry._REGISTRY[kind].items())))
+             for kind in registry.KINDS]
+    if _REGISTERED != [state]:
+        register_configs()
+        _REGISTERED[:] = [[(kind, tuple((name, id(entry)) for name, entry in sorted(registry._REGISTRY[kind].items())))
+                           for kind in registry.KINDS]]
+
+
 @contextlib.contextmanager
 def kdrun_config_module():
     """Hydra initialised on kdrun's config tree (pkg://kdrun.conf) as ``kdrun/cli.py`` does; cleared on exit."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdrun.schema.configstore import register_configs
-
-    register_configs()
+    _register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="kdrun.conf", version_base="1.3"):
