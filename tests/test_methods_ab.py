@@ -196,21 +196,16 @@ def test_ab_config_checks_name_the_key(overrides, key):
     assert err.value.key == key and "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
-def test_ab_refuses_an_mlp_student_in_one_line(stores, tmp_path):
+def test_ab_refuses_an_mlp_student_in_one_line(smoke_stores, tmp_path):
     with pytest.raises(ConfigError, match="loss=ab needs .N, C, H, W. feature maps and Mlp has none") as err:
-        smoke_inproc(stores, tmp_path / "run", "student=mlp", "trainer.num_threads=1", "loss=ab", "baseline=false")
+        smoke_inproc(smoke_stores, tmp_path / "run", "student=mlp", "trainer.num_threads=1", "loss=ab", "baseline=false")
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("mode", [(), ("mode=self", "mode.generations=1", "mode.ensemble=false")],
                          ids=["offline-cnn", "self"])
-def test_ab_runs(stores, tmp_path, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", "student=cnn", "student.args.channels=8",
+def test_ab_runs(smoke_stores, tmp_path, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", "student=cnn", "student.args.channels=8",
                            "trainer.num_threads=1", "loss=ab", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "ab"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]
@@ -223,7 +218,7 @@ def test_ab_runs(stores, tmp_path, mode):
         assert state["connectors.0.0.weight"].shape == (32, 8, 1, 1)
 
 
-def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(stores, tmp_path, monkeypatch):
+def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(smoke_stores, tmp_path, monkeypatch):
     import signal
 
     from kdrun.errors import Interrupted
@@ -231,7 +226,7 @@ def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(stor
     from kdrun.train import interrupt
 
     overrides = ("student=cnn", "student.args.channels=8", "trainer.num_threads=1", "loss=ab", "baseline=false")
-    smoke_inproc(stores, tmp_path / "whole", *overrides)
+    smoke_inproc(smoke_stores, tmp_path / "whole", *overrides)
     logged = EpochLogger.after_epoch
 
     def after_epoch(self, record):  # a stop requested (as by SIGTERM) after student epoch 1, the init phase
@@ -241,9 +236,9 @@ def test_ab_resumes_after_its_init_phase_to_the_same_weights_and_connectors(stor
     with monkeypatch.context() as patch:
         patch.setattr(EpochLogger, "after_epoch", after_epoch)
         with pytest.raises(Interrupted, match="after student epoch 1/"):
-            smoke_inproc(stores, tmp_path / "stopped", *overrides)
+            smoke_inproc(smoke_stores, tmp_path / "stopped", *overrides)
     interrupt.reset()
-    resumed = smoke_inproc(stores, tmp_path / "stopped", *overrides, resume=True)
+    resumed = smoke_inproc(smoke_stores, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["status"] == "completed"
     for which in ("best", "last"):
         a, b = (torch.load(d / "checkpoints" / f"student_{which}.pt", weights_only=True)

@@ -116,19 +116,14 @@ def test_the_relation_keys_are_unread_without_the_term(loss, key):
         f"loss.{key}: not used (loss.beta=0 leaves no feature term)"]
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("student, mode", [
     (("student=cnn", "student.args.channels=8"), ()),
     (("student=mlp",), ()),  # its hidden layer is the embedding
     (("student=cnn", "student.args.channels=8"), ("mode=self", "mode.generations=1", "mode.ensemble=false")),
 ], ids=["offline-cnn", "offline-mlp", "self"])
-def test_cc_runs(stores, tmp_path, student, mode):
+def test_cc_runs(smoke_stores, tmp_path, student, mode):
     run = tmp_path / "run"
-    summary = smoke_inproc(stores, run, *student, "trainer.num_threads=1", "loss=cc", "baseline=false", *mode)
+    summary = smoke_inproc(smoke_stores, run, *student, "trainer.num_threads=1", "loss=cc", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "cc"
     records = [r for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "student"]
     assert records and all(r["train/loss_feat"] > 0 for r in records), records
@@ -137,13 +132,13 @@ def test_cc_runs(stores, tmp_path, student, mode):
     assert summary["student"]["loss_params"] == sum(v.numel() for v in state.values())
 
 
-def test_cc_resumes_to_the_same_student_and_embeddings(stores, tmp_path, monkeypatch):
+def test_cc_resumes_to_the_same_student_and_embeddings(smoke_stores, tmp_path, monkeypatch):
     from kdrun.errors import Interrupted
     from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
     overrides = ("student=mlp", "trainer.num_threads=1", "loss=cc", "trainer.epochs=3", "baseline=false")
-    smoke_inproc(stores, tmp_path / "whole", *overrides)
+    smoke_inproc(smoke_stores, tmp_path / "whole", *overrides)
     logged = EpochLogger.after_epoch
 
     def after_epoch(self, record):  # a stop requested (as by SIGTERM) after student epoch 2
@@ -153,9 +148,9 @@ def test_cc_resumes_to_the_same_student_and_embeddings(stores, tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(EpochLogger, "after_epoch", after_epoch)
         with pytest.raises(Interrupted, match="after student epoch 2/"):
-            smoke_inproc(stores, tmp_path / "stopped", *overrides)
+            smoke_inproc(smoke_stores, tmp_path / "stopped", *overrides)
     interrupt.reset()
-    resumed = smoke_inproc(stores, tmp_path / "stopped", *overrides, resume=True)
+    resumed = smoke_inproc(smoke_stores, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["status"] == "completed"
     assert resumed["student"] == read_json(tmp_path / "whole" / "summary.json")["student"]
     for which in ("best", "last"):

@@ -317,11 +317,6 @@ def test_more_than_one_layer_pair_is_refused():
         CRDLoss().setup([torch.randn(2, 3)] * 2, [torch.randn(2, 3)] * 2)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 CNN = ("student=cnn", "student.args.channels=8")
 SMALL = ("trainer.num_threads=1", "loss=crd", "loss.nce_k=64", "baseline=false")
 
@@ -331,8 +326,8 @@ SMALL = ("trainer.num_threads=1", "loss=crd", "loss.nce_k=64", "baseline=false")
     (("student=mlp",), ()),  # its hidden layer is the classifier's input
     (CNN, ("mode=self", "mode.generations=1", "mode.ensemble=false")),
 ], ids=["offline-cnn", "offline-mlp", "self"])
-def test_crd_runs(stores, tmp_path, student, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", *student, *SMALL, *mode)
+def test_crd_runs(smoke_stores, tmp_path, student, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *student, *SMALL, *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "crd"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]
     assert records and all(r["train/loss_feat"] > 0 for r in records), records
@@ -347,9 +342,9 @@ def test_crd_runs(stores, tmp_path, student, mode):
     ("teacher.cache_budget_mb=0.1", "teacher.cache_budget_mb"),
     ("trainer.devices=2", "trainer.devices"),
 ])
-def test_crd_refusals_name_the_key(stores, tmp_path, override, key):
+def test_crd_refusals_name_the_key(smoke_stores, tmp_path, override, key):
     with pytest.raises(ConfigError) as caught:
-        smoke_inproc(stores, tmp_path / "run", *CNN, *SMALL, override)
+        smoke_inproc(smoke_stores, tmp_path / "run", *CNN, *SMALL, override)
     assert str(caught.value).startswith(f"{key}: ") and "\n" not in str(caught.value)
 
 
@@ -396,12 +391,12 @@ def test_a_learned_method_resumes_after_sigkill_bit_identically(tmp_path, method
             assert torch.equal(a["loss_state"][name], b["loss_state"][name]), f"{which} loss_state {name} differs"
 
 
-def test_crd_runs_on_a_streamed_image_folder(stores, tmp_path):
+def test_crd_runs_on_a_streamed_image_folder(smoke_stores, tmp_path):
     """Streamed batches carry their indices into the train split as in-memory ones do: the banks need no refusal."""
     from test_data import _write_image_folder
 
     root = _write_image_folder(tmp_path / "images", per_class=12)
-    summary = smoke_inproc(stores, tmp_path / "run", *CNN, *SMALL, "dataset=imagefolder", f"dataset.root={root}",
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *CNN, *SMALL, "dataset=imagefolder", f"dataset.root={root}",
                            "dataset.image_size=8", "dataset.stream=true", "dataset.num_workers=0",
                            "dataset.mean=[0.5,0.5,0.5]", "dataset.std=[0.25,0.25,0.25]", "loss.nce_k=8")
     assert summary["status"] == "completed" and summary["dataset"]["train"] >= 20

@@ -139,25 +139,20 @@ def test_fsp_config_checks_name_the_key(overrides, key):
     assert err.value.key == key and "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("student, match", [
     (("student=mlp",), "loss=fsp needs .N, C, H, W. feature maps and Mlp has none"),
     (("student=cnn", "student.args.channels=8"), "FSP matrices need equal channel counts .8 vs 32."),  # teacher 32
 ], ids=["mlp", "channels"])
-def test_fsp_refuses_a_student_in_one_line(stores, tmp_path, student, match):
+def test_fsp_refuses_a_student_in_one_line(smoke_stores, tmp_path, student, match):
     with pytest.raises(ConfigError, match=match) as err:
-        smoke_inproc(stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=fsp", "baseline=false")
+        smoke_inproc(smoke_stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=fsp", "baseline=false")
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("mode", [("teacher.args.channels=8",), ("mode=self", "mode.generations=1",
                                                                  "mode.ensemble=false")], ids=["offline-cnn", "self"])
-def test_fsp_runs(stores, tmp_path, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", "student=cnn", "student.args.channels=8",
+def test_fsp_runs(smoke_stores, tmp_path, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", "student=cnn", "student.args.channels=8",
                            "trainer.num_threads=1", "loss=fsp", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "fsp"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]

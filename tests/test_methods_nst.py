@@ -134,15 +134,10 @@ def test_nst_refuses_flat_features_with_one_line():
     assert "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("mode", [(), ("mode=self", "mode.generations=1", "mode.ensemble=false")],
                          ids=["offline", "self"])
-def test_nst_runs(stores, tmp_path, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", "student=cnn", "student.args.channels=8", "trainer.num_threads=1",
+def test_nst_runs(smoke_stores, tmp_path, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", "student=cnn", "student.args.channels=8", "trainer.num_threads=1",
                            "loss=nst", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "nst"
     assert "loss_params" not in summary["student"]

@@ -122,18 +122,13 @@ def test_pkt_refuses_a_layer_without_a_batch_dimension():
         loss.setup([torch.randn(4)], [torch.randn(4, 3)], names=(["a"], ["b"]))
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("student, mode", [
     (("student=cnn", "student.args.channels=8"), ()),
     (("student=mlp",), ()),  # its hidden layer is the embedding
     (("student=cnn", "student.args.channels=8"), ("mode=self", "mode.generations=1", "mode.ensemble=false")),
 ], ids=["offline-cnn", "offline-mlp", "self"])
-def test_pkt_runs(stores, tmp_path, student, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=pkt", "baseline=false",
+def test_pkt_runs(smoke_stores, tmp_path, student, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *student, "trainer.num_threads=1", "loss=pkt", "baseline=false",
                            *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "pkt"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]

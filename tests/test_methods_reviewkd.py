@@ -214,18 +214,13 @@ def test_the_default_layers_are_the_stages_and_the_embedding_and_an_mlp_is_refus
         loss.setup([torch.randn(2, 3, 4)], [torch.randn(2, 3, 4, 4)], names=(["a"], ["b"]))
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 CNN = ("student=cnn", "student.args.channels=8")
 
 
 @pytest.mark.parametrize("mode", [(), ("mode=self", "mode.generations=1", "mode.ensemble=false")],
                          ids=["offline-cnn", "self"])
-def test_reviewkd_runs(stores, tmp_path, mode):
-    summary = smoke_inproc(stores, tmp_path / "run", *CNN, "trainer.num_threads=1", "loss=reviewkd", "baseline=false",
+def test_reviewkd_runs(smoke_stores, tmp_path, mode):
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *CNN, "trainer.num_threads=1", "loss=reviewkd", "baseline=false",
                            *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "reviewkd"
     assert summary["student"]["loss_params"] > 0  # the ABF modules
@@ -233,8 +228,8 @@ def test_reviewkd_runs(stores, tmp_path, mode):
     assert records and all(r["train/loss_feat"] > 0 for r in records), records
 
 
-def test_an_mlp_student_is_refused_with_one_line(stores, tmp_path):
+def test_an_mlp_student_is_refused_with_one_line(smoke_stores, tmp_path):
     with pytest.raises(ConfigError, match="loss.student_layers: loss=reviewkd .* no conv stages") as info:
-        smoke_inproc(stores, tmp_path / "run", "student=mlp", "trainer.num_threads=1", "loss=reviewkd",
+        smoke_inproc(smoke_stores, tmp_path / "run", "student=mlp", "trainer.num_threads=1", "loss=reviewkd",
                      "baseline=false")
     assert "\n" not in str(info.value)

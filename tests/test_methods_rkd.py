@@ -156,19 +156,14 @@ def test_rkd_config_checks_name_the_key(overrides, key):
     assert err.value.key == key and "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("student, mode", [
     (("student=cnn", "student.args.channels=8"), ()),
     (("student=mlp",), ()),  # its hidden layer is the embedding
     (("student=cnn", "student.args.channels=8"), ("mode=self", "mode.generations=1", "mode.ensemble=false")),
 ], ids=["offline-cnn", "offline-mlp", "self"])
-def test_rkd_runs(stores, tmp_path, student, mode):
+def test_rkd_runs(smoke_stores, tmp_path, student, mode):
     # batches of 32: the angle term's B³·D cost stays small
-    summary = smoke_inproc(stores, tmp_path / "run", *student, "trainer.num_threads=1", "trainer.batch_size=32",
+    summary = smoke_inproc(smoke_stores, tmp_path / "run", *student, "trainer.num_threads=1", "trainer.batch_size=32",
                            "loss=rkd", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "rkd"
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "student"]

@@ -176,16 +176,11 @@ def test_vid_refuses_flat_features_with_one_line():
     assert "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    return tmp_path_factory.mktemp("stores")
-
-
 @pytest.mark.parametrize("mode", [(), ("mode=self", "mode.generations=1", "mode.ensemble=false")],
                          ids=["offline", "self"])
-def test_vid_runs_and_trains_its_regressors_with_the_student(stores, tmp_path, mode):
+def test_vid_runs_and_trains_its_regressors_with_the_student(smoke_stores, tmp_path, mode):
     run = tmp_path / "run"
-    summary = smoke_inproc(stores, run, "student=cnn", "student.args.channels=8", "trainer.num_threads=1",
+    summary = smoke_inproc(smoke_stores, run, "student=cnn", "student.args.channels=8", "trainer.num_threads=1",
                            "loss=vid", "baseline=false", *mode)
     assert summary["status"] == "completed" and summary["loss"]["name"] == "vid"
     records = [r for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "student"]

@@ -95,6 +95,7 @@ class FeatureLoss(DistillationLoss):
     # which default layers the loss pairs (kdrun.models.layers.default_feature_layers): "stages" (every stage's
     # output), "hint" (the middle stage), "last_stage" (the deepest stage), "embedding" (the classifier's input)
     role = "stages"
+    maps_only = True  # False: any two tensors with a batch dimension pair (a relation between a batch's samples)
     term_name = "feature"
     # RepDistiller's two-stage methods (ab, fsp): the feature term trains in the first ``hint_epochs`` only; from
     # then on L = (1 - alpha)·CE + alpha·KD, and the term is still computed, without gradient, for the log
@@ -166,12 +167,16 @@ class FeatureLoss(DistillationLoss):
         self.train()
 
     def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == 4 and ft.dim() == 4):
-            raise self.mismatch(sn, tn, fs, ft, "needs (N, C, H, W) feature maps on both sides")
+        if not FeatureLoss.fits(self, fs, ft):
+            raise self.mismatch(sn, tn, fs, ft, "needs (N, C, H, W) feature maps on both sides" if self.maps_only
+                                else "needs two tensors with a batch dimension")
 
     def fits(self, fs, ft) -> bool:
-        """Whether a student output ``fs`` and a teacher output ``ft`` can be a layer pair: two maps."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() == 4 and ft.dim() == 4
+        """Whether a student output ``fs`` and a teacher output ``ft`` can be a layer pair: two maps, or with
+        ``maps_only = False`` any two tensors with a batch dimension."""
+        if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor)):
+            return False
+        return fs.dim() == ft.dim() == 4 if self.maps_only else fs.dim() >= 2 and ft.dim() >= 2
 
     def mismatch(self, sn: str, tn: str, fs, ft, why: str) -> ConfigError:
         error = ConfigError("loss.student_layers", f"loss={self.name} cannot pair student layer {sn!r} {_shape(fs)} "

@@ -67,6 +67,7 @@ class CCLoss(FeatureLoss):
 
     name = "cc"
     role = "embedding"
+    maps_only = False  # any two tensors with a batch dimension pair
 
     def __init__(self, T: float = CCLossConfig.T, alpha: float = CCLossConfig.alpha, beta: float = CCLossConfig.beta,
                  feat_dim: int = CCLossConfig.feat_dim, student_layers: Optional[Sequence[str]] = None,
@@ -77,13 +78,6 @@ class CCLoss(FeatureLoss):
         self.embed_t = nn.ModuleList()
         self.term_name = f"Σ_pairs mean_i Σ δ_i·δ_i+1 (δ = |g_s(f_s) − g_t(f_t)|, {_num(self.feat_dim)} dims)"
 
-    def fits(self, fs, ft) -> bool:
-        """Any two tensors of the batch (each side has its own embedding, flattened input)."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() >= 2 and ft.dim() >= 2
-
-    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not self.fits(fs, ft):
-            raise self.mismatch(sn, tn, fs, ft, "needs two tensors with a batch dimension")
 
     def setup(self, student_features, teacher_features, names=None) -> None:
         """Check the pairs and build fresh linear embeddings ``g_s``, ``g_t`` per pair (a new student gets new

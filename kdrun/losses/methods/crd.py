@@ -100,6 +100,7 @@ class CRDLoss(FeatureLoss):
 
     name = "crd"
     role = "embedding"
+    maps_only = False  # any two tensors with a batch dimension pair
     needs_index = True  # forward gets index=: the batch's indices into the train split
 
     def __init__(self, T: float = CRDLossConfig.T, alpha: float = CRDLossConfig.alpha, beta: float = CRDLossConfig.beta,
@@ -115,14 +116,6 @@ class CRDLoss(FeatureLoss):
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of the student and teacher anchors; < 0: not yet set
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long), persistent=False)
         self.term_name = f"(nce_s + nce_t)(K={self.nce_k}, τ={_num(self.nce_t)})"
-
-    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not self.fits(fs, ft):
-            raise self.mismatch(sn, tn, fs, ft, "needs two tensors with a batch dimension")
-
-    def fits(self, fs, ft) -> bool:
-        """Any two tensors of the batch (each is flattened and projected)."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() >= 2 and ft.dim() >= 2
 
     def setup(self, student_features, teacher_features, names=None) -> None:
         """Check the one pair and build fresh embeddings from its widths (a new student gets new ones)."""

@@ -63,6 +63,7 @@ class PKTLoss(FeatureLoss):
 
     name = "pkt"
     role = "embedding"
+    maps_only = False  # any two tensors with a batch dimension pair
 
     def __init__(self, T: float = PKTLossConfig.T, alpha: float = PKTLossConfig.alpha,
                  beta: float = PKTLossConfig.beta, student_layers: Optional[Sequence[str]] = None,
@@ -70,13 +71,6 @@ class PKTLoss(FeatureLoss):
         super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
         self.term_name = "Σ_pairs mean(P_t·log(P_t / P_s))"
 
-    def fits(self, fs, ft) -> bool:
-        """Any two tensors of the batch (the distributions are B × B whatever the feature shapes)."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() >= 2 and ft.dim() >= 2
-
-    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not self.fits(fs, ft):
-            raise self.mismatch(sn, tn, fs, ft, "needs two tensors with a batch dimension")
 
     def feature_term(self, student_features, teacher_features) -> torch.Tensor:
         return sum(pkt_term(fs, ft) for fs, ft in zip(student_features, teacher_features))

@@ -102,6 +102,7 @@ class RKDLoss(FeatureLoss):
 
     name = "rkd"
     role = "embedding"
+    maps_only = False  # any two tensors with a batch dimension pair
 
     def __init__(self, T: float = RKDLossConfig.T, alpha: float = RKDLossConfig.alpha,
                  beta: float = RKDLossConfig.beta, distance_weight: float = RKDLossConfig.distance_weight,
@@ -112,13 +113,6 @@ class RKDLoss(FeatureLoss):
         self.term_name = (f"Σ_pairs ({_num(self.distance_weight)}·huber(ψ_D_s, ψ_D_t) + "
                           f"{_num(self.angle_weight)}·huber(ψ_A_s, ψ_A_t))")
 
-    def fits(self, fs, ft) -> bool:
-        """Any two tensors of the batch (distances and angles are between samples, whatever the widths)."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() >= 2 and ft.dim() >= 2
-
-    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not self.fits(fs, ft):
-            raise self.mismatch(sn, tn, fs, ft, "needs two tensors with a batch dimension")
 
     def feature_term(self, student_features, teacher_features) -> torch.Tensor:
         return sum(rkd_term(fs, ft, self.distance_weight, self.angle_weight)

@@ -55,19 +55,13 @@ class SPLoss(FeatureLoss):
 
     name = "sp"
     role = "last_stage"
+    maps_only = False  # any two tensors with a batch dimension pair
 
     def __init__(self, T: float = SPLossConfig.T, alpha: float = SPLossConfig.alpha, beta: float = SPLossConfig.beta,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(T=T, alpha=alpha, beta=beta, student_layers=student_layers, teacher_layers=teacher_layers)
         self.term_name = "Σ_pairs ‖G_t − G_s‖²/B²"
 
-    def fits(self, fs, ft) -> bool:
-        """Any two tensors of the batch (the Gram matrices are B × B whatever the feature shapes)."""
-        return isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor) and fs.dim() >= 2 and ft.dim() >= 2
-
-    def check_pair(self, sn: str, tn: str, fs: torch.Tensor, ft: torch.Tensor) -> None:
-        if not self.fits(fs, ft):
-            raise self.mismatch(sn, tn, fs, ft, "needs two tensors with a batch dimension")
 
     def feature_term(self, student_features, teacher_features) -> torch.Tensor:
         return sum(sp_term(fs, ft) for fs, ft in zip(student_features, teacher_features))
