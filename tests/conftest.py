@@ -77,12 +77,13 @@ def _register_configs() -> None:
     from kdrun import registry
     from kdrun.schema.configstore import register_configs
 
-    state = [(kind, tuple((name, id(entry)) for name, entry in sorted(registry._REGISTRY[kind].items())))
-             for kind in registry.KINDS]
-    if _REGISTERED != [state]:
-        register_configs()
-        _REGISTERED[:] = [[(kind, tuple((name, id(entry)) for name, entry in sorted(registry._REGISTRY[kind].items())))
-                           for kind in registry.KINDS]]
+    def state() -> list:
+        return [(kind, tuple((name, id(entry)) for name, entry in sorted(registry._REGISTRY[kind].items())))
+                for kind in registry.KINDS]
+
+    if _REGISTERED != [state()]:
+        register_configs()  # may import built-ins and plugins: the state is taken after it
+        _REGISTERED[:] = [state()]
 
 
 @contextlib.contextmanager
