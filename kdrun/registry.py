@@ -65,6 +65,7 @@ class Needs:
     labels: bool = True       # reads the true labels
     features: bool = False    # reads intermediate features of both models (hooked; the teacher runs live)
     logit_cache: bool = True  # the teacher's logits alone suffice, so the logit cache can serve it
+    mixed_labels: bool = True  # takes mixed labels (``[B, C]`` probabilities) under dataset.augment mixup/CutMix
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class ModeNeeds:
     teacher_keys: bool = True  # reads ``teacher.*`` at all (False: mode=self; a teacher override is then warned about)
     teacher_term: bool = False  # distils through a term of its own beside the loss's (semi's unlabelled pool), so a
     #                             loss whose teacher term has weight 0 still distils and reads its T
+    mixed_labels: bool = True  # trains on mixed batches (dataset.augment mixup/CutMix: labels as probabilities)
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,7 @@ class RunSummary(Result):
     resumed: Optional[bool] = optional()            # True for ``kdrun resume=DIR``
     loss: Optional[dict] = optional()               # name, T, alpha, formula (and the mode's changes: RunResult.loss)
     versions: Optional[dict] = optional()
-    dataset: Optional[dict] = optional()            # name, split sizes, num_classes, shape, class_names
+    dataset: Optional[dict] = optional()            # name, split sizes, num_classes, shape, class_names, augment
     result: Optional[RunResult] = optional()        # from the moment the mode starts; its fields, not a key
     warnings: Optional[list] = optional()
     objective: Optional[float] = optional()         # the student's best val accuracy (NaN without val): what sweeps optimise

@@ -138,7 +138,8 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     data = load_data(conf.dataset, device)
     summary.dataset = {"name": conf.dataset.name, "train": len(data.train), "val": len(data.val),
                        "test": len(data.test), "num_classes": data.num_classes,
-                       "shape": [data.channels, data.image_size, data.image_size], "class_names": data.class_names}
+                       "shape": [data.channels, data.image_size, data.image_size], "class_names": data.class_names,
+                       "augment": data.identity["augment"]}  # the training augmentation (mixup/CutMix when on)
     log.info(f"data {conf.dataset.name}: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}, "
              f"{data.num_classes} classes, {data.channels}x{data.image_size}x{data.image_size}, on {device}")
     if not len(data.test):  # allowed (a dataset may have no test images): said once, then test_acc is null

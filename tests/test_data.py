@@ -153,14 +153,14 @@ def test_a_last_training_batch_of_one_sample_joins_the_one_before(n, sizes):
 
 
 def test_batches_without_shuffle_are_in_order(digits):
-    flat = torch.cat([idx for _, _, idx, _ in digits.batches("test", 64)])
+    flat = torch.cat([b.idx for b in digits.batches("test", 64)])
     assert torch.equal(flat, torch.arange(len(digits.test)))
 
 
 def test_batches_are_reproducible_with_a_seeded_generator(digits):
     def epoch(seed):
         g = torch.Generator().manual_seed(seed)
-        return [(x, y, i) for x, y, i, _ in digits.batches("train", 128, shuffle=True, generator=g)]
+        return [(b.x, b.y, b.idx) for b in digits.batches("train", 128, shuffle=True, generator=g)]
     a, b, c = epoch(3), epoch(3), epoch(4)
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) and torch.equal(p[2], q[2]) for p, q in zip(a, b))
     assert not torch.equal(torch.cat([p[2] for p in a]), torch.cat([p[2] for p in c]))
@@ -168,7 +168,7 @@ def test_batches_are_reproducible_with_a_seeded_generator(digits):
 
 def test_batches_return_the_indexed_samples_normalised(digits):
     g = torch.Generator().manual_seed(1)
-    x, y, idx, _ = next(digits.batches("train", 50, shuffle=True, generator=g))
+    x, y, idx, *_ = next(digits.batches("train", 50, shuffle=True, generator=g))
     assert torch.equal(y, digits.train.y[idx])
     expected = (digits.train.x[idx].float() - digits.mean) / digits.std
     torch.testing.assert_close(x, expected)
@@ -357,7 +357,7 @@ def test_imagefolder_streaming_matches_in_memory(tmp_path):
         a = list(memory.batches(split, 5))
         b = list(streamed.batches(split, 5))
         assert len(a) == len(b) > 0
-        for (xa, ya, ia, _), (xb, yb, ib, _) in zip(a, b):
+        for (xa, ya, ia, *_), (xb, yb, ib, *_) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     idx = torch.tensor([3, 0, 5])
     assert torch.equal(memory.inputs("train", idx), streamed.inputs("train", idx))

@@ -115,7 +115,7 @@ def test_an_augmentation_beyond_crop_and_flip_has_no_finite_views():
 
 def test_batches_carry_the_view_ids_they_show(data):
     g = torch.Generator().manual_seed(0)
-    for x, _, idx, views in data.batches("train", 32, shuffle=True, generator=g, augment=True):
+    for x, _, idx, views, *_ in data.batches("train", 32, shuffle=True, generator=g, augment=True):
         assert views is not None and len(views) == len(idx)
         assert torch.equal(x, data.inputs("train", idx, views=views))
     assert all(batch.views is None for batch in data.batches("train", 32))  # not augmented: no views

@@ -5,7 +5,8 @@ float32 in [0, 1] otherwise) on the run's device. Batches are index slices of a 
 normalisation, random crop and flip are batched tensor ops: no per-sample Python in the training loop.
 Random crop and flip form a finite set of views of each image: a batch's augmentation is drawn as one view
 id per sample (:func:`draw_views`) and applied from those ids (:func:`apply_views`); each :class:`Batch` carries
-its view ids, for teacher sources that cache per view (:mod:`kdrun.teacher.view_cache`).
+its view ids, for teacher sources that cache per view (:mod:`kdrun.teacher.view_cache`). mixup and CutMix then mix
+the batch (:mod:`kdrun.data.mixing`), and the batch says how (``Batch.mix``: its labels become probabilities).
 Image folders too large for memory are streamed (:class:`kdrun.data.sources.LazyImages`) and then go through
 the same batched normalisation and augmentation. Where images come from is :mod:`kdrun.data.sources`.
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdrun.data.mixing import Mix, mix_batch
 from kdrun.data.sources import LazyImages, check_fits, stratified
 from kdrun.data.splits import call_dataset
 from kdrun.errors import ConfigError, InputError
@@ -40,16 +42,23 @@ class Split:
 
 
 class Batch(NamedTuple):
-    """One batch of a split, as :meth:`Data.batches` yields it (a tuple: ``x, y, idx, views = batch``)."""
+    """One batch of a split, as :meth:`Data.batches` yields it (a tuple: ``x, y, idx, views, mix = batch``)."""
 
     x: torch.Tensor                # [B, C, H, W] normalised float images (augmented when asked)
-    y: torch.Tensor                # [B] labels
+    y: torch.Tensor                # [B] labels (of each image's own sample: see ``mix``)
     idx: torch.Tensor              # [B] their indices in the split
     views: Optional[torch.Tensor]  # [B] the view id each image is shown as (:func:`draw_views`); None: not augmented
+    mix: Optional[Mix] = None      # mixup / CutMix (:mod:`kdrun.data.mixing`): what each image's label is made of
 
     def rows(self, lo: int, hi: int) -> "Batch":
         """Samples ``lo:hi`` of the batch (every per-sample field cut alike)."""
-        return Batch(self.x[lo:hi], self.y[lo:hi], self.idx[lo:hi], None if self.views is None else self.views[lo:hi])
+        cut = lambda t: None if t is None else t.rows(lo, hi) if isinstance(t, Mix) else t[lo:hi]  # noqa: E731
+        return Batch(*(cut(field) for field in self))
+
+    def targets(self, num_classes: int) -> torch.Tensor:
+        """What the loss is trained on: ``y`` (class ids), or ``[B, num_classes]`` probabilities for a mixed batch
+        (:meth:`kdrun.data.mixing.Mix.targets`; CE on them is ``λ·CE(y) + (1-λ)·CE(y_partner)``)."""
+        return self.y if self.mix is None else self.mix.targets(self.y, num_classes)
 
 
 @dataclass
@@ -81,8 +90,9 @@ class Data:
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
                 generator: Optional[torch.Generator] = None,
                 augment: bool = False, merge_single: bool = False) -> Iterator[Batch]:
-        """Yield :class:`Batch` ``(x, y, idx, views)``: normalised float images (augmented with ``augment``), labels,
-        their indices in the split and the view ids they are shown as (None when not augmented).
+        """Yield :class:`Batch` ``(x, y, idx, views, mix)``: normalised float images (augmented with ``augment``),
+        labels, their indices in the split, the view ids they are shown as (None when not augmented) and, under
+        mixup / CutMix (``augment``), how each image was mixed (:mod:`kdrun.data.mixing`; else None).
 
         ``merge_single`` (training): a last batch of one sample joins the one before (:func:`batch_sizes`)."""
         part = self.split(split)
@@ -97,7 +107,10 @@ class Data:
             raws = (part.x[idx] for idx in chunks)
         for idx, raw in zip(chunks, raws):
             views = self._draw(augment, len(idx), generator)
-            yield Batch(self._prepare(raw, views), part.y[idx], idx, views)
+            x, y, mix = self._prepare(raw, views), part.y[idx], None
+            if augment and self.augment.mixes:  # after the views, from the same generator (kdrun.data.mixing)
+                x, mix = mix_batch(x, y, self.augment, generator)
+            yield Batch(x, y, idx, views, mix)
 
     def inputs(self, split: str, idx: torch.Tensor, *, augment: bool = False,
                generator: Optional[torch.Generator] = None, views: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -130,8 +143,10 @@ def batch_sizes(n: int, batch_size: int, merge_single: bool = False) -> list[int
 
 
 def augment_identity(aug: AugmentConfig) -> dict:
-    """The augmentation's part of a data identity (store and cache keys)."""
-    return {"crop_padding": aug.crop_padding, "hflip": aug.hflip}
+    """The augmentation's part of a data identity (store and cache keys); the mixing keys only when it mixes, so
+    the keys of runs without mixup / CutMix stay as they were."""
+    mixing = ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "mix_mode") if aug.mixes else ()
+    return {"crop_padding": aug.crop_padding, "hflip": aug.hflip, **{k: getattr(aug, k) for k in mixing}}
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +169,11 @@ def finite_views(aug: AugmentConfig) -> Optional[int]:
     """:func:`num_views` when every random choice of ``aug`` is one of those finite views, else None.
 
     An augmentation option other than crop and flip set away from its default (one this module does not
-    enumerate) makes the set of views unknown: None, so no cache is keyed by view ids that do not name them."""
-    known = {"crop_padding", "hflip"}
+    enumerate) makes the set of views unknown: None, so no cache is keyed by view ids that do not name them.
+    mixup / CutMix make every batch a fresh mix of two images: None."""
+    if aug.mixes:
+        return None
+    known = {"crop_padding", "hflip", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "mix_mode"}
     for f in dataclasses.fields(aug):
         if f.name not in known and getattr(aug, f.name) != _default(f):
             return None

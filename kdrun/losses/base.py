@@ -14,7 +14,9 @@ The contract every loss follows (built-in, registered by a plugin, or named by `
 
 ``forward(student_logits, teacher_logits, labels, student_features=None, teacher_features=None)`` returns the
 scalar loss and its named parts (scalars, logged as ``train/loss_<part>``; ``ce`` and ``kd`` are always
-reported, 0 when a loss has no such term). ``teacher_logits`` is None when ``needs_teacher`` is False.
+reported, 0 when a loss has no such term). ``teacher_logits`` is None when ``needs_teacher`` is False. ``labels``
+are class ids ``[B]``, or ``[B, C]`` probabilities under mixup / CutMix (:mod:`kdrun.data.mixing`; ``F.cross_entropy``
+takes both; a loss that cannot is registered with ``Needs(mixed_labels=False)``).
 ``T`` and ``alpha`` keep the meaning above; ``formula()`` gives the resolved loss for the run's log.
 
 Each built-in loss is registered with its config in :mod:`kdrun.losses.options`; its constructor's defaults are

@@ -119,7 +119,7 @@ class DISTLossConfig(LossBase):
 
 
 @register_loss("dkd", "Decoupled KD (Zhao et al. 2022): ce_weight·CE + warm-up·(alpha·TCKD + beta·NCKD)",
-               target=f"{LOGIT}.DKDLoss", needs=Needs(), note="alpha weighs TCKD, beta NCKD",
+               target=f"{LOGIT}.DKDLoss", needs=Needs(mixed_labels=False), note="alpha weighs TCKD, beta NCKD",
                warnings=(warmup_within_training,))
 @dataclass
 class DKDLossConfig(LossBase):

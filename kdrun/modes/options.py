@@ -51,7 +51,8 @@ class OfflineMode:
 
 
 @register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train",
-               target=f"{MODES}.semi.semi", needs=ModeNeeds(teacher=True, teacher_term=True), rules=(kd_only,))
+               target=f"{MODES}.semi.semi", rules=(kd_only,),
+               needs=ModeNeeds(teacher=True, teacher_term=True, mixed_labels=False))
 @dataclass
 class SemiMode:
     """mode=semi: only part of train keeps its labels; the teacher's targets supervise the rest."""

@@ -79,6 +79,7 @@ class Config:
 
         check_formats("export", self.export)
         self._check_rules(registry.get("mode", self.mode.name, "mode"))
+        self._check_mixing(registry.get("mode", self.mode.name, "mode"))
 
     def _check_rules(self, mode: registry.Entry) -> None:
         """The chosen mode's and loss's cross-key rules (registered with them), after the mode's own: a mode
@@ -90,6 +91,26 @@ class Config:
         loss = None if getattr(self.loss, "target", None) else registry.entries("loss").get(self.loss.name)
         for rule in (*mode.rules, *(loss.rules if loss is not None else ())):
             rule(self)
+
+
+    def _check_mixing(self, mode: registry.Entry) -> None:
+        """mixup / CutMix (``dataset.augment``): every batch is a fresh mix, labelled with probabilities, so the
+        teacher must see it live (no cache per image) and the loss and mode must take mixed labels."""
+        aug = self.dataset.augment
+        if not aug.mixes:
+            return
+        key = aug.mix_key
+        if str(self.teacher.cache) == "on":
+            raise ConfigError("teacher.cache", f"teacher.cache=on serves one logit vector per image, but {key}="
+                                               f"{getattr(aug, key.rsplit('.', 1)[1]):g} mixes every batch afresh "
+                                               f"and the teacher must see the mixed batch: use teacher.cache=auto "
+                                               f"(live) or off")
+        if not (mode.needs is None or mode.needs.mixed_labels):
+            raise ConfigError(key, f"mode={self.mode.name} cannot train on mixed batches (mixup/CutMix labels are "
+                                   f"probabilities); set {key}=0")
+        if not loss_needs(self.loss).mixed_labels:
+            raise ConfigError(key, f"loss={self.loss.name} reads each image's own class, which a mixed image "
+                                   f"(mixup/CutMix) does not have; set {key}=0 or use a loss such as kd")
 
 
 def _default(kind: str, name: str):

@@ -1,6 +1,7 @@
 """Schema of the ``dataset`` node: the built-in datasets' keys plus a ``_target_``'s arguments."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -8,14 +9,41 @@ from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.schema.checks import check_choice, check_min, check_positive, check_range
 
+MIX_MODES = ("batch", "elem")
+
 
 @dataclass
 class AugmentConfig:
+    """Training augmentation: crop and flip per image, then mixup / CutMix across the batch (timm's ``Mixup``
+    names and semantics; :mod:`kdrun.data.mixing`). An image is mixed with its partner in the batch, the one at
+    the mirrored position (i <-> B-1-i, as timm); its label becomes ``λ·y + (1-λ)·y_partner``."""
+
     crop_padding: int = 0     # random crop after zero-padding this many pixels per side (0 = off)
     hflip: bool = False       # random horizontal flip with p = 0.5
+    mixup_alpha: float = 0.0  # mixup (Zhang et al. 2018): λ ~ Beta(α, α), image λ·x + (1-λ)·x_partner (0 = off)
+    cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): λ ~ Beta(α, α), a box of ~(1-λ) of the image pasted
+    #                            from the partner, λ then corrected to the box's clipped area (0 = off)
+    mix_prob: float = 1.0     # probability that a batch (mix_mode=elem: an image) is mixed at all
+    switch_prob: float = 0.5  # both on: probability of CutMix instead of mixup
+    mix_mode: str = "batch"   # batch: one λ (and box) per batch, timm's default | elem: one per image
 
     def __post_init__(self):
         check_min("dataset.augment.crop_padding", self.crop_padding, 0)
+        check_range("dataset.augment.mixup_alpha", self.mixup_alpha, 0.0, math.inf, hi_open=True)
+        check_range("dataset.augment.cutmix_alpha", self.cutmix_alpha, 0.0, math.inf, hi_open=True)
+        check_range("dataset.augment.mix_prob", self.mix_prob, 0.0, 1.0)
+        check_range("dataset.augment.switch_prob", self.switch_prob, 0.0, 1.0)
+        check_choice("dataset.augment.mix_mode", self.mix_mode, MIX_MODES)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or CutMix on, with a chance > 0)."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
+
+    @property
+    def mix_key(self) -> str:
+        """The key that turns mixing on, for messages: ``dataset.augment.mixup_alpha`` (or ``cutmix_alpha``)."""
+        return f"dataset.augment.{'mixup_alpha' if self.mixup_alpha > 0 else 'cutmix_alpha'}"
 
 
 @dataclass

@@ -10,6 +10,7 @@ from kdrun import registry
 from kdrun.errors import ConfigError
 from kdrun.records import not_regular
 from kdrun.schema.checks import check_choice, check_min, check_positive, check_range
+from kdrun.schema.data import MIX_MODES
 from kdrun.schema.training import OptimConfig, SchedConfig
 
 
@@ -53,14 +54,30 @@ class ModelConfig:
 
 @dataclass
 class TeacherAugment:
-    """The teacher's own training augmentation; a null key takes ``dataset.augment``'s value."""
+    """The teacher's own training augmentation; a null key takes ``dataset.augment``'s value (meanings there).
+
+    mixup / CutMix follow the dataset's too: ``teacher.augment.mixup_alpha=0`` (and ``cutmix_alpha=0``) trains the
+    teacher without them, e.g. to distil the same stored teacher as a run without mixing does."""
 
     crop_padding: Optional[int] = None
     hflip: Optional[bool] = None
+    mixup_alpha: Optional[float] = None
+    cutmix_alpha: Optional[float] = None
+    mix_prob: Optional[float] = None
+    switch_prob: Optional[float] = None
+    mix_mode: Optional[str] = None
 
     def __post_init__(self):
         if self.crop_padding is not None:
             check_min("teacher.augment.crop_padding", self.crop_padding, 0)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) is not None:
+                check_range(f"teacher.augment.{key}", getattr(self, key), 0.0, math.inf, hi_open=True)
+        for key in ("mix_prob", "switch_prob"):
+            if getattr(self, key) is not None:
+                check_range(f"teacher.augment.{key}", getattr(self, key), 0.0, 1.0)
+        if self.mix_mode is not None:
+            check_choice("teacher.augment.mix_mode", self.mix_mode, MIX_MODES)
 
 
 @dataclass

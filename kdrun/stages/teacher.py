@@ -41,8 +41,8 @@ def teacher_data(cfg: Config, data: Data) -> Data:
     from kdrun.schema.data import AugmentConfig
 
     own = cfg.teacher.augment
-    aug = AugmentConfig(crop_padding=data.augment.crop_padding if own.crop_padding is None else own.crop_padding,
-                        hflip=data.augment.hflip if own.hflip is None else own.hflip)
+    aug = AugmentConfig(**{f.name: getattr(data.augment, f.name) if getattr(own, f.name) is None
+                           else getattr(own, f.name) for f in dataclasses.fields(own)})
     if aug == data.augment:
         return data
     return dataclasses.replace(data, augment=aug, identity={**data.identity, "augment": augment_identity(aug)})
@@ -129,7 +129,7 @@ def teacher_targets(ctx: RunContext, data: Data, teacher: nn.Module,
                                   batch_size=cfg.trainer.eval_batch_size, channels_last=cfg.trainer.channels_last,
                                   teacher_entry=getattr(teacher_info, "store_dir", None))
     teacher_info.cache = info
-    if logits is None and info["mode"] == "auto":  # random augmentation: logits per (image, view), if it fits
+    if logits is None and info["mode"] == "auto" and not data.augment.mixes:  # crop/flip: per (image, view), if it fits
         from kdrun.teacher.view_cache import view_cache
 
         views = view_cache(teacher, data, info, dtype=cfg.teacher.cache_dtype, precision=cfg.trainer.precision,

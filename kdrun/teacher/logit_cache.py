@@ -16,7 +16,8 @@ carries a checksum of its logits. It is guarded three ways:
   tolerance, else the run stops (a stale or misaligned cache must not silently teach wrong targets);
 * ``teacher.cache=auto`` uses the cache only when augmentation is off; with random augmentation the
   teacher's logits are cached per (image, view) instead (:mod:`kdrun.teacher.view_cache`), or run live on the very
-  batch the student sees when that cache does not apply (``teacher.cache=on`` forces this cache anyway).
+  batch the student sees when that cache does not apply (``teacher.cache=on`` forces this cache anyway). Under
+  mixup / CutMix no cache applies: every batch is a fresh mix, which the teacher sees live (``on`` is refused).
 
 Consumes ``teacher.cache``, ``teacher.cache_dtype``, ``store.teachers``, ``trainer.precision``.
 """
@@ -46,6 +47,8 @@ CHECK_SAMPLES = 64  # rows recomputed every epoch
 VERIFY_ROWS = 920   # rows recomputed at load: a 0.5 % corruption is caught with probability >= 99 % (verify_sample)
 TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (atol, rtol) of the per-epoch check
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIXED = ("mixup/CutMix (dataset.augment) mix every batch afresh: the teacher runs live on the student's mixed batch "
+         "(consistent teaching)")
 
 
 def _checksum(logits: torch.Tensor) -> str:
@@ -57,6 +60,8 @@ def decide(mode: str, data: Data) -> tuple[bool, str]:
     random_aug = data.augment.crop_padding > 0 or data.augment.hflip
     if mode == "off":
         return False, "teacher.cache=off: teacher run live on every batch"
+    if data.augment.mixes:  # teacher.cache=on is refused with mixing (kdrun.schema.Config)
+        return False, MIXED
     if mode == "on":
         why = "teacher.cache=on"
         return True, why + (" (augmentation is random: the teacher sees un-augmented images)" if random_aug else "")

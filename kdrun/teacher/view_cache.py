@@ -52,7 +52,7 @@ from kdrun.data.dataset import Batch, Data, finite_views
 from kdrun.models.checkpoint import weights_hash
 from kdrun.records import save_torch
 from kdrun.store import read_only
-from kdrun.teacher.logit_cache import DTYPES, check_live, remove_partial_writes, set_aside
+from kdrun.teacher.logit_cache import DTYPES, MIXED, check_live, remove_partial_writes, set_aside
 from kdrun.train.hooks import TeacherSource
 
 log = logging.getLogger("kdrun")
@@ -72,6 +72,8 @@ def plan(data: Data, dtype: str, budget_mb: float) -> tuple[bool, str, dict]:
     """Whether a view cache applies to ``data``'s augmentation and fits ``budget_mb``; why; its size."""
     aug = data.augment
     views = finite_views(aug)
+    if aug.mixes:
+        return False, MIXED, {}
     if views is None:
         return False, "augmentation is not a finite set of views: teacher run live on the student's batch", {}
     size = estimate_mb(len(data.train), views, data.num_classes, dtype)

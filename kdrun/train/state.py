@@ -50,7 +50,8 @@ class TrainState:
             logits = self.forward(batch.x)
             t_logits = self.teacher.logits(batch) if self.teacher is not None else None
         index = {"index": batch.idx} if getattr(self.epoch_loss, "needs_index", False) else {}  # e.g. crd's memory
-        loss, parts = self.epoch_loss(logits, t_logits, batch.y, **index)
+        labels = batch.targets(logits.shape[1])  # class ids, or probabilities for a mixed batch (mixup, CutMix)
+        loss, parts = self.epoch_loss(logits, t_logits, labels, **index)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss if weight is None else loss * weight).backward()
         if dp is not None:  # trainer.devices: a feature loss's adapters are not in DDP

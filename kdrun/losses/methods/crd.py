@@ -22,7 +22,7 @@ train labels before the optimizer is built (:meth:`CRDLoss.setup_data`) and each
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -47,7 +47,8 @@ def one_process(cfg) -> None:
 
 
 @register_loss("crd", "Contrastive representation distillation (Tian et al. 2020): CE + beta·NCE against memory banks",
-               target="kdrun.losses.methods.crd.CRDLoss", needs=FEATURES, rules=(one_process,))
+               target="kdrun.losses.methods.crd.CRDLoss", needs=replace(FEATURES, mixed_labels=False),
+               rules=(one_process,))
 @dataclass
 class CRDLossConfig(FeatureLossConfig):
     """loss=crd: L = (1-alpha)·CE + alpha·T²·KL + beta·(nce_s + nce_t) (Tian et al. 2020)."""
