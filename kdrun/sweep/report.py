@@ -255,7 +255,7 @@ def print_tables(summary: SweepSummary) -> None:
     from rich.table import Table
 
     console = Console()
-    console = console if console.is_terminal else Console(width=160)
+    console = console if console.is_terminal else Console(width=200)  # a log or CI: wide enough for the cell table
     table = Table(title=f"sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, grouped over seeds\n"
                         f"{rules_line(summary)}", caption=LEGEND)
     for col in [*summary.cell_keys, *CELL_COLUMNS]:
