@@ -253,8 +253,9 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
     other = "last" if rule == "best" else "best"
     table = Table(title=f"kdrun results (accuracy %, checkpoint: {RULES[rule]}, trainer.select={rule})",
                   caption=caption, caption_justify="left")
-    for col in ("role", "model", "val acc", "test acc", f"test, {RULES[other]}", "note"):
-        table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
+    for col in ("role", "model", "val acc", "test acc", f"test, {other} val" if other == "best" else "test, last",
+                "note"):
+        table.add_column(col, justify="left" if col in ("role", "model", "note") else "right", no_wrap=col != "note")
     teacher, baseline = result.teacher, result.baseline
 
     def row(role: str, stage, note: str) -> None:

@@ -144,3 +144,28 @@ def test_sweep_tables_compare_student_and_baseline_under_the_same_rule(tmp_path)
     text = markdown(summary)
     assert "Δ best / last" in text and "+1.50 / +3.50" in text
     assert "best on val (trainer.select=best) / last epoch (trainer.select=last)" in text
+
+
+@pytest.mark.parametrize("rule, other", [("best", "test, last"), ("last", "test, best val")])
+def test_results_table_names_the_rule_and_shows_the_other_checkpoint(rule, other):
+    from rich.console import Console
+
+    from kdrun.results import BaselineResult, RunResult, StudentResult
+    from kdrun.run import results_table
+
+    student = StudentResult(name="mlp", args={}, params=1, epochs=10, best_epoch=4, seed=0, init={},
+                            val_acc_last=95.0, test_acc_last=94.0, val_acc_best=97.0, test_acc_best=93.0, select=rule)
+    baseline = BaselineResult(name="mlp", store_dir="b", reused=True, init={}, select=rule, val_acc_best=96.0,
+                              test_acc_best=91.0, val_acc_last=94.5, test_acc_last=92.5,
+                              val_acc=96.0 if rule == "best" else 94.5, test_acc=91.0 if rule == "best" else 92.5)
+    result = RunResult(baseline=baseline, student=student)
+    console = Console(width=200, record=True)
+    console.print(results_table(result, result.delta_vs_baseline()))
+    text = console.export_text()
+    name = {"best": "best on val", "last": "last epoch"}[rule]
+    assert f"checkpoint: {name}, trainer.select={rule}" in text and other in text
+    student_row = next(line for line in text.splitlines() if "student, KD" in line or line.startswith("│ student "))
+    shown = {"best": ("97.00", "93.00", "94.00", "+2.00 (last epoch: +1.50)"),
+             "last": ("95.00", "94.00", "93.00", "+1.50 (best on val: +2.00)")}[rule]
+    for figure in shown:
+        assert figure in student_row, student_row
