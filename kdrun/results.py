@@ -114,7 +114,9 @@ class SubsetTeacher(Result):
 
 @dataclass
 class BaselineResult(Result):
-    """The student trained with CE only (``store.baselines``); ``init`` is :func:`kdrun.models.transfer.initialise`'s."""
+    """The student trained with CE only (``store.baselines``); ``init`` is :func:`kdrun.models.transfer.initialise`'s.
+    ``val_acc`` / ``test_acc``: its checkpoint under ``trainer.select`` (``select``), as the student's; the figures of
+    both checkpoints follow (best on val at ``best_epoch``, and the last epoch)."""
 
     name: str
     store_dir: str
@@ -124,6 +126,12 @@ class BaselineResult(Result):
     test_acc: Optional[float] = None
     note: Optional[str] = optional()  # what the baseline is in this mode (table note; default "baseline")
     agreement: Optional[dict] = optional()  # with the teacher: kdrun.outputs.metrics.agreement (top1 %, kl nats)
+    select: Optional[str] = optional()      # trainer.select: which checkpoint val_acc / test_acc are
+    best_epoch: Optional[int] = optional()
+    val_acc_best: Optional[float] = optional()
+    test_acc_best: Optional[float] = optional()
+    val_acc_last: Optional[float] = optional()
+    test_acc_last: Optional[float] = optional()
 
 
 @dataclass
@@ -141,10 +149,21 @@ class StudentResult(Result):
     test_acc_last: Optional[float] = None
     val_acc_best: Optional[float] = None
     test_acc_best: Optional[float] = None
+    select: str = "best"                    # trainer.select: the checkpoint that is the model (exported, teaching)
     generation: Optional[int] = optional()  # mode=self born_again
-    agreement: Optional[dict] = optional()  # best checkpoint vs its teacher: kdrun.outputs.metrics.agreement
+    agreement: Optional[dict] = optional()  # the selected checkpoint vs its teacher: kdrun.outputs.metrics.agreement
     loss_params: Optional[int] = optional()  # the loss's own learned parameters (adapters, embeddings), trained
     #                                          with the student and not part of it; buffers (a memory bank) not counted
+
+    @property
+    def val_acc(self) -> Optional[float]:
+        """Val accuracy of the checkpoint ``select`` names."""
+        return getattr(self, f"val_acc_{self.select}")
+
+    @property
+    def test_acc(self) -> Optional[float]:
+        """Test accuracy of the checkpoint ``select`` names."""
+        return getattr(self, f"test_acc_{self.select}")
 
 
 @dataclass
@@ -254,11 +273,29 @@ class RunResult(Result):
                        f"nothing")
         return out
 
-    def delta_vs_baseline(self) -> Optional[float]:
-        """Test accuracy of the best student minus the baseline's (None without either)."""
-        if self.baseline is None or self.student is None or self.student.test_acc_best is None:
+    def delta_vs_baseline(self, rule: Optional[str] = None) -> Optional[float]:
+        """Test accuracy of the student minus the baseline's, both at the checkpoint ``rule`` names (``best`` on
+        val or ``last`` epoch; default: the student's ``select``); None without either figure."""
+        if self.baseline is None or self.student is None:
             return None
-        return round(self.student.test_acc_best - self.baseline.test_acc, 4)
+        rule = rule or self.student.select
+        student, baseline = rule_acc(self.student, "test", rule), rule_acc(self.baseline, "test", rule)
+        return None if student is None or baseline is None else round(student - baseline, 4)
+
+    def deltas(self) -> Optional[dict]:
+        """``{"best": Δ, "last": Δ}``: :meth:`delta_vs_baseline` under each rule (None without a baseline)."""
+        if self.baseline is None or self.student is None:
+            return None
+        return {rule: self.delta_vs_baseline(rule) for rule in ("best", "last")}
+
+
+def rule_acc(stage: Any, split: str, rule: str) -> Optional[float]:
+    """``stage``'s ``split`` accuracy at the checkpoint ``rule`` names (``best`` / ``last``): its ``<split>_acc_<rule>``;
+    a stage that records one figure only (``<split>_acc``) gives it when it is that rule's (its ``select``)."""
+    value = getattr(stage, f"{split}_acc_{rule}", None)
+    if value is None and (getattr(stage, "select", None) or "best") == rule:
+        value = getattr(stage, f"{split}_acc", None)
+    return value
 
 
 def _accs(stage: Any, val: str, test: str) -> tuple[Optional[float], Optional[float]]:
@@ -283,8 +320,11 @@ class RunSummary(Result):
     dataset: Optional[dict] = optional()            # name, split sizes, num_classes, shape, class_names, augment
     result: Optional[RunResult] = optional()        # from the moment the mode starts; its fields, not a key
     warnings: Optional[list] = optional()
-    objective: Optional[float] = optional()         # the student's best val accuracy (NaN without val): what sweeps optimise
-    delta_vs_baseline: Optional[float] = optional()
+    select: Optional[str] = optional()              # trainer.select: the checkpoint objective, test_acc and Δ use
+    objective: Optional[float] = optional()         # the student's val accuracy at that checkpoint (NaN without val):
+    #                                                 what sweeps optimise
+    delta_vs_baseline: Optional[float] = optional()  # student − baseline on test, both at that checkpoint
+    deltas: Optional[dict] = optional()             # {"best": Δ, "last": Δ}: the same under each rule
     report: Optional[dict] = optional()             # kdrun.outputs.report's pointer to report.md / report.json
     export: Optional[dict] = optional()             # kdrun.outputs.export
     compression: Optional[dict] = optional()        # kdrun.outputs.compression

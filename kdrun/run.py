@@ -27,7 +27,7 @@ from kdrun.console import Progress, attach_file_log, pct, show
 from kdrun.errors import Interrupted, NoSpace, RunFailed
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text, git_sha, remove_temp_files, versions, write_json
-from kdrun.results import RunResult, RunSummary
+from kdrun.results import RunResult, RunSummary, rule_acc
 from kdrun.resume import check_resumable, completed
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
@@ -159,8 +159,10 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
     _warn(summary, [*ctx.result.chance_warnings(data.num_classes), *ctx.result.kd_warnings()])
     set_agreements(ctx.result)
     student = ctx.result.student
-    summary.objective = student.val_acc_best if student.val_acc_best is not None else float("nan")
+    summary.select = student.select
+    summary.objective = student.val_acc if student.val_acc is not None else float("nan")
     summary.delta_vs_baseline = delta = ctx.result.delta_vs_baseline()
+    summary.deltas = ctx.result.deltas()
     trails_line = _report(conf, ctx.result, out_dir, summary)
     lines = [line for line in (trails_line, _deploy(conf, ctx, data, out_dir, summary)) if line]
     show(results_table(ctx.result, delta, "\n".join(lines) or None), "results:")
@@ -237,34 +239,48 @@ def _agrees(stage) -> str:
     return "" if top1 is None else f"; agrees with teacher {top1:.2f} %"
 
 
+RULES = {"best": "best on val", "last": "last epoch"}  # trainer.select: the checkpoint each rule names
+
+
 def results_table(result: RunResult, delta: Optional[float] = None, caption: Optional[str] = None):
-    """The final rich table: teacher, CE baseline, KD student (and a pruned one); test accuracy of best-on-val
-    checkpoints; ``caption``: lines under it (the classes where the student trails the teacher most, the
-    compression report)."""
+    """The final rich table: teacher, CE baseline, KD student (and a pruned one). Val and test accuracy of the
+    checkpoint ``trainer.select`` names (the title says which; the teacher's is always its best on val), the test
+    accuracy of the other checkpoint beside them, Δ vs baseline under both rules; ``caption``: lines under it (the
+    classes where the student trails the teacher most, the compression report)."""
     from rich.table import Table
 
-    table = Table(title="kdrun results (accuracy %, best-on-val checkpoint)", caption=caption, caption_justify="left")
-    for col in ("role", "model", "val acc", "test acc", "note"):
-        table.add_column(col, justify="left" if col in ("role", "model", "note") else "right")
-    teacher, baseline, student = result.teacher, result.baseline, result.student
+    student = result.student
+    rule = student.select
+    other = "last" if rule == "best" else "best"
+    table = Table(title=f"kdrun results (accuracy %, checkpoint: {RULES[rule]}, trainer.select={rule})",
+                  caption=caption, caption_justify="left")
+    for col in ("role", "model", "val acc", "test acc", f"test, {other} val" if other == "best" else "test, last",
+                "note"):
+        table.add_column(col, justify="left" if col in ("role", "model", "note") else "right", no_wrap=col != "note")
+    teacher, baseline = result.teacher, result.baseline
+
+    def row(role: str, stage, note: str) -> None:
+        table.add_row(role, stage.name, pct(rule_acc(stage, "val", rule), ""), pct(rule_acc(stage, "test", rule), ""),
+                      pct(getattr(stage, f"test_acc_{other}", None), ""), note)
     if teacher:
-        table.add_row("teacher", teacher.name, pct(teacher.val_acc, ""), pct(teacher.test_acc, ""), teacher.note)
+        table.add_row("teacher", teacher.name, pct(teacher.val_acc, ""), pct(teacher.test_acc, ""), "",
+                      teacher.note)
     if baseline:
-        table.add_row("student, CE only", baseline.name, pct(baseline.val_acc, ""), pct(baseline.test_acc, ""),
-                      (baseline.note or "baseline") + _agrees(baseline))
-    for row in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
-        table.add_row(row.role, row.name, pct(row.val_acc, ""), pct(row.test_acc, ""), row.note)
-    note = "last epoch: " + pct(student.test_acc_last, "")
+        row("student, CE only", baseline, (baseline.note or "baseline") + _agrees(baseline))
+    for extra in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
+        table.add_row(extra.role, extra.name, pct(extra.val_acc, ""), pct(extra.test_acc, ""), "", extra.note)
+    note = f"best epoch {student.best_epoch}/{student.epochs}"
     if delta is not None:
         note += f"; Δ vs baseline {delta:+.2f}"
+        if (delta_other := result.delta_vs_baseline(other)) is not None:
+            note += f" ({RULES[other]}: {delta_other:+.2f})"
     note += _agrees(student)
     label = result.student_role or ("student, KD" if teacher else "student")
-    table.add_row(label, student.name, pct(student.val_acc_best, ""), pct(student.test_acc_best, ""), note)
+    row(label, student, note)
     if (pruned := result.student_pruned) is not None:  # student.prune (kdrun.stages.pruning)
-        gap = "" if None in (pruned.test_acc_best, student.test_acc_best) else \
-            f"; Δ vs student {pruned.test_acc_best - student.test_acc_best:+.2f}"
-        table.add_row(f"{label}, pruned", pruned.name, pct(pruned.val_acc_best, ""), pct(pruned.test_acc_best, ""),
-                      pruned.note + gap)
+        acc, ref = rule_acc(pruned, "test", rule), student.test_acc
+        gap = "" if None in (acc, ref) else f"; Δ vs student {acc - ref:+.2f}"
+        row(f"{label}, pruned", pruned, pruned.note + gap)
     return table
 
 

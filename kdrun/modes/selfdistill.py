@@ -48,7 +48,7 @@ def born_again(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
         generations.append(info)
         models.append(teacher)
         if not last:
-            result.rows.append(Row(f"generation {k} (KD)", info.name, info.val_acc_best, info.test_acc_best,
+            result.rows.append(Row(f"generation {k} (KD)", info.name, info.val_acc, info.test_acc,
                                    f"teaches generation {k + 1}"))
     result.student = generations[-1]
     result.student_role = f"generation {cfg.mode.generations} (KD)"

@@ -152,7 +152,7 @@ def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
         source = teacher_targets(ctx, pool, teacher, result.teacher) if round_ == 1 else LiveTeacher(teacher)
         teacher, info = distil(ctx, pool, semi_loss, stage=stage, seed=cfg.seed + round_ - 1, teacher=source)
         if not last:
-            result.rows.append(Row(f"student, round {round_}", info.name, info.val_acc_best, info.test_acc_best,
+            result.rows.append(Row(f"student, round {round_}", info.name, info.val_acc, info.test_acc,
                                    f"teaches round {round_ + 1}"))
             result.rounds = [*(result.rounds or []), info]
         else:

@@ -1,11 +1,12 @@
 """The compression report (``compression=true``, default): what the student saves against its teacher.
 
-For the teacher, the best student (``checkpoints/student_best.pt``) and a pruned student (if any), on the CPU in
-fp32: parameters, weight bytes (``torch.save`` of the state_dict), and latency per image at batch 1 and batch
-64: one warm-up call, then timed calls (at least :data:`MIN_REPEATS`, more while within :data:`BUDGET_S` per
-model and batch size, at most :data:`MAX_REPEATS`), their median divided by the batch size, on :data:`THREADS`
-thread (recorded): per-image cost as on a small device, and robust to other processes on the CPU (with two
-threads on two busy cores a call can wait for a descheduled thread: timings 1000× too slow were seen).
+For the teacher, the student (``checkpoints/student_best.pt``; ``student_last.pt`` under ``trainer.select=last``)
+and a pruned student (if any), on the CPU in fp32: parameters, weight bytes (``torch.save`` of the state_dict), and
+latency per image at batch 1 and batch 64: one warm-up call, then timed calls (at least :data:`MIN_REPEATS`, more
+while within :data:`BUDGET_S` per model and batch size, at most :data:`MAX_REPEATS`), their median divided by the
+batch size, on :data:`THREADS` thread (recorded): per-image cost as on a small device, and robust to other processes
+on the CPU (with two threads on two busy cores a call can wait for a descheduled thread: timings 1000× too slow
+were seen).
 Random inputs of the data's shape.
 Then per student, against the teacher: parameter ratio (pruned: against its nonzero parameters), size and
 speed ratios, and the accuracy given up (test accuracy, percentage points), as one line:
@@ -145,8 +146,8 @@ def report(models: dict[str, Measured], shape: tuple) -> dict:
 
 def from_run(ctx, data) -> Optional[dict]:
     """The report of a finished run: its teacher (when the mode has one model over all classes as teacher, i.e.
-    offline and semi), its best student and pruned student, rebuilt from the run's config with the weights of
-    their checkpoints."""
+    offline and semi), its student (the checkpoint ``trainer.select`` names) and pruned student, rebuilt from the
+    run's config with the weights of their checkpoints."""
     from kdrun.outputs.export import load_student
 
     result, models = ctx.result, {}
@@ -154,9 +155,10 @@ def from_run(ctx, data) -> Optional[dict]:
     if first is not None and result.teacher is not None and first.result is result.teacher:
         models["teacher"] = Measured(first.model, result.teacher.test_acc)
     checkpoints = Path(ctx.out_dir) / "checkpoints"
-    if result.student is not None and (checkpoints / "student_best.pt").exists():
-        models["student"] = Measured(load_student(checkpoints / "student_best.pt", ctx.cfg_dict)[0],
-                                     result.student.test_acc_best)
+    student = result.student
+    if student is not None and (checkpoints / f"student_{student.select}.pt").exists():  # trainer.select's
+        models["student"] = Measured(load_student(checkpoints / f"student_{student.select}.pt", ctx.cfg_dict)[0],
+                                     student.test_acc)
     pruned = result.student_pruned
     if pruned is not None and (checkpoints / "student_pruned_best.pt").exists():
         models["student_pruned"] = Measured(load_student(checkpoints / "student_pruned_best.pt", ctx.cfg_dict)[0],

@@ -1,10 +1,10 @@
-"""Export the best student for deployment: TorchScript and ONNX, each re-loaded and checked against PyTorch.
+"""Export the student for deployment: TorchScript and ONNX, each re-loaded and checked against PyTorch.
 
 ``export=[torchscript,onnx]`` (after a run) and ``kdrun-export RUN_DIR [--formats torchscript,onnx]
 [--config-dir DIR] [--trust-code]`` (for a finished run) write, beside the run's checkpoints:
 
-* ``checkpoints/student.ts``: ``torch.jit.trace`` of the best-on-val student (``student_best.pt``), re-loaded with
-  ``torch.jit.load``;
+* ``checkpoints/student.ts``: ``torch.jit.trace`` of the student as ``trainer.select`` chose it (``student_best.pt``,
+  best on val; ``student_last.pt`` under ``trainer.select=last``), re-loaded with ``torch.jit.load``;
 * ``checkpoints/student.onnx``: the legacy TorchScript-based ONNX exporter (``torch.onnx.export(...,
   dynamo=False)``; needs the ``onnx`` package, not onnxscript), input ``images`` ``[batch, C, H, W]`` with a
   dynamic batch axis, output ``logits``; re-loaded with onnxruntime. Both come with the ``export`` extra
@@ -38,7 +38,7 @@ from kdrun.trust import TRUST_FLAG, Trusted, targets
 
 log = logging.getLogger("kdrun")
 CHECK_IMAGES = 64  # test images the re-loaded exports are compared on
-MODELS = (("student", "student_best.pt"), ("student_pruned", "student_pruned_best.pt"))  # exported when present
+MODELS = (("student", "student_{select}.pt"), ("student_pruned", "student_pruned_best.pt"))  # exported when present
 PREPROCESS = ("pixels scaled to [0, 1] (8-bit: / 255), then (x - mean) / std per channel; "
               "layout [batch, channels, height, width], float32")
 TRUST_HOW = f"pass --config-dir with the config dir the run used, or {TRUST_FLAG}"
@@ -70,15 +70,18 @@ def load_student(path: Path, config: Optional[dict] = None, trusted: Trusted = T
     return model.eval(), checkpoint
 
 
-def export_run(run_dir: Path, formats, data=None, config: Optional[dict] = None, trusted: Trusted = Trusted()) -> dict:
-    """Export the run's best student (and pruned student, if any) in ``formats``; check each against PyTorch on
+def export_run(run_dir: Path, formats, data=None, config: Optional[dict] = None, trusted: Trusted = Trusted(),
+               select: Optional[str] = None) -> dict:
+    """Export the run's student (the checkpoint ``select`` names: ``best`` or ``last``; default ``config``'s
+    ``trainer.select``, else best) and pruned student, if any, in ``formats``; check each against PyTorch on
     ``data``'s first test images (default: the run's dataset, loaded from its config). Returns the summary's
     ``export`` entry; a format that fails is one warning and an ``error`` in its entry, never an exception.
     ``config`` and ``trusted``: as for :func:`load_student`."""
     run_dir = Path(run_dir)
+    select = select or ((config or {}).get("trainer") or {}).get("select") or "best"
     out: dict = {"formats": list(formats)}
     for stage, name in MODELS:
-        path = run_dir / "checkpoints" / name
+        path = run_dir / "checkpoints" / name.format(select=select)
         if not path.exists():
             continue
         model, checkpoint = load_student(path, config, trusted)
@@ -247,8 +250,9 @@ def finished_run(run_dir: Path) -> dict:
     if not isinstance(summary, dict) or summary.get("status") != "completed":
         status = summary.get("status") if isinstance(summary, dict) else None
         raise InputError(f"{what}: its status is {status!r}, not 'completed'")
-    if not (run_dir / "checkpoints" / "student_best.pt").exists():
-        raise InputError(f"{what}: no checkpoints/student_best.pt")
+    name = f"student_{summary.get('select') or 'best'}.pt"  # trainer.select's checkpoint
+    if not (run_dir / "checkpoints" / name).exists():
+        raise InputError(f"{what}: no checkpoints/{name}")
     return summary
 
 
@@ -266,8 +270,8 @@ def _merged(old, new: dict) -> dict:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``kdrun-export RUN_DIR [--formats torchscript,onnx]``."""
     parser = argparse.ArgumentParser(prog="kdrun-export", description=(
-        "Export the best student of a finished kdrun run as TorchScript and/or ONNX into its checkpoints/ dir, "
-        "check each against PyTorch on test images and record it in the run's summary.json (export)."))
+        "Export the student (trainer.select's checkpoint) of a finished kdrun run as TorchScript and/or ONNX into "
+        "its checkpoints/ dir, check each against PyTorch on test images and record it in the run's summary.json (export)."))
     parser.add_argument("run_dir", type=Path, help="a finished run dir (holds summary.json and checkpoints/)")
     parser.add_argument("--formats", default="torchscript,onnx",
                         help=f"comma-separated, of: {', '.join(EXPORT_FORMATS)} (default: all)")
@@ -287,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ConfigError("--formats", f"name at least one of: {', '.join(EXPORT_FORMATS)}")
         check_formats("--formats", formats)
         summary = finished_run(args.run_dir)
-        result = export_run(args.run_dir, formats, trusted=trusted)
+        result = export_run(args.run_dir, formats, trusted=trusted, select=summary.get("select"))
     except KdrunError as exc:
         print(f"kdrun-export: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, InputError) else 1)

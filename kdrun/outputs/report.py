@@ -257,9 +257,11 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
     names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
              "student": getattr(result.student, "name", "")}
     split, n = report["split"], next(iter(models.values()))["n"]
+    rule = getattr(result.student, "select", "best")
+    which = "the best-on-val checkpoint" if rule == "best" else "the last epoch's checkpoint (the teacher's: best on val)"
     lines = ["# kdrun run report", "", f"mode `{report['mode']}`, dataset `{report['dataset']}` "
              f"({report['num_classes']} classes); every number is on the **{split}** split ({n} images), "
-             "of the best-on-val checkpoint.", ""]
+             f"of {which}: `trainer.select={rule}`.", ""]
     if note:
         lines += [f"> {note}", ""]
     agrees = any(m.get("agreement") for m in models.values())

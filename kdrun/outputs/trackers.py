@@ -7,7 +7,7 @@ One tracker run per kdrun run (one Hydra job). Each tracker gets:
   ``student/train/loss``, ``teacher/val/acc``, ``baseline/lr``, ``gen1/time_s`` ...;
 - at the end, also when the run failed: the numbers of ``summary.json`` as ``summary/<key>`` (nested keys joined
   with ``/``: ``summary/student/test_acc_best``), then the run dir's PNGs and ``checkpoints/student_best.pt``
-  as artifacts, then the run's status.
+  (``student_last.pt`` under ``trainer.select=last``) as artifacts, then the run's status.
 
 Runs of one sweep share a group: ``logger_options.group``, by default the sweep dir (a parent of the run dir
 holding Hydra's ``multirun.yaml``). Where each writes: :class:`TensorBoardTracker`, :class:`MlflowTracker`,
@@ -32,7 +32,7 @@ from kdrun.schema.trackers import LoggerOptions
 
 log = logging.getLogger("kdrun")
 OWN_DIRS = ("tb", "mlflow", "wandb")  # the trackers' own files in the run dir: never artifacts
-STUDENT_CHECKPOINT = Path("checkpoints") / "student_best.pt"
+STUDENT_CHECKPOINT = Path("checkpoints") / "student_{select}.pt"  # trainer.select's checkpoint (summary "select")
 SWEEP_MARKER = "multirun.yaml"  # Hydra writes it into the sweep dir before the jobs run
 SWEEP_DEPTH = 3  # a job dir is <sweep dir>/<subdir>, the subdir at most this deep
 MLFLOW_MAX_PARAM = 6000  # characters of a parameter value MLflow stores
@@ -274,7 +274,7 @@ class Trackers:
     def finish(self, summary: dict, out_dir: Path) -> None:
         """The summary's numbers, the run's artifacts, then close each tracker run with the run's status."""
         numbers = {f"summary/{k}": v for k, v in flatten(summary, "/").items() if _number(v)}
-        paths = artifacts(Path(out_dir)) if self.active else []
+        paths = artifacts(Path(out_dir), summary.get("select") or "best") if self.active else []
         for tracker in list(self.active):
             for what, args in (("log_summary", (numbers,)), ("log_artifacts", (paths,)),
                                ("finish", (str(summary.get("status")),))):
@@ -311,10 +311,11 @@ def sweep_dir(out_dir: Path) -> Optional[Path]:
     return None
 
 
-def artifacts(out_dir: Path) -> list[Path]:
-    """The run's PNGs (any depth, outside the trackers' own dirs) and its student checkpoint, if there."""
+def artifacts(out_dir: Path, select: str = "best") -> list[Path]:
+    """The run's PNGs (any depth, outside the trackers' own dirs) and its student checkpoint (the one ``select``,
+    ``trainer.select``, names), if there."""
     pngs = [p for p in out_dir.rglob("*.png") if p.is_file() and p.relative_to(out_dir).parts[0] not in OWN_DIRS]
-    checkpoint = out_dir / STUDENT_CHECKPOINT
+    checkpoint = out_dir / str(STUDENT_CHECKPOINT).format(select=select)
     return sorted(pngs) + ([checkpoint] if checkpoint.is_file() else [])
 
 

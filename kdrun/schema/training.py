@@ -10,6 +10,7 @@ from kdrun.schema.checks import check_choice, check_dir_path, check_positive, ch
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SELECTIONS = ("best", "last")
 
 
 @dataclass
@@ -68,6 +69,10 @@ class TrainerConfig:
     devices: int = 1           # data-parallel ranks for one training (DDP, spawned inside the job; kdrun.train.distributed):
     #                            the batch_size is the global batch, split over the ranks; one GPU per rank on CUDA
     #                            (nccl), processes on CPU (gloo); not part of store keys
+    select: str = "best"       # which checkpoint of a student stage is THE model: best (highest val accuracy; the
+    #                            last epoch without a val split) | last (the last epoch). It is exported, teaches a
+    #                            later stage, and gives test_acc and Δ vs baseline (the CE baseline under the same
+    #                            rule); both checkpoints are always saved and reported. Not part of store keys
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -82,6 +87,7 @@ class TrainerConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("trainer.num_threads", f"must be >= 1 or null (torch's default), got {self.num_threads}")
         check_choice("trainer.precision", self.precision, PRECISIONS)
+        check_choice("trainer.select", self.select, SELECTIONS)
         if self.devices > 1 and self.device != "cpu":
             check_gpus(self.device, self.devices)
         check_choice("trainer.progress", str(self.progress).lower(), ("auto", "true", "false"))

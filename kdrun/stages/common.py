@@ -209,8 +209,9 @@ def store_key(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ini
 
 
 def train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe, ctx: RunContext, key: str,
-                    model: Optional[nn.Module] = None):
-    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training of ``model`` (default: a fresh one)."""
+                    model: Optional[nn.Module] = None, keep_last: bool = False):
+    """A ``train(tmp_dir)`` for :func:`train_or_reuse`: CE training of ``model`` (default: a fresh one); its
+    best-on-val weights as ``model``, and with ``keep_last`` the last epoch's too, as ``last_model``."""
     def train(tmp_dir: Path) -> dict:
         net = model if model is not None else build(model_cfg, data, key, ctx.device, recipe.seed)
         log.info(f"training {role} {model_cfg.name} ({n_params(net):,} params) for {recipe.epochs} epochs")
@@ -220,6 +221,9 @@ def train_ce_entry(role: str, model_cfg: ModelConfig, data: Data, recipe: Recipe
         meta = {"role": role, "name": model_cfg.name, "args": dict(model_cfg.args), "num_classes": data.num_classes,
                 "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
                 "best_val_acc": result.best_val_acc}
+        if keep_last:
+            return {**checkpoint_dict(result.best_state, {**meta, "last_epoch": recipe.epochs}),
+                    "last_model": result.last_state}
         return checkpoint_dict(result.best_state, meta)
     return train
 

@@ -11,8 +11,9 @@ Two schedules (``student.prune.schedule``):
   is pruned before each epoch to the sparsity of Zhu & Gupta's (2017) cubic schedule, with ``s_i = 0`` and one
   step per epoch from epoch ``start`` to epoch ``end`` (:func:`sparsity_at`). Weights pruned once stay pruned.
   Its best-on-val checkpoint is chosen among the epochs trained at the full amount, so it has that sparsity.
-* ``oneshot``: the distilled student's best checkpoint, pruned once to the amount, then fine-tuned with the same
-  KD loss and teacher for ``finetune_epochs`` (learning rate ``finetune_lr``, default ``optim.lr / 10``).
+* ``oneshot``: the distilled student (its checkpoint under ``trainer.select``), pruned once to the amount, then
+  fine-tuned with the same KD loss and teacher for ``finetune_epochs`` (learning rate ``finetune_lr``, default
+  ``optim.lr / 10``).
 
 The stage resumes like ``distil`` (``checkpoints/student_pruned_resume.pt``, ``trainer.checkpoint_every``): the
 gradual schedule's hook keeps its masks, steps and best epoch in that checkpoint, so a resumed run continues
@@ -146,8 +147,9 @@ class GradualPruning(Hook):
 
 
 def pruned_student(ctx, data, loss, teacher=None, student: Optional[nn.Module] = None) -> PrunedStudentResult:
-    """The ``student.prune`` stage: a gradually pruned second student, or ``student`` (the distilled one, best
-    checkpoint) pruned once and fine-tuned. ``teacher``: the KD student's teacher source (None for loss=ce).
+    """The ``student.prune`` stage: a gradually pruned second student, or ``student`` (the distilled one, the
+    checkpoint ``trainer.select`` names) pruned once and fine-tuned. ``teacher``: the KD student's teacher source
+    (None for loss=ce).
 
     Consumes ``student.prune.*`` and what :func:`kdrun.stages.student.distil` consumes. Writes
     ``checkpoints/student_pruned_{best,last}.pt`` (pruning permanent) and its epochs to ``metrics.jsonl``

@@ -70,23 +70,34 @@ def obtain_baseline(ctx: RunContext, data: Data) -> BaselineResult:
 
 
 def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResult]:
-    """:func:`obtain_baseline` with the model too (best-on-val weights, eval mode).
+    """:func:`obtain_baseline` with the model too (the checkpoint ``trainer.select`` names, eval mode).
 
     It starts from the same weights as the student (``student.init``, ``student.freeze``; part of its store key).
+    Its store entry keeps both checkpoints (best on val as ``model``, the last epoch as ``last_model``: one entry
+    serves either rule); both are scored, as the student's are.
     """
     cfg = ctx.cfg
     recipe = recipe_student(cfg)
     model, init = prepare_student(ctx, data)
-    key = store_key("baseline", cfg.student, data, recipe, init)
+    key = {**store_key("baseline", cfg.student, data, recipe, init), "checkpoints": ["best", "last"]}
     checkpoint, entry, reused = train_or_reuse(Path(cfg.store.baselines), cfg.student.name, key,
                                                train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student",
-                                                               model), run=str(ctx.out_dir.resolve()))
-    load_weights(model, checkpoint, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
-                 source=f"store entry {entry}")
+                                                              model, keep_last=True),
+                                               run=str(ctx.out_dir.resolve()))
+    select, scores = cfg.trainer.select, {}
+    for which in sorted(("last", "best"), key=lambda w: w == select):  # the selected one last: the model returned
+        weights = checkpoint if which == "best" else {"model": checkpoint["last_model"]}
+        load_weights(model, weights, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
+                     source=f"store entry {entry} ({which} checkpoint)")
+        role = "baseline" if which == select else None
+        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
     info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,
-                          **evaluate(model, data, ctx, role="baseline"))
+                          val_acc=scores[f"val_acc_{select}"], test_acc=scores[f"test_acc_{select}"], select=select,
+                          best_epoch=(checkpoint.get("meta") or {}).get("best_epoch"), **scores)
     log.info(f"baseline {cfg.student.name} (CE only): {'reused' if reused else 'trained'}, "
-             f"val {pct(info.val_acc)}  test {pct(info.test_acc)}")
+             f"val {pct(info.val_acc)}  test {pct(info.test_acc)} ({select} checkpoint; "
+             f"{'last' if select == 'best' else 'best-on-val'}: test "
+             f"{pct(scores['test_acc_last' if select == 'best' else 'test_acc_best'])})")
     return model.eval(), info
 
 
@@ -97,7 +108,8 @@ def train_student(ctx: RunContext, data: Data, loss, teacher: Optional[TeacherSo
 
 def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: Optional[int] = None,
            teacher: Optional[TeacherSource] = None) -> tuple[nn.Module, StudentResult]:
-    """Train a fresh student as stage ``stage``; return it (best-on-val weights) and its result.
+    """Train a fresh student as stage ``stage``; return it (the checkpoint ``trainer.select`` names: best on val,
+    or the last epoch) and its result (both checkpoints' accuracies).
 
     Keeps ``checkpoints/<stage>_best.pt`` and ``<stage>_last.pt`` and appends its epochs to ``metrics.jsonl``
     (tagged ``stage``). Consumes ``student.*``, ``trainer.*``, ``optim.*``, ``sched.*``, ``seed`` (or ``seed``
@@ -121,17 +133,19 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
                             checkpoint=checkpoint)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}
-    scores = {}
-    for which, state in (("last", result.last_state), ("best", result.best_state)):
+    scores, select = {}, cfg.trainer.select
+    for which in sorted(("last", "best"), key=lambda w: w == select):  # the selected one last: the model returned
+        state = result.last_state if which == "last" else result.best_state
         loss_state = result.last_loss_state if which == "last" else result.best_loss_state  # a feature loss's adapters
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict,
                     **({"loss_state": loss_state} if loss_state else {})})
         model.load_state_dict(state)
-        role = stage if which == "best" else None  # the best checkpoint is the one reported
+        role = stage if which == select else None  # the selected checkpoint is the one reported
         scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
-                         epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores)
+                         epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores,
+                         select=select)
     extra = sum(p.numel() for p in loss.parameters() if p.requires_grad) if isinstance(loss, nn.Module) else 0
     if extra:
         info.loss_params = extra

@@ -5,9 +5,14 @@ Nothing here needs the process that ran the sweep: jobs are found by their Hydra
 summarised at any time. The swept keys are the override keys whose values differ between jobs; cells are
 the combinations of swept keys other than ``seed``, and each cell aggregates its jobs over seeds:
 
-* mean ± std (sample std, ddof=1) of the student's val and test accuracy (best-on-val checkpoint), n;
-* Δ = KD − baseline on test, paired by seed: mean, 95 % CI (t distribution) and the p-value of a paired
-  t-test (``scipy.stats.ttest_rel``); the gain is *within noise* when p ≥ 0.05 or fewer than 2 pairs;
+* mean ± std (sample std, ddof=1) of the student's val and test accuracy, n, at the checkpoint each job's
+  ``trainer.select`` names (its ``summary.json`` ``select``: ``best`` on val, or ``last`` epoch; ``best`` for
+  summaries written before it), and the student's mean test accuracy under each rule (``test_best_mean``,
+  ``test_last_mean``);
+* Δ = KD − baseline on test, paired by seed, both at the checkpoint the same rule names: mean, 95 % CI (t
+  distribution) and the p-value of a paired t-test (``scipy.stats.ttest_rel``); the gain is *within noise* when
+  p ≥ 0.05 or fewer than 2 pairs; the same mean Δ and p-value under each rule (``delta_best_mean``,
+  ``p_value_best``, ``delta_last_mean``, ``p_value_last``);
 * % of the teacher–student gap closed = (KD − baseline) / (teacher − baseline), on mean test accuracies;
 * the student's training seconds per epoch (``time_s`` of its ``metrics.jsonl`` epochs, validation excluded);
 * how many of its jobs carry warnings in their ``summary.json`` (``warned``), and whether the teacher's mean test
@@ -29,6 +34,7 @@ import yaml
 
 SEED_KEY = "seed"
 NOISE_P = 0.05
+RULES = ("best", "last")  # trainer.select: the checkpoint best on val, or the last epoch's
 
 
 @dataclass
@@ -75,6 +81,22 @@ class Job:
         errors = [line.split("[ERROR] ", 1)[1] for line in lines if "[ERROR] " in line]
         return errors[-1] if errors else ""
 
+    @property
+    def select(self) -> str:
+        """The checkpoint rule of its figures (``trainer.select``, recorded as ``select``; older summaries: best)."""
+        rule = self.get("select")
+        return rule if rule in RULES else "best"
+
+    def acc(self, role: str, split: str, rule: Optional[str] = None) -> Optional[float]:
+        """``role``'s (``student``, ``baseline``) ``split`` accuracy at the checkpoint ``rule`` names (default: the
+        job's :attr:`select`); a baseline that records one figure only gives it for its own rule (best, in
+        summaries written before the baseline kept both)."""
+        rule = rule or self.select
+        value = self.get(role, f"{split}_acc_{rule}")
+        if value is None and role != "student" and (self.get(role, "select") or "best") == rule:
+            value = self.get(role, f"{split}_acc")
+        return value
+
     def get(self, *path: str) -> Any:
         """A figure of the summary, e.g. ``get('student', 'test_acc_best')``; None when absent."""
         node: Any = self.summary
@@ -102,7 +124,7 @@ class Cell:
 
     @property
     def done(self) -> list[Job]:
-        return [j for j in self.jobs if j.status == "completed" and j.get("student", "test_acc_best") is not None]
+        return [j for j in self.jobs if j.status == "completed" and j.acc("student", "test") is not None]
 
 
 @dataclass
@@ -200,8 +222,10 @@ def _overrides(path: Path) -> dict[str, Any]:
     return overrides
 
 
-FIGURES = (("student", "val_acc_best"), ("student", "test_acc_best"), ("student", "test_acc_last"),
-           ("baseline", "val_acc"), ("baseline", "test_acc"), ("teacher", "val_acc"), ("teacher", "test_acc"),
+FIGURES = (("student", "val_acc_best"), ("student", "test_acc_best"), ("student", "val_acc_last"),
+           ("student", "test_acc_last"), ("baseline", "val_acc"), ("baseline", "test_acc"),
+           *((("baseline", f"{split}_acc_{rule}") for split in ("val", "test") for rule in RULES)),
+           ("deltas", "best"), ("deltas", "last"), ("teacher", "val_acc"), ("teacher", "test_acc"),
            ("delta_vs_baseline",), ("wall_time_s",), ("student", "agreement", "top1"), ("student", "agreement", "kl"),
            ("baseline", "agreement", "top1"))  # the numbers a summary is made of: each a number or null
 
@@ -254,10 +278,9 @@ def _sort_key(value: Any):
 def cell_stats(cell: Cell) -> dict[str, Any]:
     """Mean ± std over the cell's completed jobs, the paired KD-vs-baseline test and the gap closed."""
     done = cell.done
-    val = [j.get("student", "val_acc_best") for j in done]
-    test = [j.get("student", "test_acc_best") for j in done]
-    pairs = [(j.get("student", "test_acc_best"), j.get("baseline", "test_acc")) for j in done
-             if j.get("baseline", "test_acc") is not None]
+    val = [j.acc("student", "val") for j in done]
+    test = [j.acc("student", "test") for j in done]
+    pairs = _pairs(done)
     teacher = [j.get("teacher", "test_acc") for j in done if j.get("teacher", "test_acc") is not None]
     stats: dict[str, Any] = {"n": len(done), "jobs": len(cell.jobs), "failed": len(cell.jobs) - len(done)}
     stats.update(_mean_std("val", [v for v in val if v is not None]))
@@ -266,6 +289,13 @@ def cell_stats(cell: Cell) -> dict[str, Any]:
     stats.update(_mean_std("teacher", teacher))
     stats.update(_mean_std("delta", [kd - base for kd, base in pairs]))
     stats.update(paired_test([kd for kd, _ in pairs], [base for _, base in pairs]))
+    stats["select"] = "/".join(sorted({j.select for j in done})) or None
+    for rule in RULES:  # the same figures under each rule, where the jobs recorded both checkpoints
+        ruled = _pairs(done, rule)
+        stats.update(_mean_std(f"test_{rule}", [a for a in (j.acc("student", "test", rule) for j in done)
+                                                if a is not None]))
+        stats[f"delta_{rule}_mean"] = _mean_std("d", [kd - base for kd, base in ruled])["d_mean"]
+        stats[f"p_value_{rule}"] = paired_test([kd for kd, _ in ruled], [base for _, base in ruled])["p_value"]
     gap = None
     if pairs and teacher and stats["teacher_mean"] - stats["baseline_mean"] > 0:
         gap = 100 * stats["delta_mean"] / (stats["teacher_mean"] - stats["baseline_mean"])
@@ -277,6 +307,13 @@ def cell_stats(cell: Cell) -> dict[str, Any]:
     stats.update(_mean_std("agree", [a for a in (j.get("student", "agreement", "top1") for j in done) if a is not None]))
     stats.update(_mean_std("kl", [k for k in (j.get("student", "agreement", "kl") for j in done) if k is not None]))
     return stats
+
+
+def _pairs(jobs: list[Job], rule: Optional[str] = None) -> list[tuple[float, float]]:
+    """(student, baseline) test accuracy of each job with both, at the checkpoint ``rule`` names (default: each
+    job's own ``select``): like is compared with like."""
+    pairs = [(j.acc("student", "test", rule), j.acc("baseline", "test", rule)) for j in jobs]
+    return [(kd, base) for kd, base in pairs if kd is not None and base is not None]
 
 
 def _mean_std(name: str, values: list[float]) -> dict[str, Any]:

@@ -13,21 +13,28 @@ from typing import Any, Optional
 
 from kdrun.sweep.jobs import NOISE_P, Cell, Job, SweepSummary
 
-JOB_FIGURES = {  # results.csv column -> path in summary.json
+JOB_FIGURES = {  # results.csv column -> path in summary.json, or what a Job gives
+    "select": lambda job: job.select if job.summary is not None else None,  # the rule of the unsuffixed figures
     "teacher_val_acc": ("teacher", "val_acc"), "teacher_test_acc": ("teacher", "test_acc"),
     "baseline_val_acc": ("baseline", "val_acc"), "baseline_test_acc": ("baseline", "test_acc"),
-    "student_val_acc": ("student", "val_acc_best"), "student_test_acc": ("student", "test_acc_best"),
-    "student_test_acc_last": ("student", "test_acc_last"), "delta_vs_baseline": ("delta_vs_baseline",),
+    "baseline_test_acc_best": lambda job: job.acc("baseline", "test", "best"),
+    "baseline_test_acc_last": lambda job: job.acc("baseline", "test", "last"),
+    "student_val_acc": lambda job: job.acc("student", "val"), "student_test_acc": lambda job: job.acc("student", "test"),
+    "student_test_acc_best": ("student", "test_acc_best"), "student_test_acc_last": ("student", "test_acc_last"),
+    "delta_vs_baseline": ("delta_vs_baseline",), "delta_best": ("deltas", "best"), "delta_last": ("deltas", "last"),
     "student_agreement": ("student", "agreement", "top1"), "student_kl_to_teacher": ("student", "agreement", "kl"),
     "baseline_agreement": ("baseline", "agreement", "top1"),
     "teacher_reused": ("teacher", "reused"), "baseline_reused": ("baseline", "reused"),
     "wall_time_s": ("wall_time_s",),
 }
-CELL_FIGURES = ("n", "jobs", "failed", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
+CELL_FIGURES = ("n", "jobs", "failed", "select", "val_mean", "val_std", "test_mean", "test_std", "baseline_mean",
                 "baseline_std", "teacher_mean", "delta_mean", "delta_std", "ci_low", "ci_high", "p_value",
-                "gap_closed_pct", "within_noise", "epoch_s_mean", "agree_mean", "kl_mean", "warned")
-LEGEND = (f"accuracy % of the best-on-val checkpoint on test, mean ± std over seeds (n); Δ = KD − CE-only "
-          f"baseline, paired by seed: 95 % CI and paired t-test p; ~ = gain within noise (p ≥ {NOISE_P} or "
+                "gap_closed_pct", "within_noise", "test_best_mean", "test_last_mean", "delta_best_mean",
+                "p_value_best", "delta_last_mean", "p_value_last", "epoch_s_mean", "agree_mean", "kl_mean", "warned")
+RULE_NAMES = {"best": "best on val", "last": "last epoch"}  # trainer.select
+LEGEND = (f"accuracy % on test of the checkpoint trainer.select names (student and baseline alike), mean ± std "
+          f"over seeds (n); Δ = KD − CE-only baseline, paired by seed: 95 % CI and paired t-test p; Δ best / last = "
+          f"mean Δ with both models at their best-on-val / last-epoch checkpoint; ~ = gain within noise (p ≥ {NOISE_P} or "
           f"n < 2); gap closed = Δ / (teacher − baseline), - when the teacher is no better than the baseline; "
           f"s/epoch = the student's training seconds per epoch; agree = top-1 agreement with the teacher on test, % "
           f"(KL: KL(teacher ‖ student) at T = 1, nats), mean over seeds; best = highest mean val accuracy; N warned = jobs "
@@ -42,8 +49,19 @@ def write_results_csv(summary: SweepSummary, path: Path) -> None:
         writer.writerow(_row(["job", *summary.keys, "status", *JOB_FIGURES, "run_dir", "error", "warnings"]))
         for job in summary.jobs:
             writer.writerow(_row([job.name, *(job.overrides.get(k, "") for k in summary.keys), job.status,
-                                  *(_csv(job.get(*p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
+                                  *(_csv(_figure(job, p)) for p in JOB_FIGURES.values()), str(job.dir.resolve()),
                                   "" if job.status == "completed" else job.error, " | ".join(job.warnings)]))
+
+
+def _figure(job: Job, path) -> Any:
+    return path(job) if callable(path) else job.get(*path)
+
+
+def rules_line(summary: SweepSummary) -> str:
+    """Which checkpoint the tables use: the rule (``trainer.select``) of the completed jobs."""
+    rules = sorted({job.select for job in summary.jobs if job.status == "completed"}) or ["best"]
+    names = " / ".join(f"{RULE_NAMES[r]} (trainer.select={r})" for r in rules)
+    return f"Checkpoint: {names}; the baseline at the same checkpoint."
 
 
 def write_cells_csv(summary: SweepSummary, path: Path) -> None:
@@ -115,8 +133,14 @@ def cell_row(cell: Cell) -> list[str]:
     gap = "-" if s["gap_closed_pct"] is None else f"{s['gap_closed_pct']:.0f} %"
     return [*(param(v) for v in cell.params.values()), str(s["n"]), ms(s["val_mean"], s["val_std"]),
             ms(s["test_mean"], s["test_std"]), ms(s["baseline_mean"], s["baseline_std"]),
-            ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), gap, _secs(s["epoch_s_mean"]),
+            ms(s["delta_mean"], s["delta_std"], "+"), _ci(s), _p(s["p_value"]), _rules_delta(s), gap,
+            _secs(s["epoch_s_mean"]),
             _agree(s), _note(cell)]
+
+
+def _rules_delta(s: dict) -> str:
+    """``+0.42 / +0.87``: mean Δ under the best-on-val and the last-epoch rule."""
+    return " / ".join("-" if s[f"delta_{r}_mean"] is None else f"{s[f'delta_{r}_mean']:+.2f}" for r in RULE_NAMES)
 
 
 def _agree(s: dict) -> str:
@@ -134,7 +158,8 @@ def param(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "gap closed", "s/epoch",
+CELL_COLUMNS = ["n", "val %", "test %", "baseline %", "Δ test", "95 % CI of Δ", "p", "Δ best / last", "gap closed",
+                "s/epoch",
                 "agree %", "note"]
 
 
@@ -163,7 +188,7 @@ def markdown(summary: SweepSummary) -> str:
     done = len(summary.jobs) - len(summary.failed)
     lines = [f"# Sweep {summary.sweep_dir.name}", "",
              f"{len(summary.jobs)} jobs: {done} completed, {len(summary.failed)} failed or missing. "
-             f"Swept: {', '.join(summary.keys) or 'nothing'}; cells grouped over `seed`.", "",
+             f"Swept: {', '.join(summary.keys) or 'nothing'}; cells grouped over `seed`. {rules_line(summary)}", "",
              "## Results grouped over seeds", ""]
     header = [*summary.cell_keys, *CELL_COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -213,7 +238,7 @@ def _job_reports(summary: SweepSummary) -> list[str]:
     for job in summary.jobs:
         path = job.dir / "report.md"
         link = f"[report.md]({path.relative_to(summary.sweep_dir).as_posix()})" if path.is_file() else "-"
-        acc = job.get("student", "test_acc_best")
+        acc = job.acc("student", "test")
         row = [job.name, *(param(job.overrides.get(k, "")) for k in summary.keys), job.status,
                "-" if acc is None else f"{acc:.2f}", link]
         lines.append("| " + " | ".join(row) + " |")
@@ -230,9 +255,9 @@ def print_tables(summary: SweepSummary) -> None:
     from rich.table import Table
 
     console = Console()
-    console = console if console.is_terminal else Console(width=160)
-    table = Table(title=f"sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, grouped over seeds",
-                  caption=LEGEND)
+    console = console if console.is_terminal else Console(width=200)  # a log or CI: wide enough for the cell table
+    table = Table(title=f"sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, grouped over seeds\n"
+                        f"{rules_line(summary)}", caption=LEGEND)
     for col in [*summary.cell_keys, *CELL_COLUMNS]:
         table.add_column(col, justify="left" if col == "note" else "right", no_wrap=col != "note")
     for cell in summary.cells:
