@@ -1,6 +1,7 @@
 """Every built-in mode as a config option: its dataclass (its ``mode.*`` keys, defaults, range checks), what it
 needs and its cross-key rules (which losses it accepts), registered once with :func:`kdrun.registry.register_mode`;
-``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``).
+``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``,
+``assistant``).
 
 This is the torch-free half of a mode: validating a config and ``kdrun --list modes`` read it without importing
 torch. :class:`kdrun.schema.Config` runs every rule of the chosen mode and loss; a plugin's mode states its own the
@@ -8,13 +9,14 @@ same way (README, "Extending kdrun").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
 
 from kdrun.errors import ConfigError
 from kdrun.registry import ModeNeeds, register_mode
 from kdrun.schema.checks import check_choice, check_range
 from kdrun.schema.losses import LossConfig, loss_needs
+from kdrun.schema.models import ModelConfig
 
 MODES = "kdrun.modes"
 
@@ -39,6 +41,15 @@ def snapshot_before_the_end(cfg) -> None:
     at = cfg.mode.teacher_epoch
     if cfg.mode.method == "snapshot" and at >= cfg.trainer.epochs:
         raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({cfg.trainer.epochs}), got {at}")
+
+
+def assistant_logit_losses_only(cfg) -> None:
+    """assistant: the loss trains two pairs (teacher -> assistant, assistant -> student); feature losses would need
+    layer pairs for both, which kdrun does not check or store: refused before anything trains."""
+    if loss_needs(cfg.loss).features:
+        raise ConfigError("loss", f"mode=assistant distils with logit losses only: loss={cfg.loss.name} reads "
+                                  f"features, whose layer pairs would differ between teacher -> assistant and "
+                                  f"assistant -> student; use a logit loss (kd, dkd, dist, ...)")
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)",
@@ -127,3 +138,33 @@ class MergeMode:
                 raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")
             if any(c < 0 for s in self.class_splits for c in s):
                 raise ConfigError("mode.class_splits", f"class ids must be >= 0, got {self.class_splits}")
+
+
+@dataclass
+class AssistantModel(ModelConfig):
+    """``mode.assistant``: the teacher assistant's model, given like ``teacher`` / ``student`` (a registered ``name``
+    with its ``args``), and its epochs. Trained from random weights with ``trainer.*``'s recipe."""
+
+    KEY: ClassVar[str] = "mode.assistant"
+    name: Optional[str] = "cnn"
+    args: Dict[str, Any] = field(default_factory=dict)
+    epochs: Optional[int] = None  # the assistant's training epochs; null = trainer.epochs
+
+    def __post_init__(self):
+        if self.init is not None or self.freeze:
+            raise ConfigError("mode.assistant.init" if self.init is not None else "mode.assistant.freeze",
+                              "the assistant is trained from random weights: init / freeze are not supported")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("mode.assistant.epochs", f"must be >= 1 (or null = trainer.epochs), got {self.epochs}")
+        super().__post_init__()
+
+
+@register_mode("assistant", "Teacher assistant: the teacher distils a mid-sized assistant, which teaches the student",
+               target=f"{MODES}.assistant.assistant", needs=ModeNeeds(teacher=True),
+               rules=(assistant_logit_losses_only,))
+@dataclass
+class AssistantMode:
+    """mode=assistant: teacher -> assistant -> student (Mirzadeh et al. 2020), the assistant stored and reused."""
+
+    name: str = "assistant"
+    assistant: AssistantModel = field(default_factory=AssistantModel)
