@@ -94,16 +94,22 @@ def check_assistant(ctx: RunContext, data: Data) -> None:
         log.warning(warning)
 
 
-def assistant_key(ctx: RunContext, data: Data, recipe: Recipe) -> dict:
-    """The assistant's store key: :func:`kdrun.stages.common.store_key` (model, data, recipe) with the teacher (its
-    store entry's key, or its checkpoint's sha256), the loss config and the user's loss code, if any."""
+def assistant_recipe(cfg) -> Recipe:
+    """The student's recipe (:func:`kdrun.stages.recipe_student`) for ``mode.assistant.epochs`` (null: the same)."""
+    return dataclasses.replace(recipe_student(cfg), epochs=cfg.mode.assistant.epochs or cfg.trainer.epochs)
+
+
+def assistant_key(ctx: RunContext, data: Data) -> dict:
+    """The assistant's store key: :func:`kdrun.stages.common.store_key` (model, data, :func:`assistant_recipe`)
+    with the teacher (its store entry's key, or its checkpoint's sha256), the loss config and the user's loss code
+    (a ``_target_`` or a plugin's), if any."""
     teacher: TeacherResult = ctx.result.teacher
     if teacher.store_dir:
         taught_by = {"store_key": read_key(Path(teacher.store_dir)) or Path(teacher.store_dir).name}
     else:
         taught_by = {"ckpt_sha256": teacher.ckpt_sha256}
     loss_code = {k: v["sha256"] for k, v in user_code(ctx.cfg, teacher=False).items() if k.startswith("loss")}
-    return {**store_key(STAGE, ctx.cfg.mode.assistant, data, recipe), "teacher": taught_by,
+    return {**store_key(STAGE, ctx.cfg.mode.assistant, data, assistant_recipe(ctx.cfg)), "teacher": taught_by,
             "loss": ctx.cfg_dict["loss"], **({"loss_code": loss_code} if loss_code else {})}
 
 
@@ -112,11 +118,11 @@ def obtain_assistant(ctx: RunContext, data: Data, loss: DistillationLoss,
     """The frozen assistant (best-on-val, eval mode, no grad) from ``store.teachers``, distilled there from
     ``source`` (the teacher's logits) on a miss; evaluated on val and test, with its agreement with the teacher."""
     cfg, spec = ctx.cfg, ctx.cfg.mode.assistant
-    recipe = dataclasses.replace(recipe_student(cfg), epochs=spec.epochs or cfg.trainer.epochs)
+    recipe = assistant_recipe(cfg)
     model = build(spec, data, "mode.assistant", ctx.device, recipe.seed)
     train = _train(ctx, data, loss, source, model, recipe)
     checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), spec.name or STAGE,
-                                               assistant_key(ctx, data, recipe), train,
+                                               assistant_key(ctx, data), train,
                                                run=str(ctx.out_dir.resolve()))
     load_weights(model, checkpoint, key="mode.assistant", model_name=spec.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
