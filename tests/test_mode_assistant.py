@@ -107,8 +107,9 @@ def test_the_store_key_holds_the_teacher_the_assistant_the_loss_and_the_recipe(t
     (("loss=ce",), "loss", "mode=assistant distils"),
     (("loss=at",), "loss", "logit losses only: loss=at reads features"),
     (("mode.assistant.epochs=0",), "mode.assistant.epochs", "must be >= 1"),
-    (("mode.assistant.init=teacher",), "mode.assistant.init", "init / freeze are not supported"),
-    (("mode.assistant.name=mlp",), "mode.assistant.args.dropout", "valid args of mlp: hidden"),
+    (("mode.assistant.name=nope",), "mode.assistant.name", "nope"),
+    (("mode.assistant.name=mlp",), "mode.assistant.args.dropout",
+     "valid args of mlp: hidden; drop it with '~mode.assistant.args.dropout'"),
     (("student.prune.amount=0.5",), "student.prune.amount", "mode=offline only"),
 ])
 def test_nonsensical_configs_are_refused_with_one_line(overrides, key, says):

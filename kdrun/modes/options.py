@@ -16,7 +16,6 @@ from kdrun.errors import ConfigError
 from kdrun.registry import ModeNeeds, register_mode
 from kdrun.schema.checks import check_choice, check_range
 from kdrun.schema.losses import LossConfig, loss_needs
-from kdrun.schema.models import ModelConfig
 
 MODES = "kdrun.modes"
 
@@ -141,22 +140,27 @@ class MergeMode:
 
 
 @dataclass
-class AssistantModel(ModelConfig):
-    """``mode.assistant``: the teacher assistant's model, given like ``teacher`` / ``student`` (a registered ``name``
-    with its ``args``), and its epochs. Trained from random weights with ``trainer.*``'s recipe."""
+class AssistantModel:
+    """``mode.assistant``: the teacher assistant's model, a registered ``name`` (``kdrun --list models``, plugins'
+    included) with its ``args``, as ``teacher`` / ``student`` give theirs, and its epochs. Trained from random
+    weights with the student's recipe (``trainer.*``, ``optim.*``, ``sched.*``, ``seed``)."""
 
-    KEY: ClassVar[str] = "mode.assistant"
-    name: Optional[str] = "cnn"
-    args: Dict[str, Any] = field(default_factory=dict)
+    target: ClassVar[Optional[str]] = None  # registered models only: what model building and store keys read
+    name: str = "cnn"
+    args: Dict[str, Any] = field(default_factory=dict)  # architecture arguments of that registered model
     epochs: Optional[int] = None  # the assistant's training epochs; null = trainer.epochs
 
     def __post_init__(self):
-        if self.init is not None or self.freeze:
-            raise ConfigError("mode.assistant.init" if self.init is not None else "mode.assistant.freeze",
-                              "the assistant is trained from random weights: init / freeze are not supported")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("mode.assistant.epochs", f"must be >= 1 (or null = trainer.epochs), got {self.epochs}")
-        super().__post_init__()
+        from kdrun.models import check_args  # the catalog: no torch
+
+        try:
+            check_args(self.name, dict(self.args), "mode.assistant")
+        except ConfigError as exc:  # the preset's cnn args under another model: say how to drop them
+            if "unknown arg" not in str(exc):
+                raise
+            raise ConfigError(exc.key, f"{str(exc).partition(': ')[2]}; drop it with '~{exc.key}'") from None
 
 
 @register_mode("assistant", "Teacher assistant: the teacher distils a mid-sized assistant, which teaches the student",
