@@ -14,6 +14,7 @@ from test_resume import stop_after
 
 from kdrun.errors import ConfigError, Interrupted
 from kdrun.results import TeacherResult
+from kdrun.resume import completed
 from kdrun.schema import to_object
 from kdrun.store import read_key
 
@@ -52,6 +53,8 @@ def test_the_run_reports_teacher_assistant_baseline_and_student(runs):
     assert first["rows"][0]["test_acc"] == assistant["test_acc"]
     assert first["student_role"] == "student, KD from assistant"
     assert assistant_lines(base / "first") == [1, 2]  # trained by this run: its epochs logged
+    assert (base / "first" / "checkpoints" / "assistant_best.pt").is_file()  # and its final checkpoints kept, so
+    assert completed(base / "first") is not None                             # the run counts as complete
     assert not first.get("warnings")
 
 
@@ -61,6 +64,7 @@ def test_the_assistant_is_stored_and_reused_not_retrained(runs):
     assert first["assistant"]["store_dir"] == second["assistant"]["store_dir"] == str(entry.resolve())
     assert second["assistant"]["reused"] is True
     assert assistant_lines(base / "second") == []  # no epoch trained or logged
+    assert not (base / "second" / "checkpoints" / "assistant_best.pt").exists() and completed(base / "second")
     assert [r["epoch"] for r in read_jsonl(entry / "metrics.jsonl")] == [1, 2]  # the entry keeps its training
     strip = lambda a: {k: v for k, v in a.items() if k not in ("reused", "cache")}
     assert strip(second["assistant"]) == strip(first["assistant"])
@@ -146,10 +150,15 @@ def test_an_interrupted_assistant_resumes_to_the_same_weights(tmp_path, monkeypa
     assert read_json(stopped / "summary.json")["status"] == "interrupted"
     assert assistant_entries(tmp_path / "b") == [] and (stopped / "checkpoints" / "assistant_resume.pt").exists()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kdrun"):
-        resumed = smoke_inproc(tmp_path / "b", stopped, *overrides, resume=True)
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="kdrun"):
+        stop_after(patch, "student", 1)  # stopped again, once the assistant is stored
+        with pytest.raises(Interrupted, match="after student epoch 1/3"):
+            smoke_inproc(tmp_path / "b", stopped, *overrides, resume=True)
+    interrupt.reset()
     said = [r.getMessage() for r in caplog.records if r.name == "kdrun"]
     assert sum(m.startswith("resuming assistant from epoch 1/") for m in said) == 1, said
+    resumed = smoke_inproc(tmp_path / "b", stopped, *overrides, resume=True)
+    assert resumed["assistant"]["reused"] is False  # taken from the store now, but trained by this run
     assert assistant_lines(stopped) == [1, 2, 3]  # each epoch trained and logged once
     strip = lambda a: {k: v for k, v in a.items() if k not in ("store_dir", "cache")}
     assert strip(resumed["assistant"]) == strip(whole["assistant"]) and resumed["student"] == whole["student"]

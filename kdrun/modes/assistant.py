@@ -11,7 +11,9 @@ The assistant is a stored model like a teacher: ``<store.teachers>/<name>-<key h
 loss config, the data's identity and the recipe; trained under the store's lock into a temp dir renamed into place
 (:func:`kdrun.store.train_or_reuse`) and reused by any later run with the same key (``kdrun-store ls`` lists it).
 While it trains, the run keeps ``checkpoints/assistant_resume.pt`` and logs ``stage: assistant`` epochs to
-``metrics.jsonl``, so ``kdrun resume=DIR`` continues it from its last checkpointed epoch; a reused assistant logs none.
+``metrics.jsonl``, so ``kdrun resume=DIR`` continues it from its last checkpointed epoch, and it then keeps
+``checkpoints/assistant_best.pt`` / ``assistant_last.pt`` as a student stage does; a reused assistant adds none of
+these to the run (its weights are the store entry's ``model.pt``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from kdrun.models import build as build_model
 from kdrun.models import check_logits
 from kdrun.models.checkpoint import checkpoint_dict, load_weights
 from kdrun.outputs.metrics import agreement
-from kdrun.records import JsonlWriter, atomic_write_text
+from kdrun.records import JsonlWriter, atomic_write_text, save_torch
 from kdrun.results import AssistantResult, Row, TeacherResult, assistant_size_warnings
 from kdrun.resume import user_code
 from kdrun.stages import (
@@ -124,6 +126,7 @@ def obtain_assistant(ctx: RunContext, data: Data, loss: DistillationLoss,
     checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), spec.name or STAGE,
                                                assistant_key(ctx, data), train,
                                                run=str(ctx.out_dir.resolve()))
+    reused = reused and not (ctx.out_dir / "checkpoints" / f"{STAGE}_best.pt").exists()  # resumed: this run trained it
     load_weights(model, checkpoint, key="mode.assistant", model_name=spec.name, num_classes=data.num_classes,
                  source=f"store entry {entry}")
     model.eval().requires_grad_(False)
@@ -162,6 +165,10 @@ def _train(ctx: RunContext, data: Data, loss: DistillationLoss, source: TeacherS
         meta = {"role": STAGE, "name": spec.name, "args": dict(spec.args), "num_classes": data.num_classes,
                 "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch,
                 "best_val_acc": result.best_val_acc}
+        for which, state in (("last", result.last_state), ("best", result.best_state)):  # as a student stage's
+            save_torch(ctx.out_dir / "checkpoints" / f"{STAGE}_{which}.pt",
+                       {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": STAGE}),
+                        "config": ctx.cfg_dict})
         return checkpoint_dict(result.best_state, meta)
     return train
 
