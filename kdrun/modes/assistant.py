@@ -6,9 +6,9 @@ recipe (``trainer.*``, ``optim.*``, ``sched.*``, ``seed``; ``mode.assistant.epoc
 ``trainer.epochs``); the frozen assistant (best-on-val checkpoint) then teaches the student with the same loss. The CE
 baseline is mode=offline's. Logit losses only (:func:`kdrun.modes.options.assistant_logit_losses_only`).
 
-The assistant is a stored model like a teacher: ``<store.teachers>/<name>-<key hash>/``, its key's ``role`` being
-``assistant``, keyed by the teacher (its store key, or its checkpoint's sha256), the assistant's model config, the
-loss config, the data's identity and the recipe; trained under the store's lock into a temp dir renamed into place
+The assistant is a stored model like a teacher: ``<store.teachers>/assistant-<name>-<key hash>/``, its key's
+``role`` being ``assistant``, keyed by the teacher (its store key, or its checkpoint's sha256), the assistant's model
+config, the loss config, the data's identity and the recipe; trained under the store's lock into a temp dir renamed into place
 (:func:`kdrun.store.train_or_reuse`) and reused by any later run with the same key (``kdrun-store ls`` lists it).
 While it trains, the run keeps ``checkpoints/assistant_resume.pt`` and logs ``stage: assistant`` epochs to
 ``metrics.jsonl``, so ``kdrun resume=DIR`` continues it from its last checkpointed epoch, and it then keeps
@@ -123,7 +123,7 @@ def obtain_assistant(ctx: RunContext, data: Data, loss: DistillationLoss,
     recipe = assistant_recipe(cfg)
     model = build(spec, data, "mode.assistant", ctx.device, recipe.seed)
     train = _train(ctx, data, loss, source, model, recipe)
-    checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), spec.name or STAGE,
+    checkpoint, entry, reused = train_or_reuse(Path(cfg.store.teachers), f"{STAGE}-{spec.name}",
                                                assistant_key(ctx, data), train,
                                                run=str(ctx.out_dir.resolve()))
     reused = reused and not (ctx.out_dir / "checkpoints" / f"{STAGE}_best.pt").exists()  # resumed: this run trained it
