@@ -167,3 +167,20 @@ def test_an_interrupted_assistant_resumes_to_the_same_weights(tmp_path, monkeypa
     wa, wb = (torch.load(e / "model.pt", map_location="cpu", weights_only=True)["model"] for e in (entry_a, entry_b))
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
 
+
+
+@pytest.mark.e2e
+def test_an_assistant_killed_while_it_trains_resumes(tmp_path):
+    """SIGKILL during the assistant's epochs, then ``kdrun resume=DIR``: the assistant goes on from its checkpoint
+    (each epoch logged once), the killed process's temp dir in the store is removed, and the resumed run's student
+    is bit for bit that of an uninterrupted run taught by the same (now stored) assistant."""
+    from test_resume import kill_at, resume_and_compare
+
+    config = ("experiment=smoke", *MODE, "trainer.epochs=20", "baseline=false", "trainer.num_threads=1")
+    killed = kill_at(tmp_path, config, "assistant", 3)
+    assert assistant_entries(tmp_path) == [] and list((tmp_path / "teachers").glob(".assistant-*.tmp-*"))
+    a, b = resume_and_compare(tmp_path, killed, config, "student")
+    assert a["assistant"]["reused"] is False and b["assistant"]["reused"] is True  # the whole run took it from the store
+    assert a["assistant"]["store_dir"] == b["assistant"]["store_dir"] and a["student"] == b["student"]
+    assert assistant_lines(killed) == list(range(1, 21))
+    assert not list((tmp_path / "teachers").glob(".assistant-*.tmp-*"))
