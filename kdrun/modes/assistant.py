@@ -8,8 +8,9 @@ baseline is mode=offline's. Logit losses only (:func:`kdrun.modes.options.assist
 
 The assistant is a stored model like a teacher: ``<store.teachers>/assistant-<name>-<key hash>/``, its key's
 ``role`` being ``assistant``, keyed by the teacher (its store key, or its checkpoint's sha256), the assistant's model
-config, the loss config, the data's identity and the recipe; trained under the store's lock into a temp dir renamed into place
-(:func:`kdrun.store.train_or_reuse`) and reused by any later run with the same key (``kdrun-store ls`` lists it).
+config, the loss config, the data's identity and the recipe; trained under the store's lock into a temp dir renamed
+into place (:func:`kdrun.store.train_or_reuse`) and reused by any later run with the same key (``kdrun-store ls``
+lists it).
 While it trains, the run keeps ``checkpoints/assistant_resume.pt`` and logs ``stage: assistant`` epochs to
 ``metrics.jsonl``, so ``kdrun resume=DIR`` continues it from its last checkpointed epoch, and it then keeps
 ``checkpoints/assistant_best.pt`` / ``assistant_last.pt`` as a student stage does; a reused assistant adds none of
