@@ -37,6 +37,7 @@ CONFIGS = {
     "self_born_again": ["mode=self", "mode.generations=2"],
     "self_snapshot": ["mode=self", "mode.method=snapshot", "mode.teacher_epoch=1", "trainer.epochs=3"],
     "merge": ["mode=merge"],
+    "assistant": ["mode=assistant"],
     "pruned": ["student.prune.amount=0.5"],
     "transfer": ["student=cnn", "student.init=teacher"],
 }

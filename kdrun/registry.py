@@ -295,11 +295,13 @@ def signature_defaults(obj: Callable, skip: tuple = ()) -> dict[str, Any]:
 
 
 def config_defaults(cls: type) -> dict[str, Any]:
-    """The fields of dataclass ``cls`` and their defaults (``None`` when a field has none)."""
-    from dataclasses import MISSING, fields
+    """The fields of dataclass ``cls`` and their defaults (``None`` when a field has none); a nested config's
+    default as a plain dict (``mode.assistant``: its keys, as a composed config holds them)."""
+    from dataclasses import MISSING, asdict, fields, is_dataclass
 
-    return {f.name: (f.default_factory() if f.default_factory is not MISSING else
-                     None if f.default is MISSING else f.default) for f in fields(cls)}
+    defaults = {f.name: (f.default_factory() if f.default_factory is not MISSING else
+                         None if f.default is MISSING else f.default) for f in fields(cls)}
+    return {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in defaults.items()}
 
 
 def _qualname(obj: Any) -> str:

@@ -113,6 +113,28 @@ class SubsetTeacher(Result):
 
 
 @dataclass
+class AssistantResult(Result):
+    """``mode=assistant``: the teacher assistant, distilled from the teacher and stored in ``store.teachers``
+    (``reused``: taken from there; False: trained by this run); its best-on-val checkpoint is the one scored."""
+
+    name: str
+    args: dict
+    params: int
+    epochs: int
+    store_dir: str
+    reused: bool
+    best_epoch: Optional[int] = None
+    val_acc: Optional[float] = None
+    test_acc: Optional[float] = None
+    agreement: Optional[dict] = optional()  # with the teacher: kdrun.outputs.metrics.agreement (top1 %, kl nats)
+    cache: Optional[dict] = optional()      # the logit-cache decision as it teaches the student
+
+    @property
+    def note(self) -> str:
+        return "reused" if self.reused else "trained"
+
+
+@dataclass
 class BaselineResult(Result):
     """The student trained with CE only (``store.baselines``); ``init`` is :func:`kdrun.models.transfer.initialise`'s.
     ``val_acc`` / ``test_acc``: its checkpoint under ``trainer.select`` (``select``), as the student's; the figures of
@@ -222,7 +244,8 @@ class RunResult(Result):
 
     ``teacher`` and ``baseline`` are always written (null when the mode has none); the mode's own entries
     after them only once set: ``semi`` and ``rounds`` (mode=semi), ``generations`` and ``ensemble``
-    (mode=self born_again), ``teachers`` (mode=merge), ``student_pruned`` (``student.prune``). ``rows`` and
+    (mode=self born_again), ``teachers`` (mode=merge), ``student_pruned`` (``student.prune``), ``assistant``
+    (mode=assistant). ``rows`` and
     ``student_role`` are left out while None (offline has neither). ``loss`` replaces or adds keys of
     ``summary["loss"]`` (mode=semi's wrapped loss).
     """
@@ -235,6 +258,7 @@ class RunResult(Result):
     ensemble: Optional[dict] = optional()                    # val_acc, test_acc of all generations' mean softmax
     teachers: Optional[list[SubsetTeacher]] = optional()     # one per class list; ``teacher`` is their merge
     student_pruned: Optional[PrunedStudentResult] = optional()
+    assistant: Optional[AssistantResult] = optional()        # mode=assistant: taught by the teacher, teaches the student
     rows: Optional[list[Row]] = optional()
     student: Optional[StudentResult] = optional()
     student_role: Optional[str] = optional()
@@ -271,6 +295,9 @@ class RunResult(Result):
             out.append(f"student {student.name} has {s_params / t_params:.1f}× more parameters than teacher "
                        f"{teacher.name} ({s_params:,} vs {t_params:,}): distilling into a larger model compresses "
                        f"nothing")
+        if (assistant := self.assistant) is not None and t_params and s_params:
+            out += assistant_size_warnings((teacher.name, t_params), (assistant.name, assistant.params),
+                                           (student.name, s_params))
         return out
 
     def delta_vs_baseline(self, rule: Optional[str] = None) -> Optional[float]:
@@ -296,6 +323,21 @@ def rule_acc(stage: Any, split: str, rule: str) -> Optional[float]:
     if value is None and (getattr(stage, "select", None) or "best") == rule:
         value = getattr(stage, f"{split}_acc", None)
     return value
+
+
+def assistant_size_warnings(teacher: tuple[str, int], assistant: tuple[str, int],
+                            student: tuple[str, int]) -> list[str]:
+    """mode=assistant: a warning when the assistant is not mid-sized, i.e. has more parameters than the teacher or
+    fewer than the student (Mirzadeh et al. 2020 bridge the gap with a model between the two). Each model is given
+    as ``(name, parameters)``."""
+    (t_name, t_params), (a_name, a_params), (s_name, s_params) = teacher, assistant, student
+    if a_params > t_params:
+        return [f"mode.assistant: assistant {a_name} has more parameters than teacher {t_name} ({a_params:,} vs "
+                f"{t_params:,}): a teacher assistant is meant to be mid-sized, between teacher and student"]
+    if a_params < s_params:
+        return [f"mode.assistant: assistant {a_name} has fewer parameters than student {s_name} ({a_params:,} vs "
+                f"{s_params:,}): a teacher assistant is meant to be mid-sized, between teacher and student"]
+    return []
 
 
 def _accs(stage: Any, val: str, test: str) -> tuple[Optional[float], Optional[float]]:

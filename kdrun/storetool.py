@@ -244,7 +244,8 @@ def _remove(path: Path) -> Optional[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``kdrun-store``."""
     parser = argparse.ArgumentParser(prog="kdrun-store", description=(
-        "See and prune kdrun's model stores (trained teachers and CE baselines): ls, show ENTRY, prune."))
+        "See and prune kdrun's model stores (trained teachers, teacher assistants and CE baselines): ls, show ENTRY, "
+        "prune."))
     parser.add_argument("--store", action="append", type=Path, metavar="DIR",
                         help=f"a store dir (store.teachers, store.baselines; repeatable); default: {', '.join(STORES)}")
     sub = parser.add_subparsers(dest="command", required=True)

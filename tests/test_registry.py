@@ -234,7 +234,7 @@ def test_torch_dataset_streamed_equals_in_memory(tmp_path, monkeypatch):
             assert memory[role][split] == streamed[role][split], (role, split)
 
 
-@pytest.mark.parametrize("mode", ["offline", "semi", "self", "merge"])
+@pytest.mark.parametrize("mode", ["offline", "semi", "self", "merge", "assistant"])
 def test_plugin_model_in_both_roles_in_every_mode(tmp_path, mode):
     """A user's model works as teacher and student in every mode, through the store, and with student.init."""
     extra = {"semi": ["mode.labeled_fraction=0.3"], "self": ["mode.generations=1"], "merge": []}.get(mode, [])

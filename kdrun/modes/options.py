@@ -1,6 +1,7 @@
 """Every built-in mode as a config option: its dataclass (its ``mode.*`` keys, defaults, range checks), what it
 needs and its cross-key rules (which losses it accepts), registered once with :func:`kdrun.registry.register_mode`;
-``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``).
+``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``,
+``assistant``).
 
 This is the torch-free half of a mode: validating a config and ``kdrun --list modes`` read it without importing
 torch. :class:`kdrun.schema.Config` runs every rule of the chosen mode and loss; a plugin's mode states its own the
@@ -8,8 +9,8 @@ same way (README, "Extending kdrun").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
 
 from kdrun.errors import ConfigError
 from kdrun.registry import ModeNeeds, register_mode
@@ -39,6 +40,15 @@ def snapshot_before_the_end(cfg) -> None:
     at = cfg.mode.teacher_epoch
     if cfg.mode.method == "snapshot" and at >= cfg.trainer.epochs:
         raise ConfigError("mode.teacher_epoch", f"must be < trainer.epochs ({cfg.trainer.epochs}), got {at}")
+
+
+def assistant_logit_losses_only(cfg) -> None:
+    """assistant: the loss trains two pairs (teacher -> assistant, assistant -> student); feature losses would need
+    layer pairs for both, which kdrun does not check or store: refused before anything trains."""
+    if loss_needs(cfg.loss).features:
+        raise ConfigError("loss", f"mode=assistant distils with logit losses only: loss={cfg.loss.name} reads "
+                                  f"features, whose layer pairs would differ between teacher -> assistant and "
+                                  f"assistant -> student; use a logit loss (kd, dkd, dist, ...)")
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)",
@@ -128,3 +138,40 @@ class MergeMode:
                 raise ConfigError("mode.class_splits", f"needs >= 2 non-empty class lists, got {self.class_splits}")
             if any(c < 0 for s in self.class_splits for c in s):
                 raise ConfigError("mode.class_splits", f"class ids must be >= 0, got {self.class_splits}")
+
+
+@dataclass
+class AssistantModel:
+    """``mode.assistant``: the teacher assistant's model, a registered ``name`` (``kdrun --list models``, plugins'
+    included) with its ``args``, as ``teacher`` / ``student`` give theirs, and its epochs. Trained from random
+    weights with the student's recipe (``trainer.*``, ``optim.*``, ``sched.*``, ``seed``)."""
+
+    target: ClassVar[Optional[str]] = None  # registered models only: what model building and store keys read
+    name: str = "cnn"
+    args: Dict[str, Any] = field(default_factory=lambda: {"hidden": 256, "dropout": 0.25, "channels": 16})
+    #   ^ that model's arguments; the default: the cnn at half the default cnn teacher's width (about 87k -> 40k ->
+    #     19k parameters, teacher -> assistant -> mlp student, on digits; 825k -> 409k -> 204k on Fashion-MNIST)
+    epochs: Optional[int] = None  # the assistant's training epochs; null = trainer.epochs
+
+    def __post_init__(self):
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("mode.assistant.epochs", f"must be >= 1 (or null = trainer.epochs), got {self.epochs}")
+        from kdrun.models import check_args  # the catalog: no torch
+
+        try:
+            check_args(self.name, dict(self.args), "mode.assistant")
+        except ConfigError as exc:  # the preset's cnn args under another model: say how to drop them
+            if "unknown arg" not in str(exc):
+                raise
+            raise ConfigError(exc.key, f"{str(exc).partition(': ')[2]}; drop it with '~{exc.key}'") from None
+
+
+@register_mode("assistant", "Teacher assistant: the teacher distils a mid-sized assistant, which teaches the student",
+               target=f"{MODES}.assistant.assistant", needs=ModeNeeds(teacher=True),
+               rules=(assistant_logit_losses_only,))
+@dataclass
+class AssistantMode:
+    """mode=assistant: teacher -> assistant -> student (Mirzadeh et al. 2020), the assistant stored and reused."""
+
+    name: str = "assistant"
+    assistant: AssistantModel = field(default_factory=AssistantModel)

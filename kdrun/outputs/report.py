@@ -5,7 +5,7 @@ every evaluated model (:attr:`kdrun.results.RunResult.predictions`) and the per-
 accuracy, scikit-learn's per-class report with macro and weighted averages, the confusion matrix and the
 calibration bins (:mod:`kdrun.outputs.metrics`), plus the classes where the student trails the teacher most.
 Figures (matplotlib, Agg, no pyplot): ``confusion_<role>.png`` per model, ``reliability.png`` (all models),
-``learning_curves.png`` (train loss and val accuracy per epoch; the teacher's and baseline's epochs come
+``learning_curves.png`` (train loss and val accuracy per epoch; the teacher's, baseline's and assistant's epochs come
 from their store entries' ``metrics.jsonl``). ``report.md`` puts the tables and figures together (relative
 links: it reads on GitHub and in any Markdown viewer).
 """
@@ -24,7 +24,7 @@ from kdrun.results import RunResult
 
 log = logging.getLogger("kdrun")
 FIGURES = "figures"
-COLOURS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:red"}
+COLOURS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:red", "assistant": "tab:green"}
 MIN_BIN_COUNT = 20  # reliability.png: a bin with fewer samples (accuracy's std error > 0.1) is hollow, not joined
 
 
@@ -44,7 +44,7 @@ def class_names(names: Optional[list[str]], num_classes: int) -> list[str]:
 
 
 def label(role: str) -> str:
-    return {"baseline": "baseline (CE)"}.get(role, role)
+    return {"baseline": "baseline (CE)", "assistant": "assistant (teaches the student)"}.get(role, role)
 
 
 def _ordered(predictions: dict) -> list[str]:
@@ -101,10 +101,13 @@ def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
 
 
 def learning_curves(out_dir: Path, result: RunResult, roles: list[str]) -> dict:
-    """role -> the per-epoch records of its training (deduplicated by epoch, the last line wins): the teacher's
-    and baseline's from their store entries, the others' from the run's ``metrics.jsonl`` (by ``stage``)."""
+    """role -> the per-epoch records of its training (deduplicated by epoch, the last line wins): the teacher's,
+    baseline's and assistant's (mode=assistant) from their store entries, the others' from the run's
+    ``metrics.jsonl`` (by ``stage``)."""
     sources = {"teacher": getattr(result.teacher, "store_dir", None),
                "baseline": getattr(result.baseline, "store_dir", None)}
+    if result.assistant is not None:  # mode=assistant: its entry holds every epoch, also when this run reused it
+        sources["assistant"] = result.assistant.store_dir
     curves = {}
     for role in roles:
         if role in sources and not sources[role]:  # a teacher from teacher.ckpt, a snapshot or merged one: no epochs
@@ -255,7 +258,7 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
     """``report.md``: accuracy summary, the student's worst classes, calibration, per-class table, figures."""
     models, figures = report["models"], report["figures"]
     names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
-             "student": getattr(result.student, "name", "")}
+             "student": getattr(result.student, "name", ""), "assistant": getattr(result.assistant, "name", "")}
     split, n = report["split"], next(iter(models.values()))["n"]
     rule = getattr(result.student, "select", "best")
     which = "the best-on-val checkpoint" if rule == "best" else "the last epoch's checkpoint (the teacher's: best on val)"
@@ -264,6 +267,10 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
              f"of {which}: `trainer.select={rule}`.", ""]
     if note:
         lines += [f"> {note}", ""]
+    if (helper := result.assistant) is not None:  # mode=assistant: say who taught whom
+        lines += [f"Teacher → assistant → student: the assistant `{helper.name}` ({helper.params:,} parameters, "
+                  f"{'reused from' if helper.reused else 'trained into'} the teacher store, {helper.epochs} epochs) "
+                  f"was distilled from the teacher and taught the student; agreement is with the teacher.", ""]
     agrees = any(m.get("agreement") for m in models.values())
     lines += ["## Summary", "", "| model | role | accuracy % | macro F1 | weighted F1 | ECE |"
               + (" agrees with teacher % | KL(teacher ‖ model) |" if agrees else ""),
