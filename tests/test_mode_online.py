@@ -101,10 +101,13 @@ def test_online_run_reports_every_peer_and_no_teacher(tmp_path):
 def test_online_peers_of_different_architectures(tmp_path):
     from kdrun.outputs.export import load_student
 
-    s = smoke_inproc(tmp_path, tmp_path / "run", *ONLINE, "mode.peers=[mlp,cnn]", "loss=soft_ce")
+    s = smoke_inproc(tmp_path, tmp_path / "run", *ONLINE, "mode.peers=[mlp,cnn]", "loss=soft_ce", "report=true")
     first, second = s["peers"]
     assert (first["name"], second["name"]) == ("mlp", "cnn") and first["params"] != second["params"]
     assert s["student"]["name"] == "mlp" and s["baseline"]["name"] == "mlp"
+    assert s["report"]["models"]["peer2"]["agreement"]["top1"] == second["agreement"]["top1"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| cnn | peer2 |" in report and "agrees with the other peers %" in report
     model, checkpoint = load_student(tmp_path / "run" / "checkpoints" / "peer2_best.pt")
     assert checkpoint["meta"]["peer"] == 2 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
@@ -170,10 +173,10 @@ def test_online_resumes_after_sigkill_bit_identically(tmp_path):
     uninterrupted run, and every epoch is logged once."""
     from test_resume import assert_same_weights, kill_at, resume_and_compare
 
-    config = ("experiment=smoke", "mode=online", "trainer.epochs=100", "trainer.num_threads=1", "baseline=false")
+    config = ("experiment=smoke", "mode=online", "trainer.epochs=40", "trainer.num_threads=1", "baseline=false")
     killed = kill_at(tmp_path, config, "student", 3)
     a, b = resume_and_compare(tmp_path, killed, config, "student")
     assert a["peers"] == b["peers"]
     for name in ("peer2_best.pt", "peer2_last.pt"):  # the student's (peer 1's) are compared by resume_and_compare
         assert_same_weights(killed / "checkpoints" / name, tmp_path / "whole" / "checkpoints" / name)
-    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 101))
+    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 41))
