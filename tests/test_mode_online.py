@@ -133,6 +133,13 @@ def test_online_refusals_are_one_line_naming_the_key(tmp_path, overrides, starts
     assert not store_entries(tmp_path / "teachers") and not store_entries(tmp_path / "baselines")
 
 
+def test_a_teacher_override_is_said_to_be_unused():
+    from test_advice import warnings_of
+
+    assert warnings_of("mode=online", "teacher=resnet18") == [
+        "teacher=resnet18: not used (mode=online has no separate teacher: its peers teach each other)"]
+
+
 def test_unknown_peer_lists_the_models(tmp_path):
     line = error_line(False, tmp_path, tmp_path / "run", "mode=online", "mode.peers=[mlp,nosuchnet]")
     assert "cnn" in line and "resnet8" in line, line

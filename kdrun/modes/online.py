@@ -222,8 +222,9 @@ def _summarise(ctx: RunContext, data: Data, infos: list[StudentResult], peers: l
     result.ensemble = ensemble_accuracy(peers, data, ctx)
     result.rows = [Row(f"peer {i.peer}, online", i.name, i.val_acc_best, i.test_acc_best, _note(i))
                    for i in infos[1:]]
-    result.rows += [Row(f"mean of {len(infos)} peers", "", **mean, note="each at its best-on-val epoch"),
-                    Row(f"ensemble of {len(infos)} peers", "", **result.ensemble, note="mean softmax")]
+    names = "+".join(i.name for i in infos)
+    result.rows += [Row(f"mean of {len(infos)} peers", names, **mean, note="each at its best-on-val epoch"),
+                    Row(f"ensemble of {len(infos)} peers", names, **result.ensemble, note="mean softmax")]
     log.info(f"online: peers' mean val {pct(mean['val_acc'])}  test {pct(mean['test_acc'])}; ensemble val "
              f"{pct(result.ensemble['val_acc'])}  test {pct(result.ensemble['test_acc'])}")
 

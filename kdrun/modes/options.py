@@ -10,7 +10,7 @@ same way (README, "Extending kdrun").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from kdrun.errors import ConfigError
 from kdrun.registry import ModeNeeds, register_mode
@@ -156,6 +156,7 @@ def online_rules(cfg) -> None:
 class OnlineMode:
     """mode=online: deep mutual learning (Zhang et al. 2018): K peers, no pre-trained teacher."""
 
+    no_teacher: ClassVar[str] = "its peers teach each other"  # why teacher.* is unused (kdrun.schema.advice)
     name: str = "online"
     peers: Optional[List[Any]] = None  # model names or {name, args} / {_target_: ...} specs; peer 1 is the student
     num_peers: int = 2                 # peers: null: this many copies of student (>= 2)
