@@ -112,6 +112,15 @@ def test_online_peers_of_different_architectures(tmp_path):
     assert checkpoint["meta"]["peer"] == 2 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
+def test_a_peer_of_the_users_own_code(tmp_path, monkeypatch):
+    from conftest import user_mlp_module
+
+    user_mlp_module(tmp_path, "peer_net", monkeypatch)
+    s = smoke_inproc(tmp_path, tmp_path / "run", "mode=online", "trainer.epochs=1", "baseline=false",
+                     "mode.peers=[mlp,{_target_: peer_net.make, hidden: 8}]")
+    assert s["peers"][1]["name"] == "make" and s["peers"][1]["params"] == 64 * 8 + 8 + 8 * 10 + 10
+
+
 @pytest.mark.parametrize("overrides, starts", [
     (("teacher.ckpt=t.pt",), "teacher.ckpt: mode=online has no teacher"),
     (("loss=ce",), "loss.alpha: loss=ce has no teacher term"),  # the preset's alpha=0.5 meets ce's check first
