@@ -30,7 +30,8 @@ def test_mutual_loss_is_each_peers_kd_to_the_others_mean(k):
     torch.manual_seed(0)
     T, alpha = 3.0, 0.7
     logits, y = torch.randn(k, 6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
-    loss, parts = MutualLoss(build("kd", T=T, alpha=alpha), k)(logits.float(), None, y)
+    stacked = logits.float().permute(1, 2, 0)  # [B, C, K], as a Cohort returns them
+    loss, parts = MutualLoss(build("kd", T=T, alpha=alpha), k)(stacked, None, y)
     want = []
     for i in range(k):
         others = torch.stack([F.softmax(logits[j] / T, dim=1) for j in range(k) if j != i]).mean(0)
@@ -44,17 +45,17 @@ def test_mutual_loss_is_each_peers_kd_to_the_others_mean(k):
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_a_peers_loss_sends_no_gradient_to_the_others(k):
-    logits = torch.randn(k, 4, 3, requires_grad=True)
+    logits = torch.randn(4, 3, k, requires_grad=True)
     _, parts = MutualLoss(build("kd", T=2.0, alpha=0.9), k)(logits, None, torch.tensor([0, 1, 2, 0]))
     parts["peer2"].backward()
-    grads = logits.grad.abs().sum(dim=(1, 2))
+    grads = logits.grad.abs().sum(dim=(0, 1))
     assert grads[1] > 0 and all(grads[j] == 0 for j in range(k) if j != 1)
 
 
 def test_others_target_has_the_others_mean_as_its_softmax():
-    logits, T = torch.randn(3, 4, 6), 2.5
+    logits, T = torch.randn(4, 6, 3), 2.5
     target = others_target(logits, 0, T)
-    want = (F.softmax(logits[1] / T, dim=1) + F.softmax(logits[2] / T, dim=1)) / 2
+    want = (F.softmax(logits[..., 1] / T, dim=1) + F.softmax(logits[..., 2] / T, dim=1)) / 2
     torch.testing.assert_close(F.softmax(target / T, dim=1), want)
     assert not target.requires_grad
 
@@ -63,7 +64,9 @@ def test_others_target_has_the_others_mean_as_its_softmax():
 def test_every_accepted_loss_trains_a_cohort(name):
     torch.manual_seed(0)
     cohort = Cohort([torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)])
-    loss, parts = MutualLoss(build(name), 2)(cohort(torch.randn(8, 4)), None, torch.arange(8) % 3)
+    logits = cohort(torch.randn(8, 4))
+    assert logits.shape == (8, 3, 2)  # batch and classes where one model has them, peers last
+    loss, parts = MutualLoss(build(name), 2)(logits, None, torch.arange(8) % 3)
     loss.backward()
     assert torch.isfinite(loss) and {"ce", "kd", "peer1", "peer2"} <= set(parts)
     assert all(p.grad is not None for p in cohort.parameters())

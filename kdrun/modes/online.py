@@ -49,8 +49,10 @@ log = logging.getLogger("kdrun")
 
 
 class Cohort(nn.Module):
-    """The peers as one model: in train mode its forward returns every peer's logits stacked, ``[K, B, C]``; in
-    eval mode peer 1's (the student's), so the loop's validation accuracy and best epoch are the student's."""
+    """The peers as one model: in train mode its forward returns every peer's logits stacked on a last axis,
+    ``[B, C, K]`` (batch and classes where one model's logits have them: the loop reads the number of classes from
+    ``shape[1]``); in eval mode peer 1's (the student's), so the loop's validation accuracy and best epoch are the
+    student's."""
 
     def __init__(self, peers: list[nn.Module]):
         super().__init__()
@@ -58,16 +60,16 @@ class Cohort(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return torch.stack([peer(x) for peer in self.peers])
+            return torch.stack([peer(x) for peer in self.peers], dim=-1)
         return self.peers[0](x)
 
 
 def others_target(logits: torch.Tensor, k: int, T: float) -> torch.Tensor:
     """Logits whose ``softmax(·/T)`` is the mean of ``softmax(s_j/T)`` over the peers ``j ≠ k`` of ``logits``
-    (``[K, B, C]``): ``T·log`` of that mean, detached."""
+    (``[B, C, K]``): ``T·log`` of that mean, detached."""
     with torch.no_grad():
-        probs = F.softmax(logits.detach().float() / T, dim=2)
-        mean = probs[[j for j in range(len(probs)) if j != k]].mean(0)
+        probs = F.softmax(logits.detach().float() / T, dim=1)
+        mean = probs[..., [j for j in range(probs.shape[-1]) if j != k]].mean(-1)
         return T * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
 
 
@@ -91,8 +93,8 @@ class MutualLoss(nn.Module):
     def forward(self, logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
                 **_) -> tuple[torch.Tensor, dict]:
         values, ce, kd = [], [], []
-        for k in range(len(logits)):
-            value, parts = self.loss(logits[k], others_target(logits, k, self.T), labels)
+        for k in range(logits.shape[-1]):
+            value, parts = self.loss(logits[..., k], others_target(logits, k, self.T), labels)
             values.append(value)
             ce.append(parts["ce"])
             kd.append(parts["kd"])
