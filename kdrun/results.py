@@ -173,7 +173,9 @@ class StudentResult(Result):
     test_acc_best: Optional[float] = None
     select: str = "best"                    # trainer.select: the checkpoint that is the model (exported, teaching)
     generation: Optional[int] = optional()  # mode=self born_again
-    agreement: Optional[dict] = optional()  # the selected checkpoint vs its teacher: kdrun.outputs.metrics.agreement
+    peer: Optional[int] = optional()        # mode=online: its place in the cohort (1: the student)
+    agreement: Optional[dict] = optional()  # the selected checkpoint vs its teacher (mode=online: vs the other
+    #                                         peers' ensemble, ``with`` says so): kdrun.outputs.metrics.agreement
     loss_params: Optional[int] = optional()  # the loss's own learned parameters (adapters, embeddings), trained
     #                                          with the student and not part of it; buffers (a memory bank) not counted
 
@@ -244,8 +246,8 @@ class RunResult(Result):
 
     ``teacher`` and ``baseline`` are always written (null when the mode has none); the mode's own entries
     after them only once set: ``semi`` and ``rounds`` (mode=semi), ``generations`` and ``ensemble``
-    (mode=self born_again), ``teachers`` (mode=merge), ``student_pruned`` (``student.prune``), ``assistant``
-    (mode=assistant). ``rows`` and
+    (mode=self born_again; mode=online: the peers'), ``teachers`` (mode=merge), ``peers`` and ``peers_mean``
+    (mode=online), ``student_pruned`` (``student.prune``), ``assistant`` (mode=assistant). ``rows`` and
     ``student_role`` are left out while None (offline has neither). ``loss`` replaces or adds keys of
     ``summary["loss"]`` (mode=semi's wrapped loss).
     """
@@ -257,6 +259,8 @@ class RunResult(Result):
     generations: Optional[list[StudentResult]] = optional()  # every KD generation; the last is ``student``
     ensemble: Optional[dict] = optional()                    # val_acc, test_acc of all generations' mean softmax
     teachers: Optional[list[SubsetTeacher]] = optional()     # one per class list; ``teacher`` is their merge
+    peers: Optional[list[StudentResult]] = optional()        # mode=online: every peer; peer 1 is ``student``
+    peers_mean: Optional[dict] = optional()                  # mode=online: the peers' mean val / test accuracy
     student_pruned: Optional[PrunedStudentResult] = optional()
     assistant: Optional[AssistantResult] = optional()        # mode=assistant: taught by the teacher, teaches the student
     rows: Optional[list[Row]] = optional()

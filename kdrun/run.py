@@ -234,9 +234,11 @@ def _report(conf: Config, result: RunResult, out_dir: Path, summary: RunSummary,
 
 
 def _agrees(stage) -> str:
-    """``"; agrees with teacher 91.64 %"``: a model's top-1 agreement with the teacher (empty when not measured)."""
-    top1 = (getattr(stage, "agreement", None) or {}).get("top1")
-    return "" if top1 is None else f"; agrees with teacher {top1:.2f} %"
+    """``"; agrees with teacher 91.64 %"``: a model's top-1 agreement with the teacher (or with what its ``with``
+    names: mode=online's other peers; empty when not measured)."""
+    found = getattr(stage, "agreement", None) or {}
+    top1 = found.get("top1")
+    return "" if top1 is None else f"; agrees with {found.get('with', 'teacher')} {top1:.2f} %"
 
 
 RULES = {"best": "best on val", "last": "last epoch"}  # trainer.select: the checkpoint each rule names

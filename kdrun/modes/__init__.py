@@ -7,6 +7,7 @@ stage's typed result into ``ctx.result`` (:class:`kdrun.results.RunResult`) as s
 ``semi``: only part of the labels; the teacher's soft targets supervise the rest (:mod:`kdrun.modes.semi`).
 ``self``: born-again generations or an in-training snapshot teacher (:mod:`kdrun.modes.selfdistill`).
 ``merge``: teachers on class subsets merged into one student over all classes (:mod:`kdrun.modes.merge`).
+``online``: peers trained together from scratch, each taught by the others (:mod:`kdrun.modes.online`).
 
 The registry imports :mod:`kdrun.modes.options` on first use of the ``mode`` kind (no torch) and a mode's own
 module when the mode runs.

@@ -1,7 +1,7 @@
 """Every built-in mode as a config option: its dataclass (its ``mode.*`` keys, defaults, range checks), what it
 needs and its cross-key rules (which losses it accepts), registered once with :func:`kdrun.registry.register_mode`;
 ``target`` names the function that runs it (:mod:`kdrun.modes.offline`, ``semi``, ``selfdistill``, ``merge``,
-``assistant``).
+``assistant``, ``online``).
 
 This is the torch-free half of a mode: validating a config and ``kdrun --list modes`` read it without importing
 torch. :class:`kdrun.schema.Config` runs every rule of the chosen mode and loss; a plugin's mode states its own the
@@ -175,3 +175,71 @@ class AssistantMode:
 
     name: str = "assistant"
     assistant: AssistantModel = field(default_factory=AssistantModel)
+
+
+MUTUAL_LOSSES = ("kd", "soft_ce", "dkd", "dist", "hard")  # read the target only through softmax(t/T) (or its argmax)
+
+
+def online_rules(cfg) -> None:
+    """online: peers trained together from scratch; each learns from the others' mean softmax(s/T), which a logit
+    loss that reads its teacher only through softmax(t/T) takes as is; the peers are valid models, peer 1 the student."""
+    loss, student = cfg.loss, cfg.student
+    if cfg.teacher.ckpt:
+        raise ConfigError("teacher.ckpt", "mode=online has no teacher: its peers train together from scratch; drop "
+                                          "teacher.ckpt, or use mode=offline to distil from it")
+    if isinstance(loss, LossConfig) or loss.name not in MUTUAL_LOSSES or getattr(loss, "standardize", False):
+        z = " with standardize=true" if getattr(loss, "standardize", False) else ""
+        raise ConfigError("loss", f"mode=online supports loss={'|'.join(MUTUAL_LOSSES)} (standardize=false): each peer's "
+                                  f"target is the others' mean softmax(s/T), not logits; got loss={loss.name}{z}")
+    if student.init is not None or student.freeze:
+        key = "student.init" if student.init is not None else "student.freeze"
+        raise ConfigError(key, "mode=online trains every peer from scratch: leave student.init and student.freeze unset")
+    cfg.mode.peer_configs(student)  # names, args, peer 1
+
+
+@register_mode("online", "Online distillation: peers trained together from scratch, each taught by the others (DML)",
+               target=f"{MODES}.online.online", needs=ModeNeeds(teacher_keys=False), rules=(online_rules,))
+@dataclass
+class OnlineMode:
+    """mode=online: deep mutual learning (Zhang et al. 2018): K peers, no pre-trained teacher."""
+
+    no_teacher: ClassVar[str] = "its peers teach each other"  # why teacher.* is unused (kdrun.schema.advice)
+    name: str = "online"
+    peers: Optional[List[Any]] = None  # model names or {name, args} / {_target_: ...} specs; peer 1 is the student
+    num_peers: int = 2                 # peers: null: this many copies of student (>= 2)
+
+    def __post_init__(self):
+        if self.peers is None and self.num_peers < 2:
+            raise ConfigError("mode.num_peers", f"must be >= 2 (mutual learning needs peers), got {self.num_peers}")
+        if self.peers is not None and len(self.peers) < 2:
+            raise ConfigError("mode.peers", f"needs >= 2 models (mutual learning needs peers), got {self.peers}")
+
+    def unread(self) -> dict[str, str]:
+        """``num_peers`` when ``peers`` lists them (:meth:`kdrun.schema.losses.LossBase.unread`)."""
+        return {"num_peers": "mode.peers lists the peers"} if self.peers is not None else {}
+
+    def peer_configs(self, student) -> list:
+        """The peers' model configs: ``student`` (peer 1), then ``mode.peers[1:]`` (or copies of ``student``).
+        Refuses an unknown model name and a first peer that is not the student."""
+        from kdrun import registry
+        from kdrun.schema import ModelConfig, open_node
+
+        if self.peers is None:
+            return [student] * self.num_peers
+        out = []
+        for i, spec in enumerate(self.peers):
+            key = f"mode.peers[{i}]"
+            node = {"name": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else None
+            if node is None:
+                raise ConfigError(key, f"must be a model name or a {{name, args}} / {{_target_}} node, got {spec!r}")
+            if "_target_" not in node:
+                registry.get("model", node.get("name"), key)
+            out.append(open_node(ModelConfig, node, key))
+        first = out[0]
+        same = (first.name, first.target) == (student.name, student.target) and \
+            (not first.args or dict(first.args) == dict(student.args))
+        if not same:
+            raise ConfigError("mode.peers[0]", f"peer 1 is the student: mode.peers[0] must be student's model "
+                                               f"({student.name}), got {first.name}; set student={first.name} or put "
+                                               f"{student.name} first")
+        return [student, *out[1:]]

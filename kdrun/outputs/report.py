@@ -65,6 +65,7 @@ def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note
         return None
     num_classes = max(p.num_classes for p in preds.values())  # a class-subset teacher (mode=merge) is left out
     roles = [r for r in _ordered(preds) if preds[r].num_classes == num_classes]
+    peers = _peers(result)
     names = class_names(names, num_classes)
     models = {}
     for role in roles:
@@ -72,6 +73,8 @@ def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note
         models[role] = {"split": p.split, **evaluate_logits(p.logits.numpy(), p.labels.numpy(), names)}
         if role != "teacher" and "teacher" in preds:  # did it learn the teacher's function (kdrun.outputs.metrics)
             models[role]["agreement"] = agreement(preds["teacher"], p)
+        elif getattr(peers.get(role), "agreement", None):  # mode=online: with the other peers' ensemble
+            models[role]["agreement"] = peers[role].agreement
     worst = trails(models["teacher"], models["student"]) if {"teacher", "student"} <= set(models) else None
     curves = learning_curves(out_dir, result, roles)
     (out_dir / FIGURES).mkdir(exist_ok=True)
@@ -94,6 +97,11 @@ def write_report(out_dir: Path, result: RunResult, dataset: str, mode: str, note
     if worst is not None:
         summary["student_trails_teacher"] = [{"class": w["name"], "f1_gap_pt": w["f1_gap_pt"]} for w in worst]
     return Written(summary, line)
+
+
+def _peers(result: RunResult) -> dict:
+    """mode=online: each peer's result by its role in ``predictions`` (``student`` for peer 1, ``peer<k>``)."""
+    return {("student" if p.peer == 1 else f"peer{p.peer}"): p for p in result.peers or []}
 
 
 def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
@@ -258,7 +266,8 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
     """``report.md``: accuracy summary, the student's worst classes, calibration, per-class table, figures."""
     models, figures = report["models"], report["figures"]
     names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
-             "student": getattr(result.student, "name", ""), "assistant": getattr(result.assistant, "name", "")}
+             "student": getattr(result.student, "name", ""), "assistant": getattr(result.assistant, "name", ""),
+             **{r: p.name for r, p in _peers(result).items()}}
     split, n = report["split"], next(iter(models.values()))["n"]
     rule = getattr(result.student, "select", "best")
     which = "the best-on-val checkpoint" if rule == "best" else "the last epoch's checkpoint (the teacher's: best on val)"
@@ -272,8 +281,10 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
                   f"{'reused from' if helper.reused else 'trained into'} the teacher store, {helper.epochs} epochs) "
                   f"was distilled from the teacher and taught the student; agreement is with the teacher.", ""]
     agrees = any(m.get("agreement") for m in models.values())
+    peers = any((m.get("agreement") or {}).get("with") for m in models.values())  # mode=online
+    target = "the other peers" if peers else "teacher"
     lines += ["## Summary", "", "| model | role | accuracy % | macro F1 | weighted F1 | ECE |"
-              + (" agrees with teacher % | KL(teacher ‖ model) |" if agrees else ""),
+              + (f" agrees with {target} % | KL({'others' if peers else 'teacher'} ‖ model) |" if agrees else ""),
               "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if agrees else "")]
     for role, m in models.items():
         row = (f"| {names.get(role, '')} | {label(role)} | {_f(m['accuracy'], 2)} | {_f(m['macro_avg']['f1'])} | "
@@ -286,7 +297,11 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
               "over classes, weighted: by support."
               + (" Agreement: the share of images where the model's top-1 class is the teacher's (right or "
                  "wrong); KL(teacher ‖ model): at T = 1, in nats, averaged over the images. Both ask whether the "
-                 "model learned the teacher's function, which accuracy alone does not show." if agrees else ""), ""]
+                 "model learned the teacher's function, which accuracy alone does not show." if agrees and not peers
+                 else "")
+              + (" Agreement: the share of images where the peer's top-1 class is that of the other peers' "
+                 "ensemble (their mean softmax; right or wrong); KL(others ‖ model): at T = 1, in nats, averaged over "
+                 "the images. Both ask how far mutual learning made the peers one function." if peers else ""), ""]
     worst = report["student_trails_teacher"]
     if worst is not None:
         lines += ["## Where the student trails the teacher", ""]

@@ -44,7 +44,8 @@ def config_warnings(conf: Any, overrides: Iterable[str], loss_reads_teacher: boo
     if not needs.teacher_term:  # semi distils the unlabelled images with the loss's T whatever its alpha
         out += _unread(keys, "loss", unread)
     out += _unread(keys, "mode", getattr(conf.mode, "unread", dict)())
-    why = (f"mode={conf.mode.name} has no separate teacher: the student teaches itself" if not needs.teacher_keys
+    teacherless = getattr(conf.mode, "no_teacher", "the student teaches itself")  # a mode's own words (online's)
+    why = (f"mode={conf.mode.name} has no separate teacher: {teacherless}" if not needs.teacher_keys
            else None if loss_reads_teacher or needs.teacher_term
            else f"loss={conf.loss.name} trains the student alone" if not distils
            else f"loss={conf.loss.name}: {weights}")
