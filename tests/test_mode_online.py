@@ -101,6 +101,15 @@ def test_online_run_reports_every_peer_and_no_teacher(tmp_path):
     assert {"student_best.pt", "student_last.pt", "peer2_best.pt", "peer3_last.pt"} <= files
 
 
+def test_select_last_scores_every_peer_at_its_last_epoch(tmp_path):
+    s = smoke_inproc(tmp_path, tmp_path / "run", *ONLINE, "trainer.select=last")
+    peers = s["peers"]
+    assert all(p["select"] == "last" for p in peers)
+    mean = sum(p["test_acc_last"] for p in peers) / len(peers)
+    assert s["peers_mean"]["test_acc"] == pytest.approx(mean, abs=1e-3)
+    assert s["delta_vs_baseline"] == pytest.approx(peers[0]["test_acc_last"] - s["baseline"]["test_acc_last"], abs=1e-3)
+
+
 def test_online_peers_of_different_architectures(tmp_path):
     from kdrun.outputs.export import load_student
 

@@ -9,7 +9,8 @@ targets each ``L_k`` reaches only peer k's weights, so one optimizer over all pe
 optimizer with the same hyper-parameters would, and resume checkpoints, signals and data-parallel ranks come from
 the loop. Peer k (1-based) is built with seed ``seed + k - 1``: peer 1 is the student and starts from the CE
 baseline's weights. Each peer's best-on-val epoch is kept on its own (:class:`PeerScores`); the loop's ``val/acc``
-(and the student's learning curve) is peer 1's.
+(and the student's learning curve) is peer 1's. ``trainer.select`` picks, for every peer, the checkpoint its
+figures, the peers' mean and the ensemble use, as for any student.
 """
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def online(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
 def _peer_result(ctx: RunContext, data: Data, k: int, model_cfg, peer: nn.Module, scores: PeerScores,
                  cohort_last: dict, recipe: Recipe, init: dict) -> StudentResult:
     """Save peer ``k``'s best and last weights (``checkpoints/student_*.pt`` for peer 1, ``peer<k>_*.pt`` for the
-    others), score them, and keep the best's logits for the report (role ``student`` / ``peer<k>``)."""
+    others), score them, and keep the logits of the one ``trainer.select`` names for the report (role ``student`` /
+    ``peer<k>``); ``peer`` is left holding that checkpoint (the ensemble row scores it)."""
     stage = "student" if k == 1 else f"peer{k}"
     prefix = f"peers.{k - 1}."
     last = {n.removeprefix(prefix): v for n, v in cohort_last.items() if n.startswith(prefix)}
@@ -181,24 +183,27 @@ def _peer_result(ctx: RunContext, data: Data, k: int, model_cfg, peer: nn.Module
     node = {"name": model_cfg.name, "args": dict(model_cfg.args)} if not model_cfg.target else \
         {"_target_": model_cfg.target, **model_cfg.kwargs}
     config = ctx.cfg_dict if k == 1 else {**ctx.cfg_dict, "student": node}  # load_student rebuilds the peer
-    out = {}
-    for which, state in (("last", last), ("best", scores.best_states[k - 1])):
+    out, select = {}, ctx.cfg.trainer.select
+    states = {"last": last, "best": scores.best_states[k - 1]}
+    for which in sorted(states, key=lambda w: w == select):  # the selected one last: the peer's weights after this
+        state = states[which]
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": config})
         peer.load_state_dict(state)
-        role = stage if which == "best" else None
+        role = stage if which == select else None
         out.update({f"{split}_{which}": acc for split, acc in evaluate(peer, data, ctx, role).items()})
     peer.eval()
     info = StudentResult(name=model_cfg.name, args=dict(model_cfg.args), params=n_params(peer), epochs=recipe.epochs,
-                         best_epoch=scores.best_epochs[k - 1], seed=recipe.seed + k - 1, init=init, peer=k, **out)
-    log.info(f"peer {k} {model_cfg.name}: best epoch {info.best_epoch}, val {pct(info.val_acc_best)}  "
-             f"test {pct(info.test_acc_best)}")
+                         best_epoch=scores.best_epochs[k - 1], seed=recipe.seed + k - 1, init=init, peer=k,
+                         select=select, **out)
+    log.info(f"peer {k} {model_cfg.name}: best epoch {info.best_epoch}, {select} checkpoint: val {pct(info.val_acc)}  "
+             f"test {pct(info.test_acc)}")
     return info
 
 
 def _agreements(ctx: RunContext, infos: list[StudentResult]) -> None:
-    """Each peer's top-1 agreement (and KL) with the ensemble (mean softmax) of the other peers, from their best
-    checkpoints' logits on test (else val): how far mutual learning made the peers one function."""
+    """Each peer's top-1 agreement (and KL) with the ensemble (mean softmax) of the other peers, from the logits of
+    the checkpoints ``trainer.select`` names, on test (else val): how far mutual learning made the peers one function."""
     preds = ctx.result.predictions
     roles = ["student", *(f"peer{k}" for k in range(2, len(infos) + 1))]
     if any(r not in preds for r in roles):
@@ -218,20 +223,25 @@ def _summarise(ctx: RunContext, data: Data, infos: list[StudentResult], peers: l
     result = ctx.result
     mean = {}
     for split in ("val", "test"):
-        accs = [getattr(i, f"{split}_acc_best") for i in infos]
+        accs = [getattr(i, f"{split}_acc") for i in infos]
         mean[f"{split}_acc"] = None if None in accs else round(sum(accs) / len(accs), 4)
     result.peers_mean = mean
     result.ensemble = ensemble_accuracy(peers, data, ctx)
-    result.rows = [Row(f"peer {i.peer}, online", i.name, i.val_acc_best, i.test_acc_best, _note(i))
+    result.rows = [Row(f"peer {i.peer}, online", i.name, i.val_acc, i.test_acc, _note(i))
                    for i in infos[1:]]
     names = "+".join(i.name for i in infos)
-    result.rows += [Row(f"mean of {len(infos)} peers", names, **mean, note="each at its best-on-val epoch"),
+    result.rows += [Row(f"mean of {len(infos)} peers", names, **mean, note=f"each at its {_RULE[ctx.cfg.trainer.select]}"),
                     Row(f"ensemble of {len(infos)} peers", names, **result.ensemble, note="mean softmax")]
     log.info(f"online: peers' mean val {pct(mean['val_acc'])}  test {pct(mean['test_acc'])}; ensemble val "
              f"{pct(result.ensemble['val_acc'])}  test {pct(result.ensemble['test_acc'])}")
 
 
+_RULE = {"best": "best-on-val epoch", "last": "last epoch"}
+
+
 def _note(info: StudentResult) -> str:
     top1 = (info.agreement or {}).get("top1")
     agrees = "" if top1 is None else f"; agrees with other peers {top1:.2f} %"
-    return f"last epoch: {pct(info.test_acc_last, '')}{agrees}"
+    other = "last" if info.select == "best" else "best"  # the checkpoint the row's figures are not
+    label = "last epoch" if other == "last" else "best on val"
+    return f"{label}: {pct(getattr(info, f'test_acc_{other}'), '')}{agrees}"
