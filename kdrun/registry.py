@@ -77,6 +77,7 @@ class ModeNeeds:
     teacher_keys: bool = True  # reads ``teacher.*`` at all (False: mode=self; a teacher override is then warned about)
     teacher_term: bool = False  # distils through a term of its own beside the loss's (semi's unlabelled pool), so a
     #                             loss whose teacher term has weight 0 still distils and reads its T
+    ensemble: bool = False     # distils from ``teacher.ensemble`` / ``teacher.ensemble_seeds`` (several teachers)
 
 
 @dataclass(frozen=True)

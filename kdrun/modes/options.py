@@ -42,7 +42,8 @@ def snapshot_before_the_end(cfg) -> None:
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)",
-               target=f"{MODES}.offline.offline", needs=ModeNeeds(teacher=True, plain_loss=True, prune=True))
+               target=f"{MODES}.offline.offline", needs=ModeNeeds(teacher=True, plain_loss=True, prune=True,
+                                                                     ensemble=True))
 @dataclass
 class OfflineMode:
     """mode=offline: a frozen, pre-trained teacher teaches the student."""
