@@ -255,7 +255,8 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
     """``report.md``: accuracy summary, the student's worst classes, calibration, per-class table, figures."""
     models, figures = report["models"], report["figures"]
     names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
-             "student": getattr(result.student, "name", "")}
+             "student": getattr(result.student, "name", ""),
+             **{f"teacher {t.index}": t.teacher.name for t in result.teachers or ()}}  # an ensemble's members
     split, n = report["split"], next(iter(models.values()))["n"]
     lines = ["# kdrun run report", "", f"mode `{report['mode']}`, dataset `{report['dataset']}` "
              f"({report['num_classes']} classes); every number is on the **{split}** split ({n} images), "
