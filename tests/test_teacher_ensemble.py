@@ -120,7 +120,7 @@ def test_an_ensemble_of_architectures_with_logit_combine(tmp_path):
     is the single teacher's."""
     alone = smoke_inproc(tmp_path, tmp_path / "alone", "teacher=mlp")
     out = smoke_inproc(tmp_path, tmp_path / "ens", "teacher.ensemble=[mlp,{name:cnn,args:{channels:8},seed:3}]",
-                       "teacher.combine=logit", "report=true")
+                       "teacher.combine=logit", "report=true", "compression=true")
     a, b = out["teachers"]
     assert (a["name"], a["reused"], a["store_dir"]) == ("mlp", True, alone["teacher"]["store_dir"])
     assert (b["name"], b["args"]["channels"], b["seed"], b["reused"]) == ("cnn", 8, 3, False)
@@ -128,6 +128,8 @@ def test_an_ensemble_of_architectures_with_logit_combine(tmp_path):
     models = out["report"]["models"]
     assert {"teacher", "teacher 1", "teacher 2", "student"} <= set(models)
     assert "| mlp | teacher 1 |" in (tmp_path / "ens" / "report.md").read_text()
+    timed = out["compression"]["teacher"]  # the ensemble is what the student replaces: every member timed
+    assert timed["params"] == a["params"] + b["params"] == out["teacher"]["params"]
 
 
 # --- refusals -------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch import nn
 from kdrun.console import pct
 from kdrun.data.dataset import Data
 from kdrun.results import EnsembleMember, EnsembleTeacherResult, Row
-from kdrun.stages.common import RunContext, evaluate
+from kdrun.stages.common import ObtainedTeacher, RunContext, evaluate
 from kdrun.stages.teacher import obtain_teacher, teacher_targets
 from kdrun.teacher.ensemble import EnsembleSource, EnsembleTeacher
 
@@ -47,6 +47,7 @@ def obtain_ensemble(ctx: RunContext, data: Data, T: float) -> tuple[EnsembleTeac
                                  reused=all(m.teacher.reused for m in infos),
                                  **evaluate(ensemble, data, ctx, "teacher"))
     log.info(f"teacher {name} (combine={combine}): val {pct(info.val_acc)}  test {pct(info.test_acc)}")
+    ctx.teachers.ensemble = ObtainedTeacher(cfg.teacher, data.num_classes, ensemble, info)
     return ensemble, info
 
 
