@@ -132,6 +132,17 @@ def test_an_ensemble_of_architectures_with_logit_combine(tmp_path):
     assert timed["params"] == a["params"] + b["params"] == out["teacher"]["params"]
 
 
+def test_under_augmentation_each_member_fills_and_reuses_its_own_view_cache(tmp_path):
+    aug = (*SEEDS, "dataset.augment.crop_padding=1", "dataset.augment.hflip=true", "baseline=false",
+           "teacher.epochs=1", "trainer.epochs=1")
+    first = smoke_inproc(tmp_path, tmp_path / "a", *aug)["teachers"]
+    again = smoke_inproc(tmp_path, tmp_path / "b", *aug)["teachers"]
+    assert [m["cache"]["kind"] for m in first] == ["views", "views"]
+    assert first[0]["cache"]["path"] != first[1]["cache"]["path"]
+    assert [m["cache"]["filled_at_start"] for m in first] == [0, 0]
+    assert all(m["cache"]["filled_at_start"] > 0 and m["cache"]["hits"] > 0 for m in again)
+
+
 # --- refusals -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, key, words", [
