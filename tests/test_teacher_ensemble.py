@@ -4,10 +4,11 @@ refusals, and a SIGKILLed ensemble run resuming bit-identically (e2e)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, read_jsonl, smoke_inproc
+from conftest import compose_config, read_json, read_jsonl, smoke_inproc
 from test_resume import kill_at, resume_and_compare
 from torch import nn
 
@@ -143,6 +144,15 @@ def test_under_augmentation_each_member_fills_and_reuses_its_own_view_cache(tmp_
     assert all(m["cache"]["filled_at_start"] > 0 and m["cache"]["hits"] > 0 for m in again)
 
 
+def test_semi_distils_the_pool_from_an_ensemble_trained_on_the_labelled_part(tmp_path):
+    out = smoke_inproc(tmp_path, tmp_path / "semi", "mode=semi", "mode.iterations=2", *SEEDS, "teacher.combine=logit")
+    assert out["teacher"]["name"] == "ensemble 2xcnn" and len(out["teachers"]) == 2
+    keys = [read_json(Path(m["store_dir"]) / "key.json") for m in out["teachers"]]
+    assert [k["data"]["subset"]["semi"]["n_labeled"] for k in keys] == [out["semi"]["labeled"]] * 2  # the labelled part only
+    assert [r["role"] for r in out["rows"]] == ["teacher 1 of 2", "teacher 2 of 2", "student, round 1"]
+    assert out["student"]["agreement"]["top1"] is not None
+
+
 # --- refusals -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, key, words", [
@@ -157,7 +167,10 @@ def test_under_augmentation_each_member_fills_and_reuses_its_own_view_cache(tmp_
     (("teacher.ensemble_seeds=[0,1]", "teacher.ckpt=t.pt"), "teacher.ckpt", "each member comes from the teacher store"),
     (("teacher.ensemble=[cnn,mlp]", "teacher.init=imagenet"), "teacher.init", "one architecture"),
     (("teacher.ensemble_seeds=[0,1]", "loss=fitnet"), "loss", "loss=fitnet reads one teacher's features"),
-    (("teacher.ensemble_seeds=[0,1]", "mode=semi"), "teacher.ensemble_seeds", "supported with mode=offline, got"),
+    (("teacher.ensemble_seeds=[0,1]", "mode=merge"), "teacher.ensemble_seeds", "with mode=offline|semi, got mode=merge"),
+    (("teacher.ensemble_seeds=[0,1]", "mode=self"), "teacher.ensemble_seeds", "with mode=offline|semi, got mode=self"),
+    (("teacher.ensemble_seeds=[0,1]", "mode=semi", "mode.unlabeled_target=hard", "mode.confidence=0.9"),
+     "mode.confidence", "use teacher.combine=logit, mode.confidence=0 or unlabeled_target=soft"),
     (("teacher.ensemble_seeds=[0,1]", "student.init=teacher"), "student.init", "copies one teacher"),
 ])
 def test_nonsensical_ensembles_are_refused_in_one_line(overrides, key, words):

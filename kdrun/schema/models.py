@@ -78,7 +78,7 @@ class TeacherConfig(ModelConfig):
     cache_budget_mb: float = 2048  # largest per-(image, view) cache, MB (N x views x classes x bytes); above: live
     augment: TeacherAugment = field(default_factory=TeacherAugment)  # null keys: dataset.augment's (part of the
     #                                                                  store key when set)
-    # An ensemble of teachers (mode=offline), each obtained as a single teacher is (its own store entry and logit
+    # An ensemble of teachers (mode=offline|semi), each obtained as a single teacher is (its own store entry and logit
     # or view cache, shared with single-teacher runs of it); the student learns their combination. One of:
     ensemble: List[Any] = field(default_factory=list)  # >= 2 members: model names, or {name, args, seed} specs
     #                                                    (unset: teacher.args' registry defaults, teacher.seed);
