@@ -79,6 +79,7 @@ class ModeNeeds:
     teacher_term: bool = False  # distils through a term of its own beside the loss's (semi's unlabelled pool), so a
     #                             loss whose teacher term has weight 0 still distils and reads its T
     mixed_labels: bool = True  # trains on mixed batches (dataset.augment mixup/CutMix: labels as probabilities)
+    ensemble: bool = False     # distils from ``teacher.ensemble`` / ``teacher.ensemble_seeds`` (several teachers)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,28 @@ class MergedTeacherResult(Result):
         return "reused" if self.reused else "trained"
 
 
-AnyTeacher = Union[TeacherResult, SnapshotTeacherResult, MergedTeacherResult]
+@dataclass
+class EnsembleTeacherResult(Result):
+    """``teacher.ensemble`` / ``teacher.ensemble_seeds``: the members (``teachers`` of the summary) combined by
+    ``combine``; accuracies of the ensemble at T = 1 (:mod:`kdrun.teacher.ensemble`); ``params``: all members'."""
+
+    name: str
+    combine: str
+    T: float                                  # the temperature of the student's targets (loss.T)
+    members: int
+    params: int
+    source: str
+    reused: bool                              # every member came from the store as it was
+    val_acc: Optional[float] = None
+    test_acc: Optional[float] = None
+
+    @property
+    def note(self) -> str:
+        how = f"mean softmax (student's targets at T={self.T:g})" if self.combine == "prob" else "mean logits"
+        return f"ensemble of {self.members}, {how}; " + ("reused" if self.reused else "trained")
+
+
+AnyTeacher = Union[TeacherResult, SnapshotTeacherResult, MergedTeacherResult, EnsembleTeacherResult]
 
 
 @dataclass
@@ -132,6 +153,18 @@ class AssistantResult(Result):
     @property
     def note(self) -> str:
         return "reused" if self.reused else "trained"
+
+
+@dataclass
+class EnsembleMember(Result):
+    """A member of a teacher ensemble: ``index`` (1-based), its seed and what :func:`obtain_teacher` gave."""
+
+    index: int
+    seed: int
+    teacher: TeacherResult
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "seed": self.seed, **self.teacher.to_json()}
 
 
 @dataclass
@@ -246,10 +279,10 @@ class RunResult(Result):
 
     ``teacher`` and ``baseline`` are always written (null when the mode has none); the mode's own entries
     after them only once set: ``semi`` and ``rounds`` (mode=semi), ``generations`` and ``ensemble``
-    (mode=self born_again; mode=online: the peers'), ``teachers`` (mode=merge), ``peers`` and ``peers_mean``
-    (mode=online), ``student_pruned`` (``student.prune``), ``assistant`` (mode=assistant). ``rows`` and
-    ``student_role`` are left out while None (offline has neither). ``loss`` replaces or adds keys of
-    ``summary["loss"]`` (mode=semi's wrapped loss).
+    (mode=self born_again; mode=online: the peers'), ``teachers`` (mode=merge, a teacher ensemble), ``peers`` and
+    ``peers_mean`` (mode=online), ``student_pruned`` (``student.prune``), ``assistant`` (mode=assistant). ``rows`` and
+    ``student_role`` are left out while None (offline has neither without an ensemble). ``loss`` replaces or adds
+    keys of ``summary["loss"]`` (mode=semi's wrapped loss).
     """
 
     teacher: Optional[AnyTeacher] = None
@@ -258,7 +291,8 @@ class RunResult(Result):
     rounds: Optional[list[StudentResult]] = optional()       # the students before the last round, each taught the next
     generations: Optional[list[StudentResult]] = optional()  # every KD generation; the last is ``student``
     ensemble: Optional[dict] = optional()                    # val_acc, test_acc of all generations' mean softmax
-    teachers: Optional[list[SubsetTeacher]] = optional()     # one per class list; ``teacher`` is their merge
+    teachers: Optional[list[Union[SubsetTeacher, EnsembleMember]]] = optional()  # merge: one per class list;
+    #                                                          an ensemble: one per member; ``teacher``: their combination
     peers: Optional[list[StudentResult]] = optional()        # mode=online: every peer; peer 1 is ``student``
     peers_mean: Optional[dict] = optional()                  # mode=online: the peers' mean val / test accuracy
     student_pruned: Optional[PrunedStudentResult] = optional()

@@ -35,6 +35,16 @@ def logit_losses_only(cfg) -> None:
                                   f"reads one teacher's features; use a logit loss (kd, dkd, dist, ...)")
 
 
+def ensemble_confidence_at_T1(cfg) -> None:
+    """semi, hard: the pseudo-label threshold reads the teacher's softmax at T = 1; an ensemble with combine=prob
+    serves its distribution at loss.T (the argmax is the same, the confidence is not)."""
+    if cfg.teacher.members() and cfg.teacher.combine == "prob" and cfg.mode.unlabeled_target == "hard" \
+            and cfg.mode.confidence > 0:
+        raise ConfigError("mode.confidence", "thresholds the teacher's probability at T = 1, and a teacher ensemble "
+                                             "with teacher.combine=prob gives its targets at loss.T: use "
+                                             "teacher.combine=logit, mode.confidence=0 or unlabeled_target=soft")
+
+
 def snapshot_before_the_end(cfg) -> None:
     """self, snapshot: the student is frozen as its teacher before training ends."""
     at = cfg.mode.teacher_epoch
@@ -52,7 +62,8 @@ def assistant_logit_losses_only(cfg) -> None:
 
 
 @register_mode("offline", "A frozen pre-trained teacher teaches the student (classic KD)",
-               target=f"{MODES}.offline.offline", needs=ModeNeeds(teacher=True, plain_loss=True, prune=True))
+               target=f"{MODES}.offline.offline", needs=ModeNeeds(teacher=True, plain_loss=True, prune=True,
+                                                                     ensemble=True))
 @dataclass
 class OfflineMode:
     """mode=offline: a frozen, pre-trained teacher teaches the student."""
@@ -61,8 +72,8 @@ class OfflineMode:
 
 
 @register_mode("semi", "Semi-supervised KD: the teacher's soft targets supervise the unlabelled part of train",
-               target=f"{MODES}.semi.semi", rules=(kd_only,),
-               needs=ModeNeeds(teacher=True, teacher_term=True, mixed_labels=False))
+               target=f"{MODES}.semi.semi", rules=(kd_only, ensemble_confidence_at_T1),
+               needs=ModeNeeds(teacher=True, teacher_term=True, mixed_labels=False, ensemble=True))
 @dataclass
 class SemiMode:
     """mode=semi: only part of train keeps its labels; the teacher's targets supervise the rest."""

@@ -17,7 +17,8 @@ A per-sample mean keeps the gradient scale of offline KD whatever the labelled s
 stream means would double it, which diverged on Fashion-MNIST at the default learning rate).
 With ``mode.iterations=k > 1`` each round's student becomes the next round's frozen teacher (self-training
 à la Noisy Student: with ``dataset.augment.*`` on and ``teacher.cache=on`` the teacher sees clean images and
-the student augmented ones).
+the student augmented ones). A teacher ensemble (``teacher.ensemble*``, :mod:`kdrun.stages.ensemble`) teaches
+round 1 as one teacher does, each member trained on the labelled part.
 """
 from __future__ import annotations
 
@@ -34,7 +35,15 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import DistillationLoss, kd_term
 from kdrun.results import LabelSplit, Row
 from kdrun.schema import ModeConfig
-from kdrun.stages import RunContext, baseline_model, distil, obtain_teacher, teacher_targets
+from kdrun.stages import (
+    RunContext,
+    baseline_model,
+    distil,
+    ensemble_targets,
+    obtain_ensemble,
+    obtain_teacher,
+    teacher_targets,
+)
 from kdrun.teacher.sources import LiveTeacher
 
 log = logging.getLogger("kdrun")
@@ -138,7 +147,9 @@ def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     result.semi, result.rows = split_info, []
     log.info(f"semi-supervised: {split_info.labeled} labelled, {split_info.unlabeled} unlabelled train images "
              f"(labels hidden); unlabelled target: {cfg.mode.unlabeled_target}")
-    teacher, result.teacher = obtain_teacher(ctx, labeled)
+    ensemble = bool(cfg.teacher.members())  # teacher.ensemble: every member trained on the labelled part
+    teacher, result.teacher = obtain_ensemble(ctx, labeled, loss.T) if ensemble else obtain_teacher(ctx, labeled)
+    result.rows = list(result.rows or [])  # an ensemble's members first, then the rounds
     if cfg.baseline:
         result.baseline = baseline_model(ctx, labeled)[1]
         result.baseline.note = "CE on the labelled part"
@@ -149,7 +160,11 @@ def semi(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
         last = round_ == cfg.mode.iterations
         stage = "student" if last else f"round{round_}"
         # round 1: the trained teacher (logit cache as configured); later rounds: the previous student, live
-        source = teacher_targets(ctx, pool, teacher, result.teacher) if round_ == 1 else LiveTeacher(teacher)
+        if round_ > 1:
+            source = LiveTeacher(teacher)
+        else:
+            source = ensemble_targets(ctx, pool, teacher, loss) if ensemble else \
+                teacher_targets(ctx, pool, teacher, result.teacher)
         teacher, info = distil(ctx, pool, semi_loss, stage=stage, seed=cfg.seed + round_ - 1, teacher=source)
         if not last:
             result.rows.append(Row(f"student, round {round_}", info.name, info.val_acc, info.test_acc,

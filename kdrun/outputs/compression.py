@@ -146,14 +146,14 @@ def report(models: dict[str, Measured], shape: tuple) -> dict:
 
 def from_run(ctx, data) -> Optional[dict]:
     """The report of a finished run: its teacher (when the mode has one model over all classes as teacher, i.e.
-    offline and semi), its student (the checkpoint ``trainer.select`` names) and pruned student, rebuilt from the
-    run's config with the weights of their checkpoints."""
+    offline and semi, or a teacher ensemble, timed as one model running every member), its student (the checkpoint
+    ``trainer.select`` names) and pruned student, rebuilt from the run's config with the weights of their checkpoints."""
     from kdrun.outputs.export import load_student
 
     result, models = ctx.result, {}
-    first = ctx.teachers.first
-    if first is not None and result.teacher is not None and first.result is result.teacher:
-        models["teacher"] = Measured(first.model, result.teacher.test_acc)
+    for teacher in (ctx.teachers.first, ctx.teachers.ensemble):  # an ensemble: one model running all its members
+        if teacher is not None and result.teacher is not None and teacher.result is result.teacher:
+            models["teacher"] = Measured(teacher.model, result.teacher.test_acc)
     checkpoints = Path(ctx.out_dir) / "checkpoints"
     student = result.student
     if student is not None and (checkpoints / f"student_{student.select}.pt").exists():  # trainer.select's

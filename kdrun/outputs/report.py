@@ -267,7 +267,8 @@ def markdown(report: dict, result: RunResult, note: str = "") -> str:
     models, figures = report["models"], report["figures"]
     names = {"teacher": getattr(result.teacher, "name", ""), "baseline": getattr(result.baseline, "name", ""),
              "student": getattr(result.student, "name", ""), "assistant": getattr(result.assistant, "name", ""),
-             **{r: p.name for r, p in _peers(result).items()}}
+             **{r: p.name for r, p in _peers(result).items()},
+             **{f"teacher {t.index}": t.teacher.name for t in result.teachers or ()}}  # an ensemble's members
     split, n = report["split"], next(iter(models.values()))["n"]
     rule = getattr(result.student, "select", "best")
     which = "the best-on-val checkpoint" if rule == "best" else "the last epoch's checkpoint (the teacher's: best on val)"

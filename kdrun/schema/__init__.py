@@ -91,6 +91,24 @@ class Config:
         loss = None if getattr(self.loss, "target", None) else registry.entries("loss").get(self.loss.name)
         for rule in (*mode.rules, *(loss.rules if loss is not None else ())):
             rule(self)
+        if self.teacher.members():
+            self._check_ensemble(mode)
+
+    def _check_ensemble(self, mode: registry.Entry) -> None:
+        """A teacher ensemble needs a mode that distils from it and a loss that reads logits only."""
+        key = "teacher.ensemble" if self.teacher.ensemble else "teacher.ensemble_seeds"
+        if mode.needs is None or not mode.needs.ensemble:
+            modes = [n for n, e in registry.entries("mode").items() if e.needs is not None and e.needs.ensemble]
+            raise ConfigError(key, f"a teacher ensemble is supported with mode={'|'.join(modes)}, got "
+                                   f"mode={self.mode.name}")
+        if loss_needs(self.loss).features:
+            logit = [n for n, e in registry.entries("loss").items()
+                     if e.needs is None or (e.needs.teacher and not e.needs.features)]
+            raise ConfigError("loss", f"loss={self.loss.name} reads one teacher's features, and {key} has several: "
+                                      f"use a logit loss with an ensemble ({', '.join(logit)})")
+        if self.student.init == "teacher":
+            raise ConfigError("student.init", f"=teacher copies one teacher, and {key} has several: use "
+                                              f"student.init=null|imagenet|PATH")
 
 
     def _check_mixing(self, mode: registry.Entry) -> None:

@@ -95,6 +95,13 @@ class TeacherConfig(ModelConfig):
     cache_budget_mb: float = 2048  # largest per-(image, view) cache, MB (N x views x classes x bytes); above: live
     augment: TeacherAugment = field(default_factory=TeacherAugment)  # null keys: dataset.augment's (part of the
     #                                                                  store key when set)
+    # An ensemble of teachers (mode=offline|semi), each obtained as a single teacher is (its own store entry and logit
+    # or view cache, shared with single-teacher runs of it); the student learns their combination. One of:
+    ensemble: List[Any] = field(default_factory=list)  # >= 2 members: model names, or {name, args, seed} specs
+    #                                                    (unset: teacher.args' registry defaults, teacher.seed);
+    #                                                    the other teacher.* keys (epochs, optim, cache) are shared
+    ensemble_seeds: List[int] = field(default_factory=list)  # >= 2 seeds of this teacher (same architecture)
+    combine: str = "prob"       # prob: mean_k softmax(z_k / loss.T), fed to the loss as T·log p | logit: mean_k z_k
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -112,7 +119,57 @@ class TeacherConfig(ModelConfig):
                                               "set one of them")
         if self.ckpt and (kind := not_regular(Path(self.ckpt))):  # a FIFO would block the run in open()
             raise ConfigError("teacher.ckpt", f"{self.ckpt} is {kind}, not a regular file")
+        self._check_ensemble()  # first: with teacher.ensemble, the checks of teacher.name's init are not the point
         super().__post_init__()
+
+    def _check_ensemble(self) -> None:
+        """``teacher.ensemble`` / ``teacher.ensemble_seeds``: one of them, >= 2 members, no ckpt; members checked."""
+        check_choice("teacher.combine", self.combine, ("prob", "logit"))
+        if not (self.ensemble or self.ensemble_seeds):
+            return
+        if self.ensemble and self.ensemble_seeds:
+            raise ConfigError("teacher.ensemble_seeds", "set teacher.ensemble (architectures) or "
+                                                        "teacher.ensemble_seeds (seeds of teacher.name), not both; "
+                                                        "a member of teacher.ensemble takes its own seed: {name, seed}")
+        key = "teacher.ensemble" if self.ensemble else "teacher.ensemble_seeds"
+        size = len(self.ensemble or self.ensemble_seeds)
+        if size < 2:
+            raise ConfigError(key, f"an ensemble needs >= 2 members, got {size}; for one teacher leave {key} unset")
+        if self.ckpt:
+            raise ConfigError("teacher.ckpt", f"not used with {key}: each member comes from the teacher store "
+                                              f"(trained there on a miss); unset teacher.ckpt")
+        if self.ensemble and (self.init is not None or self.freeze):
+            raise ConfigError("teacher.init", "teacher.init / teacher.freeze apply to one architecture; with "
+                                              "teacher.ensemble unset them (teacher.ensemble_seeds keeps them)")
+        if len(set(map(repr, self.members()))) < size:
+            raise ConfigError(key, "two members are the same teacher (same model, args and seed): give each its "
+                                   "own seed or model")
+
+    def members(self) -> List["TeacherConfig"]:
+        """The ensemble's members, each a single teacher's config (empty without an ensemble): ``teacher.*`` with
+        the member's name, args and seed, and no ensemble keys, so it has the store key of that teacher run alone."""
+        import dataclasses
+
+        plain = dict(ensemble=[], ensemble_seeds=[])
+        if self.ensemble_seeds:
+            return [dataclasses.replace(self, seed=int(s), **plain) for s in self.ensemble_seeds]
+        out = []
+        for k, spec in enumerate(self.ensemble):
+            where = f"teacher.ensemble[{k}]"
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec) if hasattr(spec, "keys") else spec
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ConfigError(where, f"a member is a model name or {{name, args, seed}}, got {spec!r}")
+            if extra := sorted(set(spec) - {"name", "args", "seed"}):
+                raise ConfigError(f"{where}.{extra[0]}", "unknown key of a member; valid keys: name, args, seed")
+            name, args = spec["name"], dict(spec.get("args") or {})
+            from kdrun.models import check_args  # the catalog: no torch
+
+            entry = registry.get("model", name, where)
+            check_args(name, args, where)
+            defaults = entry.params(skip=("num_classes", "in_channels", "image_size"))  # as teacher=NAME sets them
+            out.append(dataclasses.replace(self, name=name, args={**defaults, **args}, target=None, kwargs={},
+                                           seed=int(spec.get("seed", self.seed)), **plain))
+        return out
 
 
 @dataclass

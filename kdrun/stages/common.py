@@ -60,6 +60,7 @@ class Teachers:
 
     by_key: dict[str, ObtainedTeacher] = field(default_factory=dict)
     first: Optional[ObtainedTeacher] = None  # student.init=teacher copies it; the compression report times it
+    ensemble: Optional[ObtainedTeacher] = None  # a teacher ensemble as one model: then the compression report times it
 
     def add(self, key: str, teacher: ObtainedTeacher) -> None:
         self.by_key[key] = teacher

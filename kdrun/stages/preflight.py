@@ -26,12 +26,14 @@ LARGEST_SIZE = 256  # the smallest image size a built-in takes is searched up to
 
 
 def preflight(ctx: RunContext, data: Data, teacher: bool) -> None:
-    """Build the student (and the ``teacher`` when the mode uses ``teacher.*`` on all classes) once for ``data``
+    """Build the student (and the ``teacher``, or each member of its ensemble, when the mode uses ``teacher.*`` on
+    all classes) once for ``data``
     and check it (see the module docstring; a teacher from ``teacher.ckpt`` is not trained: only its logits are
     checked). A resumed run's resume checkpoints must have been written by the user's code as it is now
     (:func:`kdrun.stages.common.check_resume_code`). The random state is restored, so nothing that follows changes."""
     check_resume_code(ctx)
-    roles = [("teacher", ctx.cfg.teacher)] if teacher else []
+    teachers = (ctx.cfg.teacher.members() or [ctx.cfg.teacher]) if teacher else []  # an ensemble: every member
+    roles = [("teacher", t) for t in teachers]
     idx = torch.arange(min(2, len(data.train)), device=ctx.device)
     x = data.inputs("train", idx)
     with torch.random.fork_rng(devices=[]):
