@@ -56,6 +56,24 @@ def test_default_config_composes_and_validates(hydra_ctx):
     assert (obj.loss.T, obj.loss.alpha) == (4.0, 0.9)
 
 
+def test_composing_does_not_copy_or_change_the_config_store(hydra_ctx, monkeypatch):
+    """register_configs makes Hydra's per-compose deep copy of its repository share the ConfigStore (a third of a
+    compose's time); composing must still leave the store as it was, and compose the same config twice."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store
+    before = copy.deepcopy(store.repo)  # the stored nodes themselves are still copied
+    copies = []
+    monkeypatch.setattr(store, "load", lambda *a, _load=store.load, **k: copies.append(1) or _load(*a, **k))
+    first, second = compose_cfg("loss=dkd", "mode=semi"), compose_cfg("loss=dkd", "mode=semi")
+    assert OmegaConf.to_container(first) == OmegaConf.to_container(second) and copies
+    assert OmegaConf.to_container(first)["loss"]["name"] == "dkd"
+    assert str(store.repo) == str(before)
+
+
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes_and_validates(hydra_ctx, group, option):
     cfg = compose_cfg(f"{group}={option}", *EXTRA.get((group, option), []))

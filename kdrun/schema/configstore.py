@@ -16,6 +16,7 @@ def register_configs() -> None:
     built-ins have their own commented YAML)."""
     from hydra.core.config_store import ConfigStore
 
+    share_store_on_copy()
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=Config)
     for kind in ("loss", "mode"):
@@ -37,3 +38,17 @@ def register_configs() -> None:
                                                                 **entry.params(skip=("args", "kwargs"))})
     for name, entry in plugins("mode").items():
         cs.store(group="mode", name=name, node=entry.config or {"name": name})
+
+
+def share_store_on_copy() -> None:
+    """Make a deep copy of Hydra's ConfigStore the store itself.
+
+    Every compose deep-copies Hydra's config repository (``CachingConfigRepository.__init__``, hydra-core 1.3), and
+    its structured-config source holds the ConfigStore, so every compose copied all ~100 stored schemas and options:
+    a third of composing a config (0.35 s -> 0.23 s per compose, measured with ``experiment=smoke``), paid by every
+    run, every sweep job and every in-process test. The copy is made so that re-initialising the sources cannot
+    change the original repository; composing only reads the store (``ConfigStore.load`` returns a copy of the node
+    it loads), and the store is a process-wide singleton that every source refers to anyway."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.__deepcopy__ = lambda self, memo: self
