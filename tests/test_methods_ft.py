@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 
 import pytest
 import torch
@@ -231,21 +230,16 @@ def test_ft_pretrains_the_paraphraser_beside_the_teacher_and_a_second_run_reuses
 
 def test_ft_in_mode_self_keeps_the_paraphraser_in_the_run_and_a_resume_reuses_it(stores, tmp_path, caplog,
                                                                                  monkeypatch):
+    from test_resume import stop_after
+
     from kdrun.errors import Interrupted
-    from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
     caplog.set_level(logging.INFO, logger="kdrun")
     mode = ("mode=self", "mode.generations=1", "mode.ensemble=false", "loss.init_epochs=2")
     before = _paraphraser_entries(stores)
-    logged = EpochLogger.after_epoch
-
-    def stop_after_the_first_student_epoch(self, record):  # as SIGTERM would
-        logged(self, record)
-        if self.desc == "student" and record["epoch"] == 1:
-            interrupt._received.append(signal.SIGTERM)
     with monkeypatch.context() as patch:
-        patch.setattr(EpochLogger, "after_epoch", stop_after_the_first_student_epoch)
+        stop_after(patch, "student", 1)
         with pytest.raises(Interrupted):
             smoke_inproc(stores, tmp_path / "run", *CNN, *mode)
     interrupt.reset()

@@ -4,7 +4,6 @@ refusals, the records, the function-matching preset, and a resume that ends on t
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -182,21 +181,16 @@ def test_a_mixed_run_uses_the_live_teacher_and_records_the_mix(tmp_path):
 
 
 def test_a_mixed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from test_resume import stop_after
+
     from kdrun.errors import Interrupted
-    from kdrun.stages import EpochLogger
     from kdrun.train import interrupt
 
     overrides = ("dataset.augment.mixup_alpha=0.4", "dataset.augment.cutmix_alpha=1.0", "trainer.epochs=3",
                  "baseline=false")
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    logged = EpochLogger.after_epoch
-
-    def after_epoch(self, record):
-        logged(self, record)
-        if self.desc == "student" and record["epoch"] == 1:
-            interrupt._received.append(signal.SIGTERM)
     with monkeypatch.context() as patch:
-        patch.setattr(EpochLogger, "after_epoch", after_epoch)
+        stop_after(patch, "student", 1)
         with pytest.raises(Interrupted):
             smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
     interrupt.reset()
