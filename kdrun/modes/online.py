@@ -34,13 +34,12 @@ from kdrun.stages import (
     RunContext,
     TrimMetrics,
     build,
-    evaluate,
     n_params,
     obtain_baseline,
     prepare_student,
     recipe_student,
 )
-from kdrun.stages.common import stage_checkpoint
+from kdrun.stages.common import score_checkpoints, stage_checkpoint
 from kdrun.train.builtin_hooks import copy_state
 from kdrun.train.hooks import Hook
 from kdrun.train.infer import accuracy
@@ -183,15 +182,13 @@ def _peer_result(ctx: RunContext, data: Data, k: int, model_cfg, peer: nn.Module
     node = {"name": model_cfg.name, "args": dict(model_cfg.args)} if not model_cfg.target else \
         {"_target_": model_cfg.target, **model_cfg.kwargs}
     config = ctx.cfg_dict if k == 1 else {**ctx.cfg_dict, "student": node}  # load_student rebuilds the peer
-    out, select = {}, ctx.cfg.trainer.select
-    states = {"last": last, "best": scores.best_states[k - 1]}
-    for which in sorted(states, key=lambda w: w == select):  # the selected one last: the peer's weights after this
-        state = states[which]
+    select, states = ctx.cfg.trainer.select, {"last": last, "best": scores.best_states[k - 1]}
+
+    def save_and_load(which: str) -> None:
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
-                   {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": config})
-        peer.load_state_dict(state)
-        role = stage if which == select else None
-        out.update({f"{split}_{which}": acc for split, acc in evaluate(peer, data, ctx, role).items()})
+                   {**checkpoint_dict(states[which], {**meta, "checkpoint": which, "stage": stage}), "config": config})
+        peer.load_state_dict(states[which])
+    out = score_checkpoints(peer, data, ctx, stage, save_and_load)  # the peer left holding the selected one
     peer.eval()
     info = StudentResult(name=model_cfg.name, args=dict(model_cfg.args), params=n_params(peer), epochs=recipe.epochs,
                          best_epoch=scores.best_epochs[k - 1], seed=recipe.seed + k - 1, init=init, peer=k,

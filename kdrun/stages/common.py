@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -130,6 +130,19 @@ def evaluate(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str] 
         scores[f"{split}_acc"] = None if logits is None else top1(logits, part.y)
         if role and logits is not None:  # test overwrites val
             ctx.result.predictions[role] = Prediction(split, logits.cpu(), part.y.cpu())
+    return scores
+
+
+def score_checkpoints(model: nn.Module, data: Data, ctx: RunContext, role: Optional[str],
+                      load: Callable[[str], None]) -> dict:
+    """``{val,test}_acc_{best,last}`` of a stage's two checkpoints: ``load(which)`` puts checkpoint ``which``
+    (``"best"``, ``"last"``) into ``model`` (and may save it). The one ``trainer.select`` names goes last, so
+    ``model`` is left holding it, and only its logits are kept for the report as ``role``."""
+    select, scores = ctx.cfg.trainer.select, {}
+    for which in sorted(("last", "best"), key=lambda w: w == select):
+        load(which)
+        scores.update({f"{split}_{which}": acc for split, acc in
+                       evaluate(model, data, ctx, role if which == select else None).items()})
     return scores
 
 

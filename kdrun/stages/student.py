@@ -25,9 +25,9 @@ from kdrun.stages.common import (
     RunContext,
     TrimMetrics,
     build,
-    evaluate,
     n_params,
     recipe_student,
+    score_checkpoints,
     stage_checkpoint,
     store_key,
     train_ce_entry,
@@ -84,13 +84,13 @@ def baseline_model(ctx: RunContext, data: Data) -> tuple[nn.Module, BaselineResu
                                                train_ce_entry("baseline", cfg.student, data, recipe, ctx, "student",
                                                               model, keep_last=True),
                                                run=str(ctx.out_dir.resolve()))
-    select, scores = cfg.trainer.select, {}
-    for which in sorted(("last", "best"), key=lambda w: w == select):  # the selected one last: the model returned
+    select = cfg.trainer.select
+
+    def load(which: str) -> None:
         weights = checkpoint if which == "best" else {"model": checkpoint["last_model"]}
         load_weights(model, weights, key="baseline", model_name=cfg.student.name, num_classes=data.num_classes,
                      source=f"store entry {entry} ({which} checkpoint)")
-        role = "baseline" if which == select else None
-        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
+    scores = score_checkpoints(model, data, ctx, "baseline", load)  # the model returned: the selected one
     info = BaselineResult(name=cfg.student.name, store_dir=str(entry.resolve()), reused=reused, init=init,
                           val_acc=scores[f"val_acc_{select}"], test_acc=scores[f"test_acc_{select}"], select=select,
                           best_epoch=(checkpoint.get("meta") or {}).get("best_epoch"), **scores)
@@ -133,16 +133,16 @@ def distil(ctx: RunContext, data: Data, loss, *, stage: str = "student", seed: O
                             checkpoint=checkpoint)
     meta = {"name": cfg.student.name, "args": dict(cfg.student.args), "num_classes": data.num_classes,
             "in_channels": data.channels, "image_size": data.image_size, "best_epoch": result.best_epoch}
-    scores, select = {}, cfg.trainer.select
-    for which in sorted(("last", "best"), key=lambda w: w == select):  # the selected one last: the model returned
+    select = cfg.trainer.select
+
+    def save_and_load(which: str) -> None:
         state = result.last_state if which == "last" else result.best_state
         loss_state = result.last_loss_state if which == "last" else result.best_loss_state  # a feature loss's adapters
         save_torch(ctx.out_dir / "checkpoints" / f"{stage}_{which}.pt",
                    {**checkpoint_dict(state, {**meta, "checkpoint": which, "stage": stage}), "config": ctx.cfg_dict,
                     **({"loss_state": loss_state} if loss_state else {})})
         model.load_state_dict(state)
-        role = stage if which == select else None  # the selected checkpoint is the one reported
-        scores.update({f"{split}_{which}": acc for split, acc in evaluate(model, data, ctx, role).items()})
+    scores = score_checkpoints(model, data, ctx, stage, save_and_load)  # the model returned: the selected one
     info = StudentResult(name=cfg.student.name, args=dict(cfg.student.args), params=n_params(model),
                          epochs=recipe.epochs, best_epoch=result.best_epoch, seed=recipe.seed, init=init, **scores,
                          select=select)
