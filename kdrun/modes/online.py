@@ -40,6 +40,7 @@ from kdrun.stages import (
     recipe_student,
 )
 from kdrun.stages.common import score_checkpoints, stage_checkpoint
+from kdrun.teacher.ensemble import ensemble_logits
 from kdrun.train.builtin_hooks import copy_state
 from kdrun.train.hooks import Hook
 from kdrun.train.infer import accuracy
@@ -207,8 +208,8 @@ def _agreements(ctx: RunContext, infos: list[StudentResult]) -> None:
         return
     for k, info in enumerate(infos):
         others = [preds[r] for j, r in enumerate(roles) if j != k]
-        mean = torch.stack([p.logits.softmax(1) for p in others]).mean(0)
-        ensemble = Prediction(others[0].split, mean.clamp_min(1e-30).log(), others[0].labels)
+        mean = ensemble_logits([p.logits for p in others], "prob")  # log of the mean softmax, as a teacher ensemble's
+        ensemble = Prediction(others[0].split, mean, others[0].labels)
         found = agreement(ensemble, preds[roles[k]])
         info.agreement = {**found, "with": "other peers"} if found else None
 
