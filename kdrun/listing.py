@@ -147,8 +147,7 @@ def _read_option(group: str, option: str) -> Optional[tuple]:
         match = re.fullmatch(r"/schema/(\w+)/(\w+)@(\w+)", item) if isinstance(item, str) else None
         if match is None or (match.group(3) != "_here_" and not (package == "_global_" and match.group(3) == group)):
             return None  # a group override, a nested option, `_self_` before other defaults: compose it
-        stored = ConfigStore.instance().repo["schema"][match.group(1)][f"{match.group(2)}.yaml"]
-        schemas.append(OmegaConf.structured(stored.node))
+        schemas.append(ConfigStore.instance().load(f"schema/{match.group(1)}/{match.group(2)}.yaml").node)
     return body, package, schemas
 
 

@@ -35,13 +35,17 @@ imports it with a one-line error naming the key, and :func:`source_hash` hashes 
 store keys change when the user's code does.
 
 This module imports no torch. The built-in methods of :mod:`kdrun.losses.methods` are one file each, config and
-``nn.Module`` together, so the first look-up of the loss registry imports torch.
+``nn.Module`` together, so each imports torch: such a package of one module per option, named as its option
+(:data:`BUILTIN_PACKAGES`), is imported a module at a time, when its option is looked up by name
+(:func:`entry`), and whole only when every option is listed (:func:`entries`). A config error, ``kdrun --help`` or a
+run with ``loss=kd`` imports none of them.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -54,7 +58,10 @@ KINDS = ("model", "dataset", "loss", "mode")
 ENTRY_POINT_GROUP = "kdrun.plugins"
 # the modules that hold the built-ins of each kind (imported on first use of that kind)
 BUILTIN_MODULES = {"model": ("kdrun.models",), "dataset": ("kdrun.data.sources",),
-                   "loss": ("kdrun.losses.options", "kdrun.losses.methods"), "mode": ("kdrun.modes.options",)}
+                   "loss": ("kdrun.losses.options",), "mode": ("kdrun.modes.options",)}
+# packages holding one module per built-in option, the module named as the option it registers: each module is
+# imported when its option is first looked up, all of them when every option of the kind is listed
+BUILTIN_PACKAGES = {"loss": ("kdrun.losses.methods",)}
 
 
 @dataclass(frozen=True)
@@ -184,25 +191,79 @@ def register_mode(name: str, description: str = "", *, config: Optional[type] = 
 
 
 def entries(kind: str, *, builtins: bool = True) -> dict[str, Entry]:
-    """Every registered ``kind``: built-ins (imported on first use, unless ``builtins=False``) and plugins."""
-    if builtins and kind not in _LOADED:
-        for module in BUILTIN_MODULES[kind]:
-            importlib.import_module(module)
-        _LOADED.add(kind)
+    """Every registered ``kind``: built-ins (imported on first use, unless ``builtins=False``; every module of
+    the kind's :data:`BUILTIN_PACKAGES` too) and plugins."""
+    if builtins:
+        _load_builtins(kind)
+        for name in pending(kind):
+            _import_option(kind, name)
+    load_plugins()
+    return dict(sorted(_REGISTRY[kind].items()))
+
+
+def entry(kind: str, name: Optional[str]) -> Optional[Entry]:
+    """The entry ``name`` of ``kind``, or None when there is none; imports what naming it takes, no more: the
+    kind's torch-free built-in modules, the plugins, and, for an option of a :data:`BUILTIN_PACKAGES` package,
+    its own module alone (``loss=sp`` imports ``kdrun/losses/methods/sp.py``, not the other methods)."""
+    _load_builtins(kind)
+    load_plugins()
+    if name not in _REGISTRY[kind] and name in pending(kind):
+        _import_option(kind, name)
+    return _REGISTRY[kind].get(name)
+
+
+def registered(kind: str) -> dict[str, Entry]:
+    """Every ``kind`` registered so far, once its torch-free built-in modules and the plugins are imported: an option
+    of a :data:`BUILTIN_PACKAGES` package is in it once its module is (:func:`pending` names the others)."""
+    _load_builtins(kind)
     load_plugins()
     return dict(sorted(_REGISTRY[kind].items()))
 
 
 def names(kind: str, *, builtins: bool = True) -> list[str]:
-    return list(entries(kind, builtins=builtins))
+    """The names of ``kind`` (as :func:`entries`), those of its :data:`BUILTIN_PACKAGES` without importing them."""
+    if not builtins:
+        return list(entries(kind, builtins=False))
+    return sorted({**registered(kind), **pending(kind)})
 
 
 def get(kind: str, name: str, key: str) -> Entry:
     """The entry ``name`` of ``kind``; an unknown name is a :class:`ConfigError` on ``key`` listing the valid ones."""
-    found = entries(kind)
-    if name not in found:
-        raise unknown_choice(key, name, found)
-    return found[name]
+    found = entry(kind, name)
+    if found is None:
+        raise unknown_choice(key, name, entries(kind))
+    return found
+
+
+def pending(kind: str) -> dict[str, str]:
+    """The options of ``kind``'s :data:`BUILTIN_PACKAGES` whose module is not imported yet: name -> module."""
+    import pkgutil
+    from importlib.util import find_spec
+
+    out = {}
+    for package in BUILTIN_PACKAGES.get(kind, ()):
+        spec = find_spec(package)
+        for info in pkgutil.iter_modules(spec.submodule_search_locations if spec else []):
+            module = f"{package}.{info.name}"
+            if not info.name.startswith("_") and module not in sys.modules:
+                out[info.name] = module
+    return out
+
+
+def _load_builtins(kind: str) -> None:
+    if kind not in _LOADED:
+        for module in BUILTIN_MODULES[kind]:
+            importlib.import_module(module)
+        _LOADED.add(kind)
+
+
+def _import_option(kind: str, name: str) -> None:
+    """Import the module of option ``name`` of a :data:`BUILTIN_PACKAGES` package, which must register it."""
+    module = pending(kind)[name]
+    importlib.import_module(module)
+    if name not in _REGISTRY[kind]:
+        raise ValueError(f"{module} must register the {kind} {name!r} (a module of {module.rpartition('.')[0]} "
+                         f"registers the option it is named after)")
 
 
 def load_plugins() -> dict[str, str]:

@@ -146,7 +146,7 @@ def user_code(conf, teacher: bool = True) -> dict:
         if target:
             key, what, obj = f"{key}._target_", str(target), registry.import_target(target, f"{key}._target_")
         else:
-            entry = registry.entries(kind).get(getattr(node, "name", None))
+            entry = registry.entry(kind, getattr(node, "name", None))
             if entry is None or entry.source == "kdrun":
                 continue
             what, obj = f"{entry.name} ({entry.source})", entry.obj

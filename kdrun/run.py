@@ -126,7 +126,7 @@ def _execute(conf: Config, cfg_dict: dict, out_dir: Path, summary: RunSummary, t
 
     loss = losses.from_config(conf.loss)
     summary.loss = {"name": loss.name, "T": loss.T, "alpha": loss.alpha, "formula": loss.formula()}
-    registered = None if getattr(conf.loss, "target", None) else registry.entries("loss").get(conf.loss.name)
+    registered = None if getattr(conf.loss, "target", None) else registry.entry("loss", conf.loss.name)
     note = (registered.note if registered else "") or "alpha weighs the soft KD term; KL batchmean"
     log.info(f"loss: {loss.formula()}   ({note})")
     show(_config_tree(cfg_dict), "config:")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -364,3 +365,37 @@ def test_list_survives_a_plugin_that_exits_and_warns_once(tmp_path):
     assert proc.returncode == 0 and "tinynet" in proc.stdout, proc.stderr
     assert proc.stderr.count("hostile_exits") == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "it called sys.exit(3) on import" in proc.stderr
+
+
+def test_a_package_of_one_module_per_option_is_imported_a_module_at_a_time(tmp_path, monkeypatch):
+    """An option of a BUILTIN_PACKAGES package (as kdrun.losses.methods) is named without importing its module;
+    looking it up imports that module alone; a module that does not register its own name is refused by name."""
+    package = tmp_path / "lazy_methods_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, registers in (("alpha_m", "alpha_m"), ("beta_m", "beta_m"), ("wrong_m", "not_wrong_m")):
+        (package / f"{name}.py").write_text(textwrap.dedent(f"""
+            from dataclasses import dataclass
+            from kdrun.registry import register_loss
+
+            @register_loss("{registers}", "a test option", target="kdrun.losses.logit.MSELoss")
+            @dataclass
+            class Config:
+                name: str = "{registers}"
+                T: float = 1.0
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.BUILTIN_PACKAGES, "loss", ("lazy_methods_pkg",))
+    loaded = lambda: sorted(m for m in sys.modules if m.startswith("lazy_methods_pkg."))
+    try:
+        assert {"alpha_m", "beta_m", "wrong_m"} <= set(registry.names("loss")) and loaded() == []
+        assert registry.entry("loss", "alpha_m").description == "a test option"
+        assert loaded() == ["lazy_methods_pkg.alpha_m"] and "alpha_m" not in registry.pending("loss")
+        assert registry.entry("loss", "no_such_loss") is None and loaded() == ["lazy_methods_pkg.alpha_m"]
+        with pytest.raises(ValueError, match="lazy_methods_pkg.wrong_m must register the loss 'wrong_m'"):
+            registry.entry("loss", "wrong_m")
+    finally:
+        for name in ("alpha_m", "beta_m", "not_wrong_m"):
+            registry._REGISTRY["loss"].pop(name, None)
+        for module in loaded():
+            monkeypatch.delitem(sys.modules, module)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import textwrap
 from functools import cache
 
 import pytest
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from kdrun import listing, registry
 from kdrun.errors import ConfigError
+from kdrun.losses.methods import METHODS
 from kdrun.models import list_models, model_args
 from kdrun.schema import Config, DatasetConfig, StudentConfig, keys_at, to_object
 from kdrun.schema.configstore import register_configs
@@ -298,14 +300,37 @@ def test_registered_targets_import(kind, name):
 
 
 def test_the_option_modules_import_no_torch():
-    """The config half of the built-in options (kdrun.losses.options, kdrun.modes.options) and the mode checks
-    import no torch; the method files (kdrun/losses/methods/, each a config and its module in one file) do, so
-    listing every loss does."""
-    code = ("import sys; from kdrun import registry; import kdrun.losses.options, kdrun.modes.options; "
-            "[e.config() for e in registry.entries('mode').values() if e.config]; "
-            "print('torch' in sys.modules); import kdrun.losses.methods; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-2:] == ["False", "True"], out.stderr
+    """The config half of the built-in options (kdrun.losses.options, kdrun.modes.options), the mode checks, the
+    names of every loss, a config composed and validated (the dataset registrations it looks up included) and one
+    refused import no torch, so a config error is quick; a method file (config and module in one file) imports
+    it, naming its option imports that file alone, and listing every loss imports them all."""
+    code = textwrap.dedent("""
+        import sys
+        from kdrun import registry
+        import kdrun.losses.options, kdrun.modes.options
+        from kdrun.schema import to_object
+        from kdrun.schema.configstore import register_configs
+        from hydra import compose, initialize_config_module
+        methods = lambda: sorted(m.rpartition(".")[2] for m in sys.modules if m.startswith("kdrun.losses.methods."))
+        [e.config() for e in registry.entries("mode").values() if e.config]
+        print("names", "sp" in registry.names("loss"), registry.entry("loss", "kd").name, "torch" in sys.modules)
+        register_configs()
+        with initialize_config_module(config_module="kdrun.conf", version_base=None):
+            conf = to_object(compose("config"))
+            try:
+                compose("config", overrides=["loss.T=abc"])
+            except Exception as exc:
+                print("refused", "loss.T" in str(exc))
+            print("composed", conf.loss.name, "torch" in sys.modules, methods())
+            sp = compose("config", overrides=["loss=sp"])
+        print("sp", sp.loss.beta, registry.entry("loss", "sp").name, "torch" in sys.modules, methods())
+        print("all", set(registry.entries("loss")) >= set(methods()), methods(), registry.pending("loss"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:4] == ["names True kd False", "refused True", "composed kd False []",
+                                           "sp 3000.0 sp True ['sp']"], out.stdout
+    assert out.stdout.splitlines()[4] == f"all True {METHODS} {{}}", out.stdout
 
 
 @pytest.mark.parametrize("override,key,fragment", [

@@ -8,21 +8,24 @@ have names other than their index. The built-ins return numpy ``x [N,C,H,W]`` (u
 :class:`LazyImages`.
 
 Loaders say what to do when files are missing (torchvision download, the Debian package); they never
-download unless ``dataset.download=true``.
+download unless ``dataset.download=true``. Importing this module imports no torch (each loader imports what it
+uses), so that validating a config does not (:mod:`kdrun.schema.data` looks its dataset up).
 """
 from __future__ import annotations
 
 import gzip
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
-import torch
 
 from kdrun.data.images import scan_folders, to_rgb
 from kdrun.errors import ConfigError, InputError, KdrunError
 from kdrun.registry import register_dataset
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 MAX_IN_MEMORY_BYTES = 16 * 2**30  # refuse to decode more than this into memory
@@ -50,6 +53,7 @@ class LazyImages:
         return "\n".join(self.paths.tolist()).encode()
 
     def load(self, i: int) -> torch.Tensor:
+        import torch
         from PIL import Image
         from torchvision.transforms.v2.functional import resize
 
@@ -62,15 +66,20 @@ class LazyImages:
         return resize(torch.from_numpy(rgb).permute(2, 0, 1), [self.size, self.size], antialias=True)
 
     def fetch(self, idx) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.load(int(i)) for i in idx])
 
     def decode_all(self, batch_size: int = 256) -> np.ndarray:
         """Every image, decoded once by the DataLoader workers, as a uint8 ``[N, 3, H, W]`` array."""
         if len(self) == 0:
             return np.zeros((0, 3, self.size, self.size), np.uint8)
+        import torch
+
         return torch.cat(list(self.stream(list(torch.arange(len(self)).split(batch_size))))).numpy()
 
     def stream(self, chunks: list) -> Iterator[torch.Tensor]:
+        import torch
         from torch.utils.data import DataLoader
 
         batches = [c.cpu().tolist() for c in chunks]
@@ -83,7 +92,9 @@ class LazyImages:
             raise InputError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
 
 
-class _Files(torch.utils.data.Dataset):
+class _Files:
+    """The map-style dataset of :meth:`LazyImages.stream`'s DataLoader: image ``i`` decoded in a worker."""
+
     def __init__(self, images: LazyImages):
         self.images = images
 
@@ -97,6 +108,8 @@ class _Files(torch.utils.data.Dataset):
 def check_fits(nbytes: int, device: torch.device, name: str) -> None:
     """Stop with a clear message when the decoded data cannot live on ``device`` (rather than crash later)."""
     if device.type == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         limit, where = free * 0.8, f"{device} ({free / 2**30:.1f} GiB free)"
     else:
@@ -240,6 +253,8 @@ def imagefolder(root: str, image_size: Optional[int] = 32, stream: str = "auto",
         log.info(f"dataset=imagefolder: streaming {len(tp) + len(vp)} images from disk "
                  f"({num_workers} DataLoader workers)")
         return {"train": (train, ty), "test": (test, vy), "num_classes": k, "classes": found["classes"]}
+    import torch
+
     check_fits(nbytes, torch.device("cpu"), "imagefolder")  # before decoding anything
     return {"train": (train.decode_all(), ty), "test": (test.decode_all(), vy), "num_classes": k,
             "classes": found["classes"]}

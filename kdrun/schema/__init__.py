@@ -88,7 +88,7 @@ class Config:
         if not plain_ok and not loss_needs(self.loss).teacher:
             raise ConfigError("loss", f"mode={self.mode.name} distils: use loss=kd (loss={self.loss.name} is the "
                                       f"no-KD baseline)")
-        loss = None if getattr(self.loss, "target", None) else registry.entries("loss").get(self.loss.name)
+        loss = None if getattr(self.loss, "target", None) else registry.entry("loss", self.loss.name)
         for rule in (*mode.rules, *(loss.rules if loss is not None else ())):
             rule(self)
         if self.teacher.members():

@@ -33,7 +33,7 @@ def config_warnings(conf: Any, overrides: Iterable[str], loss_reads_teacher: boo
     keys = set_keys(overrides)
     mode = registry.get("mode", conf.mode.name, "mode")
     needs = mode.needs or registry.ModeNeeds()
-    loss = None if getattr(conf.loss, "target", None) else registry.entries("loss").get(conf.loss.name)
+    loss = None if getattr(conf.loss, "target", None) else registry.entry("loss", conf.loss.name)
     distils = loss_needs(conf.loss).teacher  # registered as reading the teacher: not the no-KD baseline
     unread = getattr(conf.loss, "unread", dict)()
     weights = next(iter(unread.values()), "its weights leave no teacher term")

@@ -20,9 +20,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=Config)
     for kind in ("loss", "mode"):
-        for name, entry in registry.entries(kind).items():
+        for name, entry in registry.registered(kind).items():
             if entry.config is not None:
                 cs.store(group=f"schema/{kind}", name=name, node=entry.config)
+        for name in registry.pending(kind):  # a method's file imports torch: its schema is read when composed
+            store_deferred(f"schema/{kind}", name, lambda kind=kind, name=name: registry.entry(kind, name).config)
     for name, entry in registry.entries("model").items():
         node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
         for role in ("teacher", "student"):
@@ -38,6 +40,35 @@ def register_configs() -> None:
                                                                 **entry.params(skip=("args", "kwargs"))})
     for name, entry in plugins("mode").items():
         cs.store(group="mode", name=name, node=entry.config or {"name": name})
+
+
+class Deferred:
+    """A ConfigStore node whose structured config is built when first composed: ``config()`` returns the dataclass.
+
+    Hydra reads a stored node only through ``ConfigStore.load``, which deep-copies it (hydra-core 1.3), so the copy
+    is where the node is built: storing the built-in methods' schemas this way lets a config error or ``kdrun
+    --help`` compose without importing their files (and torch), and ``loss=sp`` import ``sp.py`` alone."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __deepcopy__(self, memo):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.structured(self.config())
+
+
+def store_deferred(group: str, name: str, config) -> None:
+    """``ConfigStore.store(group=group, name=name, node=config())``, with ``config()`` called when the node is first
+    composed (:class:`Deferred`); a name already stored is left as it is."""
+    from hydra.core.config_store import ConfigNode, ConfigStore
+
+    folder = ConfigStore.instance().repo
+    for part in group.split("/"):
+        folder = folder.setdefault(part, {})
+    if f"{name}.yaml" not in folder:
+        folder[f"{name}.yaml"] = ConfigNode(name=f"{name}.yaml", node=Deferred(config), group=group, package=None,
+                                            provider=None)
 
 
 def share_store_on_copy() -> None:

@@ -54,5 +54,5 @@ def loss_needs(loss: LossBase) -> registry.Needs:
     say: the defaults (:class:`kdrun.registry.Needs`: teacher logits and labels)."""
     if getattr(loss, "target", None):
         return registry.Needs()
-    entry = registry.entries("loss").get(loss.name)
+    entry = registry.entry("loss", loss.name)
     return entry.needs if entry is not None and entry.needs is not None else registry.Needs()
