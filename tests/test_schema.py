@@ -305,7 +305,8 @@ def test_the_option_modules_import_no_torch():
     refused import no torch, so a config error is quick; a method file (config and module in one file) imports
     it, naming its option imports that file alone, and listing every loss imports them all."""
     code = textwrap.dedent("""
-        import sys
+        import pickle, sys
+        from hydra.core.config_store import ConfigStore
         from kdrun import registry
         import kdrun.losses.options, kdrun.modes.options
         from kdrun.schema import to_object
@@ -315,6 +316,7 @@ def test_the_option_modules_import_no_torch():
         [e.config() for e in registry.entries("mode").values() if e.config]
         print("names", "sp" in registry.names("loss"), registry.entry("loss", "kd").name, "torch" in sys.modules)
         register_configs()
+        sent = pickle.dumps(ConfigStore.instance())  # as the joblib launcher sends it to its workers
         with initialize_config_module(config_module="kdrun.conf", version_base=None):
             conf = to_object(compose("config"))
             try:
@@ -323,13 +325,14 @@ def test_the_option_modules_import_no_torch():
                 print("refused", "loss.T" in str(exc))
             print("composed", conf.loss.name, "torch" in sys.modules, methods())
             sp = compose("config", overrides=["loss=sp"])
-        print("sp", sp.loss.beta, registry.entry("loss", "sp").name, "torch" in sys.modules, methods())
+        print("sp", sp.loss.beta, registry.entry("loss", "sp").name, "torch" in sys.modules, methods(),
+              pickle.loads(sent).load("schema/loss/sp.yaml").node.beta)
         print("all", set(registry.entries("loss")) >= set(methods()), methods(), registry.pending("loss"))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[:4] == ["names True kd False", "refused True", "composed kd False []",
-                                           "sp 3000.0 sp True ['sp']"], out.stdout
+                                           "sp 3000.0 sp True ['sp'] 3000.0"], out.stdout
     assert out.stdout.splitlines()[4] == f"all True {METHODS} {{}}", out.stdout
 
 

@@ -24,7 +24,7 @@ def register_configs() -> None:
             if entry.config is not None:
                 cs.store(group=f"schema/{kind}", name=name, node=entry.config)
         for name in registry.pending(kind):  # a method's file imports torch: its schema is read when composed
-            store_deferred(f"schema/{kind}", name, lambda kind=kind, name=name: registry.entry(kind, name).config)
+            store_deferred(kind, name)
     for name, entry in registry.entries("model").items():
         node = {"name": name, "args": entry.params(skip=("num_classes", "in_channels", "image_size"))}
         for role in ("teacher", "student"):
@@ -43,32 +43,31 @@ def register_configs() -> None:
 
 
 class Deferred:
-    """A ConfigStore node whose structured config is built when first composed: ``config()`` returns the dataclass.
+    """The ConfigStore node of option ``name`` of registry ``kind``'s schema, built when first composed.
 
     Hydra reads a stored node only through ``ConfigStore.load``, which deep-copies it (hydra-core 1.3), so the copy
-    is where the node is built: storing the built-in methods' schemas this way lets a config error or ``kdrun
-    --help`` compose without importing their files (and torch), and ``loss=sp`` import ``sp.py`` alone."""
+    is where the node is built, from the config the option registers: storing the built-in methods' schemas this
+    way lets a config error or ``kdrun --help`` compose without importing their files (and torch), and ``loss=sp``
+    import ``sp.py`` alone. Plain data, so that the ConfigStore still pickles (the joblib launcher sends it to its
+    workers)."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, kind: str, name: str):
+        self.kind, self.name = kind, name
 
     def __deepcopy__(self, memo):
         from omegaconf import OmegaConf
 
-        return OmegaConf.structured(self.config())
+        return OmegaConf.structured(registry.entry(self.kind, self.name).config)
 
 
-def store_deferred(group: str, name: str, config) -> None:
-    """``ConfigStore.store(group=group, name=name, node=config())``, with ``config()`` called when the node is first
-    composed (:class:`Deferred`); a name already stored is left as it is."""
+def store_deferred(kind: str, name: str) -> None:
+    """Store ``schema/KIND/NAME`` as a :class:`Deferred` node; a name already stored is left as it is."""
     from hydra.core.config_store import ConfigNode, ConfigStore
 
-    folder = ConfigStore.instance().repo
-    for part in group.split("/"):
-        folder = folder.setdefault(part, {})
+    folder = ConfigStore.instance().repo.setdefault("schema", {}).setdefault(kind, {})
     if f"{name}.yaml" not in folder:
-        folder[f"{name}.yaml"] = ConfigNode(name=f"{name}.yaml", node=Deferred(config), group=group, package=None,
-                                            provider=None)
+        folder[f"{name}.yaml"] = ConfigNode(name=f"{name}.yaml", node=Deferred(kind, name), group=f"schema/{kind}",
+                                            package=None, provider=None)
 
 
 def share_store_on_copy() -> None:
