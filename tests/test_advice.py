@@ -49,10 +49,19 @@ def test_every_mode_at_its_defaults_warns_of_nothing(mode):
                                         "teaches itself)"),
     (("mode=self", "teacher.epochs=5"), "teacher.epochs=5: not used (mode=self has no separate teacher: the student "
                                         "teaches itself)"),
+    (("teacher=resnet20", "teacher.ensemble=[cnn,mlp]"),
+     "teacher=resnet20: not used (teacher.ensemble names each member's model and args)"),
+    (("teacher.ensemble=[cnn,mlp]", "teacher.args.hidden=64"),
+     "teacher.args.hidden=64: not used (teacher.ensemble names each member's model and args)"),
 ])
 def test_an_option_the_run_does_not_read_is_named(overrides, expected):
     reads_teacher = overrides[0] != "loss=ce"
     assert warnings_of(*overrides, reads_teacher=reads_teacher) == [expected]
+
+
+def test_an_ensemble_of_seeds_reads_the_teachers_model_and_an_ensemble_its_shared_keys():
+    assert warnings_of("teacher=cnn", "teacher.ensemble_seeds=[0,1]", "teacher.args.hidden=64") == []
+    assert warnings_of("teacher.ensemble=[cnn,mlp]", "teacher.epochs=3", "teacher.optim.lr=0.01") == []
 
 
 def test_a_teacher_beside_a_loss_without_teacher_term_is_unused():

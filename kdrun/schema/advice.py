@@ -2,11 +2,12 @@
 
 :func:`config_warnings` gives one line per problem: an option the user set that the run does not read (a loss or
 mode key its option leaves without effect, :meth:`kdrun.schema.losses.LossBase.unread`; a ``teacher`` override
-where no teacher is used), a distilling loss whose teacher term has weight 0, and the chosen mode's and loss's
-registered ``warnings`` (e.g. dkd's warm-up longer than training). :func:`kdrun.run.run` logs them and keeps them
-in ``summary.json``'s ``warnings``. What only data or training shows is found there: a ``dataset.train_subset``
-over the train split's size (:mod:`kdrun.data.dataset`), a teacher no better than the baseline and a student
-larger than its teacher (:meth:`kdrun.results.RunResult.kd_warnings`).
+where no teacher is used; the single teacher's model or args beside ``teacher.ensemble``), a distilling loss whose
+teacher term has weight 0, and the chosen mode's and loss's registered ``warnings`` (e.g. dkd's warm-up longer than
+training). :func:`kdrun.run.run` logs them and keeps them in ``summary.json``'s ``warnings``. What only data or
+training shows is found there: a ``dataset.train_subset`` over the train split's size (:mod:`kdrun.data.dataset`),
+a teacher no better than the baseline and a student larger than its teacher
+(:meth:`kdrun.results.RunResult.kd_warnings`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def config_warnings(conf: Any, overrides: Iterable[str], loss_reads_teacher: boo
            else f"loss={conf.loss.name}: {weights}")
     if why:
         out += [f"{text}: not used ({why})" for key, text in keys.items() if key.split(".")[0] == "teacher"]
+    elif conf.teacher.ensemble:  # each member names its model and args: the single teacher's are not read
+        out += [f"{text}: not used (teacher.ensemble names each member's model and args)" for key, text in keys.items()
+                if key in ("teacher", "teacher.name", "teacher._target_") or key.startswith("teacher.args.")
+                or key == "teacher.args"]
     for warning in (*mode.warnings, *(loss.warnings if loss is not None else ())):
         line = warning(conf)
         if line:
