@@ -303,6 +303,9 @@ class RunResult(Result):
     loss: dict = internal(dict)
     # role -> kdrun.outputs.metrics.Prediction (test logits of each evaluated model) for the report; not in summary.json
     predictions: dict = internal(dict)
+    # warnings a stage logged before training (the assistant's size): the run's end adds them to summary.json's
+    # ``warnings`` with the others without logging them a second time
+    logged: list = internal(list)
 
     def chance_warnings(self, num_classes: int) -> list[str]:
         """A warning for each of teacher, baseline and student whose accuracy (val, else test) stayed within

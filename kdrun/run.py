@@ -184,9 +184,12 @@ def set_agreements(result: RunResult) -> None:
 
 
 def _warn(summary: RunSummary, warnings: Sequence[str]) -> None:
-    """Log each of ``warnings`` and add it to ``summary.warnings``."""
+    """Log each of ``warnings`` (unless a stage logged it already, before training) and add it to
+    ``summary.warnings``."""
+    logged = summary.result.logged if summary.result is not None else ()
     for warning in warnings:
-        log.warning(warning)
+        if warning not in logged:
+            log.warning(warning)
         summary.warn(warning)
 
 

@@ -131,6 +131,7 @@ def test_an_assistant_smaller_than_the_student_is_warned_before_training(smoke_s
     said = [r.getMessage() for r in caplog.records if r.name == "kdrun"]
     first_warning = next(i for i, m in enumerate(said) if m.startswith("mode.assistant: assistant mlp has fewer"))
     assert first_warning < next(i for i, m in enumerate(said) if m.startswith("teacher cnn:"))  # before any training
+    assert said.count(said[first_warning]) == 1  # logged once; in summary.json too
     assert summary["assistant"]["epochs"] == 1 and summary["status"] == "completed"
 
 

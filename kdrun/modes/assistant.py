@@ -93,8 +93,9 @@ def check_assistant(ctx: RunContext, data: Data) -> None:
                     ("mode.assistant.name", f"mode.assistant.name={model_cfg.name}")
                 check_logits(model, x, data.num_classes, *where)
             sizes.append((model_cfg.name, n_params(model)))
-    for warning in assistant_size_warnings(*sizes):
+    for warning in assistant_size_warnings(*sizes):  # now, before training; in summary.json at the end
         log.warning(warning)
+        ctx.result.logged.append(warning)
 
 
 def assistant_recipe(cfg) -> Recipe:
