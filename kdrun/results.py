@@ -359,10 +359,12 @@ class RunResult(Result):
 
 def rule_acc(stage: Any, split: str, rule: str) -> Optional[float]:
     """``stage``'s ``split`` accuracy at the checkpoint ``rule`` names (``best`` / ``last``): its ``<split>_acc_<rule>``;
-    a stage that records one figure only (``<split>_acc``) gives it when it is that rule's (its ``select``)."""
-    value = getattr(stage, f"{split}_acc_{rule}", None)
-    if value is None and (getattr(stage, "select", None) or "best") == rule:
-        value = getattr(stage, f"{split}_acc", None)
+    a stage that records one figure only (``<split>_acc``) gives it when it is that rule's (its ``select``; best in
+    summaries written before stages kept both). ``stage``: a result, or its dict as read back from ``summary.json``."""
+    read = stage.get if isinstance(stage, dict) else lambda name: getattr(stage, name, None)
+    value = read(f"{split}_acc_{rule}")
+    if value is None and (read("select") or "best") == rule:
+        value = read(f"{split}_acc")
     return value
 
 

@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 import yaml
 
+from kdrun.results import rule_acc
+
 SEED_KEY = "seed"
 NOISE_P = 0.05
 RULES = ("best", "last")  # trainer.select: the checkpoint best on val, or the last epoch's
@@ -89,13 +91,10 @@ class Job:
 
     def acc(self, role: str, split: str, rule: Optional[str] = None) -> Optional[float]:
         """``role``'s (``student``, ``baseline``) ``split`` accuracy at the checkpoint ``rule`` names (default: the
-        job's :attr:`select`); a baseline that records one figure only gives it for its own rule (best, in
-        summaries written before the baseline kept both)."""
-        rule = rule or self.select
-        value = self.get(role, f"{split}_acc_{rule}")
-        if value is None and role != "student" and (self.get(role, "select") or "best") == rule:
-            value = self.get(role, f"{split}_acc")
-        return value
+        job's :attr:`select`), as :func:`kdrun.results.rule_acc` reads it (a baseline that records one figure only
+        gives it for its own rule: best, in summaries written before the baseline kept both)."""
+        stage = self.get(role)
+        return rule_acc(stage, split, rule or self.select) if isinstance(stage, dict) else None
 
     def get(self, *path: str) -> Any:
         """A figure of the summary, e.g. ``get('student', 'test_acc_best')``; None when absent."""
