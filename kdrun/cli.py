@@ -151,7 +151,7 @@ def _job(cfg: DictConfig) -> float:
             return float("nan")
     resume = MEMO.resume
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep run again into its dir: finish what is not done
-        earlier = earlier_attempt(out_dir, cfg)
+        earlier = earlier_attempt(out_dir, cfg, HydraConfig.get().overrides.task)
         if earlier is not None and earlier.get("status") == "completed":
             logging.getLogger("kdrun").info(f"job {out_dir}: completed by an earlier run of this sweep; skipped")
             return earlier.get("objective", float("nan"))

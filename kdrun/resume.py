@@ -1,19 +1,21 @@
 """Continuing a run dir: ``kdrun resume=DIR`` (:func:`resume_overrides`), and re-running a sweep into its dir.
 
 A run dir is resumable when its resolved ``config.yaml`` is the config composed now: the same overrides, the
-same kdrun defaults. Stages then continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.train.loop.fit`);
-the teacher and the CE baseline come from their stores. A resume checkpoint also keeps the source hashes of the
-user's code it was trained with (:func:`user_code`), so a resume after that code changed is refused instead of training
-one model for some epochs and another for the rest. A ``config.yaml`` or ``.hydra/overrides.yaml`` edited so that it
-no longer parses is one line naming it. A run dir that is complete (:func:`completed`) is not run again: resuming it
-says so and changes nothing.
+same kdrun defaults. A key added to kdrun since the file was written is taken at its default (a new key defaults to
+what kdrun did before it), and named in the log, unless the command line sets it (:func:`added_keys`). Stages then
+continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.train.loop.fit`); the teacher and the CE baseline
+come from their stores. A resume checkpoint also keeps the source hashes of the user's code it was trained with
+(:func:`user_code`), so a resume after that code changed is refused instead of training one model for some epochs
+and another for the rest. A ``config.yaml`` or ``.hydra/overrides.yaml`` edited so that it no longer parses is one
+line naming it. A run dir that is complete (:func:`completed`) is not run again: resuming it says so and changes
+nothing.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -66,32 +68,58 @@ def _flat(node, prefix: str = "") -> dict:
     return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
-def config_differences(run_dir: Path, cfg: DictConfig) -> Optional[list[str]]:
-    """The dotted keys whose value differs between ``run_dir/config.yaml`` and ``cfg``; None: no config.yaml."""
+def config_differences(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> Optional[list[str]]:
+    """The dotted keys whose value differs between ``run_dir/config.yaml`` and ``cfg``; None: no config.yaml.
+
+    A key ``config.yaml`` lacks because an earlier kdrun wrote it (:func:`added_keys`) is not a difference: a key
+    kdrun adds defaults to what kdrun did before it. It is one when ``overrides`` (the command line now) set it."""
+    compared = _compare(run_dir, cfg, overrides)
+    return None if compared is None else compared[0]
+
+
+def added_keys(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> list[str]:
+    """The keys of ``cfg`` that ``run_dir/config.yaml`` lacks and ``overrides`` do not set: keys added to kdrun
+    since the kdrun that wrote the file, taken at their defaults (``[]`` when there is no ``config.yaml``)."""
+    compared = _compare(run_dir, cfg, overrides)
+    return [] if compared is None else compared[1]
+
+
+def _compare(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Optional[tuple[list[str], list[str]]]:
+    """``(differences, added keys)`` of ``run_dir/config.yaml`` and ``cfg``; None when there is no config.yaml."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return None
     now = OmegaConf.to_container(cfg, resolve=True)
     if OmegaConf.to_yaml(now) == path.read_text():
-        return []
+        return [], []
     old, new = _flat(OmegaConf.to_container(_load(path))), _flat(now)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")) or ["?"]
+    set_now = [str(o).partition("=")[0].lstrip("+~") for o in overrides if "=" in str(o)]
+    added = sorted(k for k in new.keys() - old.keys()
+                   if not any(k == key or ("." in key and k.startswith(f"{key}.")) for key in set_now))
+    differences = sorted(k for k in (old.keys() | new.keys()) - set(added)
+                         if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    return (differences or ([] if added else ["?"])), added
 
 
-def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
-    """Refuse to resume into ``run_dir`` with a config other than its own."""
-    differences = config_differences(run_dir, cfg)
-    if differences is None:
+def check_resumable(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> list[str]:
+    """Refuse to resume into ``run_dir`` with a config other than its own (``overrides``: the command line's);
+    returns the keys added to kdrun since it was written (:func:`added_keys`), which the resume takes at their
+    defaults."""
+    compared = _compare(run_dir, cfg, overrides)
+    if compared is None:
         raise InputError(f"resume: {run_dir} holds no config.yaml; nothing to resume")
+    differences, added = compared
     if differences:
         raise InputError(f"resume: the config composed now differs from {run_dir}/config.yaml in "
                          f"{', '.join(differences[:5])}; resume with the overrides the run was started with")
+    return added
 
 
-def earlier_attempt(run_dir: Path, cfg: DictConfig) -> Optional[dict]:
-    """A sweep job's earlier attempt in ``run_dir`` with the same config: its summary (``{}`` when it left none,
-    e.g. killed), or None when there is none to continue (no results, or another config's)."""
-    if not (run_dir / "config.yaml").exists() or config_differences(run_dir, cfg):
+def earlier_attempt(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> Optional[dict]:
+    """A sweep job's earlier attempt in ``run_dir`` with the same config (:func:`config_differences`; ``overrides``:
+    the job's): its summary (``{}`` when it left none, e.g. killed), or None when there is none to continue (no
+    results, or another config's)."""
+    if not (run_dir / "config.yaml").exists() or config_differences(run_dir, cfg, overrides):
         return None
     if not any((run_dir / name).exists() for name in ("summary.json", "metrics.jsonl", "checkpoints")):
         return None

@@ -45,7 +45,11 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False, overrides: Sequenc
     ``overrides``: the command line's ``key=value`` overrides ``cfg`` was composed with; an option among them that
     the run does not read is a warning (:mod:`kdrun.schema.advice`)."""
     if resume:
-        check_resumable(Path(out_dir), cfg)
+        added = check_resumable(Path(out_dir), cfg, overrides)
+        if added:
+            log.info(f"resume: {out_dir}/config.yaml predates {', '.join(added[:5])}"
+                     f"{f' (+{len(added) - 5} more)' if len(added) > 5 else ''}: taken at their defaults, which keep "
+                     f"what kdrun did before them")
         if (finished := completed(Path(out_dir))) is not None:
             log.info(f"{out_dir} is complete (finished at {finished}); nothing to resume")
             return json.loads((Path(out_dir) / "summary.json").read_text())

@@ -149,6 +149,40 @@ def test_resume_refuses_another_config_and_a_non_run_dir(tmp_path):
                                                          "trainer.epochs=2", "report=false", "compression=false"))
 
 
+def test_a_run_written_before_a_key_existed_resumes_with_its_default(tmp_path, monkeypatch, caplog):
+    """A config.yaml written by an earlier kdrun lacks the keys added since: the resume takes them at their defaults
+    (named in the log) and ends as the uninterrupted run does; setting such a key now, or a key kdrun no longer has,
+    is still refused."""
+    import yaml
+
+    from kdrun.errors import Interrupted, KdrunError
+    from kdrun.train import interrupt
+
+    overrides = ("trainer.epochs=3", "baseline=false")
+    whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
+    with monkeypatch.context() as patch:
+        stop_after(patch, "student", 1)
+        with pytest.raises(Interrupted):
+            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
+    interrupt.reset()
+    path = tmp_path / "stopped" / "config.yaml"
+    written = yaml.safe_load(path.read_text())
+    older = yaml.safe_load(path.read_text())
+    del older["trainer"]["select"], older["dataset"]["augment"]["mixup_alpha"]  # keys an earlier kdrun had not
+    path.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.raises(KdrunError, match=r"differs from .* in trainer\.select;"):
+        smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, "trainer.select=last", resume=True)
+    path.write_text(yaml.safe_dump({**older, "retired_key": 1}, sort_keys=False))
+    with pytest.raises(KdrunError, match=r"differs from .* in retired_key;"):
+        smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
+    path.write_text(yaml.safe_dump(older, sort_keys=False))
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
+    assert "config.yaml predates dataset.augment.mixup_alpha, trainer.select: taken at their defaults" in caplog.text
+    assert resumed["status"] == "completed" and resumed["student"] == whole["student"]
+    assert yaml.safe_load(path.read_text()) == written  # rewritten whole by this kdrun
+
+
 def test_resume_argv(tmp_path):
     from kdrun.cli import _resume_argv
 
