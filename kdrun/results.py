@@ -232,6 +232,9 @@ class Row(Result):
     val_acc: Optional[float] = None
     test_acc: Optional[float] = None
     note: str = ""
+    # a part of the teacher (an ensemble's member, mode=merge's subset teacher): shown under the teacher's row, before
+    # the baseline's; the others (generations, rounds, the assistant, peers) come after the baseline's
+    of_teacher: bool = field(default=False, metadata={"internal": True})
 
 
 @dataclass

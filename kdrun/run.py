@@ -27,7 +27,7 @@ from kdrun.console import Progress, attach_file_log, pct, show
 from kdrun.errors import Interrupted, NoSpace, RunFailed
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text, git_sha, remove_temp_files, versions, write_json
-from kdrun.results import RunResult, RunSummary, rule_acc
+from kdrun.results import Row, RunResult, RunSummary, rule_acc
 from kdrun.resume import check_resumable, completed
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
@@ -271,13 +271,19 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
     def row(role: str, stage, note: str) -> None:
         table.add_row(role, stage.name, pct(rule_acc(stage, "val", rule), ""), pct(rule_acc(stage, "test", rule), ""),
                       pct(getattr(stage, f"test_acc_{other}", None), ""), note)
+    extras = result.rows or []  # a mode's further lines: a teacher's parts (members, subset teachers), generations...
+
+    def add(extra: Row) -> None:
+        table.add_row(extra.role, extra.name, pct(extra.val_acc, ""), pct(extra.test_acc, ""), "", extra.note)
     if teacher:
         table.add_row("teacher", teacher.name, pct(teacher.val_acc, ""), pct(teacher.test_acc, ""), "",
                       teacher.note)
+    for extra in (e for e in extras if e.of_teacher):
+        add(extra)
     if baseline:
         row("student, CE only", baseline, (baseline.note or "baseline") + _agrees(baseline))
-    for extra in result.rows or []:  # a mode's further stages: generations, per-class-subset teachers...
-        table.add_row(extra.role, extra.name, pct(extra.val_acc, ""), pct(extra.test_acc, ""), "", extra.note)
+    for extra in (e for e in extras if not e.of_teacher):
+        add(extra)
     note = f"best epoch {student.best_epoch}/{student.epochs}"
     if delta is not None:
         note += f"; Δ vs baseline {delta:+.2f}"

@@ -80,3 +80,25 @@ def test_run_summary_splices_the_result_and_keeps_the_key_order():
                          "baseline", "student", "warnings", "error", "wall_time_s"]
     assert out["loss"] == {"name": "kd", "formula": "semi", "labelled_formula": "x"}  # the mode's changes win
     assert summary.loss == {"name": "kd", "formula": "configured"} and out["warnings"] == ["report: not written"]
+
+
+def test_the_results_table_shows_a_teachers_parts_under_it_and_other_lines_after_the_baseline():
+    from rich.console import Console
+
+    from kdrun.results import BaselineResult, Row, RunResult, StudentResult, TeacherResult
+    from kdrun.run import results_table
+
+    teacher = TeacherResult(name="ensemble cnn+mlp", args={}, params=3, source="ensemble", val_acc=98.0, test_acc=97.0)
+    student = StudentResult(name="mlp", args={}, params=1, epochs=2, best_epoch=2, seed=0, init={}, val_acc_best=95.0,
+                            test_acc_best=94.0, val_acc_last=95.0, test_acc_last=94.0, select="best")
+    baseline = BaselineResult(name="mlp", store_dir="b", reused=True, init={}, select="best", val_acc_best=93.0,
+                              test_acc_best=92.0, val_acc=93.0, test_acc=92.0)
+    rows = [Row("teacher 1 of 2", "cnn", 97.0, 96.0, of_teacher=True), Row("generation 1 (KD)", "mlp", 94.0, 93.0),
+            Row("teacher 2 of 2", "mlp", 96.0, 95.0, of_teacher=True)]
+    console = Console(width=200, record=True)
+    console.print(results_table(RunResult(teacher=teacher, baseline=baseline, rows=rows, student=student)))
+    roles = [line.split("│")[1].strip() for line in console.export_text().splitlines()
+             if line.startswith("│") and line.split("│")[1].strip() not in ("", "role")]
+    assert roles == ["teacher", "teacher 1 of 2", "teacher 2 of 2", "student, CE only", "generation 1 (KD)",
+                     "student, KD"]
+    assert "of_teacher" not in RunResult(rows=rows).to_json()["rows"][0]  # a table layout, not a summary.json key

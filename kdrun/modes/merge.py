@@ -192,7 +192,8 @@ def merge(ctx: RunContext, data: Data, loss: DistillationLoss) -> None:
     teachers, subsets = obtain_teachers(ctx, data, splits)
     result.teachers = subsets
     result.rows = [Row(f"teacher {t.index}, classes {_span(t.classes)}", t.teacher.name, t.teacher.val_acc,
-                       t.teacher.test_acc, f"own {len(t.classes)} classes; {t.teacher.note}") for t in subsets]
+                       t.teacher.test_acc, f"own {len(t.classes)} classes; {t.teacher.note}", of_teacher=True)
+                   for t in subsets]
     prior = prior_weights(combine, subsets)
     merged = MergedTeacher(teachers, splits, data.num_classes, combine, prior).to(ctx.device).eval()
     weights = None if prior is None else [round(w, 4) for w in merged.log_prior.exp().tolist()]

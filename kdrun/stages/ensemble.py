@@ -37,7 +37,7 @@ def obtain_ensemble(ctx: RunContext, data: Data, T: float) -> tuple[EnsembleTeac
         infos.append(EnsembleMember(index=k + 1, seed=member.seed, teacher=info))
     result.teachers = infos
     result.rows = [Row(f"teacher {m.index} of {len(infos)}", m.teacher.name, m.teacher.val_acc, m.teacher.test_acc,
-                       f"seed {m.seed}; {m.teacher.params:,} params; {m.teacher.note}") for m in infos]
+                       f"seed {m.seed}; {m.teacher.params:,} params; {m.teacher.note}", of_teacher=True) for m in infos]
     combine = cfg.teacher.combine
     ensemble = EnsembleTeacher(models, combine).to(ctx.device).eval()
     names = sorted({m.teacher.name for m in infos})
