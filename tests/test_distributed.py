@@ -86,11 +86,15 @@ def mlp(seed: int = 0) -> nn.Module:
 
 
 @pytest.mark.e2e
-def test_uneven_slices_and_a_live_teacher_on_two_ranks(data):
+@pytest.mark.parametrize("augment", [dict(crop_padding=1, hflip=True),
+                                     dict(crop_padding=1, mixup_alpha=0.4, cutmix_alpha=1.0, mix_mode="elem")],
+                         ids=["crop_flip", "mixup_cutmix"])
+def test_uneven_slices_and_a_live_teacher_on_two_ranks(data, augment):
     """72 train images in batches of 23: three full batches cut 12/11 (loss weights 24/23 and 22/23), then a
-    batch of 3 that rank 0 trains alone (rank 1 takes part in the step with weight 0). Random crop and flip:
-    every rank draws the whole batch's augmentation, as one process does, and keeps its slice."""
-    data = dataclasses.replace(data, augment=AugmentConfig(crop_padding=1, hflip=True))
+    batch of 3 that rank 0 trains alone (rank 1 takes part in the step with weight 0). Random crop and flip, or
+    mixup / CutMix (each image mixed with its partner in the whole batch, labels as probabilities): every rank
+    draws the whole batch's augmentation, as one process does, and keeps its slice."""
+    data = dataclasses.replace(data, augment=AugmentConfig(**augment))
     torch.manual_seed(1)
     teacher = build_model("cnn", num_classes=4, in_channels=1, image_size=8, args={"hidden": 16}).eval()
     recipe = Recipe(epochs=2, batch_size=23, optim=OptimConfig(), sched=SchedConfig(), seed=3)
