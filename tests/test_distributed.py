@@ -193,19 +193,12 @@ def test_bad_values_give_one_line(data, monkeypatch):
 def test_snapshot_mode_stops_and_resumes_on_two_ranks(tmp_path, monkeypatch):
     """mode=self (snapshot teacher) on two ranks: a stop after epoch 3 ends the worker, resuming gives the weights
     of an uninterrupted two-rank run, bit for bit (the same ranks reduce in the same order)."""
-    from test_resume import assert_same_weights, stop_after
-
-    from kdrun.errors import Interrupted
-    from kdrun.train import interrupt
+    from test_resume import assert_same_weights, stop_run
 
     overrides = (*SMOKE[:3], "mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5",
                  "trainer.devices=2")
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "student", 3)
-        with pytest.raises(Interrupted, match="after student epoch 3/"):
-            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path, tmp_path / "stopped", *overrides, epoch=3)
     resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["student"] == whole["student"] and resumed["teacher"] == whole["teacher"]
     assert_same_weights(tmp_path / "whole" / "checkpoints" / "student_last.pt",

@@ -230,19 +230,12 @@ def test_ft_pretrains_the_paraphraser_beside_the_teacher_and_a_second_run_reuses
 
 def test_ft_in_mode_self_keeps_the_paraphraser_in_the_run_and_a_resume_reuses_it(stores, tmp_path, caplog,
                                                                                  monkeypatch):
-    from test_resume import stop_after
-
-    from kdrun.errors import Interrupted
-    from kdrun.train import interrupt
+    from test_resume import stop_run
 
     caplog.set_level(logging.INFO, logger="kdrun")
     mode = ("mode=self", "mode.generations=1", "mode.ensemble=false", "loss.init_epochs=2")
     before = _paraphraser_entries(stores)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "student", 1)
-        with pytest.raises(Interrupted):
-            smoke_inproc(stores, tmp_path / "run", *CNN, *mode)
-    interrupt.reset()
+    stop_run(monkeypatch, stores, tmp_path / "run", *CNN, *mode)
     assert "ft paraphraser epoch   2/2" in caplog.text and "kept in the run" in caplog.text
     assert (tmp_path / "run" / "checkpoints" / "student_paraphraser.pt").exists()
     assert _paraphraser_entries(stores) == before  # generation 0, the teacher, is not a store teacher

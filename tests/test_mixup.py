@@ -181,19 +181,12 @@ def test_a_mixed_run_uses_the_live_teacher_and_records_the_mix(tmp_path):
 
 
 def test_a_mixed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    from test_resume import stop_after
-
-    from kdrun.errors import Interrupted
-    from kdrun.train import interrupt
+    from test_resume import stop_run
 
     overrides = ("dataset.augment.mixup_alpha=0.4", "dataset.augment.cutmix_alpha=1.0", "trainer.epochs=3",
                  "baseline=false")
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "student", 1)
-        with pytest.raises(Interrupted):
-            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path, tmp_path / "stopped", *overrides)
     resumed = smoke_inproc(tmp_path, tmp_path / "stopped", *overrides, resume=True)
     assert resumed["student"] == whole["student"]
     a, b = (torch.load(d / "checkpoints" / "student_last.pt", weights_only=True)["model"] for d in

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config, read_json, read_jsonl, smoke_inproc, store_entries
-from test_resume import stop_after
+from test_resume import stop_run
 
-from kdrun.errors import ConfigError, Interrupted
+from kdrun.errors import ConfigError
 from kdrun.results import TeacherResult
 from kdrun.resume import completed
 from kdrun.schema import to_object
@@ -136,26 +136,17 @@ def test_an_assistant_smaller_than_the_student_is_warned_before_training(smoke_s
 
 
 def test_an_interrupted_assistant_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog):
-    from kdrun.train import interrupt
-
     overrides = (*MODE, "trainer.epochs=3", "baseline=false")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()  # separate stores: the stopped run must train its assistant, not reuse the whole run's
     whole = smoke_inproc(tmp_path / "a", tmp_path / "a" / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "assistant", 1)
-        with pytest.raises(Interrupted, match="after assistant epoch 1/3"):
-            smoke_inproc(tmp_path / "b", tmp_path / "b" / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path / "b", tmp_path / "b" / "stopped", *overrides, stage="assistant")
     stopped = tmp_path / "b" / "stopped"
     assert read_json(stopped / "summary.json")["status"] == "interrupted"
     assert assistant_entries(tmp_path / "b") == [] and (stopped / "checkpoints" / "assistant_resume.pt").exists()
     caplog.clear()
-    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="kdrun"):
-        stop_after(patch, "student", 1)  # stopped again, once the assistant is stored
-        with pytest.raises(Interrupted, match="after student epoch 1/3"):
-            smoke_inproc(tmp_path / "b", stopped, *overrides, resume=True)
-    interrupt.reset()
+    with caplog.at_level(logging.INFO, logger="kdrun"):  # stopped again, once the assistant is stored
+        stop_run(monkeypatch, tmp_path / "b", stopped, *overrides, resume=True)
     said = [r.getMessage() for r in caplog.records if r.name == "kdrun"]
     assert sum(m.startswith("resuming assistant from epoch 1/") for m in said) == 1, said
     resumed = smoke_inproc(tmp_path / "b", stopped, *overrides, resume=True)

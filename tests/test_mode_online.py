@@ -169,18 +169,11 @@ def test_unknown_peer_lists_the_models(tmp_path):
 # --- resume --------------------------------------------------------------------------------------------------
 
 def test_online_stopped_and_resumed_gives_every_peer_the_same_weights(tmp_path, monkeypatch, caplog):
-    from test_resume import stop_after
-
-    from kdrun.errors import Interrupted
-    from kdrun.train import interrupt
+    from test_resume import stop_run
 
     overrides = (*ONLINE, "trainer.epochs=4", "mode.peers=[mlp,cnn]", "baseline=false")
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "student", 2)
-        with pytest.raises(Interrupted, match="after student epoch 2/4"):
-            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path, tmp_path / "stopped", *overrides, epoch=2)
     state = torch.load(tmp_path / "stopped" / "checkpoints" / "student_resume.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["hooks"]["PeerScores"]["best_states"]) == 2
     with caplog.at_level(logging.INFO, logger="kdrun"):

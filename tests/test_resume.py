@@ -155,16 +155,11 @@ def test_a_run_written_before_a_key_existed_resumes_with_its_default(tmp_path, m
     is still refused."""
     import yaml
 
-    from kdrun.errors import Interrupted, KdrunError
-    from kdrun.train import interrupt
+    from kdrun.errors import KdrunError
 
     overrides = ("trainer.epochs=3", "baseline=false")
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, "student", 1)
-        with pytest.raises(Interrupted):
-            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path, tmp_path / "stopped", *overrides)
     path = tmp_path / "stopped" / "config.yaml"
     written = yaml.safe_load(path.read_text())
     older = yaml.safe_load(path.read_text())
@@ -246,6 +241,20 @@ def stop_after(monkeypatch, stage: str, epoch: int) -> None:
     monkeypatch.setattr(EpochLogger, "after_epoch", after_epoch)
 
 
+def stop_run(monkeypatch, base: Path, run_dir: Path, *overrides: str, stage: str = "student", epoch: int = 1,
+             resume: bool = False) -> None:
+    """``smoke_inproc(base, run_dir, *overrides)`` stopped as SIGTERM would stop it once ``stage`` has logged
+    ``epoch`` (:func:`stop_after`): it raises ``Interrupted`` saying so, and the stop request is then cleared."""
+    from kdrun.errors import Interrupted
+    from kdrun.train import interrupt
+
+    with monkeypatch.context() as patch:
+        stop_after(patch, stage, epoch)
+        with pytest.raises(Interrupted, match=f"after {stage} epoch {epoch}/"):
+            smoke_inproc(base, run_dir, *overrides, resume=resume)
+    interrupt.reset()
+
+
 MODES = {
     "snapshot": (("mode=self", "mode.method=snapshot", "mode.teacher_epoch=2", "trainer.epochs=5"), "student", 3),
     "born_again": (("mode=self", "mode.generations=2", "mode.ensemble=false", "trainer.epochs=3"), "student", 1),
@@ -259,16 +268,10 @@ MODES = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, mode):
-    from kdrun.errors import Interrupted
-    from kdrun.train import interrupt
 
     overrides, stage, epoch = MODES[mode]
     whole = smoke_inproc(tmp_path, tmp_path / "whole", *overrides)
-    with monkeypatch.context() as patch:
-        stop_after(patch, stage, epoch)
-        with pytest.raises(Interrupted, match=f"after {stage} epoch {epoch}/"):
-            smoke_inproc(tmp_path, tmp_path / "stopped", *overrides)
-    interrupt.reset()
+    stop_run(monkeypatch, tmp_path, tmp_path / "stopped", *overrides, stage=stage, epoch=epoch)
     assert read_json(tmp_path / "stopped" / "summary.json")["status"] == "interrupted"
     stage_lines = lambda: [line for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
                            if f'"stage": "{stage}"' in line]
