@@ -145,6 +145,8 @@ def register(kind: str, name: str, description: str = "", *, config: Optional[ty
             raise ValueError(f"{kind} {name!r} is already registered by {old.source} "
                              f"({old.target or _qualname(old.factory)})")
         module = getattr(obj, "__module__", "") or ""
+        if old is None and (builtin := pending(kind).get(name)) and module != builtin:  # not imported yet, but taken
+            raise ValueError(f"{kind} {name!r} is already registered by kdrun ({builtin})")
         source = "kdrun" if module.startswith("kdrun.") and not _CURRENT_SOURCE else \
             f"plugin {_CURRENT_SOURCE[-1] if _CURRENT_SOURCE else module}"
         doc = description or _first_doc_line(obj)

@@ -367,9 +367,10 @@ def test_list_survives_a_plugin_that_exits_and_warns_once(tmp_path):
     assert "it called sys.exit(3) on import" in proc.stderr
 
 
-def test_a_package_of_one_module_per_option_is_imported_a_module_at_a_time(tmp_path, monkeypatch):
-    """An option of a BUILTIN_PACKAGES package (as kdrun.losses.methods) is named without importing its module;
-    looking it up imports that module alone; a module that does not register its own name is refused by name."""
+@pytest.fixture
+def lazy_package(tmp_path, monkeypatch):
+    """A package of one module per loss, as kdrun.losses.methods, in the registry's BUILTIN_PACKAGES: ``alpha_m`` and
+    ``beta_m`` register themselves, ``wrong_m`` another name. Yields a function listing its imported modules."""
     package = tmp_path / "lazy_methods_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -387,15 +388,32 @@ def test_a_package_of_one_module_per_option_is_imported_a_module_at_a_time(tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(registry.BUILTIN_PACKAGES, "loss", ("lazy_methods_pkg",))
     loaded = lambda: sorted(m for m in sys.modules if m.startswith("lazy_methods_pkg."))
-    try:
-        assert {"alpha_m", "beta_m", "wrong_m"} <= set(registry.names("loss")) and loaded() == []
-        assert registry.entry("loss", "alpha_m").description == "a test option"
-        assert loaded() == ["lazy_methods_pkg.alpha_m"] and "alpha_m" not in registry.pending("loss")
-        assert registry.entry("loss", "no_such_loss") is None and loaded() == ["lazy_methods_pkg.alpha_m"]
-        with pytest.raises(ValueError, match="lazy_methods_pkg.wrong_m must register the loss 'wrong_m'"):
-            registry.entry("loss", "wrong_m")
-    finally:
-        for name in ("alpha_m", "beta_m", "not_wrong_m"):
-            registry._REGISTRY["loss"].pop(name, None)
-        for module in loaded():
-            monkeypatch.delitem(sys.modules, module)
+    yield loaded
+    for name in ("alpha_m", "beta_m", "not_wrong_m", "plugin_m"):
+        registry._REGISTRY["loss"].pop(name, None)
+    for module in loaded():
+        del sys.modules[module]
+
+
+def test_a_package_of_one_module_per_option_is_imported_a_module_at_a_time(lazy_package):
+    """An option of a BUILTIN_PACKAGES package (as kdrun.losses.methods) is named without importing its module;
+    looking it up imports that module alone; a module that does not register its own name is refused by name."""
+    assert {"alpha_m", "beta_m", "wrong_m"} <= set(registry.names("loss")) and lazy_package() == []
+    assert registry.entry("loss", "alpha_m").description == "a test option"
+    assert lazy_package() == ["lazy_methods_pkg.alpha_m"] and "alpha_m" not in registry.pending("loss")
+    assert registry.entry("loss", "no_such_loss") is None and lazy_package() == ["lazy_methods_pkg.alpha_m"]
+    with pytest.raises(ValueError, match="lazy_methods_pkg.wrong_m must register the loss 'wrong_m'"):
+        registry.entry("loss", "wrong_m")
+
+
+def test_a_plugin_cannot_take_the_name_of_a_method_not_imported_yet(lazy_package):
+    """A method file is imported when its option is looked up, so a plugin registering first must still find its
+    name taken, as it would had the file been imported first (the plugin is then skipped with a warning)."""
+    from dataclasses import dataclass
+
+    with pytest.raises(ValueError, match=r"loss 'beta_m' is already registered by kdrun \(lazy_methods_pkg.beta_m\)"):
+        @registry.register_loss("beta_m", "a plugin's", target="kdrun.losses.logit.MSELoss")
+        @dataclass
+        class Taken:
+            name: str = "beta_m"
+    assert lazy_package() == [] and registry.entry("loss", "beta_m").description == "a test option"
