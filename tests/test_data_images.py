@@ -3,6 +3,7 @@ followed once (loops skipped, a file in two places refused), and every PIL mode 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 
 import numpy as np
@@ -210,3 +211,5 @@ def test_out_of_range_high_depth_images_are_refused(tmp_path, mode, values, frag
     with pytest.raises(InputError) as err:
         LazyImages(np.array([str(path)]), 2, 1).decode_all()
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    # the worker is stopped with the error, not left to the garbage collector (which waited 5 s to stop it)
+    assert multiprocessing.active_children() == []

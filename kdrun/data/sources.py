@@ -83,13 +83,18 @@ class LazyImages:
         from torch.utils.data import DataLoader
 
         batches = [c.cpu().tolist() for c in chunks]
+        loader = iter(DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
+                                 persistent_workers=False, pin_memory=torch.cuda.is_available()))
         try:
-            yield from DataLoader(_Files(self), batch_sampler=batches, num_workers=self.workers,
-                                  persistent_workers=False, pin_memory=torch.cuda.is_available())
+            yield from loader
         except InputError as exc:  # a worker's: DataLoader re-raises it with the worker's traceback in its message
             if "Original Traceback" not in str(exc):
                 raise
             raise InputError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
+        finally:  # workers stopped now: left to the garbage collector (an error, a stopped epoch), stopping them
+            #       waited 5 s (torch's MP_STATUS_CHECK_INTERVAL) each time
+            if (shutdown := getattr(loader, "_shutdown_workers", None)) is not None:
+                shutdown()
 
 
 class _Files:
