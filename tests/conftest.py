@@ -212,9 +212,8 @@ def _groups() -> dict[str, list[str]]:
     """Every user-facing config group with its options: YAMLs under conf/ and the options kdrun generates from
     its registries, as `kdrun --help` lists them (:func:`kdrun.cli.config_groups`)."""
     from kdrun.cli import config_groups as cli_groups
-    from kdrun.schema.configstore import register_configs
 
-    register_configs()
+    _register_configs()
     return cli_groups()
 
 

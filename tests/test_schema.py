@@ -5,6 +5,7 @@ model config is covered as soon as it is added.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -38,8 +39,17 @@ def hydra_ctx():
     GlobalHydra.instance().clear()
 
 
+_COMPOSED: dict = {}
+
+
 def compose_cfg(*overrides: str):
-    return compose("config", overrides=list(overrides))
+    """``compose("config", overrides)``, composed once per registry state and handed out as a copy: several tests
+    read the same option's config (it composes and validates, ``--list`` shows what it holds, its defaults)."""
+    state = tuple((kind, tuple((n, id(e)) for n, e in sorted(registry._REGISTRY[kind].items()))) for kind in registry.KINDS)
+    key = (overrides, state)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose("config", overrides=list(overrides))
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def test_config_groups_found():
@@ -61,8 +71,6 @@ def test_default_config_composes_and_validates(hydra_ctx):
 def test_composing_does_not_copy_or_change_the_config_store(hydra_ctx, monkeypatch):
     """register_configs makes Hydra's per-compose deep copy of its repository share the ConfigStore (a third of a
     compose's time); composing must still leave the store as it was, and compose the same config twice."""
-    import copy
-
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -70,7 +78,7 @@ def test_composing_does_not_copy_or_change_the_config_store(hydra_ctx, monkeypat
     before = copy.deepcopy(store.repo)  # the stored nodes themselves are still copied
     copies = []
     monkeypatch.setattr(store, "load", lambda *a, _load=store.load, **k: copies.append(1) or _load(*a, **k))
-    first, second = compose_cfg("loss=dkd", "mode=semi"), compose_cfg("loss=dkd", "mode=semi")
+    first, second = (compose("config", overrides=["loss=dkd", "mode=semi"]) for _ in range(2))
     assert OmegaConf.to_container(first) == OmegaConf.to_container(second) and copies
     assert OmegaConf.to_container(first)["loss"]["name"] == "dkd"
     assert str(store.repo) == str(before)
