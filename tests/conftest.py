@@ -138,7 +138,7 @@ def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool 
     from kdrun.run import run
 
     out_dir = Path(out_dir)
-    overrides = (*_quiet(overrides), *overrides)
+    overrides = (*quiet_reports(overrides), *overrides)
     cfg = compose_config(*overrides)
     root, level = logging.getLogger(), logging.getLogger().level  # run() raises it to INFO for its log file
     try:
@@ -148,7 +148,7 @@ def run_inproc(out_dir: Path, *overrides, cwd: Path | None = None, resume: bool 
         root.setLevel(level)
 
 
-def _quiet(overrides) -> tuple:
+def quiet_reports(overrides) -> tuple:
     """``report=false`` and ``compression=false``, each unless ``overrides`` set it: the run report's figures and
     the compression report's latency timing are most of a warm smoke run's time; their own tests ask for them."""
     return tuple(f"{key}=false" for key in ("report", "compression")
@@ -167,7 +167,7 @@ def run_sweep(base: Path, *args: str, stores: bool = True) -> CliResult:
     """``kdrun -m experiment=smoke ARGS`` in ``base``, sweep dir ``base/sweep``, stores under ``base``; without the
     jobs' run and compression reports unless ``ARGS`` ask for them (as :func:`run_inproc`)."""
     store = store_overrides(base) if stores else []
-    args = (*_quiet(args), *args)
+    args = (*quiet_reports(args), *args)
     return run_kdrun("-m", *SWEEP_SMOKE, f"hydra.sweep.dir={base / 'sweep'}", *store, *args, cwd=base)
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KDRUN_SCRIPT, read_json, read_jsonl, run_inproc, run_kdrun, smoke_inproc, store_entries, store_overrides
+from conftest import (
+    KDRUN_SCRIPT,
+    quiet_reports,
+    read_json,
+    read_jsonl,
+    run_inproc,
+    run_kdrun,
+    smoke_inproc,
+    store_entries,
+    store_overrides,
+)
 
 from kdrun.models import build_model, list_models
 
@@ -25,8 +35,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def smoke(base: Path, run_dir: Path, *extra: str, cwd: Path | None = None, script: bool = False):
-    return run_kdrun("experiment=smoke", f"hydra.run.dir={run_dir}", *store_overrides(base), *extra,
+def smoke(base: Path, run_dir: Path, *extra: str, cwd: Path | None = None, script: bool = False,
+          quiet: bool = True):
+    """``kdrun experiment=smoke EXTRA`` into ``run_dir``, stores under ``base``; ``quiet``: without the run and
+    compression reports (3 s of a smoke run's 7), unless ``EXTRA`` asks for them (as :func:`conftest.run_inproc`)."""
+    reports = quiet_reports(extra) if quiet else ()
+    return run_kdrun("experiment=smoke", f"hydra.run.dir={run_dir}", *store_overrides(base), *reports, *extra,
                      cwd=cwd or base, script=script)
 
 
@@ -70,7 +84,7 @@ def shared(tmp_path_factory):
     """One completed smoke run of the real CLI (teacher trained into the shared store) and a second,
     in-process one reusing it."""
     base = tmp_path_factory.mktemp("cli")
-    first = smoke(base, base / "run1")
+    first = smoke(base, base / "run1", quiet=False)  # as a user runs it: with its reports
     assert first.returncode == 0, first.describe()
     second = smoke_inproc(base, base / "run2")
     return {"base": base, "first": first, "second": second}

@@ -149,7 +149,8 @@ def test_a_full_disk_is_one_line_from_the_cli(tmp_path):
             "from kdrun.cli import main\n"
             "main()\n")
     run_dir = tmp_path / "run"
-    proc = subprocess.run([PYTHON, "-c", fail, "experiment=smoke", "baseline=false", f"hydra.run.dir={run_dir}",
+    proc = subprocess.run([PYTHON, "-c", fail, "experiment=smoke", "baseline=false", "report=false", "compression=false",
+                           f"hydra.run.dir={run_dir}",
                            *store_overrides(tmp_path)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
