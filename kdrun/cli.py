@@ -355,6 +355,9 @@ def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
         return _first_line(text)
     if isinstance(exc, OmegaConfBaseException):
         return _first_line(str(exc))
+    if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):  # Hydra's own options
+        return (f"{_first_line(str(exc)).rstrip('.')}: --cfg and --info show one run's config, so drop -m (each "
+                f"job of a sweep writes its own config.yaml into its dir)")
     return None
 
 

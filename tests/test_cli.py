@@ -436,3 +436,10 @@ def test_ce_run_without_teacher_via_console_script(tmp_path):
     records = read_jsonl(run / "metrics.jsonl")
     assert len(records) == 2 and all(r["train/loss_kd"] == 0 for r in records)
     assert all(abs(r["train/loss"] - r["train/loss_ce"]) < 1e-9 for r in records)
+
+
+def test_a_sweep_with_cfg_is_one_line(tmp_path):
+    """Hydra refuses -m with --cfg (or --info) by raising; the real CLI says so in one line, exit 2."""
+    result = run_kdrun("-m", "loss.T=1,2", "--cfg", "job", cwd=tmp_path)
+    last = assert_one_line_error(result, "Only one of --run, --multirun, --cfg", "drop -m")
+    assert result.returncode == 2 and "config.yaml" in last
