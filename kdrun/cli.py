@@ -310,7 +310,12 @@ def _report_interrupted(sweep: bool) -> None:
 def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
     """A one-line, key-naming message for a config or user error; None for anything else (a bug). ``argv``: the
     command's arguments, for a message that shows the command to type instead (default: ``sys.argv[1:]``)."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+        SearchPathException,
+    )
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     if isinstance(exc, KdrunError):
@@ -355,9 +360,13 @@ def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
         return _first_line(text)
     if isinstance(exc, OmegaConfBaseException):
         return _first_line(str(exc))
+    if isinstance(exc, SearchPathException):  # --config-dir DIR that is not there
+        return f"--config-dir: {_first_line(str(exc))}"
     if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):  # Hydra's own options
         return (f"{_first_line(str(exc)).rstrip('.')}: --cfg and --info show one run's config, so drop -m (each "
                 f"job of a sweep writes its own config.yaml into its dir)")
+    if isinstance(exc, ValueError) and str(exc).startswith("The --resolve flag"):
+        return f"{_first_line(str(exc))}: kdrun --cfg job --resolve"
     return None
 
 

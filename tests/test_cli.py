@@ -438,8 +438,13 @@ def test_ce_run_without_teacher_via_console_script(tmp_path):
     assert all(abs(r["train/loss"] - r["train/loss_ce"]) < 1e-9 for r in records)
 
 
-def test_a_sweep_with_cfg_is_one_line(tmp_path):
-    """Hydra refuses -m with --cfg (or --info) by raising; the real CLI says so in one line, exit 2."""
-    result = run_kdrun("-m", "loss.T=1,2", "--cfg", "job", cwd=tmp_path)
-    last = assert_one_line_error(result, "Only one of --run, --multirun, --cfg", "drop -m")
-    assert result.returncode == 2 and "config.yaml" in last
+@pytest.mark.parametrize("args, fragments", [
+    (("-m", "loss.T=1,2", "--cfg", "job"), ("Only one of --run, --multirun, --cfg", "drop -m", "config.yaml")),
+    (("--resolve",), ("The --resolve flag can only be used in conjunction with --cfg", "kdrun --cfg job --resolve")),
+    (("--config-dir", "no/such/dir"), ("--config-dir: Additional config directory", "not found")),
+], ids=["sweep-cfg", "resolve", "config-dir"])
+def test_hydras_own_option_errors_are_one_line(tmp_path, args, fragments):
+    """What Hydra refuses by raising (its options combined wrongly, a missing --config-dir): one line, exit 2."""
+    result = run_kdrun(*args, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert result.returncode == 2
