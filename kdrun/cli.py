@@ -365,6 +365,9 @@ def explain(exc: BaseException, argv: list[str] | None = None) -> str | None:
     if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):  # Hydra's own options
         return (f"{_first_line(str(exc)).rstrip('.')}: --cfg and --info show one run's config, so drop -m (each "
                 f"job of a sweep writes its own config.yaml into its dir)")
+    if isinstance(exc, ValueError) and str(exc).startswith("Config group override must be"):  # `=3`: no key
+        bad = next((a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("=")), None)
+        return f"cannot parse override{f' {bad!r}' if bad else ''}: no key before '=' (key=value)"
     if isinstance(exc, ValueError) and str(exc).startswith("The --resolve flag"):
         return f"{_first_line(str(exc))}: kdrun --cfg job --resolve"
     return None

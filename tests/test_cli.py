@@ -442,9 +442,11 @@ def test_ce_run_without_teacher_via_console_script(tmp_path):
     (("-m", "loss.T=1,2", "--cfg", "job"), ("Only one of --run, --multirun, --cfg", "drop -m", "config.yaml")),
     (("--resolve",), ("The --resolve flag can only be used in conjunction with --cfg", "kdrun --cfg job --resolve")),
     (("--config-dir", "no/such/dir"), ("--config-dir: Additional config directory", "not found")),
-], ids=["sweep-cfg", "resolve", "config-dir"])
+    (("=3",), ("cannot parse override '=3': no key before '='",)),
+], ids=["sweep-cfg", "resolve", "config-dir", "no-key"])
 def test_hydras_own_option_errors_are_one_line(tmp_path, args, fragments):
-    """What Hydra refuses by raising (its options combined wrongly, a missing --config-dir): one line, exit 2."""
+    """What Hydra refuses by raising (its options combined wrongly, a missing --config-dir, an override without a
+    key): one line, exit 2."""
     result = run_kdrun(*args, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert result.returncode == 2
