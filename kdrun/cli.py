@@ -180,6 +180,8 @@ def _resume_argv(argv: list[str]) -> list[str]:
         if arg.startswith("resume=") or (arg == "--resume" and i + 1 < len(argv)):
             value, rest = (arg.partition("=")[2], argv[i + 1:]) if arg.startswith("resume=") else \
                 (argv[i + 1], argv[i + 2:])
+            if not value.strip():
+                raise InputError("resume: name the run dir to continue: kdrun resume=outputs/YYYY-MM-DD/HH-MM-SS")
             run_dir = Path(value).resolve()
             saved = run_dir / ".hydra" / "overrides.yaml"
             overrides = resume_overrides(run_dir)

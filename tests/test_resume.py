@@ -180,6 +180,7 @@ def test_a_run_written_before_a_key_existed_resumes_with_its_default(tmp_path, m
 
 def test_resume_argv(tmp_path):
     from kdrun.cli import _resume_argv
+    from kdrun.errors import InputError
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- loss.T=2\n")
@@ -188,6 +189,9 @@ def test_resume_argv(tmp_path):
     assert _resume_argv([f"resume={tmp_path}"]) == own
     assert _resume_argv(["--config-dir", "my", "--resume", str(tmp_path)]) == ["--config-dir", "my", *own]
     assert _resume_argv(["loss.T=3"]) == ["loss.T=3"]
+    for empty in (["resume="], ["--resume", " "]):  # not the current dir by accident
+        with pytest.raises(InputError, match="^resume: name the run dir to continue"):
+            _resume_argv(empty)
 
 
 def test_resuming_a_complete_run_changes_nothing(tmp_path, monkeypatch, caplog, capsys):
