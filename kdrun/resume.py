@@ -2,7 +2,7 @@
 
 A run dir is resumable when its resolved ``config.yaml`` is the config composed now: the same overrides, the
 same kdrun defaults. A key added to kdrun since the file was written is taken at its default (a new key defaults to
-what kdrun did before it), and named in the log, unless the command line sets it (:func:`added_keys`). Stages then
+what kdrun did before it), and named in the log, unless the command line sets it (:func:`check_resumable`). Stages then
 continue from ``checkpoints/<stage>_resume.pt`` (:func:`kdrun.train.loop.fit`); the teacher and the CE baseline
 come from their stores. A resume checkpoint also keeps the source hashes of the user's code it was trained with
 (:func:`user_code`), so a resume after that code changed is refused instead of training one model for some epochs
@@ -71,17 +71,10 @@ def _flat(node, prefix: str = "") -> dict:
 def config_differences(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> Optional[list[str]]:
     """The dotted keys whose value differs between ``run_dir/config.yaml`` and ``cfg``; None: no config.yaml.
 
-    A key ``config.yaml`` lacks because an earlier kdrun wrote it (:func:`added_keys`) is not a difference: a key
-    kdrun adds defaults to what kdrun did before it. It is one when ``overrides`` (the command line now) set it."""
+    A key ``config.yaml`` lacks because an earlier kdrun wrote it is not a difference: a key kdrun adds defaults to
+    what kdrun did before it. It is one when ``overrides`` (the command line now) set it."""
     compared = _compare(run_dir, cfg, overrides)
     return None if compared is None else compared[0]
-
-
-def added_keys(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> list[str]:
-    """The keys of ``cfg`` that ``run_dir/config.yaml`` lacks and ``overrides`` do not set: keys added to kdrun
-    since the kdrun that wrote the file, taken at their defaults (``[]`` when there is no ``config.yaml``)."""
-    compared = _compare(run_dir, cfg, overrides)
-    return [] if compared is None else compared[1]
 
 
 def _compare(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Optional[tuple[list[str], list[str]]]:
@@ -103,8 +96,8 @@ def _compare(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Option
 
 def check_resumable(run_dir: Path, cfg: DictConfig, overrides: Sequence[str] = ()) -> list[str]:
     """Refuse to resume into ``run_dir`` with a config other than its own (``overrides``: the command line's);
-    returns the keys added to kdrun since it was written (:func:`added_keys`), which the resume takes at their
-    defaults."""
+    returns the keys added to kdrun since it was written (absent from its ``config.yaml``, not set by ``overrides``),
+    which the resume takes at their defaults."""
     compared = _compare(run_dir, cfg, overrides)
     if compared is None:
         raise InputError(f"resume: {run_dir} holds no config.yaml; nothing to resume")
