@@ -19,7 +19,6 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdrun.console import pct
@@ -67,11 +66,10 @@ class Cohort(nn.Module):
 
 def others_target(logits: torch.Tensor, k: int, T: float) -> torch.Tensor:
     """Logits whose ``softmax(·/T)`` is the mean of ``softmax(s_j/T)`` over the peers ``j ≠ k`` of ``logits``
-    (``[B, C, K]``): ``T·log`` of that mean, detached."""
+    (``[B, C, K]``): the teacher ensemble's ``prob`` combination of the other peers (``T·log`` of that mean, in log
+    space), detached."""
     with torch.no_grad():
-        probs = F.softmax(logits.detach().float() / T, dim=1)
-        mean = probs[..., [j for j in range(probs.shape[-1]) if j != k]].mean(-1)
-        return T * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+        return ensemble_logits([logits[..., j].detach() for j in range(logits.shape[-1]) if j != k], "prob", T)
 
 
 class MutualLoss(nn.Module):
