@@ -360,6 +360,14 @@ class RunResult(Result):
         return {rule: self.delta_vs_baseline(rule) for rule in ("best", "last")}
 
 
+RULES = {"best": "best on val", "last": "last epoch"}  # trainer.select: the checkpoint each rule names
+
+
+def other_rule(rule: str) -> str:
+    """The checkpoint rule that is not ``rule``: the one a results row shows beside it."""
+    return "last" if rule == "best" else "best"
+
+
 def rule_acc(stage: Any, split: str, rule: str) -> Optional[float]:
     """``stage``'s ``split`` accuracy at the checkpoint ``rule`` names (``best`` / ``last``): its ``<split>_acc_<rule>``;
     a stage that records one figure only (``<split>_acc``) gives it when it is that rule's (its ``select``; best in

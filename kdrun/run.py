@@ -27,7 +27,7 @@ from kdrun.console import Progress, attach_file_log, pct, show
 from kdrun.errors import Interrupted, NoSpace, RunFailed
 from kdrun.outputs.trackers import Trackers
 from kdrun.records import JsonlWriter, atomic_write_text, git_sha, remove_temp_files, versions, write_json
-from kdrun.results import Row, RunResult, RunSummary, rule_acc
+from kdrun.results import RULES, Row, RunResult, RunSummary, other_rule, rule_acc
 from kdrun.resume import check_resumable, completed
 from kdrun.rundir import claim
 from kdrun.schema import Config, to_object
@@ -248,8 +248,6 @@ def _agrees(stage) -> str:
     return "" if top1 is None else f"; agrees with {found.get('with', 'teacher')} {top1:.2f} %"
 
 
-RULES = {"best": "best on val", "last": "last epoch"}  # trainer.select: the checkpoint each rule names
-
 
 def results_table(result: RunResult, delta: Optional[float] = None, caption: Optional[str] = None):
     """The final rich table: teacher, CE baseline, KD student (and a pruned one). Val and test accuracy of the
@@ -260,7 +258,7 @@ def results_table(result: RunResult, delta: Optional[float] = None, caption: Opt
 
     student = result.student
     rule = student.select
-    other = "last" if rule == "best" else "best"
+    other = other_rule(rule)
     table = Table(title=f"kdrun results (accuracy %, checkpoint: {RULES[rule]}, trainer.select={rule})",
                   caption=caption, caption_justify="left")
     for col in ("role", "model", "val acc", "test acc", f"test, {other} val" if other == "best" else "test, last",

@@ -27,7 +27,7 @@ from kdrun.losses.base import DistillationLoss
 from kdrun.models.checkpoint import checkpoint_dict
 from kdrun.outputs.metrics import Prediction, agreement
 from kdrun.records import save_torch
-from kdrun.results import Row, StudentResult
+from kdrun.results import RULES, Row, StudentResult, other_rule
 from kdrun.stages import (
     EpochLogger,
     RunContext,
@@ -238,6 +238,5 @@ _RULE = {"best": "best-on-val epoch", "last": "last epoch"}
 def _note(info: StudentResult) -> str:
     top1 = (info.agreement or {}).get("top1")
     agrees = "" if top1 is None else f"; agrees with other peers {top1:.2f} %"
-    other = "last" if info.select == "best" else "best"  # the checkpoint the row's figures are not
-    label = "last epoch" if other == "last" else "best on val"
-    return f"{label}: {pct(getattr(info, f'test_acc_{other}'), '')}{agrees}"
+    other = other_rule(info.select)  # the checkpoint the row's figures are not
+    return f"{RULES[other]}: {pct(getattr(info, f'test_acc_{other}'), '')}{agrees}"

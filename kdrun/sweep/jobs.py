@@ -32,11 +32,10 @@ from typing import Any, Optional
 
 import yaml
 
-from kdrun.results import rule_acc
+from kdrun.results import RULES, rule_acc
 
 SEED_KEY = "seed"
 NOISE_P = 0.05
-RULES = ("best", "last")  # trainer.select: the checkpoint best on val, or the last epoch's
 
 
 @dataclass
