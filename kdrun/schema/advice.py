@@ -54,8 +54,7 @@ def config_warnings(conf: Any, overrides: Iterable[str], loss_reads_teacher: boo
         out += [f"{text}: not used ({why})" for key, text in keys.items() if key.split(".")[0] == "teacher"]
     elif conf.teacher.ensemble:  # each member names its model and args: the single teacher's are not read
         out += [f"{text}: not used (teacher.ensemble names each member's model and args)" for key, text in keys.items()
-                if key in ("teacher", "teacher.name", "teacher._target_") or key.startswith("teacher.args.")
-                or key == "teacher.args"]
+                if key in ("teacher", "teacher.name", "teacher._target_", "teacher.args") or key.startswith("teacher.args.")]
     for warning in (*mode.warnings, *(loss.warnings if loss is not None else ())):
         line = warning(conf)
         if line:
